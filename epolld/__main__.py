@@ -1,0 +1,3 @@
+from epolld import cli
+
+raise SystemExit(cli.main())
