@@ -1,0 +1,233 @@
+"""Classic daemon mode (epolld.daemonize) with real processes, pidfiles and sockets.
+
+The daemons here detach (double fork), so they are not our children: a test finds them
+through the pidfile, waits on /proc, and kills any survivor by PID in teardown.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+WAIT_S = 10.0  # upper bound of every wait; real runs take well under a second
+
+# A stand-in for `epolld --daemon`, in the CLI's order: bind (errors still reach the
+# terminal), daemon_context(), then its own SIGTERM handling. It echoes on one listener
+# until SIGTERM and logs one JSON line per event to stdout, i.e. the log file.
+DAEMON_SCRIPT = textwrap.dedent(
+    """
+    import json, os, select, signal, socket, sys
+    from epolld.daemonize import daemon_context
+    from epolld.errors import EpolldError
+
+    def main(pidfile, log_file):
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        try:
+            with daemon_context(pidfile or None, [listener.fileno()], log_file or None):
+                wakeup_r, wakeup_w = socket.socketpair()
+                wakeup_w.setblocking(False)
+                signal.set_wakeup_fd(wakeup_w.fileno())
+                signal.signal(signal.SIGTERM, lambda *_: None)
+                print(json.dumps({"event": "started", "pid": os.getpid(),
+                                  "port": listener.getsockname()[1],
+                                  "umask": os.umask(0o022), "cwd": os.getcwd()}), flush=True)
+                while True:
+                    ready, _, _ = select.select([listener, wakeup_r], [], [])
+                    if wakeup_r in ready:
+                        break
+                    conn, _ = listener.accept()
+                    with conn:
+                        while data := conn.recv(65536):
+                            conn.sendall(data)
+                print(json.dumps({"event": "stopped"}), flush=True)
+        except EpolldError as e:
+            print(f"Error: {e}", file=sys.stderr)
+            return e.exit_code
+        return 0
+
+    raise SystemExit(main(sys.argv[1], sys.argv[2]))
+    """
+)
+
+
+def _is_gone(pid: int) -> bool:
+    """Whether pid no longer runs (gone, or a zombie nobody has reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rpartition(")")[2].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def _wait_for(what: str, predicate: Callable[[], bool]) -> None:
+    """Poll predicate() until true; fail after WAIT_S naming what was awaited."""
+    deadline = time.monotonic() + WAIT_S
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {WAIT_S} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def _read_pid(path: Path) -> int:
+    """Wait until the pidfile holds a complete line and return its PID."""
+    _wait_for(
+        f"{path} to hold a PID", lambda: path.read_text().endswith("\n") if path.exists() else False
+    )
+    return int(path.read_text())
+
+
+def _log_events(path: Path) -> list[str]:
+    """The event names logged to path so far."""
+    return [json.loads(line)["event"] for line in path.read_text().splitlines()]
+
+
+class Daemons:
+    """Starts the stand-in daemon and kills, by PID, whatever it leaves running."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.script = tmp_path / "standin.py"
+        self.script.write_text(DAEMON_SCRIPT)
+        self.pids: list[int] = []
+
+    def start(
+        self, pidfile: Path | None, log_file: Path | None, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """Run the foreground part; it returns once the daemon has forked off."""
+        result = subprocess.run(
+            [sys.executable, str(self.script), str(pidfile or ""), str(log_file or "")],
+            capture_output=True,
+            text=True,
+            timeout=WAIT_S,
+            env={**os.environ, **(env or {})},
+            check=False,
+        )
+        if result.returncode == 0 and pidfile is not None:
+            self.pids.append(_read_pid(pidfile))
+        return result
+
+    def kill_all(self) -> None:
+        for pid in self.pids:
+            if not _is_gone(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def daemons(tmp_path: Path) -> Iterator[Daemons]:
+    d = Daemons(tmp_path)
+    yield d
+    d.kill_all()
+
+
+def _echo(port: int, payload: bytes) -> bytes:
+    """Send payload to 127.0.0.1:port, half-close, and return everything echoed back."""
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as s:
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _started(log: Path) -> dict[str, Any]:
+    """Wait for the daemon's 'started' line in its log file and return it."""
+    _wait_for(f"'started' in {log}", lambda: log.exists() and "started" in log.read_text())
+    return dict(json.loads(log.read_text().splitlines()[0]))
+
+
+def test_pidfile_holds_daemon_pid_and_listener_survives(daemons: Daemons, tmp_path: Path) -> None:
+    """The foreground exits 0, the pidfile names the detached daemon, the kept listener echoes."""
+    pidfile, log = tmp_path / "epolld.pid", tmp_path / "epolld.log"
+    result = daemons.start(pidfile, log)
+    assert result.returncode == 0, result.stderr
+    pid = daemons.pids[0]
+    started = _started(log)
+    assert started["pid"] == pid
+    assert not _is_gone(pid)
+    assert os.getsid(pid) != os.getsid(0)  # setsid(): detached from our session
+    assert started["umask"] == 0o022
+    assert started["cwd"] == "/"
+    assert _echo(int(started["port"]), b"hello daemon\n") == b"hello daemon\n"
+
+
+def test_sigterm_stops_daemon_and_removes_pidfile(daemons: Daemons, tmp_path: Path) -> None:
+    """SIGTERM reaches the daemon's own handler (not python-daemon's) and the pidfile goes away."""
+    pidfile, log = tmp_path / "epolld.pid", tmp_path / "epolld.log"
+    assert daemons.start(pidfile, log).returncode == 0
+    pid = daemons.pids[0]
+    _started(log)
+    os.kill(pid, signal.SIGTERM)
+    _wait_for("the daemon to exit", lambda: _is_gone(pid))
+    assert not pidfile.exists()
+    # Its own loop saw the signal and ran to the end of the with-block.
+    assert _log_events(log) == ["started", "stopped"]
+
+
+def test_second_instance_refuses_while_first_runs(daemons: Daemons, tmp_path: Path) -> None:
+    """A second start with the same pidfile fails in the foreground, naming the running PID."""
+    pidfile, log = tmp_path / "epolld.pid", tmp_path / "epolld.log"
+    assert daemons.start(pidfile, log).returncode == 0
+    pid = daemons.pids[0]
+    second = daemons.start(pidfile, tmp_path / "second.log")
+    assert second.returncode == os.EX_OSERR
+    assert second.stderr == f"Error: already running as PID {pid} (pidfile {pidfile})\n"
+    assert int(pidfile.read_text()) == pid
+    assert not (tmp_path / "second.log").exists()
+
+
+def test_stale_pidfile_is_replaced(daemons: Daemons, tmp_path: Path) -> None:
+    """A pidfile left by a dead process does not block the start and gets the new PID."""
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=WAIT_S,
+    )
+    dead_pid = int(dead.stdout)
+    pidfile, log = tmp_path / "epolld.pid", tmp_path / "epolld.log"
+    pidfile.write_text(f"{dead_pid}\n")
+    result = daemons.start(pidfile, log)
+    assert result.returncode == 0, result.stderr
+    assert daemons.pids[0] != dead_pid
+    assert _started(log)["pid"] == daemons.pids[0]
+
+
+@pytest.mark.parametrize("variable", ["NOTIFY_SOCKET", "LISTEN_FDS"])
+def test_refused_under_systemd(daemons: Daemons, tmp_path: Path, variable: str) -> None:
+    """With NOTIFY_SOCKET or LISTEN_FDS set, nothing forks and the terminal gets the reason."""
+    pidfile, log = tmp_path / "epolld.pid", tmp_path / "epolld.log"
+    value = "/run/systemd/notify" if variable == "NOTIFY_SOCKET" else "1"
+    result = daemons.start(pidfile, log, env={variable: value})
+    assert result.returncode == os.EX_OSERR
+    assert result.stderr.startswith(f"Error: --daemon is not for systemd: {variable} is set (")
+    assert not pidfile.exists()
+    assert not log.exists()
+
+
+def test_unwritable_pidfile_directory_reported_in_foreground(
+    daemons: Daemons, tmp_path: Path
+) -> None:
+    """A pidfile in a missing directory is refused before forking, with the path in the message."""
+    pidfile = tmp_path / "missing" / "epolld.pid"
+    result = daemons.start(pidfile, tmp_path / "epolld.log")
+    assert result.returncode == os.EX_OSERR
+    assert result.stderr == (
+        f"Error: cannot create pidfile {pidfile}: {pidfile.parent} is missing or not writable\n"
+    )
