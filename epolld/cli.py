@@ -1,0 +1,131 @@
+"""Command line: parse arguments, wire the pieces together, map errors to exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from collections.abc import Sequence
+
+import structlog
+
+from epolld import __version__, activation, config as config_mod, listeners, logsetup
+from epolld.config import Config
+from epolld.errors import EpolldError
+from epolld.loop import EventLoop
+from epolld.systemd import Notifier
+
+DEFAULT_CONFIG = "/etc/epolld.yaml"
+
+log = structlog.get_logger("epolld")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="epolld",
+        description="An RFC 862 echo daemon on select.epoll.",
+        epilog="Signals: SIGTERM/SIGINT stop gracefully (a second SIGINT at once), "
+        "SIGHUP reloads the configuration, SIGUSR1 logs statistics. "
+        "Exit codes: 0 stopped cleanly, 69 cannot listen, 71 daemon mode failed, "
+        "78 invalid configuration.",
+    )
+    parser.add_argument("--config", "-c", default=DEFAULT_CONFIG, metavar="PATH",
+                        help=f"configuration file (default: {DEFAULT_CONFIG})")
+    parser.add_argument("--check-config", action="store_true",
+                        help="validate the configuration, print a summary and exit")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the effective configuration as YAML and exit")
+    parser.add_argument("--log-level", choices=list(logsetup.LEVELS),
+                        help="override logging.level")
+    parser.add_argument("--log-format", choices=logsetup.FORMATS,
+                        help="override logging.format (auto: console on a terminal, else JSON)")
+    parser.add_argument("--daemon", action="store_true",
+                        help="detach into the background (hosts without systemd only)")
+    parser.add_argument("--pidfile", metavar="PATH", help="with --daemon: override daemon.pidfile")
+    parser.add_argument("--version", action="version", version=f"epolld {__version__}")
+    return parser.parse_args(argv)
+
+
+def load(args: argparse.Namespace) -> Config:
+    """Load the file and apply the command line's overrides (again on every reload)."""
+    config = config_mod.load_config(args.config)
+    logging_ = config.logging
+    if args.log_level:
+        logging_ = dataclasses.replace(logging_, level=args.log_level)
+    if args.log_format:
+        logging_ = dataclasses.replace(logging_, format=args.log_format)
+    daemon = config.daemon
+    if args.pidfile:
+        daemon = dataclasses.replace(daemon, pidfile=args.pidfile)
+    return dataclasses.replace(config, logging=logging_, daemon=daemon)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    notifier = Notifier()
+    try:
+        config = load(args)
+        if args.check_config:
+            print(f"configuration OK: {config_mod.describe(config)}")
+            return 0
+        if args.print_config:
+            print(config_mod.render_config(config), end="")
+            return 0
+        return serve(args, config, notifier)
+    except EpolldError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        notifier.fatal(str(e))
+        return e.exit_code
+
+
+def serve(args: argparse.Namespace, config: Config, notifier: Notifier) -> int:
+    """Bind (or adopt) the listeners, then run the loop in the foreground or as a daemon."""
+    if not args.daemon:
+        logsetup.configure(config.logging.level, config.logging.format)
+    bound = bind_listeners(config)
+    if not args.daemon:
+        return run_loop(args, config, bound, notifier)
+    from epolld.daemonize import daemon_context
+
+    try:
+        context = daemon_context(config.daemon.pidfile, [lst.fd for lst in bound],
+                                 config.daemon.log_file)
+        with context:
+            logsetup.configure(config.logging.level, config.logging.format)
+            return run_loop(args, config, bound, notifier)
+    except BaseException:
+        for listener in bound:
+            listener.sock.close()
+        raise
+
+
+def bind_listeners(config: Config) -> list[listeners.Listener]:
+    """Adopt systemd's sockets if it passed any (they replace `listen`), else bind `listen`.
+
+    Raises:
+        BindError: an address could not be bound; none stays bound.
+    """
+    inherited = activation.inherited_sockets()
+    if inherited:
+        return [listeners.adopt(sock, name) for name, sock in inherited]
+    bound: list[listeners.Listener] = []
+    try:
+        for address in config.listen:
+            bound.append(listeners.bind(address, config.backlog))
+    except EpolldError:
+        for listener in bound:
+            listeners.close(listener)
+        raise
+    return bound
+
+
+def run_loop(args: argparse.Namespace, config: Config, bound: list[listeners.Listener],
+             notifier: Notifier) -> int:
+    loop = EventLoop(config, bound, notifier, reload=lambda: load(args))
+    try:
+        return loop.run()
+    except Exception:
+        log.exception("loop_crashed")
+        notifier.fatal("crashed: see the journal")
+        return os.EX_SOFTWARE

@@ -1,0 +1,294 @@
+"""Per-client state and the echo itself; no epoll calls here.
+
+The loop calls ``conn.on_event(events)`` and gets back the epoll mask the
+connection wants next, or CLOSE. ``on_event`` is swapped per state (echoing in
+level or edge mode, draining for shutdown, lingering after our FIN) so that the
+hot path tests no state flag it does not need.
+"""
+
+from __future__ import annotations
+
+import errno
+import select
+import socket
+from collections.abc import Callable
+from typing import Final
+
+EPOLLIN: Final = select.EPOLLIN
+EPOLLOUT: Final = select.EPOLLOUT
+EPOLLRDHUP: Final = select.EPOLLRDHUP
+EPOLLET: Final = select.EPOLLET
+# HUP and ERR are reported whatever the mask; they wake both directions, and the
+# failing recv()/send() then tells why (the selectors.EpollSelector rule).
+EPOLLHUP_ERR: Final = select.EPOLLHUP | select.EPOLLERR
+
+CLOSE: Final = 0  # returned instead of a mask: the loop unregisters and closes
+LEVEL_READ: Final = EPOLLIN | EPOLLRDHUP
+LEVEL_READ_WRITE: Final = EPOLLIN | EPOLLRDHUP | EPOLLOUT
+# Edge mode registers once and never modifies: pausing is just not reading.
+EDGE_MASK: Final = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
+
+EDGE_READS_PER_EVENT: Final = 16  # recv() calls before yielding to other peers
+
+
+class Connection:
+    """One client: its socket, pending output and counters.
+
+    Args:
+        sock: the accepted, non-blocking socket.
+        peer: printable peer address.
+        ip: the peer's IP for per-address limits, "" for Unix sockets.
+        edge: edge-triggered mode.
+        read_size: bytes per recv().
+        high_water: stop reading above this much pending output.
+        low_water: resume reading at or below this much.
+        reschedule: called with (fd, events) when work remains that no new epoll
+            edge will announce (edge mode budget, resumed reading).
+        now: the loop's clock at accept time.
+    """
+
+    __slots__ = (
+        "active_at",
+        "bytes_in",
+        "bytes_out",
+        "edge",
+        "eof",
+        "error",
+        "fd",
+        "high_water",
+        "ip",
+        "low_water",
+        "mask",
+        "on_event",
+        "opened_at",
+        "out",
+        "peer",
+        "read_size",
+        "reading",
+        "reason",
+        "reschedule",
+        "sock",
+    )
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        peer: str,
+        ip: str,
+        *,
+        edge: bool,
+        read_size: int,
+        high_water: int,
+        low_water: int,
+        reschedule: Callable[[tuple[int, int]], None],
+        now: float,
+    ) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.peer = peer
+        self.ip = ip
+        self.edge = edge
+        self.read_size = read_size
+        self.high_water = high_water
+        self.low_water = low_water
+        self.reschedule = reschedule
+        self.out = bytearray()
+        self.reading = True  # False while paused by backpressure or after EOF
+        self.eof = False
+        self.reason = ""
+        self.error = ""  # errno name when reason is "error"
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.opened_at = now
+        self.active_at = now
+        self.mask = EDGE_MASK if edge else LEVEL_READ
+        self.on_event: Callable[[int], int] = self._on_edge if edge else self._on_level
+
+    def __repr__(self) -> str:
+        state = "eof" if self.eof else "reading" if self.reading else "paused"
+        return f"<Connection fd={self.fd} peer={self.peer} {state} out={len(self.out)}>"
+
+    # -- echoing ---------------------------------------------------------------
+
+    def _on_level(self, ev: int) -> int:
+        """Level-triggered: one recv() per event, so every peer gets its turn."""
+        if ev & EPOLLHUP_ERR:
+            return self._on_hangup()
+        if ev & EPOLLOUT and self.out and not self._flush():
+            return CLOSE
+        if ev & EPOLLIN and self.reading:
+            try:
+                data = self.sock.recv(self.read_size)
+            except BlockingIOError:
+                data = None
+            except OSError as e:
+                return self._fail(e)
+            if data:
+                self.bytes_in += len(data)
+                if not self._echo(data):
+                    return CLOSE
+            elif data is not None:
+                self._on_eof()
+        if self.out:
+            return LEVEL_READ_WRITE if self.reading else EPOLLOUT
+        return LEVEL_READ if self.reading else CLOSE
+
+    def _on_edge(self, ev: int) -> int:
+        """Edge-triggered: read until drained, within a budget, then yield."""
+        if ev & EPOLLHUP_ERR:
+            return self._on_hangup()
+        if ev & EPOLLOUT and self.out:
+            was_paused = not self.reading and not self.eof
+            if not self._flush():
+                return CLOSE
+            # Data that waited while we were paused raises no new edge: go and read it.
+            if was_paused and self.reading:
+                ev |= EPOLLIN
+        if ev & EPOLLIN and self.reading:
+            sock = self.sock
+            size = self.read_size
+            for _ in range(EDGE_READS_PER_EVENT):
+                try:
+                    data = sock.recv(size)
+                except BlockingIOError:
+                    break
+                except OSError as e:
+                    return self._fail(e)
+                if not data:
+                    self._on_eof()
+                    break
+                self.bytes_in += len(data)
+                if not self._echo(data):
+                    return CLOSE
+                # A short read drained the socket: the next data raises a new edge, so
+                # skip the recv() that would only say EAGAIN (nginx does the same).
+                # Unless the peer also shut down: then read on to see the EOF.
+                if (len(data) < size and not ev & EPOLLRDHUP) or not self.reading:
+                    break
+            else:
+                self.reschedule((self.fd, ev & (EPOLLIN | EPOLLRDHUP)))
+        return EDGE_MASK if self.out or self.reading else CLOSE
+
+    def _echo(self, data: bytes) -> bool:
+        """Send data back now; buffer only what the kernel did not take."""
+        if self.out:
+            self.out += data
+        else:
+            try:
+                sent = self.sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as e:
+                self._fail(e)
+                return False
+            self.bytes_out += sent
+            if sent == len(data):
+                return True
+            self.out += memoryview(data)[sent:]
+        if len(self.out) >= self.high_water:
+            self.reading = False
+        return True
+
+    def _flush(self) -> bool:
+        """Send pending output; resume reading below the low-water mark. False: failed."""
+        try:
+            sent = self.sock.send(self.out)
+        except BlockingIOError:
+            return True
+        except OSError as e:
+            self._fail(e)
+            return False
+        self.bytes_out += sent
+        del self.out[:sent]  # O(1) at the front of a bytearray
+        if not self.reading and not self.eof and len(self.out) <= self.low_water:
+            self.reading = True
+        return True
+
+    def _on_eof(self) -> None:
+        """The peer shut down its write side: stop reading, flush, then close."""
+        self.eof = True
+        self.reading = False
+        self.reason = self.reason or "eof"
+
+    def _on_hangup(self) -> int:
+        """HUP or ERR: find out why through the socket error, then close."""
+        code = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code:
+            self._fail(OSError(code, errno.errorcode.get(code, str(code))))
+        else:
+            self.reason = self.reason or "eof"
+        return CLOSE
+
+    def _fail(self, e: OSError) -> int:
+        """Record why the connection failed; the loop closes it and logs the reason."""
+        if e.errno in (errno.ECONNRESET, errno.EPIPE):
+            self.reason = "reset"
+        else:
+            self.reason = "error"
+            self.error = errno.errorcode.get(e.errno or 0, str(e))
+        return CLOSE
+
+    # -- graceful shutdown -------------------------------------------------------
+
+    def begin_shutdown(self) -> int:
+        """Echo what has arrived, then FIN; the loop calls this once on SIGTERM."""
+        self.reason = self.reason or "shutdown"
+        if self.eof:  # already flushing towards close
+            return self._wait_writable() if self.out else CLOSE
+        self.on_event = self._on_draining
+        return self._on_draining(EPOLLIN)
+
+    def _on_draining(self, ev: int) -> int:
+        if ev & EPOLLHUP_ERR:
+            return self._on_hangup()
+        if self.out and not self._flush():
+            return CLOSE
+        # Read (and echo) until the socket says EAGAIN with nothing left to send.
+        for _ in range(EDGE_READS_PER_EVENT):
+            if self.out:
+                return self._wait_writable()
+            if self.eof:
+                return CLOSE
+            try:
+                data = self.sock.recv(self.read_size)
+            except BlockingIOError:
+                return self._shut_write()
+            except OSError as e:
+                return self._fail(e)
+            if data:
+                self.bytes_in += len(data)
+                if not self._echo(data):
+                    return CLOSE
+            else:
+                self._on_eof()
+        self.reschedule((self.fd, EPOLLIN))
+        return self._wait_writable() if self.out else self._wait_readable()
+
+    def _shut_write(self) -> int:
+        """Send our FIN, then discard what the peer still sends until it closes
+        (a lingering close: closing with unread data would send a reset)."""
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError as e:
+            return self._fail(e)
+        self.on_event = self._on_lingering
+        return self._wait_readable()
+
+    def _on_lingering(self, ev: int) -> int:
+        for _ in range(EDGE_READS_PER_EVENT):
+            try:
+                data = self.sock.recv(self.read_size)
+            except BlockingIOError:
+                return self._wait_readable()
+            except OSError:
+                return CLOSE  # the reason stays "shutdown": the peer got all we had
+            if not data:
+                return CLOSE
+        self.reschedule((self.fd, EPOLLIN))
+        return self._wait_readable()
+
+    def _wait_readable(self) -> int:
+        return EDGE_MASK if self.edge else LEVEL_READ
+
+    def _wait_writable(self) -> int:
+        return EDGE_MASK if self.edge else EPOLLOUT

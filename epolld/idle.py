@@ -1,0 +1,71 @@
+"""Idle timeouts that cost nothing per event.
+
+Events only store the loop's clock in ``conn.active_at``. Connections sit in
+coarse buckets keyed by when they could first expire; a sweep every tick looks
+only at due buckets and moves the still-active ones forward. Closing removes a
+connection from its bucket, so nothing holds closed connections.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+
+class Idler(Protocol):
+    active_at: float
+
+
+class IdleTimer:
+    """Buckets of connections by idle deadline.
+
+    Args:
+        timeout_s: how long a connection may be silent; 0 disables the timer.
+    """
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        # Deadlines are rounded up to a tick: an idle peer is closed between
+        # timeout_s and timeout_s + tick_s after its last event.
+        self.tick_s = min(1.0, max(0.05, timeout_s / 8))
+        self._buckets: dict[int, dict[Idler, None]] = {}
+        self._key_of: dict[Idler, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._key_of)
+
+    def add(self, conn: Idler) -> None:
+        if self.timeout_s <= 0:
+            return
+        key = math.ceil((conn.active_at + self.timeout_s) / self.tick_s)
+        self._buckets.setdefault(key, {})[conn] = None
+        self._key_of[conn] = key
+
+    def remove(self, conn: Idler) -> None:
+        key = self._key_of.pop(conn, None)
+        if key is not None:
+            bucket = self._buckets[key]
+            del bucket[conn]
+            if not bucket:
+                del self._buckets[key]
+
+    def expired(self, now: float) -> list[Idler]:
+        """Remove and return the connections silent for timeout_s; re-file the others."""
+        if not self._buckets:
+            return []
+        due = [k for k in self._buckets if k * self.tick_s <= now]
+        expired: list[Idler] = []
+        for key in due:
+            for conn in self._buckets.pop(key):
+                del self._key_of[conn]
+                if conn.active_at + self.timeout_s <= now:
+                    expired.append(conn)
+                else:
+                    self.add(conn)
+        return expired
+
+    def retime(self, timeout_s: float, conns: list[Idler]) -> None:
+        """Apply a new timeout to every open connection (a reload; O(n) once)."""
+        self.__init__(timeout_s)  # type: ignore[misc]
+        for conn in conns:
+            self.add(conn)

@@ -1,0 +1,116 @@
+"""Bind, adopt and close listening sockets: TCP over IPv4/IPv6 and Unix stream sockets."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+import stat
+from dataclasses import dataclass
+
+from epolld.config import ListenAddress
+from epolld.errors import BindError
+
+
+@dataclass(slots=True)
+class Listener:
+    """A listening socket and the address it serves."""
+
+    sock: socket.socket
+    address: ListenAddress | None  # None: inherited from systemd, not from the config
+    name: str  # what logs and STATUS show: "127.0.0.1:7080", "[::1]:7080", "unix:/path"
+    inherited: bool = False
+
+    @property
+    def fd(self) -> int:
+        return self.sock.fileno()
+
+    @property
+    def is_tcp(self) -> bool:
+        return self.sock.family in (socket.AF_INET, socket.AF_INET6)
+
+
+def describe_socket(sock: socket.socket) -> str:
+    """Name a bound socket as the config would, with the port the kernel chose."""
+    if sock.family == socket.AF_UNIX:
+        path = sock.getsockname()
+        return f"unix:{path if isinstance(path, str) else path.decode(errors='replace')}"
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}"
+
+
+def bind(address: ListenAddress, backlog: int) -> Listener:
+    """Create a non-blocking, close-on-exec listening socket for address.
+
+    Raises:
+        BindError: the address is in use, not permitted or does not exist here.
+    """
+    if address.family == "unix":
+        return _bind_unix(address, backlog)
+    family = socket.AF_INET6 if address.family == "ipv6" else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    try:
+        # A restart must not wait for TIME_WAIT connections of the previous run to expire.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            # "[::]:7080" means IPv6 only; "0.0.0.0:7080" is listed separately if wanted.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((address.host, address.port))
+        sock.listen(backlog)
+    except OSError as e:
+        sock.close()
+        raise BindError(_bind_message(str(address), e)) from None
+    return Listener(sock, address, describe_socket(sock))
+
+
+def _bind_unix(address: ListenAddress, backlog: int) -> Listener:
+    path = address.path
+    # A socket file left by a previous run would make bind() fail with EADDRINUSE; only a
+    # socket is removed, and only when nothing is listening on it any more.
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.lstat(path).st_mode) and not _unix_socket_alive(path):
+            os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(path)
+        if address.mode is not None:
+            os.chmod(path, address.mode)
+        sock.listen(backlog)
+    except OSError as e:
+        sock.close()
+        raise BindError(_bind_message(str(address), e)) from None
+    return Listener(sock, address, str(address))
+
+
+def _unix_socket_alive(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+    return True
+
+
+def _bind_message(name: str, e: OSError) -> str:
+    if e.errno == errno.EADDRINUSE:
+        return f"cannot listen on {name}: address already in use (another process holds it)"
+    if e.errno == errno.EACCES:
+        return f"cannot listen on {name}: permission denied (ports below 1024 need CAP_NET_BIND_SERVICE)"
+    if e.errno == errno.EADDRNOTAVAIL:
+        return f"cannot listen on {name}: no such address on this host"
+    return f"cannot listen on {name}: {e.strerror or e}"
+
+
+def adopt(sock: socket.socket, name: str) -> Listener:
+    """Wrap a socket inherited from systemd; it is made non-blocking and never closed on reload."""
+    sock.setblocking(False)
+    return Listener(sock, None, name or describe_socket(sock), inherited=True)
+
+
+def close(listener: Listener) -> None:
+    """Close a listener and remove its Unix socket file (an inherited one belongs to systemd)."""
+    listener.sock.close()
+    if listener.address is not None and listener.address.family == "unix" and not listener.inherited:
+        with contextlib.suppress(OSError):
+            os.unlink(listener.address.path)
