@@ -1,14 +1,36 @@
-"""Typed, immutable settings and load_config(); the one place that reads YAML.
+"""Typed, immutable settings, and the one place that reads the YAML configuration.
 
-Skeleton: the dataclasses are the interface the rest of epolld uses. The loader
-here is minimal; the config issue completes validation and error messages.
+load_config() composes the file into YAML nodes instead of plain dicts, so that every
+message names the line of the key or value at fault, and walks them against _SCHEMA:
+the one table of options, their converters and how render_config() writes them back.
+
+Decisions an operator can rely on (etc/epolld.yaml repeats them as comments):
+- An empty file (or one with only comments) is valid: every option has a default.
+- Unknown options, duplicate options and YAML merge keys (<<) are errors.
+- A boolean is never a number (YAML 1.1 reads yes/no/on/off as booleans), and a
+  quoted "true" is not a boolean.
+- Durations: 30s, 500ms, 2m, 1h, 1d or a plain number of seconds; at most 7d.
+- Sizes: 64KiB, 1MiB, 1GiB or a plain number of bytes. KB/MB/GB are refused as
+  ambiguous (1000 or 1024?) rather than guessed.
+- listen: a non-empty list of "IPV4:PORT", "[IPV6]:PORT" or "unix:/abs/path", or a
+  mapping {path: /abs/path, mode: "0660"} for a Unix socket with a chmod mode. Hosts
+  are IP literals: names are not resolved, so what is bound never depends on DNS.
+- pidfile and log_file are absolute paths (the daemon runs from /) or null.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import ipaddress
+import math
+import os
+import re
+import stat
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from decimal import Decimal
+from typing import Any, Literal
 
 import yaml
 
@@ -18,6 +40,16 @@ Trigger = Literal["level", "edge"]
 IoMode = Literal["copy", "splice"]
 LogFormat = Literal["auto", "json", "console"]
 LogLevel = Literal["trace", "debug", "info", "warning", "error"]
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+MAX_FILE_BYTES = 1 * MiB  # a larger "config" is a mistake (--config /dev/zero, a log file)
+# epoll_wait(2) takes an int of milliseconds (24.8 days at most); a week is plenty
+# for any timeout or interval and keeps the loop's arithmetic far from that limit.
+MAX_DURATION_S = 7 * 86400.0
+MAX_UNIX_PATH_BYTES = 107  # sun_path is 108 bytes including the final NUL (unix(7))
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,9 +72,9 @@ class ListenAddress:
 
 @dataclass(frozen=True, slots=True)
 class BuffersConfig:
-    read_size_bytes: int = 256 * 1024
-    high_water_bytes: int = 1024 * 1024
-    low_water_bytes: int = 256 * 1024
+    read_size_bytes: int = 256 * KiB  # bytes asked of each recv()
+    high_water_bytes: int = 1 * MiB  # unsent bytes at which a peer's reading pauses
+    low_water_bytes: int = 256 * KiB  # unsent bytes at which it resumes; below high water
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,46 +119,654 @@ class Config:
     source: str = ""  # the file it came from, for messages
 
 
+# --- addresses -----------------------------------------------------------------------
+
+_PORT = re.compile(r"[0-9]{1,5}")
+
+
 def parse_address(text: str) -> ListenAddress:
     """Parse "127.0.0.1:7080", "[::1]:7080" or "unix:/path" into a ListenAddress.
+
+    Hosts must be IP literals; they are normalized ("[::0001]" becomes "[::1]").
 
     Raises:
         ValueError: with a message fit for the user.
     """
     if text.startswith("unix:"):
-        path = text[5:]
-        if not path.startswith("/"):
-            raise ValueError(f"unix socket path must be absolute, got {text!r}")
-        return ListenAddress("unix", path=path)
+        return ListenAddress("unix", path=_check_unix_path(text[5:]))
     host, sep, port_text = text.rpartition(":")
-    if not sep or not port_text.isdigit():
-        raise ValueError(f"expected HOST:PORT, [HOST]:PORT or unix:/PATH, got {text!r}")
+    if not sep or not _PORT.fullmatch(port_text):
+        raise ValueError(f"expected HOST:PORT, [HOST]:PORT or unix:/PATH, got {_show(text)}")
     port = int(port_text)
-    if not 0 <= port <= 65535:
+    if port > 65535:
         raise ValueError(f"port must be 0-65535, got {port}")
     if host.startswith("[") and host.endswith("]"):
-        return ListenAddress("ipv6", host=host[1:-1], port=port)
-    return ListenAddress("ipv4", host=host, port=port)
+        try:
+            return ListenAddress("ipv6", host=str(ipaddress.IPv6Address(host[1:-1])), port=port)
+        except ValueError:
+            raise ValueError(f"expected an IPv6 address in brackets, got {_show(text)}") from None
+    try:
+        return ListenAddress("ipv4", host=str(ipaddress.IPv4Address(host)), port=port)
+    except ValueError:
+        pass
+    if ":" in host:
+        raise ValueError(f"IPv6 addresses need brackets, as in [::1]:7080, got {_show(text)}")
+    raise ValueError(
+        f"expected an IP address (host names are not resolved) such as 127.0.0.1:7080"
+        f" or [::1]:7080, got {_show(text)}"
+    )
+
+
+def _check_unix_path(path: str) -> str:
+    """Return path if it can be a Unix socket's path; raise ValueError saying why not."""
+    if not path.startswith("/"):
+        raise ValueError(f"unix socket path must be absolute, got {_show(path)}")
+    _check_text(path)
+    if len(path.encode()) > MAX_UNIX_PATH_BYTES:
+        raise ValueError(
+            f"unix socket path is longer than {MAX_UNIX_PATH_BYTES} bytes (unix(7)),"
+            f" got {_show(path)}"
+        )
+    return path
+
+
+def _check_text(text: str) -> None:
+    """Refuse what no file name can hold: NUL, and lone surrogates from YAML escapes."""
+    if "\0" in text:
+        raise ValueError(f"a path cannot contain a NUL character, got {_show(text)}")
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise ValueError(f"a path must be valid Unicode text, got {_show(text)}") from None
+
+
+def _address_text(address: ListenAddress) -> str:
+    """The address as changes() reports it: str(address), plus the mode if one is set."""
+    if address.mode is None:
+        return str(address)
+    return f"{address} mode={address.mode:04o}"
+
+
+# --- converters: a YAML value to a field value, or _Invalid ------------------------------
+
+
+class _Invalid(Exception):
+    """A value outside an option's domain; the message says what was expected."""
+
+
+Convert = Callable[[object], Any]
+
+
+def _integer(minimum: int, maximum: int) -> Convert:
+    kind = "a positive integer" if minimum == 1 else "a non-negative integer"
+
+    def convert(value: object) -> int:
+        if type(value) is not int or value < minimum:  # type(): a bool is not an int here
+            raise _Invalid(f"expected {kind}")
+        if value > maximum:
+            raise _Invalid(f"must be at most {maximum}")
+        return value
+
+    return convert
+
+
+_SIZE = re.compile(r"([0-9]{1,20}(?:\.[0-9]{1,20})?) ?([A-Za-z]*)")
+_SIZE_UNITS = {"": 1, "b": 1, "kib": KiB, "mib": MiB, "gib": GiB}
+_AMBIGUOUS_SIZE_UNITS = {"k": "KiB", "kb": "KiB", "m": "MiB", "mb": "MiB", "g": "GiB", "gb": "GiB"}
+
+
+def _size(minimum: int, maximum: int) -> Convert:
+    kind = "a size such as 64KiB, 1MiB or a number of bytes"
+
+    def convert(value: object) -> int:
+        if type(value) is int:
+            amount = Decimal(value)
+        elif isinstance(value, str) and (match := _SIZE.fullmatch(value.strip())):
+            number, unit = match.groups()
+            if unit.lower() in _AMBIGUOUS_SIZE_UNITS:
+                better = _AMBIGUOUS_SIZE_UNITS[unit.lower()]
+                raise _Invalid(f"ambiguous unit {unit!r}: write {better} (1024-based) or bytes")
+            if unit.lower() not in _SIZE_UNITS:
+                raise _Invalid(f"expected {kind}")
+            amount = Decimal(number) * _SIZE_UNITS[unit.lower()]
+            if amount != amount.to_integral_value():
+                raise _Invalid("must be a whole number of bytes")
+        else:
+            raise _Invalid(f"expected {kind}")
+        if amount < minimum:
+            raise _Invalid("must be more than 0 bytes" if minimum else f"expected {kind}")
+        if amount > maximum:
+            raise _Invalid(f"must be at most {_write_size(maximum)}")
+        return int(amount)
+
+    return convert
+
+
+def _write_size(size: int) -> int | str:
+    for unit, factor in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if size and size % factor == 0:
+            return f"{size // factor}{unit}"
+    return size
+
+
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]*)?(?:[eE][-+]?[0-9]+)?) ?(ms|s|m|h|d)?")
+_DURATION_UNITS_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def _duration(value: object) -> float:
+    kind = "a duration such as 30s, 500ms, 2m or a number of seconds"
+    if type(value) is int or type(value) is float:
+        seconds = value
+    elif isinstance(value, str) and (match := _DURATION.fullmatch(value.strip())):
+        number, unit = match.groups()
+        seconds = float(number) * _DURATION_UNITS_S[unit]
+    else:
+        raise _Invalid(f"expected {kind}")
+    if seconds < 0 or (isinstance(seconds, float) and not math.isfinite(seconds)):
+        raise _Invalid(f"expected {kind}")
+    if seconds > MAX_DURATION_S:
+        raise _Invalid("must be at most 7d")
+    return float(seconds) + 0.0  # + 0.0 turns -0.0 into 0.0
+
+
+def _write_duration(seconds: float) -> str:
+    # repr() is the shortest text float() reads back exactly: round trips stay equal.
+    return f"{int(seconds)}s" if seconds.is_integer() else f"{seconds!r}s"
+
+
+def _choice(*choices: str) -> Convert:
+    def convert(value: object) -> str:
+        if not isinstance(value, str) or value not in choices:
+            raise _Invalid(f"expected one of {', '.join(choices)}")
+        return value
+
+    return convert
+
+
+def _boolean(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid("expected true or false")
+    return value
+
+
+def _optional_path(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise _Invalid("expected an absolute path (the daemon runs from /), or null")
+    try:
+        _check_text(value)
+    except ValueError as e:
+        raise _Invalid(str(e)) from None
+    return value
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+# --- the YAML side: nodes, lines, and messages ----------------------------------------
+
+_MAP_TAG = "tag:yaml.org,2002:map"
+_SEQ_TAG = "tag:yaml.org,2002:seq"
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _NodeError(Exception):
+    """A problem at a node; load_config() prefixes the file name and the node's line."""
+
+    def __init__(self, node: yaml.Node, message: str) -> None:
+        super().__init__(message)
+        self.node = node
+
+
+class _NotScalar:
+    """Stands for a list or mapping where one value was expected: every converter refuses it."""
+
+    def __init__(self, node: yaml.Node) -> None:
+        self.node = node
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that hands mappings out as (key node, value node) pairs it has checked.
+
+    PyYAML's safe_load keeps the last of duplicate keys without a word; here a duplicate
+    is an error naming both lines. Merge keys (<<) are refused: their expansion can grow
+    exponentially (a billion laughs) and nothing in this file needs them.
+    """
+
+    def pairs(self, node: yaml.Node, where: str) -> dict[str, tuple[yaml.Node, yaml.Node]]:
+        """The options of a mapping node by name.
+
+        Args:
+            node: the node that must be a plain mapping.
+            where: the dotted name of the mapping for messages ("" at the top level).
+
+        Raises:
+            _NodeError: not a mapping, a key that is not text, a merge key or a duplicate.
+        """
+        if not isinstance(node, yaml.MappingNode) or node.tag != _MAP_TAG:
+            got = _got(self.scalar(node, where), node)
+            at = f"{where}: " if where else ""
+            raise _NodeError(node, f"{at}expected a mapping of options, got {got}")
+        in_where = f" in {where}" if where else ""
+        result: dict[str, tuple[yaml.Node, yaml.Node]] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise _NodeError(key_node, f"option names must be text, got {_kind(key_node)}")
+            if key_node.tag == _MERGE_TAG:
+                raise _NodeError(key_node, f"merge keys (<<) are not supported{in_where}")
+            name = key_node.value  # the text as written: `on:` is the name "on", not True
+            if name in result:
+                first = _line(result[name][0])
+                raise _NodeError(
+                    key_node,
+                    f"duplicate option {_show(name)}{in_where} (first set on line {first})",
+                )
+            result[name] = (key_node, value_node)
+        return result
+
+    def scalar(self, node: yaml.Node, name: str = "") -> object:
+        """The Python value of a scalar node, or a _NotScalar for a list or mapping.
+
+        Args:
+            node: the value's node.
+            name: the dotted option name, for messages.
+
+        Raises:
+            _NodeError: the scalar has a tag PyYAML cannot construct, or a malformed value.
+        """
+        if not isinstance(node, yaml.ScalarNode):
+            return _NotScalar(node)
+        at = f"{name}: " if name else ""
+        try:
+            return self.construct_object(node, deep=True)
+        except yaml.MarkedYAMLError as e:
+            raise _NodeError(node, f"{at}cannot read {_show(node.value)}: {e.problem}") from None
+        except Exception:
+            # PyYAML 6.0's constructors raise plain ValueError, KeyError or AttributeError
+            # for some tagged or odd scalars (`!!bool x`, `!!timestamp x`, `0x_`); each is a
+            # mistake in the file, not a bug here.
+            raise _NodeError(node, f"{at}cannot read {_show(node.value)}") from None
+
+
+def _line(node: yaml.Node) -> int:
+    return int(node.start_mark.line) + 1
+
+
+def _show(value: object, limit: int = 60) -> str:
+    """repr() for a message: one line however odd the value, and never very long."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _kind(node: yaml.Node) -> str:
+    if isinstance(node, yaml.MappingNode):
+        return "a mapping" if node.tag == _MAP_TAG else f"a mapping tagged {node.tag}"
+    if isinstance(node, yaml.SequenceNode):
+        return "a list" if node.tag == _SEQ_TAG else f"a list tagged {node.tag}"
+    return _show(node.value)
+
+
+def _got(value: object, node: yaml.Node) -> str:
+    """How an error message shows the value that was refused."""
+    if isinstance(value, _NotScalar):
+        return _kind(value.node)
+    if value is None:
+        return "an empty value" if node.value in ("", "~") else "null"
+    if isinstance(value, bool):
+        return f"a boolean ({node.value})"
+    if isinstance(value, str | int | float):
+        return _show(value)
+    return f"{_show(node.value)} (read by YAML as a {type(value).__name__})"
+
+
+# --- the schema -------------------------------------------------------------------------
+
+# A reader turns a value node into a field value; `name` is the dotted option name.
+Read = Callable[[_Loader, yaml.Node, str], Any]
+
+
+def _scalar(convert: Convert) -> Read:
+    def read(loader: _Loader, node: yaml.Node, name: str) -> Any:
+        value = loader.scalar(node, name)
+        try:
+            return convert(value)
+        except _Invalid as e:
+            raise _NodeError(node, f"{name}: {e}, got {_got(value, node)}") from None
+
+    return read
+
+
+_MODE = re.compile(r"0?[0-7]{3}")
+
+
+def _read_address(loader: _Loader, node: yaml.Node, name: str) -> ListenAddress:
+    """One entry of listen: an address string, or a mapping {path, mode} for Unix sockets."""
+    if isinstance(node, yaml.MappingNode):
+        options = loader.pairs(node, name)
+        for key, (key_node, _) in options.items():
+            if key not in ("path", "mode"):
+                raise _NodeError(key_node, _unknown(key, name, ("path", "mode")))
+        if "path" not in options:
+            raise _NodeError(node, f"{name}: a unix socket mapping needs a path")
+        path_node = options["path"][1]
+        path = loader.scalar(path_node, f"{name}.path")
+        if not isinstance(path, str):
+            raise _NodeError(
+                path_node, f"{name}.path: expected a path, got {_got(path, path_node)}"
+            )
+        try:
+            address = ListenAddress("unix", path=_check_unix_path(path))
+        except ValueError as e:
+            raise _NodeError(path_node, f"{name}.path: {e}") from None
+        if "mode" not in options:
+            return address
+        # The mode is read from the text as written, like chmod: 0660, "0660" and 660 all
+        # mean rw-rw----, although YAML alone would read 0660 as octal and 660 as decimal.
+        mode_node = options["mode"][1]
+        if not (isinstance(mode_node, yaml.ScalarNode) and _MODE.fullmatch(mode_node.value)):
+            got = _got(loader.scalar(mode_node, f"{name}.mode"), mode_node)
+            raise _NodeError(
+                mode_node, f'{name}.mode: expected an octal mode such as "0660", got {got}'
+            )
+        return dataclasses.replace(address, mode=int(mode_node.value, 8))
+    value = loader.scalar(node, name)
+    if not isinstance(value, str):
+        raise _NodeError(
+            node, f'{name}: expected an address such as "127.0.0.1:7080", got {_got(value, node)}'
+        )
+    try:
+        return parse_address(value)
+    except ValueError as e:
+        raise _NodeError(node, f"{name}: {e}") from None
+
+
+def _read_listen(loader: _Loader, node: yaml.Node, name: str) -> tuple[ListenAddress, ...]:
+    if not isinstance(node, yaml.SequenceNode) or node.tag != _SEQ_TAG:
+        got = _got(loader.scalar(node, name), node)
+        raise _NodeError(
+            node, f'{name}: expected a list of addresses such as ["127.0.0.1:7080"], got {got}'
+        )
+    if not node.value:
+        raise _NodeError(node, f"{name}: the list is empty; epolld needs at least one address")
+    first_line: dict[tuple[str, str, int, str], int] = {}
+    addresses = []
+    for index, item in enumerate(node.value):
+        address = _read_address(loader, item, f"{name}[{index}]")
+        key = (address.family, address.host, address.port, address.path)
+        if key in first_line:
+            raise _NodeError(
+                item,
+                f"{name}[{index}]: duplicate address {str(address)!r}"
+                f" (first listed on line {first_line[key]})",
+            )
+        first_line[key] = _line(item)
+        addresses.append(address)
+    return tuple(addresses)
+
+
+def _write_listen(addresses: tuple[ListenAddress, ...]) -> list[object]:
+    return [
+        str(a) if a.mode is None else {"path": a.path, "mode": f"{a.mode:04o}"} for a in addresses
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class _Option:
+    key: str  # the name in the YAML file
+    attr: str  # the dataclass field, which carries the unit (_s, _bytes)
+    read: Read
+    write: Callable[[Any], object]  # field value -> YAML value that read() turns back into it
+
+
+@dataclass(frozen=True, slots=True)
+class _Section:
+    key: str
+    attr: str
+    cls: type[Any]
+    entries: tuple[_Option, ...]
+
+
+_Entry = _Option | _Section
+
+_SCHEMA: tuple[_Entry, ...] = (
+    _Option("listen", "listen", _read_listen, _write_listen),
+    _Option("backlog", "backlog", _scalar(_integer(1, 65535)), _same),
+    _Option("trigger", "trigger", _scalar(_choice("level", "edge")), _same),
+    _Option("io", "io", _scalar(_choice("copy", "splice")), _same),
+    _Section("buffers", "buffers", BuffersConfig, (
+        _Option("read_size", "read_size_bytes", _scalar(_size(1, 64 * MiB)), _write_size),
+        _Option("high_water", "high_water_bytes", _scalar(_size(1, 1 * GiB)), _write_size),
+        _Option("low_water", "low_water_bytes", _scalar(_size(0, 1 * GiB)), _write_size),
+    )),
+    _Section("limits", "limits", LimitsConfig, (
+        _Option("max_connections", "max_connections", _scalar(_integer(1, 10_000_000)), _same),
+        _Option("max_connections_per_ip", "max_connections_per_ip",
+                _scalar(_integer(0, 10_000_000)), _same),
+        _Option("idle_timeout", "idle_timeout_s", _scalar(_duration), _write_duration),
+    )),
+    _Option("shutdown_timeout", "shutdown_timeout_s", _scalar(_duration), _write_duration),
+    _Section("logging", "logging", LoggingConfig, (
+        _Option("level", "level",
+                _scalar(_choice("trace", "debug", "info", "warning", "error")), _same),
+        _Option("format", "format", _scalar(_choice("auto", "json", "console")), _same),
+        _Option("connections", "connections", _scalar(_boolean), _same),
+    )),
+    _Option("stats_interval", "stats_interval_s", _scalar(_duration), _write_duration),
+    _Option("watchdog", "watchdog", _scalar(_boolean), _same),
+    _Section("daemon", "daemon", DaemonConfig, (
+        _Option("pidfile", "pidfile", _scalar(_optional_path), _same),
+        _Option("log_file", "log_file", _scalar(_optional_path), _same),
+    )),
+)  # fmt: skip
+
+
+def _unknown(key: str, where: str, known: Iterable[str]) -> str:
+    """The message for an unknown option, with the likeliest intended name.
+
+    An option put in the wrong section ("idle_timeout" at the top level) is pointed to its
+    place ("limits.idle_timeout"); otherwise the closest known name is offered, if any.
+    """
+    in_where = f" in {where}" if where else ""
+    message = f"unknown option {_show(key)}{in_where}"
+    everywhere = [e.key for e in _SCHEMA] + [
+        f"{e.key}.{o.key}" for e in _SCHEMA if isinstance(e, _Section) for o in e.entries
+    ]
+    if where in ("", *(e.key for e in _SCHEMA)):  # a schema section, not a listen entry
+        for name in everywhere:
+            section, _, option = name.rpartition(".")
+            if option == key and section != where:
+                return f"{message} (did you mean {name!r}?)"
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f"{message} (did you mean {close[0]!r}?)" if close else message
+
+
+def _read_entries(
+    loader: _Loader, node: yaml.Node, entries: tuple[_Entry, ...], where: str
+) -> dict[str, Any]:
+    """Read a mapping node against entries; returns dataclass keyword arguments."""
+    options = loader.pairs(node, where)
+    by_key = {e.key: e for e in entries}
+    prefix = f"{where}." if where else ""
+    kwargs: dict[str, Any] = {}
+    for key, (key_node, value_node) in options.items():
+        entry = by_key.get(key)
+        if entry is None:
+            raise _NodeError(key_node, _unknown(key, where, by_key))
+        if isinstance(entry, _Section):
+            kwargs[entry.attr] = _read_section(loader, key_node, value_node, entry)
+        else:
+            kwargs[entry.attr] = entry.read(loader, value_node, prefix + key)
+    return kwargs
+
+
+def _read_section(loader: _Loader, key_node: yaml.Node, node: yaml.Node, section: _Section) -> Any:
+    if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null":
+        return section.cls()  # `limits:` with every option commented out
+    kwargs = _read_entries(loader, node, section.entries, section.key)
+    result = section.cls(**kwargs)
+    if isinstance(result, BuffersConfig) and result.low_water_bytes >= result.high_water_bytes:
+        options = loader.pairs(node, section.key)
+        blame = options.get("low_water", options.get("high_water", (key_node, node)))[1]
+        raise _NodeError(
+            blame,
+            f"buffers.low_water ({_write_size(result.low_water_bytes)}) must be below"
+            f" buffers.high_water ({_write_size(result.high_water_bytes)})",
+        )
+    return result
+
+
+# --- reading the file ---------------------------------------------------------------------
+
+
+def _read_text(path: str) -> str:
+    """The file's text, with one clear message for each way it can fail to be one."""
+    try:
+        st = os.stat(path)
+        if stat.S_ISDIR(st.st_mode):
+            raise ConfigError(f"{path}: is a directory, not a configuration file")
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block, /dev/zero would never end
+            raise ConfigError(f"{path}: not a regular file")
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: permission denied (running as uid {os.geteuid()})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except ValueError:  # a NUL in the path
+        raise ConfigError(f"{path!r}: not a valid file name") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ConfigError(
+            f"{path}: larger than {MAX_FILE_BYTES // MiB} MiB, not a configuration file"
+        )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        before = data[: e.start]
+        line = before.count(b"\n") + 1
+        column = e.start - (before.rfind(b"\n") + 1) + 1
+        raise ConfigError(
+            f"{path}:{line}:{column}: not UTF-8 text (byte 0x{data[e.start]:02x}); save it as UTF-8"
+        ) from None
+
+
+_UNQUOTED_IPV6 = re.compile(r"^\s*(-\s*)?\[[0-9A-Fa-f:.]*\]:")
+
+
+def _syntax_error(path: str, text: str, error: yaml.YAMLError) -> ConfigError:
+    """path:line:column: problem, then the offending line with a caret under the column."""
+    if isinstance(error, yaml.reader.ReaderError):  # a character YAML does not allow
+        before = text[: error.position]
+        line = before.count("\n") + 1
+        column = error.position - (before.rfind("\n") + 1) + 1
+        return ConfigError(
+            f"{path}:{line}:{column}: character U+{error.character:04X} is not allowed in YAML"
+        )
+    if not isinstance(error, yaml.MarkedYAMLError) or error.problem_mark is None:
+        return ConfigError(f"{path}: {error}")
+    mark = error.problem_mark
+    message = f"{path}:{mark.line + 1}:{mark.column + 1}: {error.problem}"
+    if error.context and error.context_mark is not None:
+        message += f" ({error.context} at line {error.context_mark.line + 1})"
+    snippet = mark.get_snippet(indent=2, max_length=100)
+    lines = text.splitlines()
+    if mark.line < len(lines) and _UNQUOTED_IPV6.match(lines[mark.line]):
+        message += '\n  (quote IPv6 addresses: "[::1]:7080")'
+    return ConfigError(f"{message}\n{snippet}" if snippet else message)
 
 
 def load_config(path: str) -> Config:
     """Read and validate the YAML file at path.
 
+    An empty file, or one holding only comments, gives the defaults.
+
+    Args:
+        path: the configuration file; also kept as Config.source.
+
     Raises:
-        ConfigError: the file is missing, unreadable or invalid; the message names it.
+        ConfigError: the file is missing, unreadable or invalid; str() is the whole message,
+            starting with the path and, when there is one, the line.
     """
+    text = _read_text(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: {e}") from None
-    listen = DEFAULT_LISTEN
-    if "listen" in data:
-        try:
-            listen = tuple(parse_address(a) for a in data["listen"])
-        except ValueError as e:
-            raise ConfigError(f"{path}: listen: {e}") from None
-    config = Config(listen=listen, source=path)
-    if "trigger" in data:
-        config = dataclasses.replace(config, trigger=data["trigger"])
-    return config
+        loader = _Loader(text)
+    except yaml.YAMLError as e:  # the reader checks every character up front
+        raise _syntax_error(path, text, e) from None
+    try:
+        root = loader.get_single_node()
+        if root is None or (isinstance(root, yaml.ScalarNode) and loader.scalar(root) is None):
+            return Config(source=path)
+        if not isinstance(root, yaml.MappingNode):
+            raise _NodeError(root, f"the top level must be a mapping of options, got {_kind(root)}")
+        return Config(**_read_entries(loader, root, _SCHEMA, ""), source=path)
+    except yaml.YAMLError as e:
+        raise _syntax_error(path, text, e) from None
+    except _NodeError as e:
+        raise ConfigError(f"{path}:{_line(e.node)}: {e}") from None
+    except RecursionError:  # PyYAML composes nested lists and mappings recursively
+        raise ConfigError(f"{path}: nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+# --- writing and comparing ------------------------------------------------------------
+
+
+def _to_data(obj: Any, entries: tuple[_Entry, ...]) -> dict[str, object]:
+    return {
+        e.key: _to_data(getattr(obj, e.attr), e.entries)
+        if isinstance(e, _Section)
+        else e.write(getattr(obj, e.attr))
+        for e in entries
+    }
+
+
+def render_config(config: Config) -> str:
+    """The effective configuration, every default filled in, as YAML for --print-config.
+
+    load_config() reads the text back to a Config equal to this one but for source.
+
+    Args:
+        config: the configuration to write out.
+    """
+    body = yaml.safe_dump(
+        _to_data(config, _SCHEMA), sort_keys=False, allow_unicode=True, default_flow_style=False
+    )
+    return "# epolld effective configuration (defaults filled in)\n" + body
+
+
+def describe(config: Config) -> str:
+    """One line for --check-config: the listeners, the trigger mode and the I/O mode."""
+    listeners = " ".join(str(a) for a in config.listen)
+    return f"listeners: {listeners}; trigger: {config.trigger}; io: {config.io}"
+
+
+def _flatten(obj: Any, entries: tuple[_Entry, ...], prefix: str = "") -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for e in entries:
+        value = getattr(obj, e.attr)
+        if isinstance(e, _Section):
+            flat.update(_flatten(value, e.entries, f"{prefix}{e.key}."))
+        elif e.key == "listen":
+            flat[e.key] = [_address_text(a) for a in value]
+        else:
+            flat[prefix + e.key] = value
+    return flat
+
+
+def changes(old: Config, new: Config) -> dict[str, tuple[object, object]]:
+    """The options that differ, for the config_reloaded log event.
+
+    Args:
+        old: the configuration running so far.
+        new: the configuration being applied.
+
+    Returns:
+        dotted YAML option name ("limits.idle_timeout") -> (old value, new value); values
+        as in the dataclasses (seconds, bytes), listen as a list of address strings.
+    """
+    before, after = _flatten(old, _SCHEMA), _flatten(new, _SCHEMA)
+    return {name: (before[name], after[name]) for name in before if before[name] != after[name]}
