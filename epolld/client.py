@@ -244,17 +244,17 @@ class _Connection:
         return self._send_budget() > 0
 
     def _send_budget(self) -> int:
-        unsent = self._next is not None or (
-            bool(self.inflight) and self.inflight[-1].sent < len(self.inflight[-1].data)
-        )
-        if not unsent:
+        """Bytes to send now: the rest of the current message, else the next one if allowed."""
+        current = self.inflight[-1] if self.inflight else None
+        if current is not None and current.sent < len(current.data):
+            unsent = len(current.data) - current.sent
+        elif self._next is not None and (self.window is not None or current is None):
+            unsent = len(self._next)  # ping-pong starts it only once every echo is complete
+        else:
             return 0
-        if self.window is None:  # ping-pong: the current message, or the next once all echoed
-            current = self.inflight[-1] if self.inflight else None
-            if current is not None and current.sent < len(current.data):
-                return len(current.data) - current.sent
-            return len(self._next) if self._next is not None and not self.inflight else 0
-        return self.window - (self.bytes_sent - self.bytes_received)
+        if self.window is None:
+            return unsent
+        return min(unsent, self.window - (self.bytes_sent - self.bytes_received))
 
     def on_writable(self) -> bool:
         """Send what the window allows; return True if any byte went out."""
@@ -273,7 +273,7 @@ class _Connection:
             )
             self.inflight.append(message)
             self._next = next(self._source, None)
-        end = message.sent + min(budget, len(message.data) - message.sent)
+        end = message.sent + budget
         if message.sent == 0:
             message.started_at = time.perf_counter()
         try:
@@ -300,9 +300,7 @@ class _Connection:
             return False
         except OSError as exc:
             raise self._io_error(exc) from None
-        if not data:
-            if self.done:  # an idle connection the server closed: nothing was lost
-                return False
+        if not data:  # only called while an echo is due, so EOF is always early
             raise ClosedEarly(
                 f"{self.label} closed the connection after echoing {self.bytes_received}"
                 f" of the {self.bytes_sent} bytes sent{self._pending_note()}"

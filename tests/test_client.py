@@ -269,10 +269,13 @@ def test_empty_stdin_exits_cleanly() -> None:
 
 def test_interactive_server_closing_is_reported() -> None:
     """In interactive mode a server that closes before echoing gives the early-EOF error."""
-    with serving(echo_servers.closing_after(0)) as server:
+    with serving(echo_servers.closing_after(3)) as server:
         result = run_client(*port_args(server), stdin=b"hello\n")
     assert result.returncode == client.EXIT_CLOSED_EARLY
-    assert b"closed the connection after echoing 0 of the 6 bytes sent" in result.stderr
+    assert result.stderr.decode() == (
+        f"Error: 127.0.0.1:{server.port} closed the connection after echoing 3 of the"
+        " 6 bytes sent\n"
+    )
 
 
 @contextlib.contextmanager
