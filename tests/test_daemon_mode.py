@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 pytestmark = pytest.mark.slow
 
@@ -97,20 +98,21 @@ def _log_events(path: Path) -> list[str]:
 
 
 class Daemons:
-    """Starts the stand-in daemon and kills, by PID, whatever it leaves running."""
+    """Starts daemons (stand-in or epolld) and kills, by PID, whatever they leave running."""
 
     def __init__(self, tmp_path: Path) -> None:
         self.tmp_path = tmp_path
         self.script = tmp_path / "standin.py"
         self.script.write_text(DAEMON_SCRIPT)
+        self.config = tmp_path / "epolld.yaml"
         self.pids: list[int] = []
 
-    def start(
-        self, pidfile: Path | None, log_file: Path | None, env: dict[str, str] | None = None
+    def run(
+        self, argv: list[str], pidfile: Path | None, env: dict[str, str] | None = None
     ) -> subprocess.CompletedProcess[str]:
         """Run the foreground part; it returns once the daemon has forked off."""
         result = subprocess.run(
-            [sys.executable, str(self.script), str(pidfile or ""), str(log_file or "")],
+            argv,
             capture_output=True,
             text=True,
             timeout=WAIT_S,
@@ -120,6 +122,22 @@ class Daemons:
         if result.returncode == 0 and pidfile is not None:
             self.pids.append(_read_pid(pidfile))
         return result
+
+    def start(
+        self, pidfile: Path | None, log_file: Path | None, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """Start the stand-in script with this pidfile and log file."""
+        argv = [sys.executable, str(self.script), str(pidfile or ""), str(log_file or "")]
+        return self.run(argv, pidfile, env)
+
+    def start_epolld(
+        self, settings: dict[str, Any], *args: str, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """Start the real `epolld --daemon` with these settings written to a config file."""
+        self.config.write_text(yaml.safe_dump(settings))
+        argv = [sys.executable, "-m", "epolld", "--config", str(self.config), "--daemon", *args]
+        pidfile = settings.get("daemon", {}).get("pidfile")
+        return self.run(argv, Path(pidfile) if pidfile else None, env)
 
     def kill_all(self) -> None:
         for pid in self.pids:
@@ -231,3 +249,117 @@ def test_unwritable_pidfile_directory_reported_in_foreground(
     assert result.stderr == (
         f"Error: cannot create pidfile {pidfile}: {pidfile.parent} is missing or not writable\n"
     )
+
+
+# The real `epolld --daemon`: the CLI binds, then runs its loop inside daemon_context().
+
+
+def _epolld_settings(tmp_path: Path, port: int = 0) -> dict[str, Any]:
+    """A config on an ephemeral loopback port, with pidfile and JSON log file in tmp_path."""
+    return {
+        "listen": [f"127.0.0.1:{port}"],
+        "logging": {"format": "json"},
+        "daemon": {
+            "pidfile": str(tmp_path / "epolld.pid"),
+            "log_file": str(tmp_path / "epolld.log"),
+        },
+    }
+
+
+def _logged(log: Path, event: str, count: int = 1) -> list[dict[str, Any]]:
+    """Wait until the JSON log file holds count entries named event, and return them."""
+
+    def found() -> list[dict[str, Any]]:
+        lines = log.read_text().splitlines() if log.exists() else []
+        return [e for e in map(json.loads, lines) if e.get("event") == event]
+
+    _wait_for(f"{count}x {event} in {log}", lambda: len(found()) >= count)
+    return found()
+
+
+def _listening_port(log: Path) -> int:
+    """The port of the daemon's first listener, from its 'listening' log entry."""
+    return int(_logged(log, "listening")[0]["address"].rpartition(":")[2])
+
+
+def test_epolld_daemon_pidfile_and_echo(daemons: Daemons, tmp_path: Path) -> None:
+    """`epolld --daemon` returns 0 once detached; its pidfile names the process that echoes."""
+    settings = _epolld_settings(tmp_path)
+    result = daemons.start_epolld(settings)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == result.stderr == ""
+    pid = daemons.pids[0]
+    assert not _is_gone(pid)
+    port = _listening_port(tmp_path / "epolld.log")
+    assert _echo(port, b"x" * 100_000) == b"x" * 100_000
+
+
+def test_epolld_daemon_sigterm_removes_pidfile(daemons: Daemons, tmp_path: Path) -> None:
+    """SIGTERM drains and stops the daemon as in the foreground, and its pidfile is removed."""
+    result = daemons.start_epolld(_epolld_settings(tmp_path))
+    assert result.returncode == 0, result.stderr
+    pid, log = daemons.pids[0], tmp_path / "epolld.log"
+    _listening_port(log)
+    os.kill(pid, signal.SIGTERM)
+    _wait_for("the daemon to exit", lambda: _is_gone(pid))
+    assert not (tmp_path / "epolld.pid").exists()
+    assert _logged(log, "shutdown_complete")
+
+
+def test_epolld_daemon_sighup_reloads(daemons: Daemons, tmp_path: Path) -> None:
+    """SIGHUP makes the detached daemon reload its config file, keeping its PID and pidfile."""
+    settings = _epolld_settings(tmp_path)
+    assert daemons.start_epolld(settings).returncode == 0
+    pid, log = daemons.pids[0], tmp_path / "epolld.log"
+    port = _listening_port(log)
+    settings["limits"] = {"idle_timeout": "42s"}
+    daemons.config.write_text(yaml.safe_dump(settings))
+    os.kill(pid, signal.SIGHUP)
+    (reloaded,) = _logged(log, "config_reloaded")
+    assert "limits.idle_timeout" in json.dumps(reloaded["changes"])
+    assert int((tmp_path / "epolld.pid").read_text()) == pid
+    assert _echo(port, b"after reload") == b"after reload"
+
+
+def test_epolld_second_instance_refused(daemons: Daemons, tmp_path: Path) -> None:
+    """While one daemon runs, a second start with its pidfile exits 71 naming the running PID."""
+    settings = _epolld_settings(tmp_path)
+    assert daemons.start_epolld(settings).returncode == 0
+    pid = daemons.pids[0]
+    port = _listening_port(tmp_path / "epolld.log")
+    settings["listen"] = ["127.0.0.1:0"]  # a free address: only the pidfile may stop it
+    second = daemons.start_epolld(settings)
+    assert second.returncode == os.EX_OSERR
+    pidfile = tmp_path / "epolld.pid"
+    assert second.stderr == f"Error: already running as PID {pid} (pidfile {pidfile})\n"
+    assert int(pidfile.read_text()) == pid
+    assert _echo(port, b"still here") == b"still here"
+
+
+def test_epolld_daemon_refused_under_systemd(daemons: Daemons, tmp_path: Path) -> None:
+    """With NOTIFY_SOCKET set, `epolld --daemon` exits 71 on the terminal and tells systemd why."""
+    notify_path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(notify_path))
+        notify.settimeout(WAIT_S)
+        result = daemons.start_epolld(
+            _epolld_settings(tmp_path), env={"NOTIFY_SOCKET": str(notify_path)}
+        )
+        message = notify.recv(4096).decode()
+    assert result.returncode == os.EX_OSERR
+    assert result.stderr.startswith("Error: --daemon is not for systemd: NOTIFY_SOCKET is set (")
+    assert "STATUS=--daemon is not for systemd" in message
+    assert not (tmp_path / "epolld.pid").exists()
+
+
+def test_epolld_daemon_bind_error_reaches_terminal(daemons: Daemons, tmp_path: Path) -> None:
+    """An address in use is reported on the terminal with exit 69, before anything detaches."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        result = daemons.start_epolld(_epolld_settings(tmp_path, port=busy.getsockname()[1]))
+    assert result.returncode == os.EX_UNAVAILABLE
+    assert result.stderr.startswith("Error: ")
+    assert "in use" in result.stderr
+    assert not (tmp_path / "epolld.pid").exists()
+    assert not (tmp_path / "epolld.log").exists()
