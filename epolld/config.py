@@ -161,7 +161,8 @@ def _check_unix_path(path: str) -> str:
     """Return path if it can be a Unix socket's path; raise ValueError saying why not."""
     if not path.startswith("/"):
         raise ValueError(f"unix socket path must be absolute, got {_show(path)}")
-    _check_text(path)
+    if problem := _text_problem(path):
+        raise ValueError(f"{problem}, got {_show(path)}")
     if len(path.encode()) > MAX_UNIX_PATH_BYTES:
         raise ValueError(
             f"unix socket path is longer than {MAX_UNIX_PATH_BYTES} bytes (unix(7)),"
@@ -170,14 +171,15 @@ def _check_unix_path(path: str) -> str:
     return path
 
 
-def _check_text(text: str) -> None:
-    """Refuse what no file name can hold: NUL, and lone surrogates from YAML escapes."""
+def _text_problem(text: str) -> str | None:
+    """What no file name can hold: NUL, and lone surrogates from YAML escapes such as \\ud800."""
     if "\0" in text:
-        raise ValueError(f"a path cannot contain a NUL character, got {_show(text)}")
+        return "a path cannot contain a NUL character"
     try:
         text.encode()
     except UnicodeEncodeError:
-        raise ValueError(f"a path must be valid Unicode text, got {_show(text)}") from None
+        return "a path must be valid Unicode text"
+    return None
 
 
 def _address_text(address: ListenAddress) -> str:
@@ -294,10 +296,8 @@ def _optional_path(value: object) -> str | None:
         return None
     if not isinstance(value, str) or not value.startswith("/"):
         raise _Invalid("expected an absolute path (the daemon runs from /), or null")
-    try:
-        _check_text(value)
-    except ValueError as e:
-        raise _Invalid(str(e)) from None
+    if problem := _text_problem(value):
+        raise _Invalid(problem)
     return value
 
 
