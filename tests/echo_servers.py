@@ -100,6 +100,19 @@ def corrupting(offset: int) -> Handler:
     return handle
 
 
+def swapping_first_blocks(block: int) -> Handler:
+    """Return a handler that echoes the stream's second `block` bytes before its first."""
+
+    def handle(conn: socket.socket) -> None:
+        head = bytearray()
+        while len(head) < 2 * block and (data := conn.recv(2 * block - len(head))):
+            head += data
+        conn.sendall(head[block:] + head[:block])
+        echo(conn)
+
+    return handle
+
+
 def closing_after(limit: int) -> Handler:
     """Return a handler that echoes `limit` bytes, then shuts down its sending side.
 

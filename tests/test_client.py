@@ -157,6 +157,16 @@ def test_corrupted_echo_is_reported_with_its_offsets(mode: str) -> None:
     assert "--seed 3 sends the same messages again" in err
 
 
+def test_reordered_blocks_are_reported() -> None:
+    """A server swapping the first two 64 KiB blocks fails --check at stream offset 0."""
+    with serving(echo_servers.swapping_first_blocks(client.BLOCK_SIZE)) as server:
+        result = run_client("--check", *port_args(server), "--size=1MiB", "--count=2")
+    assert result.returncode == client.EXIT_MISMATCH
+    assert "at stream offset 0 (message 1 of 2, offset 0 of 1048576 bytes)" in (
+        result.stderr.decode()
+    )
+
+
 def test_server_closing_early_is_reported() -> None:
     """A server that stops after 1500 of 5000 bytes fails with the early-EOF error and exit code."""
     with serving(echo_servers.closing_after(1500)) as server:
