@@ -18,6 +18,7 @@ import pytest
 
 from epolld import __version__, client
 from tests import echo_servers
+from tests.conftest import StartDaemon
 from tests.echo_servers import serving
 
 RUN_TIMEOUT_S = 60.0  # bound on every client subprocess
@@ -389,3 +390,45 @@ def test_console_script_is_installed() -> None:
         [str(script), "--version"], capture_output=True, timeout=RUN_TIMEOUT_S, check=False
     )
     assert result.stdout == f"epolld-client {__version__}\n".encode()
+
+
+# Against the real daemon (a subprocess on port 0, in each trigger mode)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("client_mode", ["ping-pong", "pipelined"])
+def test_check_passes_against_epolld(start_daemon: StartDaemon, client_mode: str) -> None:
+    """--check over four connections with sizes up to 256 KiB passes against the real daemon."""
+    daemon = start_daemon()
+    result = run_client(
+        "--check",
+        "--port",
+        str(daemon.port),
+        f"--mode={client_mode}",
+        "--size=1-256KiB",
+        "--count=100",
+        "--connections=4",
+        "--seed=5",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "check passed: 400 messages, " in result.stdout.decode()
+    assert f"echoed intact by 127.0.0.1:{daemon.port} over 4 connections" in (
+        result.stdout.decode()
+    )
+
+
+@pytest.mark.slow
+def test_check_and_interactive_against_epolld_on_unix_and_ipv6(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """The client reaches the real daemon on a Unix socket and on [::1], in both modes of use."""
+    path = str(tmp_path / "epolld.sock")
+    daemon = start_daemon({"listen": [f"unix:{path}", "[::1]:0"]})
+    addresses = [event["address"] for event in daemon.wait_for("listening", count=2)]
+    ipv6_port = next(a for a in addresses if a.startswith("[::1]:")).rsplit(":", 1)[1]
+    for where in (["--unix", path], ["--host", "::1", "--port", ipv6_port]):
+        checked = run_client("--check", *where, "--size=64KiB", "--count=20")
+        assert checked.returncode == 0, checked.stderr
+        echoed = run_client(*where, stdin=b"Input Something\nReceive\n")
+        assert (echoed.returncode, echoed.stdout) == (0, b"Input Something\nReceive\n")
+    assert f"echoed intact by [::1]:{ipv6_port}" in checked.stdout.decode()
