@@ -1,0 +1,404 @@
+"""Boot a real systemd (Debian 12's) in a systemd-nspawn container, for the system tests.
+
+What works on these machines is in shared/NOTES.md; in short:
+
+- The root file system is built once by packaging/dev/nspawn-rootfs and cached in .cache/nspawn/
+  (keyed by the script's hash, so editing the script rebuilds it). Each boot uses
+  --volatile=overlay: writes go to a tmpfs and the cache stays pristine.
+- Without a systemd on the host, nspawn needs --register=no and --keep-unit, and then splits the
+  cgroup it was started in: each container is started from cgroups of its own (one per
+  hierarchy), removed after power-off.
+- PID 1 in the container is nspawn's child named "systemd"; commands run with `nsenter -a` on it
+  (machinectl and `systemctl -M` need machined, which is absent).
+- The network namespace is the host's: a port bound inside is reachable from the test on
+  127.0.0.0/8. Use an address of your own (see loopback_address()) to avoid clashing with anything
+  else on the host.
+
+Usage (the fixtures in conftest.py do this)::
+
+    with Container(binds_ro={REPO: "/opt/epolld"}) as c:
+        c.run("systemctl", "start", "epolld")
+        c.write_file("/etc/epolld.yaml", text)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import itertools
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+REPO = Path(__file__).resolve().parents[2]
+CACHE_DIR = REPO / ".cache" / "nspawn"
+ROOTFS_SCRIPT = REPO / "packaging" / "dev" / "nspawn-rootfs"
+APT_INSTALL = REPO / "packaging" / "dev" / "apt-install"
+
+BOOT_TIMEOUT_S = 60.0
+POWEROFF_TIMEOUT_S = 30.0
+COMMAND_TIMEOUT_S = 120.0
+ROOTFS_BUILD_TIMEOUT_S = 900.0
+CGROUP_HIERARCHIES = ("unified", "systemd")  # cgroup v2 and the v1 name=systemd hierarchy
+NAME_PREFIX = "epolld-test"
+# A clean environment for commands in the container: not the host's PATH (pyenv) or locale.
+GUEST_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "LANG": "C.UTF-8",
+    "SYSTEMD_COLORS": "0",
+    "SYSTEMD_PAGER": "",
+    "TERM": "dumb",
+}
+
+_counter = itertools.count()
+T = TypeVar("T")
+
+
+class ContainerError(RuntimeError):
+    """The container could not be booted, or a command in it failed."""
+
+
+def missing_privileges() -> str | None:
+    """Why the container tests cannot run here, or None when they can (we are root)."""
+    if os.geteuid() != 0:
+        return "needs root: systemd-nspawn, cgroups and mmdebstrap require it"
+    return None
+
+
+def ensure_tools() -> None:
+    """Install systemd-nspawn, pinned to the host's systemd version, when it is missing.
+
+    Installing systemd-container pulls libsystemd-shared to its own version: pinning keeps the
+    host's systemd from being upgraded as a side effect.
+    """
+    if shutil.which("systemd-nspawn") and shutil.which("nsenter"):
+        return
+    version = subprocess.run(
+        ["dpkg-query", "-W", "-f=${Version}", "systemd"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    _run_host([str(APT_INSTALL), f"systemd-container={version}", "util-linux"])
+
+
+def rootfs() -> Path:
+    """The cached root file system, built first when missing or when its script changed.
+
+    A lock serialises concurrent builders (two test runs, or two helpers' test files).
+    """
+    key = hashlib.sha256(ROOTFS_SCRIPT.read_bytes()).hexdigest()[:12]
+    path = CACHE_DIR / f"bookworm-{key}"
+    if (path / "usr" / "bin" / "python3").exists():
+        return path
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    with open(CACHE_DIR / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (path / "usr" / "bin" / "python3").exists():
+            _run_host([str(ROOTFS_SCRIPT), str(path)], timeout=ROOTFS_BUILD_TIMEOUT_S)
+            for stale in CACHE_DIR.glob("bookworm-*"):  # built by an older script
+                if stale != path and stale.is_dir():
+                    shutil.rmtree(stale, ignore_errors=True)
+    return path
+
+
+def loopback_address(index: int = 0) -> str:
+    """A loopback address of this test process's own, "127.77.X.Y" (X.Y from the PID).
+
+    The container shares the host's network namespace and socket units need a fixed port:
+    a per-process address avoids clashing with a daemon or another test run on the host
+    without a find-a-free-port race. index picks a second, third... address.
+    """
+    pid = os.getpid() + 65536 * index
+    return f"127.{77 + (pid >> 16) % 100}.{(pid >> 8) & 255}.{max(1, pid & 255)}"
+
+
+def wait_until(
+    check: Callable[[], T | None], timeout: float, what: str, interval: float = 0.1
+) -> T:
+    """Poll check() until it returns something other than None or False; return that.
+
+    Raises:
+        TimeoutError: naming what was awaited, after timeout seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result is not None and result is not False:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+class Container:
+    """One booted systemd-nspawn container with a real systemd as PID 1.
+
+    Args:
+        binds_ro: host path -> guest path, bind-mounted read-only.
+        binds: host path -> guest path, bind-mounted read-write.
+        name: machine and cgroup name; unique by default.
+    """
+
+    def __init__(
+        self,
+        binds_ro: Mapping[str | Path, str] | None = None,
+        binds: Mapping[str | Path, str] | None = None,
+        name: str | None = None,
+    ) -> None:
+        self.name = name or f"{NAME_PREFIX}-{os.getpid()}-{next(_counter)}"
+        self.binds_ro = dict(binds_ro or {})
+        self.binds = dict(binds or {})
+        self.log_path = CACHE_DIR / "logs" / f"{self.name}.log"
+        self._nspawn: subprocess.Popen[bytes] | None = None
+        self.leader = 0  # host PID of the container's PID 1
+
+    # Lifecycle
+
+    def start(self, timeout: float = BOOT_TIMEOUT_S) -> Container:
+        """Boot the container and wait until systemd reports running (or degraded)."""
+        reason = missing_privileges()
+        if reason:
+            raise ContainerError(reason)
+        ensure_tools()
+        root = rootfs()
+        _remove_stale_cgroups()
+        self._make_cgroups()
+        args = [
+            "systemd-nspawn", "--quiet", "--boot", f"--directory={root}",
+            f"--machine={self.name}", "--register=no", "--keep-unit", "--volatile=overlay",
+            "--console=read-only",
+        ]  # fmt: skip
+        args += [f"--bind-ro={host}:{guest}" for host, guest in self.binds_ro.items()]
+        args += [f"--bind={host}:{guest}" for host, guest in self.binds.items()]
+        # The shell moves itself into the container's cgroups, then becomes nspawn.
+        script = "".join(
+            f"echo $$ > /sys/fs/cgroup/{h}/{self.name}/cgroup.procs && " for h in CGROUP_HIERARCHIES
+        )
+        script += 'exec "$@"'
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "wb") as log:
+            self._nspawn = subprocess.Popen(
+                ["sh", "-c", script, "sh", *args],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+            self.leader = wait_until(self._find_leader, timeout, "the container's systemd")
+            state = wait_until(self._booted, timeout, "systemctl is-system-running")
+            if state == "degraded":
+                failed = self.run("systemctl", "--failed", "--no-legend", check=False).stdout
+                print(f"container {self.name} booted degraded; failed units:\n{failed}")
+        except Exception as e:
+            console = self.boot_log()[-4000:]
+            self.stop()
+            raise ContainerError(f"container {self.name} did not boot: {e}\n{console}") from e
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Power off with SIGTERM to nspawn (SIGKILL if it hangs) and remove the cgroups."""
+        nspawn, self._nspawn = self._nspawn, None
+        if nspawn is not None and nspawn.poll() is None:
+            nspawn.send_signal(signal.SIGTERM)
+            try:
+                nspawn.wait(timeout=POWEROFF_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                nspawn.kill()
+                nspawn.wait()
+        self.leader = 0
+        _remove_cgroups(self.name)
+        self.log_path.unlink(missing_ok=True)
+
+    def __enter__(self) -> Container:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # Commands and files
+
+    def run(
+        self,
+        *argv: str,
+        check: bool = True,
+        input: str | None = None,
+        timeout: float = COMMAND_TIMEOUT_S,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run argv inside the container (all its namespaces) and capture its output.
+
+        Raises:
+            ContainerError: check is true and the command exited non-zero.
+        """
+        if not self.leader:
+            raise ContainerError(f"container {self.name} is not running")
+        env_args = [f"{k}={v}" for k, v in GUEST_ENV.items()]
+        result = subprocess.run(
+            ["nsenter", "-t", str(self.leader), "-a", "env", "-i", *env_args, *argv],
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if check and result.returncode != 0:
+            raise ContainerError(
+                f"{' '.join(argv)} exited {result.returncode} in {self.name}\n"
+                f"stdout: {result.stdout}\nstderr: {result.stderr}"
+            )
+        return result
+
+    def sh(self, script: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run a shell script inside the container."""
+        return self.run("sh", "-c", script, check=check)
+
+    def write_file(self, path: str, text: str, mode: int = 0o644) -> None:
+        """Create or replace a file in the container (parents are created)."""
+        parent = os.path.dirname(path)
+        self.run(
+            "sh", "-c", 'mkdir -p "$1" && cat > "$2" && chmod "$3" "$2"', "sh", parent, path,
+            f"{mode:o}", input=text,
+        )  # fmt: skip
+
+    def copy_in(self, host_path: str | Path, guest_path: str, mode: int | None = None) -> None:
+        """Copy a host file (binary-safe) into the container."""
+        host_path = Path(host_path)
+        mode = host_path.stat().st_mode & 0o7777 if mode is None else mode
+        with open(host_path, "rb") as source:
+            subprocess.run(
+                ["nsenter", "-t", str(self.leader), "-a", "sh", "-c",
+                 'mkdir -p "$(dirname "$1")" && cat > "$1" && chmod "$2" "$1"', "sh",
+                 guest_path, f"{mode:o}"],
+                stdin=source, check=True, timeout=COMMAND_TIMEOUT_S, capture_output=True,
+            )  # fmt: skip
+
+    def read_file(self, path: str) -> str:
+        """The text of a file in the container."""
+        return self.run("cat", path).stdout
+
+    # systemd helpers
+
+    def systemctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run systemctl in the container."""
+        return self.run("systemctl", *args, check=check)
+
+    def show(self, unit: str, prop: str) -> str:
+        """One property of a unit, e.g. show("epolld", "MainPID")."""
+        return self.systemctl("show", "--property", prop, "--value", unit).stdout.strip()
+
+    def wait_for_state(self, unit: str, states: Iterable[str], timeout: float = 30.0) -> str:
+        """Poll ActiveState until it is one of states; return it."""
+        wanted = set(states)
+
+        def reached() -> str | None:
+            state = self.show(unit, "ActiveState")
+            return state if state in wanted else None
+
+        return wait_until(
+            reached,
+            timeout,
+            f"{unit} to become {'/'.join(sorted(wanted))}",
+        )
+
+    def journal(self, *args: str) -> list[dict[str, Any]]:
+        """journalctl -o json entries (all, or filtered by args such as -u UNIT)."""
+        out = self.run("journalctl", "--no-pager", "-o", "json", *args).stdout
+        return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+    def journal_cursor(self) -> str:
+        """The journal's current cursor, to read only later entries with --after-cursor."""
+        out = self.run("journalctl", "--no-pager", "-n", "1", "-o", "json").stdout
+        lines = out.splitlines()
+        return str(json.loads(lines[-1])["__CURSOR"]) if lines else ""
+
+    def boot_log(self) -> str:
+        """What nspawn and the container's console printed so far (for failure messages)."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    # Internals
+
+    def _find_leader(self) -> int | None:
+        nspawn = self._nspawn
+        if nspawn is None or nspawn.poll() is not None:
+            raise ContainerError(
+                f"systemd-nspawn exited early ({nspawn and nspawn.returncode}):\n" + self.boot_log()
+            )
+        for children in Path(f"/proc/{nspawn.pid}/task").glob("*/children"):
+            for pid in children.read_text().split():
+                if _comm(int(pid)) == "systemd":
+                    return int(pid)
+        return None
+
+    def _booted(self) -> str | None:
+        # Right after PID 1 appears, is-system-running can print nothing: not listening yet.
+        result = self.run("systemctl", "is-system-running", "--wait", check=False, timeout=30)
+        state = result.stdout.strip()
+        return state if state in ("running", "degraded") else None
+
+    def _make_cgroups(self) -> None:
+        for hierarchy in CGROUP_HIERARCHIES:
+            os.makedirs(f"/sys/fs/cgroup/{hierarchy}/{self.name}", exist_ok=True)
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _remove_cgroups(name: str, timeout: float = 10.0) -> None:
+    """Remove a container's cgroup trees, deepest first (they empty as processes exit)."""
+
+    def removed() -> bool:
+        for hierarchy in CGROUP_HIERARCHIES:
+            top = Path(f"/sys/fs/cgroup/{hierarchy}/{name}")
+            if not top.exists():
+                continue
+            for directory in sorted(
+                (d for d in top.rglob("*") if d.is_dir()), key=lambda d: len(d.parts), reverse=True
+            ):
+                _try_rmdir(directory)
+            _try_rmdir(top)
+        return not any(Path(f"/sys/fs/cgroup/{h}/{name}").exists() for h in CGROUP_HIERARCHIES)
+
+    wait_until(removed, timeout, f"cgroups of {name} to be removable")
+
+
+def _try_rmdir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not empty yet (EBUSY) or already gone
+        path.rmdir()
+
+
+def _remove_stale_cgroups() -> None:
+    """Remove cgroups left by a test run that died without powering its container off."""
+    pattern = re.compile(rf"{NAME_PREFIX}-(\d+)-\d+$")
+    for hierarchy in CGROUP_HIERARCHIES:
+        base = Path(f"/sys/fs/cgroup/{hierarchy}")
+        for top in base.glob(f"{NAME_PREFIX}-*"):
+            match = pattern.match(top.name)
+            if match and not Path(f"/proc/{match.group(1)}").exists():
+                with contextlib.suppress(TimeoutError):  # still in use: not ours to end
+                    _remove_cgroups(top.name, timeout=1.0)
+
+
+def _run_host(argv: list[str], timeout: float = 600.0) -> None:
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise ContainerError(
+            f"{' '.join(argv)} exited {result.returncode}\n{result.stdout}{result.stderr}"
+        )
