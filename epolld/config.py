@@ -724,6 +724,9 @@ def _to_data(obj: Any, entries: tuple[_Entry, ...]) -> dict[str, object]:
     }
 
 
+_UNICODE_BREAKS = ("\x85", "\u2028", "\u2029")  # NEL, LINE and PARAGRAPH SEPARATOR
+
+
 def render_config(config: Config) -> str:
     """The effective configuration, every default filled in, as YAML for --print-config.
 
@@ -732,9 +735,12 @@ def render_config(config: Config) -> str:
     Args:
         config: the configuration to write out.
     """
-    body = yaml.safe_dump(
-        _to_data(config, _SCHEMA), sort_keys=False, allow_unicode=True, default_flow_style=False
-    )
+    data = _to_data(config, _SCHEMA)
+    body = yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False)
+    if any(c in body for c in _UNICODE_BREAKS):
+        # PyYAML 6.0 writes these line breaks raw inside a quoted scalar, and reads them back
+        # as a space: escape everything non-ASCII instead, as "\x85".
+        body = yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
     return "# epolld effective configuration (defaults filled in)\n" + body
 
 
