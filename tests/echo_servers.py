@@ -138,6 +138,25 @@ def silent(conn: socket.socket) -> None:
         pass
 
 
+class Sink:
+    """A handler that reads without replying and counts bytes, announcing the first ones."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.first_bytes = threading.Event()
+
+    def __call__(self, conn: socket.socket) -> None:
+        while data := conn.recv(RECV_SIZE):
+            self.received += len(data)
+            self.first_bytes.set()
+
+
+def doubling(conn: socket.socket) -> None:
+    """Echo every chunk twice."""
+    while data := conn.recv(RECV_SIZE):
+        conn.sendall(data + data)
+
+
 def resetting(conn: socket.socket) -> None:
     """Wait for the first bytes, then close with SO_LINGER 0 so the kernel sends RST."""
     conn.recv(RECV_SIZE)

@@ -7,6 +7,7 @@ import os
 import pty
 import re
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -168,6 +169,16 @@ def test_reordered_blocks_are_reported() -> None:
     )
 
 
+def test_extra_echoed_bytes_are_reported() -> None:
+    """A server echoing everything twice fails --check at the first duplicated byte."""
+    with serving(echo_servers.doubling) as server:
+        result = run_client("--check", *port_args(server), "--size=1000", "--count=5")
+    assert result.returncode == client.EXIT_MISMATCH
+    # Whether the duplicate arrives with the echo or after the next message was sent,
+    # the report names stream offset 1000.
+    assert "stream offset 1000" in result.stderr.decode()
+
+
 def test_server_closing_early_is_reported() -> None:
     """A server that stops after 1500 of 5000 bytes fails with the early-EOF error and exit code."""
     with serving(echo_servers.closing_after(1500)) as server:
@@ -209,6 +220,47 @@ def test_silent_server_times_out() -> None:
         f"Error: timed out after 0.5 s waiting for 127.0.0.1:{server.port}"
         " (0 of 1024 bytes echoed)\n"
     )
+
+
+def test_pipelined_window_bounds_bytes_in_flight() -> None:
+    """Pipelined --check never has more than --window bytes sent but not yet echoed."""
+    sink = echo_servers.Sink()
+    with serving(sink) as server:
+        result = run_client(
+            "--check",
+            *port_args(server),
+            "--mode=pipelined",
+            "--window=10000",
+            "--size=3000",
+            "--timeout=0.5",
+        )
+    assert result.returncode == client.EXIT_TIMEOUT
+    assert "(0 of 10000 bytes echoed)" in result.stderr.decode()
+    assert sink.received == 10000
+
+
+def test_interrupt_exits_130_without_traceback() -> None:
+    """SIGINT while waiting for an echo ends the client with exit code 130 and one line."""
+    sink = echo_servers.Sink()
+    with serving(sink) as server:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "epolld.client", *port_args(server)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            assert proc.stdin is not None
+            proc.stdin.write(b"waiting\n")
+            proc.stdin.flush()
+            assert sink.first_bytes.wait(RUN_TIMEOUT_S)  # the client now waits for the echo
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=RUN_TIMEOUT_S)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate(timeout=RUN_TIMEOUT_S)
+    assert (proc.returncode, out, err) == (client.EXIT_INTERRUPTED, b"", b"\nInterrupted\n")
 
 
 def test_connect_timeout_is_reported() -> None:
