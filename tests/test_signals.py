@@ -128,5 +128,5 @@ def test_trace_level_logs_decoded_epoll_events(start_daemon: StartDaemon) -> Non
         recv_until_eof(sock)
     traced = daemon.wait_for("epoll_event", count=2)
     masks = {e["events"] for e in daemon.events("epoll_event")}
-    assert "EPOLLIN|EPOLLRDHUP" in masks, masks  # the half-close, as epoll reports it
+    assert any(m.startswith("EPOLLIN") and m.endswith("EPOLLRDHUP") for m in masks), masks
     assert all(isinstance(e["fd"], int) for e in traced)
