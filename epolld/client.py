@@ -41,6 +41,9 @@ POOL_SIZE = 1024 * 1024  # bytes of seeded random data that --check messages are
 BLOCK_SIZE = 64 * 1024  # bytes of a message taken from one random offset in the pool
 HEX_SHOWN = 16  # bytes of expected and received data shown in a mismatch report
 
+_SIZE_UNITS = {"": 1, "b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+_AMBIGUOUS_UNITS = {"k": "KiB", "kb": "KiB", "m": "MiB", "mb": "MiB", "g": "GiB", "gb": "GiB"}
+
 # Exit codes: sysexits(3) names, as epolld's own errors use, so that monitoring
 # can tell "the server is down" from "the server is wrong".
 EXIT_OK = 0
@@ -61,7 +64,8 @@ modes:
   --check                send --count random messages per connection, verify every echoed
                          byte, print latency and throughput.
 
-sizes: 64, 64B, 1K or 1KiB (1024), 1KB (1000), 1M or 1MiB, 1MB, 1G or 1GiB; a range is MIN-MAX.
+sizes: bytes (64, 64B), KiB, MiB or GiB (1024-based; KB and MB are refused as ambiguous,
+as in epolld's config); --size MIN-MAX draws each message's size from that range.
 
 exit codes:
   {EXIT_OK}   success: every byte came back intact (or stdin ended)
@@ -428,18 +432,24 @@ def _run(connections: Sequence[_Connection], timeout: float | None) -> None:
 
 
 def parse_size(text: str) -> int:
-    """Parse a byte count such as 64, 1KiB, 1K, 1KB or 1MiB.
+    """Parse a byte count such as 64, 64B, 1KiB or 1MiB, as epolld's config does.
+
+    K, KB, M, MB, G and GB are refused as ambiguous (1000 or 1024?), like in
+    the config file, so that one spelling means the same in both places.
 
     Raises:
-        argparse.ArgumentTypeError: not a positive size.
+        argparse.ArgumentTypeError: not a positive size, or an ambiguous unit.
     """
-    units = {"": 1, "b": 1, "k": 1024, "kib": 1024, "kb": 1000}
-    units |= {"m": 1024**2, "mib": 1024**2, "mb": 1000**2}
-    units |= {"g": 1024**3, "gib": 1024**3, "gb": 1000**3}
     match = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", text)
-    if not match or match.group(2).lower() not in units:
+    unit = match.group(2).lower() if match else ""
+    if match and unit in _AMBIGUOUS_UNITS:
+        better = _AMBIGUOUS_UNITS[unit]
+        raise argparse.ArgumentTypeError(
+            f"ambiguous unit in {text!r}: write {better} (1024-based) or bytes"
+        )
+    if not match or unit not in _SIZE_UNITS:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 64, 1KiB, 1MiB)")
-    size = int(match.group(1)) * units[match.group(2).lower()]
+    size = int(match.group(1)) * _SIZE_UNITS[unit]
     if size < 1:
         raise argparse.ArgumentTypeError(f"size must be at least 1 byte: {text!r}")
     return size

@@ -411,10 +411,12 @@ def test_help_documents_exit_codes() -> None:
     [
         (["--check", "--size=0"], "size must be at least 1 byte"),
         (["--check", "--size=12XB"], "not a size: '12XB'"),
-        (["--check", "--size=2K-1K"], "empty size range"),
+        (["--check", "--size=1KB"], "ambiguous unit in '1KB': write KiB (1024-based) or bytes"),
+        (["--check", "--size=1-2M"], "ambiguous unit in '2M': write MiB"),
+        (["--check", "--size=2KiB-1KiB"], "empty size range"),
         (["--unix=/x", "--port=1"], "--unix excludes --host and --port"),
         (["--count=5"], "--count only make sense with --check"),
-        (["--check", "--window=1K"], "--window only applies to --mode pipelined"),
+        (["--check", "--window=1KiB"], "--window only applies to --mode pipelined"),
         (["--check", "--connections=0"], "--connections must be at least 1"),
         (["--port=70000"], "--port must be 1-65535"),
     ],
@@ -428,10 +430,10 @@ def test_bad_command_line_exits_2(args: list[str], message: str) -> None:
 
 @pytest.mark.parametrize(
     ("text", "size"),
-    [("64", 64), ("64B", 64), ("1K", 1024), ("1KiB", 1024), ("1kb", 1000), ("2MiB", 2 << 20)],
+    [("64", 64), ("64B", 64), ("1KiB", 1024), ("1kib", 1024), ("2MiB", 2 << 20), ("1GiB", 1 << 30)],
 )
 def test_parse_size_accepts_units(text: str, size: int) -> None:
-    """Sizes accept bytes, binary (K, KiB) and decimal (KB) suffixes, case-insensitively."""
+    """Sizes accept plain bytes and the 1024-based KiB, MiB, GiB, case-insensitively."""
     assert client.parse_size(text) == size
 
 
