@@ -121,7 +121,7 @@ class Config:
 
 # --- addresses -----------------------------------------------------------------------
 
-_PORT = re.compile(r"[0-9]{1,5}")
+_PORT = re.compile(r"[0-9]{1,10}")  # more digits are no port; int() of them is slow
 
 
 def parse_address(text: str) -> ListenAddress:

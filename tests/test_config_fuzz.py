@@ -145,13 +145,15 @@ def option_lines(lines: list[str]) -> list[int]:
 
 
 def delete_chars(draw: Draw, text: str) -> str:
-    start = draw(st.integers(0, len(text)))
-    return text[:start] + text[start + draw(st.integers(1, 20)) :]
+    start: int = draw(st.integers(0, len(text)))
+    length: int = draw(st.integers(1, 20))
+    return text[:start] + text[start + length :]
 
 
 def insert_chars(draw: Draw, text: str) -> str:
-    at = draw(st.integers(0, len(text)))
-    return text[:at] + draw(st.text(YAML_CHARS, min_size=1, max_size=8)) + text[at:]
+    at: int = draw(st.integers(0, len(text)))
+    inserted: str = draw(st.text(YAML_CHARS, min_size=1, max_size=8))
+    return text[:at] + inserted + text[at:]
 
 
 def swap_values(draw: Draw, text: str) -> str:
@@ -260,7 +262,7 @@ def test_boolean_never_passes_as_a_number(
 
 durations = st.floats(min_value=0.0, max_value=MAX_DURATION_S, allow_nan=False)
 paths = (
-    st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), max_size=40)
+    st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\0"), max_size=40)
     .map(lambda t: "/" + t)
 )  # fmt: skip
 unix_paths = paths.filter(lambda p: len(p.encode()) <= MAX_UNIX_PATH_BYTES)
