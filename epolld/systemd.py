@@ -20,9 +20,9 @@ Why sdnotify is wrapped rather than called directly (sdnotify 0.3.1, Debian 12):
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
-import unicodedata
 from collections.abc import Mapping
 
 import sdnotify
@@ -32,7 +32,10 @@ log = structlog.get_logger()
 
 # Notification datagrams are read into a buffer of this size by systemd 252 (NOTIFY_BUFFER_MAX,
 # which is PIPE_BUF): a longer message is truncated. STATUS is cut to stay well within it.
-_STATUS_MAX_CHARS = 900  # at most 4 bytes each in UTF-8: < 4096 with the other fields
+_STATUS_MAX_CHARS = 900  # at most 4 bytes each in UTF-8, doubled backslashes 2: < 4096
+_CONTROL = "\x00-\x1f\x7f-\x9f"  # Unicode category Cc
+_CONTROL_RUN = re.compile(f"[\\s{_CONTROL}]*[{_CONTROL}][\\s{_CONTROL}]*")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class _Sender(sdnotify.SystemdNotifier):  # type: ignore[misc]  # sdnotify has no type hints
@@ -53,18 +56,17 @@ class _Sender(sdnotify.SystemdNotifier):  # type: ignore[misc]  # sdnotify has n
 
 
 def _one_line(text: str) -> str:
-    r"""Escape control characters (newlines included) and lone surrogates as \xNN / \uNNNN.
+    r"""Make text safe as the value of one sd_notify field, as systemd 252 parses it.
 
-    A newline inside STATUS would start a new assignment (STATUS=x\nREADY=1 injects READY);
-    a lone surrogate (from surrogateescape'd bytes) has no UTF-8 encoding.
+    - Control characters (newlines included) become one space with the blanks around them:
+      a newline would start a new field (STATUS=x\nREADY=1 injects READY).
+    - A backslash is doubled: systemd 252 splits the message with extract_first_word(), which
+      drops a single backslash and lets one at a line's end swallow the next field.
+    - A lone surrogate (from surrogateescape'd bytes) has no UTF-8 form: U+FFFD replaces it.
     """
-    out = []
-    for ch in text[:_STATUS_MAX_CHARS]:
-        if unicodedata.category(ch) in ("Cc", "Cs"):
-            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
-        else:
-            out.append(ch)
-    return "".join(out)
+    text = _CONTROL_RUN.sub(" ", text[:_STATUS_MAX_CHARS])
+    text = _SURROGATE.sub("\ufffd", text)
+    return text.replace("\\", "\\\\")
 
 
 def _monotonic_usec() -> int:

@@ -59,15 +59,21 @@ def test_non_ascii_status_arrives_as_utf8(manager: FakeManager) -> None:
 
 
 def test_newline_in_status_cannot_inject_fields(manager: FakeManager) -> None:
-    """A newline in STATUS is escaped, so the text cannot add READY=1 or another field."""
-    Notifier({"NOTIFY_SOCKET": manager.address}).status("bad\nREADY=1\r\tend")
-    assert manager.receive() == b"STATUS=bad\\x0aREADY=1\\x0d\\x09end"
+    """Control characters in STATUS become one space, so the text cannot add READY=1."""
+    Notifier({"NOTIFY_SOCKET": manager.address}).status("bad\nREADY=1\r\tend:\n  \n  ^")
+    assert manager.receive() == b"STATUS=bad READY=1 end: ^"
 
 
-def test_lone_surrogate_is_escaped(manager: FakeManager) -> None:
-    """A lone surrogate (a surrogateescape'd byte) is escaped instead of dropping the message."""
+def test_backslash_is_doubled(manager: FakeManager) -> None:
+    """A backslash is doubled, as systemd 252's parser takes a single one as an escape."""
+    Notifier({"NOTIFY_SOCKET": manager.address}).fatal("bad escape \\q at end \\", errno=22)
+    assert manager.receive() == b"STATUS=bad escape \\\\q at end \\\\\nERRNO=22"
+
+
+def test_lone_surrogate_is_replaced(manager: FakeManager) -> None:
+    """A lone surrogate (a surrogateescape'd byte) becomes U+FFFD instead of losing the message."""
     Notifier({"NOTIFY_SOCKET": manager.address}).status("file \udcff.yaml")
-    assert manager.receive() == b"STATUS=file \\udcff.yaml"
+    assert manager.receive() == "STATUS=file \ufffd.yaml".encode()
 
 
 def test_long_status_fits_systemds_buffer(manager: FakeManager) -> None:
