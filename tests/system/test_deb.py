@@ -1,0 +1,284 @@
+"""The Debian package on a real systemd 252: install, reload, journal, upgrade, remove, purge, man.
+
+The .deb is built once per session with packaging/dev/build-deb (dpkg-buildpackage and lintian,
+as `make deb` does); the upgrade uses a copy repacked with a higher version. Each test boots a
+fresh container from the cached Debian 12 root file system (see nspawn.py) and installs the
+package with apt, as an operator would, so no test depends on another's leftovers.
+
+The shipped /etc/epolld.yaml listens on 127.0.0.1:7080 and [::1]:7080. The container shares
+the host's network namespace, so the test reaches the installed service there directly; those
+ports must be free on the host while these tests run.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from nspawn import REPO, Container, ContainerError, loopback_address, wait_until
+
+pytestmark = pytest.mark.system
+
+DEFAULT_ADDRESSES = [("127.0.0.1", 7080, socket.AF_INET), ("::1", 7080, socket.AF_INET6)]
+# An address of this test run's own for the operator's edited config (see loopback_address()).
+EDITED_HOST = loopback_address(1)
+EDITED_PORT = 7083
+UPGRADE_VERSION = "0.1.0+upgradetest1"
+GUEST_DEB_DIR = "/tmp/debs"
+WAIT_S = 30.0  # for anything systemd, dpkg or the daemon does in response to a command
+IO_TIMEOUT_S = 10.0
+APT_TIMEOUT_S = 300.0  # apt-get update plus man-db's download, on a slow mirror
+BUILD_TIMEOUT_S = 600.0  # build-deb may first install debhelper, dh-python and lintian
+
+EDITED_CONFIG = f"""\
+# Edited by the operator: a listener of its own, and a shorter idle timeout.
+listen:
+  - "{EDITED_HOST}:{EDITED_PORT}"
+limits:
+  idle_timeout: 42s
+"""
+
+
+@pytest.fixture(scope="session")
+def debs(tmp_path_factory: pytest.TempPathFactory, system_prerequisites: None) -> dict[str, Path]:
+    """The package built from this checkout, and a copy repacked as a newer version."""
+    out = tmp_path_factory.mktemp("debs")
+    result = subprocess.run(
+        [str(REPO / "packaging" / "dev" / "build-deb"), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=BUILD_TIMEOUT_S,
+    )
+    assert result.returncode == 0, f"build-deb failed:\n{result.stderr[-6000:]}"
+    built = Path(result.stdout.strip().splitlines()[-1])
+    return {"current": built, "newer": _repack_with_version(built, UPGRADE_VERSION, out)}
+
+
+def _repack_with_version(deb: Path, version: str, out: Path) -> Path:
+    """A copy of deb whose control file says version: what an upgrade looks like to dpkg."""
+    tree = out / f"tree-{version}"
+    subprocess.run(["dpkg-deb", "--raw-extract", str(deb), str(tree)], check=True, timeout=60)
+    control = tree / "DEBIAN" / "control"
+    lines = control.read_text().splitlines()
+    control.write_text(
+        "".join(f"Version: {version}\n" if ln.startswith("Version:") else ln + "\n" for ln in lines)
+    )
+    newer = out / f"epolld_{version}_all.deb"
+    subprocess.run(
+        ["dpkg-deb", "--root-owner-group", "--build", str(tree), str(newer)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return newer
+
+
+@pytest.fixture
+def container(
+    container_factory: Callable[..., Container], debs: dict[str, Path]
+) -> Iterator[Container]:
+    """A freshly booted Debian 12 with both .deb files copied in; powered off after the test."""
+    for host, port, family in DEFAULT_ADDRESSES:
+        _require_free(host, port, family)
+    c = container_factory()
+    for deb in debs.values():
+        c.copy_in(deb, f"{GUEST_DEB_DIR}/{deb.name}", 0o644)
+    yield c
+    c.stop()
+
+
+def _require_free(host: str, port: int, family: socket.AddressFamily) -> None:
+    """Fail with a clear message when something on the host already holds a default address."""
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            pytest.fail(f"{host} port {port} is in use on this host ({e.strerror}): the package's "
+                        "default config needs it; stop whatever listens there")  # fmt: skip
+
+
+def _apt(c: Container, *args: str) -> str:
+    """Run apt-get non-interactively in the container; return its output."""
+    result = c.run(
+        "env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "-y", "-q", *args,
+        timeout=APT_TIMEOUT_S,
+    )  # fmt: skip
+    return result.stdout
+
+
+def _install(c: Container, deb: Path) -> None:
+    """apt-get install ./epolld_VERSION_all.deb, as the README tells operators."""
+    _apt(c, "install", f"{GUEST_DEB_DIR}/{deb.name}")
+
+
+def _echo(host: str, port: int, family: socket.AddressFamily, payload: bytes) -> bytes:
+    """Connect, send payload, half-close, and return everything echoed back."""
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.settimeout(IO_TIMEOUT_S)
+        s.connect((host, port))
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _echoes(host: str, port: int, family: socket.AddressFamily = socket.AF_INET) -> bool:
+    """Whether host:port accepts a connection and echoes a probe intact."""
+    try:
+        return _echo(host, port, family, b"probe\n") == b"probe\n"
+    except OSError:
+        return False
+
+
+def _refuses(host: str, port: int, family: socket.AddressFamily = socket.AF_INET) -> bool:
+    """Whether a connection to host:port is refused (nothing listens there)."""
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.settimeout(IO_TIMEOUT_S)
+        return s.connect_ex((host, port)) != 0
+
+
+def _main_pid(c: Container) -> int:
+    return int(c.show("epolld", "MainPID"))
+
+
+def _dpkg_status(c: Container) -> str:
+    """dpkg's status of epolld, e.g. "install ok installed" or "deinstall ok config-files"."""
+    result = c.run("dpkg-query", "-W", "-f=${Status}", "epolld", check=False)
+    return result.stdout.strip() if result.returncode == 0 else "not known"
+
+
+def _edit_config_and_reload(c: Container) -> None:
+    """Edit /etc/epolld.yaml as an operator would, reload, and wait for the new listener."""
+    c.write_file("/etc/epolld.yaml", EDITED_CONFIG)
+    c.systemctl("reload", "epolld")
+    # systemctl reload returns once ExecReload has run, before the daemon has re-bound.
+    wait_until(lambda: _echoes(EDITED_HOST, EDITED_PORT), WAIT_S, "the edited listener to echo")
+
+
+def test_install_enables_starts_and_echoes(container: Container, debs: dict[str, Path]) -> None:
+    """apt-get install leaves epolld.service enabled, active and echoing on both default addresses."""
+    _install(container, debs["current"])
+    assert container.systemctl("is-enabled", "epolld.service").stdout.strip() == "enabled"
+    assert container.wait_for_state("epolld", ["active", "failed"], WAIT_S) == "active"
+    for host, port, family in DEFAULT_ADDRESSES:
+        payload = f"hello {host}\n".encode() * 1000
+        assert _echo(host, port, family, payload) == payload
+    # Installed but left off: enabled, it would hold the very addresses the service binds.
+    socket_enabled = container.systemctl("is-enabled", "epolld.socket", check=False).stdout
+    assert socket_enabled.strip() == "disabled"
+    assert container.show("epolld.socket", "ActiveState") == "inactive"
+    # The daemon runs as a dynamic user, not root.
+    assert container.show("epolld", "DynamicUser") == "yes"
+    user = container.run("ps", "-o", "user=", "-p", str(_main_pid(container))).stdout.strip()
+    assert user not in ("root", "0")
+
+
+def test_reload_applies_edited_config(container: Container, debs: dict[str, Path]) -> None:
+    """After editing /etc/epolld.yaml, `systemctl reload epolld` serves the new address in place."""
+    _install(container, debs["current"])
+    container.wait_for_state("epolld", ["active"], WAIT_S)
+    pid = _main_pid(container)
+    _edit_config_and_reload(container)
+    assert _main_pid(container) == pid
+    wait_until(lambda: _refuses("127.0.0.1", 7080), WAIT_S, "the old default listener to close")
+    assert container.show("epolld", "ActiveState") == "active"
+
+
+def test_journal_shows_service_logs(container: Container, debs: dict[str, Path]) -> None:
+    """`journalctl -u epolld` holds the daemon's JSON log lines under its own identifier."""
+    _install(container, debs["current"])
+    container.wait_for_state("epolld", ["active"], WAIT_S)
+
+    def listening_entries() -> list[str] | None:
+        entries = container.journal("-u", "epolld", "SYSLOG_IDENTIFIER=epolld")
+        found = [str(e["MESSAGE"]) for e in entries if '"listening"' in str(e.get("MESSAGE"))]
+        return found if len(found) >= 2 else None
+
+    messages = wait_until(listening_entries, WAIT_S, "two 'listening' entries in the journal")
+    assert any("127.0.0.1:7080" in m for m in messages)
+    assert any("[::1]:7080" in m for m in messages)
+    text = container.run("journalctl", "--no-pager", "-u", "epolld").stdout
+    assert "epolld[" in text
+
+
+def test_upgrade_keeps_edited_config_and_restarts(
+    container: Container, debs: dict[str, Path]
+) -> None:
+    """Installing a newer version keeps the operator's /etc/epolld.yaml and restarts the service."""
+    _install(container, debs["current"])
+    container.wait_for_state("epolld", ["active"], WAIT_S)
+    _edit_config_and_reload(container)
+    old_pid = _main_pid(container)
+
+    _install(container, debs["newer"])
+
+    version = container.run("dpkg-query", "-W", "-f=${Version}", "epolld").stdout
+    assert version == UPGRADE_VERSION
+    assert container.read_file("/etc/epolld.yaml") == EDITED_CONFIG
+    assert not container.run("sh", "-c", "ls /etc/epolld.yaml.dpkg-*", check=False).stdout
+    assert container.wait_for_state("epolld", ["active", "failed"], WAIT_S) == "active"
+    new_pid = _main_pid(container)
+    assert new_pid not in (0, old_pid)
+    # The restarted daemon read the edited file, not the package's default.
+    wait_until(lambda: _echoes(EDITED_HOST, EDITED_PORT), WAIT_S, "the upgraded daemon to echo")
+    assert _refuses("127.0.0.1", 7080)
+
+
+def test_remove_stops_service_and_keeps_config(
+    container: Container, debs: dict[str, Path]
+) -> None:
+    """`apt-get remove` stops the service and leaves the operator's edited conffile in place."""
+    _install(container, debs["current"])
+    container.wait_for_state("epolld", ["active"], WAIT_S)
+    _edit_config_and_reload(container)
+
+    _apt(container, "remove", "epolld")
+
+    assert _dpkg_status(container) == "deinstall ok config-files"
+    assert container.read_file("/etc/epolld.yaml") == EDITED_CONFIG
+    assert container.show("epolld", "ActiveState") == "inactive"  # a clean stop, not a failure
+    assert _refuses(EDITED_HOST, EDITED_PORT)
+    assert container.run("test", "-e", "/usr/bin/epolld", check=False).returncode != 0
+
+
+def test_purge_removes_config(container: Container, debs: dict[str, Path]) -> None:
+    """`apt-get purge` stops the service and removes /etc/epolld.yaml and the enablement links."""
+    _install(container, debs["current"])
+    container.wait_for_state("epolld", ["active"], WAIT_S)
+
+    _apt(container, "purge", "epolld")
+
+    assert _dpkg_status(container) == "not known"
+    for leftover in (
+        "/etc/epolld.yaml",
+        "/etc/systemd/system/multi-user.target.wants/epolld.service",
+        "/lib/systemd/system/epolld.service",
+    ):
+        assert container.run("test", "-e", leftover, check=False).returncode != 0, leftover
+    assert container.show("epolld", "ActiveState") == "inactive"
+    for host, port, family in DEFAULT_ADDRESSES:
+        assert _refuses(host, port, family)
+
+
+def test_man_pages_after_install(container: Container, debs: dict[str, Path]) -> None:
+    """`man epolld`, `man epolld.yaml` and `man epolld-client` show the installed pages."""
+    if container.run("sh", "-c", "command -v man", check=False).returncode != 0:
+        _apt(container, "update")  # the cached root file system keeps no package lists
+        _apt(container, "install", "--no-install-recommends", "man-db")
+    _install(container, debs["current"])
+    pages = {
+        ("8", "epolld"): "RFC 862 echo daemon on epoll",
+        ("5", "epolld.yaml"): "configuration file of the epolld echo daemon",
+        ("1", "epolld-client"): "talk to an echo server",
+    }
+    for (section, page), summary in pages.items():
+        try:
+            result = container.run("env", "MANPAGER=cat", "MANWIDTH=100", "man", section, page)
+        except ContainerError as e:
+            pytest.fail(f"man {section} {page} failed: {e}")
+        assert summary in result.stdout.replace("\u2010", "-"), result.stdout[:500]
