@@ -161,7 +161,7 @@ def _edit_config_and_reload(c: Container) -> None:
 
 
 def test_install_enables_starts_and_echoes(container: Container, debs: dict[str, Path]) -> None:
-    """apt-get install leaves epolld.service enabled, active and echoing on both default addresses."""
+    """apt-get install leaves epolld.service enabled, active, and echoing on both defaults."""
     _install(container, debs["current"])
     assert container.systemctl("is-enabled", "epolld.service").stdout.strip() == "enabled"
     assert container.wait_for_state("epolld", ["active", "failed"], WAIT_S) == "active"
@@ -229,9 +229,7 @@ def test_upgrade_keeps_edited_config_and_restarts(
     assert _refuses("127.0.0.1", 7080)
 
 
-def test_remove_stops_service_and_keeps_config(
-    container: Container, debs: dict[str, Path]
-) -> None:
+def test_remove_stops_service_and_keeps_config(container: Container, debs: dict[str, Path]) -> None:
     """`apt-get remove` stops the service and leaves the operator's edited conffile in place."""
     _install(container, debs["current"])
     container.wait_for_state("epolld", ["active"], WAIT_S)
