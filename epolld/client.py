@@ -621,7 +621,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check = parser.add_argument_group("check")
     check.add_argument("--check", action="store_true", help="send random messages and verify")
-    check.add_argument("--count", type=int, help="messages per connection (default 100)")
+    check.add_argument(
+        "--count", type=int, metavar="N", help="messages per connection (default 100)"
+    )
     check.add_argument(
         "--size",
         type=parse_size_range,
@@ -638,10 +640,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--window",
         type=parse_size,
         metavar="BYTES",
-        help=f"pipelined: bytes sent but not yet echoed, per connection (default {DEFAULT_WINDOW})",
+        help="pipelined: bytes sent but not yet echoed, per connection"
+        f" (default {DEFAULT_WINDOW // 1024}KiB)",
     )
-    check.add_argument("--connections", type=int, help="concurrent connections (default 1)")
-    check.add_argument("--seed", type=int, help="random seed, to send the same bytes again")
+    check.add_argument(
+        "--connections", type=int, metavar="N", help="concurrent connections (default 1)"
+    )
+    check.add_argument(
+        "--seed", type=int, metavar="N", help="random seed, to send the same bytes again"
+    )
     return parser
 
 
