@@ -156,6 +156,18 @@ def test_start_waits_for_ready_then_serves(c: Container) -> None:
     assert echo_once(PORT, b"hello, systemd\n") == b"hello, systemd\n"
 
 
+def test_bad_config_fails_once_without_restart_loop(c: Container) -> None:
+    """An invalid config fails the start with exit 78, is not restarted, and status says why."""
+    c.write_file("/etc/epolld.yaml", "listen: 7080\n")
+    assert c.systemctl("start", "epolld", check=False).returncode != 0
+    assert c.wait_for_state("epolld.service", {"failed", "inactive"}) == "failed"
+    assert c.show("epolld.service", "ExecMainStatus") == "78"
+    assert c.show("epolld.service", "NRestarts") == "0", "RestartPreventExitStatus=78"
+    status = c.systemctl("status", "--no-pager", "epolld", check=False).stdout
+    assert "Error: /etc/epolld.yaml:1: listen:" in status
+    assert "status=78/CONFIG" in status
+
+
 def test_runs_sandboxed_without_privileges(c: Container) -> None:
     """The daemon runs as a dynamic user with no capabilities, no new privileges and seccomp."""
     c.systemctl("start", "epolld")
