@@ -104,9 +104,22 @@ class Connection:
         self.mask = EDGE_MASK if edge else LEVEL_READ
         self.on_event: Callable[[int], int] = self._on_edge if edge else self._on_level
 
+    def close(self) -> None:
+        """Release the descriptors; the loop has unregistered the socket already."""
+        self.sock.close()
+
+    def pending(self) -> int:
+        """Bytes received and not yet echoed."""
+        return len(self.out)
+
+    def discard_pending(self) -> None:
+        """Drop unsent output before a forced close."""
+        self.out.clear()
+
     def __repr__(self) -> str:
         state = "eof" if self.eof else "reading" if self.reading else "paused"
-        return f"<Connection fd={self.fd} peer={self.peer} {state} out={len(self.out)}>"
+        kind = type(self).__name__
+        return f"<{kind} fd={self.fd} peer={self.peer} {state} pending={self.pending()}>"
 
     # -- echoing ---------------------------------------------------------------
 
@@ -234,7 +247,7 @@ class Connection:
         """Echo what has arrived, then FIN; the loop calls this once on SIGTERM."""
         self.reason = self.reason or "shutdown"
         if self.eof:  # already flushing towards close
-            return self._wait_writable() if self.out else CLOSE
+            return self._wait_writable() if self.pending() else CLOSE
         self.on_event = self._on_draining
         return self._on_draining(EPOLLIN)
 

@@ -46,6 +46,7 @@ from epolld.connection import CLOSE, EPOLLIN, Connection
 from epolld.errors import EpolldError
 from epolld.idle import IdleTimer
 from epolld.listeners import Listener
+from epolld.splice import SpliceConnection, make_pipe
 from epolld.systemd import Notifier
 
 log = structlog.get_logger("epolld")
@@ -101,6 +102,7 @@ class EventLoop:
         self._stopping = False
         self._done = False
         self._paused_since: float | None = None  # the current EMFILE episode
+        self._splice_fallback = False  # pipe2() failing: new connections copy instead
         self._signal_handlers: dict[int, Callable[[int], None]] = {
             signal.SIGTERM: self._on_stop_signal,
             signal.SIGINT: self._on_stop_signal,
@@ -129,6 +131,7 @@ class EventLoop:
         self._edge = config.trigger == "edge"
         self._listen_mask = EPOLLIN | select.EPOLLET if self._edge else EPOLLIN
         self._trace = config.logging.level == "trace"
+        self._splice = config.io == "splice"
         # Decided once per configuration, not per connection: the log call or None.
         if config.logging.connections:
             self._conn_log: Callable[..., Any] | None = log.info
@@ -270,21 +273,43 @@ class EventLoop:
         else:
             peer = listener.name
         buffers = self._config.buffers
-        conn = Connection(
-            sock, peer, ip,
-            edge=self._edge,
-            read_size=buffers.read_size_bytes,
-            high_water=buffers.high_water_bytes,
-            low_water=buffers.low_water_bytes,
-            reschedule=self._ready.append,
-            now=self._now,
-        )
+        settings: dict[str, Any] = {
+            "edge": self._edge,
+            "read_size": buffers.read_size_bytes,
+            "high_water": buffers.high_water_bytes,
+            "low_water": buffers.low_water_bytes,
+            "reschedule": self._ready.append,
+            "now": self._now,
+        }
+        conn: Connection
+        pipe = self._make_pipe() if self._splice else None
+        if pipe is not None:
+            conn = SpliceConnection(sock, peer, ip, pipe=pipe, **settings)
+        else:
+            conn = Connection(sock, peer, ip, **settings)
         self._conns[conn.fd] = conn
         self._ep.register(conn.fd, conn.mask)
         self._idle.add(conn)
         self._accepted += 1
         if self._conn_log is not None:
-            self._conn_log("connection_opened", peer=peer, fd=conn.fd, listener=listener.name)
+            self._conn_log("connection_opened", peer=peer, fd=conn.fd, listener=listener.name,
+                           io="splice" if pipe is not None else "copy")
+
+    def _make_pipe(self) -> tuple[int, int, int] | None:
+        """A pipe for a splice connection, or None to fall back to copying (logged once
+        per episode): a client is never dropped for want of a pipe."""
+        try:
+            pipe = make_pipe(self._config.buffers.read_size_bytes)
+        except OSError as e:
+            if not self._splice_fallback:
+                self._splice_fallback = True
+                log.warning("splice_unavailable", error=errno.errorcode.get(e.errno or 0, str(e)),
+                            fallback="copy", connections=len(self._conns))
+            return None
+        if self._splice_fallback:
+            self._splice_fallback = False
+            log.info("splice_available")
+        return pipe
 
     def _refuse(self, sock: socket.socket, ip: str, limit: str, value: int) -> None:
         """Close a peer over a limit at once; warn at most every REFUSED_WARNING_EVERY_S."""
@@ -320,7 +345,7 @@ class EventLoop:
         fd = conn.fd
         del self._conns[fd]
         self._ep.unregister(fd)
-        conn.sock.close()
+        conn.close()
         self._idle.remove(conn)
         if conn.ip:
             left = self._per_ip[conn.ip] - 1
@@ -343,7 +368,7 @@ class EventLoop:
 
     def _close_everything(self) -> None:
         for conn in list(self._conns.values()):
-            conn.out.clear()
+            conn.discard_pending()
             self._close(conn, "shutdown")
         for listener in self.listeners:
             listeners_mod.close(listener)
@@ -438,7 +463,7 @@ class EventLoop:
         if not self._done:
             left = len(self._conns)
             for conn in list(self._conns.values()):
-                conn.out.clear()
+                conn.discard_pending()
                 self._close(conn, "shutdown")
             if left:
                 log.warning("shutdown_forced", reason="shutdown_timeout", connections=left)

@@ -15,6 +15,8 @@ from tests.epolld_process import Daemon, write_config
 MODES = {
     "level": {"trigger": "level"},
     "edge": {"trigger": "edge"},
+    "level-splice": {"trigger": "level", "io": "splice"},
+    "edge-splice": {"trigger": "edge", "io": "splice"},
 }
 
 

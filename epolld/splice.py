@@ -1,0 +1,165 @@
+"""Zero-copy echo (`io: splice`): socket -> pipe -> socket with splice(2).
+
+The bytes never enter Python: each connection owns a pipe that is both the
+kernel-side buffer and the backpressure bound (reading stops while it is full).
+That costs two descriptors per connection; when pipe2() fails for lack of
+descriptors the loop falls back to a copying Connection, so no client is
+dropped for it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+from collections.abc import Callable
+from typing import Final
+
+from epolld.connection import (
+    CLOSE,
+    EDGE_MASK,
+    EDGE_READS_PER_EVENT,
+    EPOLLHUP_ERR,
+    EPOLLIN,
+    EPOLLOUT,
+    EPOLLRDHUP,
+    LEVEL_READ,
+    LEVEL_READ_WRITE,
+    Connection,
+)
+
+SPLICE_FLAGS: Final = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+F_SETPIPE_SZ: Final = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+DEFAULT_PIPE_BYTES: Final = 64 * 1024  # Linux's default pipe capacity (pipe(7))
+
+
+def make_pipe(size: int) -> tuple[int, int, int]:
+    """A non-blocking pipe resized towards size bytes; returns (read fd, write fd, capacity).
+
+    A message larger than the pipe needs several splice() round trips: that is
+    why the 64 KiB default pipe echoed 128 KiB messages slowly. Growing it may be
+    refused (pipe-max-size, or pipe-user-pages-soft for many pipes of one user);
+    then the default stays and everything still works, only with more rounds.
+
+    Raises:
+        OSError: pipe2() failed (EMFILE/ENFILE): the caller falls back to copying.
+    """
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        capacity = fcntl.fcntl(w, F_SETPIPE_SZ, size)
+    except OSError:
+        capacity = DEFAULT_PIPE_BYTES
+    return r, w, capacity
+
+
+class SpliceConnection(Connection):
+    """A Connection whose pending output lives in a pipe instead of a bytearray."""
+
+    __slots__ = ("capacity", "pipe_r", "pipe_w", "piped")
+
+    def __init__(self, sock: socket.socket, peer: str, ip: str, *, pipe: tuple[int, int, int],
+                 edge: bool, read_size: int, high_water: int, low_water: int,
+                 reschedule: Callable[[tuple[int, int]], None], now: float) -> None:
+        super().__init__(sock, peer, ip, edge=edge, read_size=read_size, high_water=high_water,
+                         low_water=low_water, reschedule=reschedule, now=now)
+        self.pipe_r, self.pipe_w, self.capacity = pipe
+        self.piped = 0  # bytes in the pipe: received, not yet echoed
+
+    def close(self) -> None:
+        os.close(self.pipe_r)
+        os.close(self.pipe_w)
+        self.sock.close()
+
+    def pending(self) -> int:
+        return self.piped
+
+    def discard_pending(self) -> None:
+        self.piped = 0
+
+    def _on_level(self, ev: int) -> int:
+        if ev & EPOLLHUP_ERR:
+            return self._on_hangup()
+        if ev & EPOLLOUT and self.piped and not self._flush():
+            return CLOSE
+        if ev & EPOLLIN and self.reading and not self._pull():
+            return CLOSE
+        if self.piped:
+            return LEVEL_READ_WRITE if self.reading else EPOLLOUT
+        return LEVEL_READ if self.reading else CLOSE
+
+    def _on_edge(self, ev: int) -> int:
+        if ev & EPOLLHUP_ERR:
+            return self._on_hangup()
+        if ev & EPOLLOUT and self.piped:
+            was_full = not self.reading and not self.eof
+            if not self._flush():
+                return CLOSE
+            if was_full and self.reading:  # no new edge will announce what waited
+                ev |= EPOLLIN
+        if ev & EPOLLIN and self.reading:
+            for _ in range(EDGE_READS_PER_EVENT):
+                room = self.capacity - self.piped
+                moved = self._pull()
+                if moved is False:
+                    return CLOSE
+                if moved is None or not self.reading:
+                    break
+                if moved < room and not ev & EPOLLRDHUP:
+                    break  # a short read drained the socket
+            else:
+                self.reschedule((self.fd, ev & (EPOLLIN | EPOLLRDHUP)))
+        return EDGE_MASK if self.piped or self.reading else CLOSE
+
+    def _pull(self) -> int | None | bool:
+        """Move what the socket has into the pipe and on to the peer.
+
+        Returns the bytes moved in, None when the socket had nothing (EAGAIN), or
+        False when the connection failed.
+        """
+        try:
+            moved = os.splice(self.fd, self.pipe_w, self.capacity - self.piped, flags=SPLICE_FLAGS)
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            self._fail(e)
+            return False
+        if not moved:
+            self._on_eof()
+            return 0
+        self.bytes_in += moved
+        self.piped += moved
+        if not self._flush():
+            return False
+        return moved
+
+    def _flush(self) -> bool:
+        try:
+            sent = os.splice(self.pipe_r, self.fd, self.piped, flags=SPLICE_FLAGS)
+        except BlockingIOError:
+            sent = 0
+        except OSError as e:
+            self._fail(e)
+            return False
+        self.bytes_out += sent
+        self.piped -= sent
+        # The pipe is the buffer: read while it has room.
+        self.reading = not self.eof and self.piped < self.capacity
+        return True
+
+    def _on_draining(self, ev: int) -> int:
+        if ev & EPOLLHUP_ERR:
+            return self._on_hangup()
+        if self.piped and not self._flush():
+            return CLOSE
+        for _ in range(EDGE_READS_PER_EVENT):
+            if self.piped:
+                return self._wait_writable()
+            if self.eof:
+                return CLOSE
+            moved = self._pull()
+            if moved is False:
+                return CLOSE
+            if moved is None:
+                return self._shut_write()
+        self.reschedule((self.fd, EPOLLIN))
+        return self._wait_writable() if self.piped else self._wait_readable()
