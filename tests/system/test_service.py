@@ -182,6 +182,19 @@ def test_runs_sandboxed_without_privileges(c: Container) -> None:
     assert c.show("epolld.service", "StatusText").startswith(f"echoing on {HOST}:{PORT}")
 
 
+def test_unix_socket_in_runtime_directory(c: Container) -> None:
+    """Under DynamicUser and ProtectSystem=strict, a unix: listener in /run/epolld works."""
+    c.write_file("/etc/epolld.yaml", 'listen:\n  - "unix:/run/epolld/echo.sock"\n')
+    c.systemctl("start", "epolld")
+    client = (
+        "import socket; s = socket.socket(socket.AF_UNIX); s.settimeout(10); "
+        "s.connect('/run/epolld/echo.sock'); s.sendall(b'over unix'); print(s.recv(100))"
+    )
+    assert c.run("python3", "-c", client).stdout == "b'over unix'\n"
+    c.systemctl("stop", "epolld")
+    assert c.run("test", "-e", "/run/epolld", check=False).returncode != 0, "removed on stop"
+
+
 def test_reload_moves_to_new_port_keeping_pid_and_connections(c: Container, cursor: str) -> None:
     """A reload to a new port keeps the MainPID, serves the new port and keeps old clients."""
     c.systemctl("start", "epolld")
