@@ -492,6 +492,9 @@ class EventLoop:
             self._reconcile_listeners(old, new)
         elif new.listen != old.listen:
             log.warning("listen_ignored", reason="sockets come from systemd socket activation")
+        # Logged before a new log level applies, so that it is the old level that decides.
+        log.info("config_reloaded", changes={k: [_jsonable(a), _jsonable(b)]
+                                             for k, (a, b) in config_mod.changes(old, new).items()})
         if new.logging != old.logging:
             logsetup.configure(new.logging.level, new.logging.format)
         self._apply_settings(new)
@@ -503,8 +506,6 @@ class EventLoop:
         if new.limits.idle_timeout_s != old.limits.idle_timeout_s:
             self._idle.retime(new.limits.idle_timeout_s, list(self._conns.values()))
             self._every(self._idle.tick_s, self._sweep_idle, lambda: self._idle.timeout_s > 0)
-        log.info("config_reloaded", changes={k: [_jsonable(a), _jsonable(b)]
-                                             for k, (a, b) in config_mod.changes(old, new).items()})
 
     def _reconcile_listeners(self, old: Config, new: Config) -> None:
         """Keep listeners that stay, bind added ones first, then close removed ones."""
