@@ -22,6 +22,7 @@ from collections.abc import MutableMapping
 import structlog
 
 from epolld.errors import BindError
+from epolld.listeners import describe_socket
 
 log = structlog.get_logger()
 
@@ -90,17 +91,5 @@ def _adopt(fd: int, name: str) -> socket.socket:
     # systemd passes them without O_NONBLOCK (unless NonBlocking=yes) and without FD_CLOEXEC.
     sock.setblocking(False)
     sock.set_inheritable(False)
-    log.info("socket_inherited", fd=fd, name=name, address=describe(sock))
+    log.info("socket_inherited", fd=fd, name=name, address=describe_socket(sock))
     return sock
-
-
-def describe(sock: socket.socket) -> str:
-    """The socket's local address as "127.0.0.1:7080", "[::1]:7080" or "unix:/path"."""
-    address = sock.getsockname()
-    if sock.family == socket.AF_INET6:
-        return f"[{address[0]}]:{address[1]}"
-    if sock.family == socket.AF_INET:
-        return f"{address[0]}:{address[1]}"
-    if isinstance(address, bytes):  # abstract unix socket
-        return "unix:@" + address[1:].decode("utf-8", "backslashreplace")
-    return f"unix:{address}"

@@ -26,7 +26,7 @@ CHILD = r"""
 import json, os, sys
 import structlog
 structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))  # stdout: report
-from epolld import activation
+from epolld import activation, listeners
 from epolld.errors import BindError
 try:
     adopted = activation.inherited_sockets()
@@ -35,7 +35,7 @@ except BindError as e:
     sys.exit(69)
 print(json.dumps({
     "sockets": [
-        {"name": n, "fd": s.fileno(), "address": activation.describe(s),
+        {"name": n, "fd": s.fileno(), "address": listeners.describe_socket(s),
          "blocking": s.getblocking(), "inheritable": s.get_inheritable()}
         for n, s in adopted
     ],
