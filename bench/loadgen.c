@@ -275,8 +275,8 @@ static uint64_t outstanding(void) {
     return k;
 }
 
-/* utime+stime of pid in clock ticks, or -1. */
-static long long proc_cpu_ticks(int pid) {
+/* utime+stime of pid in clock ticks, or -1; *user gets utime alone. */
+static long long proc_cpu_ticks(int pid, long long *user) {
     char path[64], buf[4096];
     snprintf(path, sizeof path, "/proc/%d/stat", pid);
     int fd = open(path, O_RDONLY);
@@ -291,6 +291,7 @@ static long long proc_cpu_ticks(int pid) {
     /* after ')': state(3) ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime(14) stime(15) */
     if (sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &ut, &st) != 2)
         return -1;
+    *user = (long long)ut;
     return (long long)(ut + st);
 }
 
@@ -451,7 +452,7 @@ int main(int argc, char **argv) {
     uint64_t measure_at = t + (uint64_t)(warmup * 1e9);
     uint64_t end_at = measure_at + (uint64_t)(duration * 1e9);
     uint64_t t_measure = 0, t_end = 0, last_progress = t, last_rcvd = 0;
-    long long cpu0 = -1, cpu1 = -1;
+    long long cpu0 = -1, cpu1 = -1, ucpu0 = 0, ucpu1 = 0;
     double ccpu0 = 0, ccpu1 = 0;
     unsigned long long wb0 = 0, wt0 = 0, wb1 = 0, wt1 = 0; /* the watched CPU's jiffies */
     for (;;) {
@@ -461,7 +462,7 @@ int main(int argc, char **argv) {
             phase = P_MEASURE;
             round_trips = bytes_echoed = 0;
             memset(hist, 0, sizeof hist);
-            if (server_pid) cpu0 = proc_cpu_ticks(server_pid);
+            if (server_pid) cpu0 = proc_cpu_ticks(server_pid, &ucpu0);
             if (watch_cpu >= 0) cpu_jiffies(watch_cpu, &wb0, &wt0);
             ccpu0 = rusage_cpu_s();
             t_measure = now_ns();
@@ -469,7 +470,7 @@ int main(int argc, char **argv) {
         }
         if (phase == P_MEASURE &&
             (t >= end_at || round_trips >= max_rt || bytes_echoed >= max_bytes)) {
-            if (server_pid) cpu1 = proc_cpu_ticks(server_pid);
+            if (server_pid) cpu1 = proc_cpu_ticks(server_pid, &ucpu1);
             if (watch_cpu >= 0) cpu_jiffies(watch_cpu, &wb1, &wt1);
             ccpu1 = rusage_cpu_s();
             t_end = now_ns();
@@ -479,7 +480,7 @@ int main(int argc, char **argv) {
         if (total_rcvd != last_rcvd) { last_rcvd = total_rcvd; last_progress = t; }
         else if (t - last_progress > (uint64_t)(stall_timeout * 1e9)) {
             err.stalled++;
-            if (server_pid) cpu1 = proc_cpu_ticks(server_pid);
+            if (server_pid) cpu1 = proc_cpu_ticks(server_pid, &ucpu1);
             ccpu1 = rusage_cpu_s();
             t_end = now_ns();
             if (!t_measure) t_measure = t_end;
@@ -518,9 +519,10 @@ int main(int argc, char **argv) {
     else
         printf(" \"latency_us\": null,");
     if (cpu0 >= 0 && cpu1 >= 0)
-        printf(" \"server_cpu_s\": %.3f,", (double)(cpu1 - cpu0) / (double)hz);
+        printf(" \"server_cpu_s\": %.3f, \"server_user_s\": %.3f,", (double)(cpu1 - cpu0) / (double)hz,
+               (double)(ucpu1 - ucpu0) / (double)hz);
     else
-        printf(" \"server_cpu_s\": null,");
+        printf(" \"server_cpu_s\": null, \"server_user_s\": null,");
     if (wt1 > wt0)
         printf(" \"watched_cpu_busy\": %.3f,", (double)(wb1 - wb0) / (double)(wt1 - wt0));
     else
