@@ -280,3 +280,35 @@ def test_man_pages_after_install(container: Container, debs: dict[str, Path]) ->
         except ContainerError as e:
             pytest.fail(f"man {section} {page} failed: {e}")
         assert summary in result.stdout.replace("\u2010", "-"), result.stdout[:500]
+
+
+def test_socket_activation_survives_upgrade_and_stops_on_remove(
+    container: Container, debs: dict[str, Path]
+) -> None:
+    """With epolld.socket chosen, an upgrade keeps it and restarts epolld; remove stops it."""
+    _install(container, debs["current"])
+    container.wait_for_state("epolld", ["active"], WAIT_S)
+    container.systemctl("disable", "--now", "epolld.service")
+    container.systemctl("enable", "--now", "epolld.socket")
+    assert container.show("epolld", "ActiveState") == "inactive"
+    assert _echo("127.0.0.1", 7080, socket.AF_INET, b"first\n") == b"first\n"  # starts it
+    container.wait_for_state("epolld", ["active"], WAIT_S)
+    old_pid = _main_pid(container)
+
+    _install(container, debs["newer"])
+
+    assert container.systemctl("is-enabled", "epolld.socket").stdout.strip() == "enabled"
+    assert container.show("epolld.socket", "ActiveState") == "active"
+    assert container.systemctl("is-enabled", "epolld.service", check=False).stdout.strip() == (
+        "disabled"
+    )
+    assert _echo("127.0.0.1", 7080, socket.AF_INET, b"second\n") == b"second\n"
+    # The daemon that serves is a new one, running the upgraded code.
+    assert _main_pid(container) not in (0, old_pid)
+
+    _apt(container, "remove", "epolld")
+
+    assert container.show("epolld.socket", "ActiveState") == "inactive"
+    assert container.show("epolld", "ActiveState") == "inactive"
+    for host, port, family in DEFAULT_ADDRESSES:
+        assert _refuses(host, port, family)
