@@ -490,20 +490,53 @@ def _read_listen(loader: _Loader, node: yaml.Node, name: str) -> tuple[ListenAdd
         )
     if not node.value:
         raise _NodeError(node, f"{name}: the list is empty; epolld needs at least one address")
-    first_line: dict[tuple[str, str, int, str], int] = {}
-    addresses = []
+    addresses: list[ListenAddress] = []
+    first: dict[object, tuple[ListenAddress, int]] = {}  # socket or port -> (address, line)
     for index, item in enumerate(node.value):
         address = _read_address(loader, item, f"{name}[{index}]")
-        key = (address.family, address.host, address.port, address.path)
-        if key in first_line:
-            raise _NodeError(
-                item,
-                f"{name}[{index}]: duplicate address {str(address)!r}"
-                f" (first listed on line {first_line[key]})",
-            )
-        first_line[key] = _line(item)
+        for key in _conflict_keys(address):
+            if key in first:
+                other, line = first[key]
+                if key[0] == "socket":
+                    problem = f"duplicate address {str(address)!r} (first listed on line {line})"
+                else:
+                    problem = (
+                        f"{str(address)!r} and {str(other)!r} (line {line}) cannot both be"
+                        f" bound: a wildcard address takes its port on every address"
+                    )
+                raise _NodeError(item, f"{name}[{index}]: {problem}")
+        for key in _own_keys(address):
+            first.setdefault(key, (address, _line(item)))
         addresses.append(address)
     return tuple(addresses)
+
+
+# Two listen entries collide when they name the same socket (a mode does not make a second
+# one), or when one is the wildcard (0.0.0.0, [::]) of the other's family and port: bind(2)
+# then fails with EADDRINUSE. listeners.bind() sets IPV6_V6ONLY, so [::] and 0.0.0.0 do not
+# collide, and port 0 never does.
+
+
+def _own_keys(a: ListenAddress) -> list[tuple[object, ...]]:
+    """What a takes: its socket, and its port (as a wildcard or as a specific address)."""
+    keys: list[tuple[object, ...]] = [("socket", a.family, a.host, a.port, a.path)]
+    if a.family != "unix" and a.port:
+        keys.append(("port", a.family, a.port, _is_wildcard(a)))
+    return keys
+
+
+def _conflict_keys(a: ListenAddress) -> list[tuple[object, ...]]:
+    """What a cannot share: its socket; a port taken by a wildcard; any address, if a is one."""
+    keys: list[tuple[object, ...]] = [("socket", a.family, a.host, a.port, a.path)]
+    if a.family != "unix" and a.port:
+        keys.append(("port", a.family, a.port, True))
+        if _is_wildcard(a):
+            keys.append(("port", a.family, a.port, False))
+    return keys
+
+
+def _is_wildcard(a: ListenAddress) -> bool:
+    return ipaddress.ip_address(a.host).is_unspecified
 
 
 def _write_listen(addresses: tuple[ListenAddress, ...]) -> list[object]:
@@ -668,7 +701,7 @@ def _syntax_error(path: str, text: str, error: yaml.YAMLError) -> ConfigError:
     if not isinstance(error, yaml.MarkedYAMLError) or error.problem_mark is None:
         return ConfigError(f"{path}: {error}")
     mark = error.problem_mark
-    message = f"{path}:{mark.line + 1}:{mark.column + 1}: {error.problem}"
+    message = f"{path}:{mark.line + 1}:{mark.column + 1}: {error.problem or error.context}"
     if error.context and error.context_mark is not None:
         message += f" ({error.context} at line {error.context_mark.line + 1})"
     snippet = mark.get_snippet(indent=2, max_length=100)

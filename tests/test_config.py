@@ -212,6 +212,18 @@ SCHEMA_ERRORS = [
         id="listen-duplicate-unix",
     ),
     pytest.param(
+        "listen:\n  - 0.0.0.0:7080\n  - '[::1]:7080'\n  - 127.0.0.1:7080\n",
+        ":4: listen[2]: '127.0.0.1:7080' and '0.0.0.0:7080' (line 2) cannot both be bound:"
+        " a wildcard address takes its port on every address",
+        id="listen-under-wildcard",
+    ),
+    pytest.param(
+        "listen:\n  - '[::1]:7080'\n  - '[::]:7080'\n",
+        ":3: listen[1]: '[::]:7080' and '[::1]:7080' (line 2) cannot both be bound:"
+        " a wildcard address takes its port on every address",
+        id="listen-wildcard-over-specific",
+    ),
+    pytest.param(
         "listen:\n  - {mode: '0660'}\n",
         ":2: listen[0]: a unix socket mapping needs a path",
         id="unix-mapping-no-path",
@@ -592,6 +604,16 @@ def test_listen_forms(tmp_path: pathlib.Path) -> None:
         ListenAddress("unix", path="/run/a.sock"),
         ListenAddress("unix", path="/run/b.sock"),
     )
+
+
+def test_listen_wildcards_that_can_coexist(tmp_path: pathlib.Path) -> None:
+    """IPv4 and IPv6 wildcards share a port (IPV6_V6ONLY), and port 0 never collides."""
+    config = load_text(
+        tmp_path,
+        "listen: [0.0.0.0:7080, '[::]:7080', 0.0.0.0:0, 127.0.0.1:0, 127.0.0.1:7081,"
+        " 127.0.0.2:7081]\n",
+    )
+    assert len(config.listen) == 6
 
 
 def test_every_option_set(tmp_path: pathlib.Path) -> None:
