@@ -119,6 +119,7 @@ class EventLoop:
         self._status_bytes = (self._now, 0)
         self._wake_r, self._wake_w = socket.socketpair()
         self._idle = IdleTimer(config.limits.idle_timeout_s)
+        self._read_buf = memoryview(bytearray())  # sized by _apply_settings
         self._apply_settings(config)
         for listener in listeners:
             self._add_listener(listener)
@@ -132,6 +133,8 @@ class EventLoop:
         self._listen_mask = EPOLLIN | select.EPOLLET if self._edge else EPOLLIN
         self._trace = config.logging.level == "trace"
         self._splice = config.io == "splice"
+        if len(self._read_buf) != config.buffers.read_size_bytes:
+            self._read_buf = memoryview(bytearray(config.buffers.read_size_bytes))
         # Decided once per configuration, not per connection: the log call or None.
         if config.logging.connections:
             self._conn_log: Callable[..., Any] | None = log.info
@@ -275,7 +278,7 @@ class EventLoop:
         buffers = self._config.buffers
         settings: dict[str, Any] = {
             "edge": self._edge,
-            "read_size": buffers.read_size_bytes,
+            "buf": self._read_buf,
             "high_water": buffers.high_water_bytes,
             "low_water": buffers.low_water_bytes,
             "reschedule": self._ready.append,
@@ -500,7 +503,7 @@ class EventLoop:
         self._apply_settings(new)
         buffers = new.buffers
         for conn in self._conns.values():
-            conn.read_size = buffers.read_size_bytes
+            conn.buf = self._read_buf
             conn.high_water = buffers.high_water_bytes
             conn.low_water = buffers.low_water_bytes
         if new.limits.idle_timeout_s != old.limits.idle_timeout_s:

@@ -58,9 +58,9 @@ class SpliceConnection(Connection):
     __slots__ = ("capacity", "pipe_r", "pipe_w", "piped")
 
     def __init__(self, sock: socket.socket, peer: str, ip: str, *, pipe: tuple[int, int, int],
-                 edge: bool, read_size: int, high_water: int, low_water: int,
+                 edge: bool, buf: memoryview, high_water: int, low_water: int,
                  reschedule: Callable[[tuple[int, int]], None], now: float) -> None:
-        super().__init__(sock, peer, ip, edge=edge, read_size=read_size, high_water=high_water,
+        super().__init__(sock, peer, ip, edge=edge, buf=buf, high_water=high_water,
                          low_water=low_water, reschedule=reschedule, now=now)
         self.pipe_r, self.pipe_w, self.capacity = pipe
         self.piped = 0  # bytes in the pipe: received, not yet echoed
