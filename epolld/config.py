@@ -49,6 +49,7 @@ MAX_FILE_BYTES = 1 * MiB  # a larger "config" is a mistake (--config /dev/zero, 
 # epoll_wait(2) takes an int of milliseconds (24.8 days at most); a week is plenty
 # for any timeout or interval and keeps the loop's arithmetic far from that limit.
 MAX_DURATION_S = 7 * 86400.0
+MAX_NESTING = 16  # lists and mappings inside each other; the schema needs 4
 MAX_UNIX_PATH_BYTES = 107  # sun_path is 108 bytes including the final NUL (unix(7))
 
 
@@ -334,6 +335,22 @@ class _Loader(yaml.SafeLoader):
     is an error naming both lines. Merge keys (<<) are refused: their expansion can grow
     exponentially (a billion laughs) and nothing in this file needs them.
     """
+
+    _depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        # PyYAML composes recursively, and its scanner is quadratic in flow nesting
+        # ("[[[[..." costs seconds before the RecursionError). The schema needs 4 levels.
+        if self._depth >= MAX_NESTING:
+            mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+            raise yaml.composer.ComposerError(
+                None, None, f"nested more than {MAX_NESTING} levels deep", mark
+            )
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
     def pairs(self, node: yaml.Node, where: str) -> dict[str, tuple[yaml.Node, yaml.Node]]:
         """The options of a mapping node by name.
@@ -739,8 +756,6 @@ def load_config(path: str) -> Config:
         raise _syntax_error(path, text, e) from None
     except _NodeError as e:
         raise ConfigError(f"{path}:{_line(e.node)}: {e}") from None
-    except RecursionError:  # PyYAML composes nested lists and mappings recursively
-        raise ConfigError(f"{path}: nested too deeply") from None
     finally:
         loader.dispose()
 
