@@ -255,12 +255,13 @@ class EventLoop:
                 self._paused_since = None
             ip = addr[0] if listener.is_tcp else ""
             if len(self._conns) >= limits.max_connections:
-                self._refuse(sock, ip, "max_connections", limits.max_connections)
+                self._refuse(sock, addr, ip, "max_connections", limits.max_connections)
                 continue
             if ip and limits.max_connections_per_ip:
                 count = self._per_ip.get(ip, 0)
                 if count >= limits.max_connections_per_ip:
-                    self._refuse(sock, ip, "max_connections_per_ip", limits.max_connections_per_ip)
+                    self._refuse(sock, addr, ip, "max_connections_per_ip",
+                                 limits.max_connections_per_ip)
                     continue
             self._open(sock, addr, ip, listener)
         if self._edge:  # the budget ran out before EAGAIN: no new edge will say so
@@ -272,9 +273,7 @@ class EventLoop:
             # Echo is request/response: Nagle would hold back the tail of every reply.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
-            peer = f"[{ip}]:{addr[1]}" if sock.family == socket.AF_INET6 else f"{ip}:{addr[1]}"
-        else:
-            peer = listener.name
+        peer = _peer_name(sock, addr) if ip else listener.name
         buffers = self._config.buffers
         settings: dict[str, Any] = {
             "edge": self._edge,
@@ -314,8 +313,11 @@ class EventLoop:
             log.info("splice_available")
         return pipe
 
-    def _refuse(self, sock: socket.socket, ip: str, limit: str, value: int) -> None:
+    def _refuse(self, sock: socket.socket, addr: Any, ip: str, limit: str, value: int) -> None:
         """Close a peer over a limit at once; warn at most every REFUSED_WARNING_EVERY_S."""
+        if self._conn_log is not None:
+            self._conn_log("connection_closed", peer=_peer_name(sock, addr), fd=sock.fileno(), bytes_in=0,
+                           bytes_out=0, duration_s=0.0, reason="limit", error=None)
         sock.close()
         self._refused += 1
         self._refused_unlogged += 1
@@ -570,6 +572,14 @@ class EventLoop:
 
     def _send_status(self) -> None:
         self._notifier.status(self._status_line())
+
+
+def _peer_name(sock: socket.socket, addr: Any) -> str:
+    if sock.family == socket.AF_INET6:
+        return f"[{addr[0]}]:{addr[1]}"
+    if sock.family == socket.AF_INET:
+        return f"{addr[0]}:{addr[1]}"
+    return "unix"
 
 
 def _record_only(signum: int, frame: object) -> None:

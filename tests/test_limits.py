@@ -44,6 +44,8 @@ def test_max_connections(start_daemon: StartDaemon) -> None:
         for sock in held:
             sock.close()
     assert len(warnings) == 1  # rate-limited: two refusals, one warning
+    assert [e["reason"] for e in daemon.events("connection_closed")][:3] == [
+        "limit", "limit", "eof"]
 
 
 def test_max_connections_per_ip(start_daemon: StartDaemon) -> None:
