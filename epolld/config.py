@@ -13,8 +13,12 @@ Decisions an operator can rely on (etc/epolld.yaml repeats them as comments):
 - Sizes: 64KiB, 1MiB, 1GiB or a plain number of bytes. KB/MB/GB are refused as
   ambiguous (1000 or 1024?) rather than guessed.
 - listen: a non-empty list of "IPV4:PORT", "[IPV6]:PORT" or "unix:/abs/path", or a
-  mapping {path: /abs/path, mode: "0660"} for a Unix socket with a chmod mode. Hosts
-  are IP literals: names are not resolved, so what is bound never depends on DNS.
+  mapping {path: /abs/path, mode: "0660"} for a Unix socket with a chmod mode (read as
+  octal as written, like chmod: 0660, "0660" and 660 are the same). Hosts are IP
+  literals: names are not resolved, so what is bound never depends on DNS. Entries
+  that cannot all be bound (the same socket twice; a wildcard such as 0.0.0.0:7080
+  with 127.0.0.1:7080) are refused.
+- Nesting deeper than 16 levels is refused (PyYAML is slow on deep nesting).
 - pidfile and log_file are absolute paths (the daemon runs from /) or null.
 """
 
@@ -73,6 +77,8 @@ class ListenAddress:
 
 @dataclass(frozen=True, slots=True)
 class BuffersConfig:
+    """Per-connection buffering: recv() size and the backpressure water marks."""
+
     read_size_bytes: int = 256 * KiB  # bytes asked of each recv()
     high_water_bytes: int = 1 * MiB  # unsent bytes at which a peer's reading pauses
     low_water_bytes: int = 256 * KiB  # unsent bytes at which it resumes; below high water
@@ -80,6 +86,8 @@ class BuffersConfig:
 
 @dataclass(frozen=True, slots=True)
 class LimitsConfig:
+    """Connection limits and the idle timeout."""
+
     max_connections: int = 10_000
     max_connections_per_ip: int = 0  # 0: no per-address limit
     idle_timeout_s: float = 300.0  # 0: never time out
@@ -87,6 +95,8 @@ class LimitsConfig:
 
 @dataclass(frozen=True, slots=True)
 class LoggingConfig:
+    """What is logged and how it is rendered."""
+
     level: LogLevel = "info"
     format: LogFormat = "auto"  # auto: console on a terminal, JSON otherwise
     connections: bool = False  # log connection_opened/closed at info instead of debug
@@ -94,6 +104,8 @@ class LoggingConfig:
 
 @dataclass(frozen=True, slots=True)
 class DaemonConfig:
+    """Files for classic daemon mode (epolld --daemon); unused under systemd."""
+
     pidfile: str | None = None
     log_file: str | None = None
 
@@ -106,6 +118,8 @@ DEFAULT_LISTEN = (
 
 @dataclass(frozen=True, slots=True)
 class Config:
+    """The whole configuration; load_config() builds it, render_config() writes it."""
+
     listen: tuple[ListenAddress, ...] = DEFAULT_LISTEN
     backlog: int = 511
     trigger: Trigger = "level"
