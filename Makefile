@@ -38,7 +38,7 @@ bench-quick: $(STAMP)
 	bench/run --quick
 
 deb:
-	packaging/dev/build-deb
+	@packaging/dev/build-deb
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -10,7 +10,8 @@ from collections.abc import Sequence
 
 import structlog
 
-from epolld import __version__, activation, config as config_mod, listeners, logsetup
+from epolld import __version__, activation, listeners, logsetup
+from epolld import config as config_mod
 from epolld.config import Config
 from epolld.errors import EpolldError
 from epolld.loop import EventLoop
@@ -30,18 +31,34 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "Exit codes: 0 stopped cleanly, 69 cannot listen, 71 daemon mode failed, "
         "78 invalid configuration.",
     )
-    parser.add_argument("--config", "-c", default=DEFAULT_CONFIG, metavar="PATH",
-                        help=f"configuration file (default: {DEFAULT_CONFIG})")
-    parser.add_argument("--check-config", action="store_true",
-                        help="validate the configuration, print a summary and exit")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the effective configuration as YAML and exit")
-    parser.add_argument("--log-level", choices=list(logsetup.LEVELS),
-                        help="override logging.level")
-    parser.add_argument("--log-format", choices=logsetup.FORMATS,
-                        help="override logging.format (auto: console on a terminal, else JSON)")
-    parser.add_argument("--daemon", action="store_true",
-                        help="detach into the background (hosts without systemd only)")
+    parser.add_argument(
+        "--config",
+        "-c",
+        default=DEFAULT_CONFIG,
+        metavar="PATH",
+        help=f"configuration file (default: {DEFAULT_CONFIG})",
+    )
+    parser.add_argument(
+        "--check-config",
+        action="store_true",
+        help="validate the configuration, print a summary and exit",
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the effective configuration as YAML and exit",
+    )
+    parser.add_argument("--log-level", choices=list(logsetup.LEVELS), help="override logging.level")
+    parser.add_argument(
+        "--log-format",
+        choices=logsetup.FORMATS,
+        help="override logging.format (auto: console on a terminal, else JSON)",
+    )
+    parser.add_argument(
+        "--daemon",
+        action="store_true",
+        help="detach into the background (hosts without systemd only)",
+    )
     parser.add_argument("--pidfile", metavar="PATH", help="with --daemon: override daemon.pidfile")
     parser.add_argument("--version", action="version", version=f"epolld {__version__}")
     return parser.parse_args(argv)
@@ -81,16 +98,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def serve(args: argparse.Namespace, config: Config, notifier: Notifier) -> int:
     """Bind (or adopt) the listeners, then run the loop in the foreground or as a daemon."""
-    if not args.daemon:
-        logsetup.configure(config.logging.level, config.logging.format)
+    # Configured before binding in daemon mode too: what is logged before the fork reaches
+    # the terminal in the chosen format; the daemon configures again on its log file.
+    logsetup.configure(config.logging.level, config.logging.format)
     bound = bind_listeners(config)
     if not args.daemon:
         return run_loop(args, config, bound, notifier)
     from epolld.daemonize import daemon_context
 
     try:
-        context = daemon_context(config.daemon.pidfile, [lst.fd for lst in bound],
-                                 config.daemon.log_file)
+        context = daemon_context(
+            config.daemon.pidfile, [lst.fd for lst in bound], config.daemon.log_file
+        )
         with context:
             logsetup.configure(config.logging.level, config.logging.format)
             return run_loop(args, config, bound, notifier)
@@ -120,8 +139,9 @@ def bind_listeners(config: Config) -> list[listeners.Listener]:
     return bound
 
 
-def run_loop(args: argparse.Namespace, config: Config, bound: list[listeners.Listener],
-             notifier: Notifier) -> int:
+def run_loop(
+    args: argparse.Namespace, config: Config, bound: list[listeners.Listener], notifier: Notifier
+) -> int:
     loop = EventLoop(config, bound, notifier, reload=lambda: load(args))
     try:
         return loop.run()

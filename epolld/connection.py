@@ -51,9 +51,9 @@ class Connection:
 
     __slots__ = (
         "active_at",
+        "buf",
         "bytes_in",
         "bytes_out",
-        "buf",
         "edge",
         "eof",
         "error",

@@ -71,7 +71,9 @@ def _bind_unix(address: ListenAddress, backlog: int) -> Listener:
     with contextlib.suppress(FileNotFoundError):
         if stat.S_ISSOCK(os.lstat(path).st_mode) and not _unix_socket_alive(path):
             os.unlink(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    sock = socket.socket(
+        socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+    )
     try:
         sock.bind(path)
         if address.mode is not None:
@@ -96,7 +98,10 @@ def _bind_message(name: str, e: OSError) -> str:
     if e.errno == errno.EADDRINUSE:
         return f"cannot listen on {name}: address already in use (another process holds it)"
     if e.errno == errno.EACCES:
-        return f"cannot listen on {name}: permission denied (ports below 1024 need CAP_NET_BIND_SERVICE)"
+        return (
+            f"cannot listen on {name}: permission denied "
+            "(ports below 1024 need CAP_NET_BIND_SERVICE)"
+        )
     if e.errno == errno.EADDRNOTAVAIL:
         return f"cannot listen on {name}: no such address on this host"
     return f"cannot listen on {name}: {e.strerror or e}"
@@ -111,6 +116,10 @@ def adopt(sock: socket.socket, name: str) -> Listener:
 def close(listener: Listener) -> None:
     """Close a listener and remove its Unix socket file (an inherited one belongs to systemd)."""
     listener.sock.close()
-    if listener.address is not None and listener.address.family == "unix" and not listener.inherited:
+    if (
+        listener.address is not None
+        and listener.address.family == "unix"
+        and not listener.inherited
+    ):
         with contextlib.suppress(OSError):
             os.unlink(listener.address.path)

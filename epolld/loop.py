@@ -38,9 +38,9 @@ from typing import Any
 
 import structlog
 
+from epolld import config as config_mod
 from epolld import listeners as listeners_mod
 from epolld import logsetup
-from epolld import config as config_mod
 from epolld.config import Config
 from epolld.connection import CLOSE, EPOLLIN, Connection
 from epolld.errors import EpolldError
@@ -164,8 +164,13 @@ class EventLoop:
         try:
             self._start_timers()
             for listener in self.listeners:
-                log.info("listening", address=listener.name, fd=listener.fd,
-                         trigger=self._config.trigger, inherited=listener.inherited)
+                log.info(
+                    "listening",
+                    address=listener.name,
+                    fd=listener.fd,
+                    trigger=self._config.trigger,
+                    inherited=listener.inherited,
+                )
             self._notifier.ready(self._status_line())
             self._run_until_done()
             log.info("shutdown_complete", **self.stats())
@@ -260,8 +265,9 @@ class EventLoop:
             if ip and limits.max_connections_per_ip:
                 count = self._per_ip.get(ip, 0)
                 if count >= limits.max_connections_per_ip:
-                    self._refuse(sock, addr, ip, "max_connections_per_ip",
-                                 limits.max_connections_per_ip)
+                    self._refuse(
+                        sock, addr, ip, "max_connections_per_ip", limits.max_connections_per_ip
+                    )
                     continue
             self._open(sock, addr, ip, listener)
         if self._edge:  # the budget ran out before EAGAIN: no new edge will say so
@@ -294,8 +300,13 @@ class EventLoop:
         self._idle.add(conn)
         self._accepted += 1
         if self._conn_log is not None:
-            self._conn_log("connection_opened", peer=peer, fd=conn.fd, listener=listener.name,
-                           io="splice" if pipe is not None else "copy")
+            self._conn_log(
+                "connection_opened",
+                peer=peer,
+                fd=conn.fd,
+                listener=listener.name,
+                io="splice" if pipe is not None else "copy",
+            )
 
     def _make_pipe(self) -> tuple[int, int, int] | None:
         """A pipe for a splice connection, or None to fall back to copying (logged once
@@ -305,8 +316,12 @@ class EventLoop:
         except OSError as e:
             if not self._splice_fallback:
                 self._splice_fallback = True
-                log.warning("splice_unavailable", error=errno.errorcode.get(e.errno or 0, str(e)),
-                            fallback="copy", connections=len(self._conns))
+                log.warning(
+                    "splice_unavailable",
+                    error=errno.errorcode.get(e.errno or 0, str(e)),
+                    fallback="copy",
+                    connections=len(self._conns),
+                )
             return None
         if self._splice_fallback:
             self._splice_fallback = False
@@ -316,14 +331,27 @@ class EventLoop:
     def _refuse(self, sock: socket.socket, addr: Any, ip: str, limit: str, value: int) -> None:
         """Close a peer over a limit at once; warn at most every REFUSED_WARNING_EVERY_S."""
         if self._conn_log is not None:
-            self._conn_log("connection_closed", peer=_peer_name(sock, addr), fd=sock.fileno(), bytes_in=0,
-                           bytes_out=0, duration_s=0.0, reason="limit", error=None)
+            self._conn_log(
+                "connection_closed",
+                peer=_peer_name(sock, addr),
+                fd=sock.fileno(),
+                bytes_in=0,
+                bytes_out=0,
+                duration_s=0.0,
+                reason="limit",
+                error=None,
+            )
         sock.close()
         self._refused += 1
         self._refused_unlogged += 1
         if self._now - self._refused_logged_at >= REFUSED_WARNING_EVERY_S:
-            log.warning("connection_refused", limit=limit, value=value, peer_ip=ip or None,
-                        refused=self._refused_unlogged)
+            log.warning(
+                "connection_refused",
+                limit=limit,
+                value=value,
+                peer_ip=ip or None,
+                refused=self._refused_unlogged,
+            )
             self._refused_unlogged = 0
             self._refused_logged_at = self._now
 
@@ -334,8 +362,13 @@ class EventLoop:
         self._paused[listener.fd] = listener
         if self._paused_since is None:  # once per episode
             self._paused_since = self._now
-            log.warning("accept_paused", address=listener.name, error=errno.errorcode.get(e.errno or 0),
-                        retry_s=ACCEPT_RETRY_S, connections=len(self._conns))
+            log.warning(
+                "accept_paused",
+                address=listener.name,
+                error=errno.errorcode.get(e.errno or 0),
+                retry_s=ACCEPT_RETRY_S,
+                connections=len(self._conns),
+            )
         self._call_later(ACCEPT_RETRY_S, lambda: self._resume_accepting(listener))
 
     def _resume_accepting(self, listener: Listener) -> None:
@@ -364,9 +397,14 @@ class EventLoop:
             conn.reason = reason
         if self._conn_log is not None:
             self._conn_log(
-                "connection_closed", peer=conn.peer, fd=fd, bytes_in=conn.bytes_in,
-                bytes_out=conn.bytes_out, duration_s=round(self._now - conn.opened_at, 3),
-                reason=conn.reason or "error", error=conn.error or None,
+                "connection_closed",
+                peer=conn.peer,
+                fd=fd,
+                bytes_in=conn.bytes_in,
+                bytes_out=conn.bytes_out,
+                duration_s=round(self._now - conn.opened_at, 3),
+                reason=conn.reason or "error",
+                error=conn.error or None,
             )
         if self._stopping and not self._conns:
             self._done = True
@@ -396,15 +434,17 @@ class EventLoop:
 
     def _start_timers(self) -> None:
         self._every(self._idle.tick_s, self._sweep_idle, lambda: self._idle.timeout_s > 0)
-        self._every(self._config.stats_interval_s, self._log_stats,
-                    lambda: self._config.stats_interval_s > 0)
+        self._every(
+            self._config.stats_interval_s,
+            self._log_stats,
+            lambda: self._config.stats_interval_s > 0,
+        )
         if self._notifier.enabled:
             self._every(STATUS_EVERY_S, self._send_status, lambda: True)
         watchdog_s = self._notifier.watchdog_interval_s()
         if watchdog_s:
             # From the loop itself, not a thread: a stuck loop stops pinging.
-            self._every(watchdog_s, self._notifier.watchdog_ping,
-                        lambda: self._config.watchdog)
+            self._every(watchdog_s, self._notifier.watchdog_ping, lambda: self._config.watchdog)
 
     def _every(self, interval_s: float, fn: Callable[[], None], wanted: Callable[[], bool]) -> None:
         """Run fn every interval_s while wanted() holds; checks again each interval."""
@@ -498,8 +538,13 @@ class EventLoop:
         elif new.listen != old.listen:
             log.warning("listen_ignored", reason="sockets come from systemd socket activation")
         # Logged before a new log level applies, so that it is the old level that decides.
-        log.info("config_reloaded", changes={k: [_jsonable(a), _jsonable(b)]
-                                             for k, (a, b) in config_mod.changes(old, new).items()})
+        log.info(
+            "config_reloaded",
+            changes={
+                k: [_jsonable(a), _jsonable(b)]
+                for k, (a, b) in config_mod.changes(old, new).items()
+            },
+        )
         if new.logging != old.logging:
             logsetup.configure(new.logging.level, new.logging.format)
         self._apply_settings(new)
@@ -588,4 +633,3 @@ def _record_only(signum: int, frame: object) -> None:
 
 def _jsonable(value: object) -> object:
     return value if isinstance(value, (str, int, float, bool, type(None), list)) else str(value)
-

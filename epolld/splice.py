@@ -57,11 +57,31 @@ class SpliceConnection(Connection):
 
     __slots__ = ("capacity", "pipe_r", "pipe_w", "piped")
 
-    def __init__(self, sock: socket.socket, peer: str, ip: str, *, pipe: tuple[int, int, int],
-                 edge: bool, buf: memoryview, high_water: int, low_water: int,
-                 reschedule: Callable[[tuple[int, int]], None], now: float) -> None:
-        super().__init__(sock, peer, ip, edge=edge, buf=buf, high_water=high_water,
-                         low_water=low_water, reschedule=reschedule, now=now)
+    def __init__(
+        self,
+        sock: socket.socket,
+        peer: str,
+        ip: str,
+        *,
+        pipe: tuple[int, int, int],
+        edge: bool,
+        buf: memoryview,
+        high_water: int,
+        low_water: int,
+        reschedule: Callable[[tuple[int, int]], None],
+        now: float,
+    ) -> None:
+        super().__init__(
+            sock,
+            peer,
+            ip,
+            edge=edge,
+            buf=buf,
+            high_water=high_water,
+            low_water=low_water,
+            reschedule=reschedule,
+            now=now,
+        )
         self.pipe_r, self.pipe_w, self.capacity = pipe
         self.piped = 0  # bytes in the pipe: received, not yet echoed
 
@@ -110,7 +130,7 @@ class SpliceConnection(Connection):
                 self.reschedule((self.fd, ev & (EPOLLIN | EPOLLRDHUP)))
         return EDGE_MASK if self.piped or self.reading else CLOSE
 
-    def _pull(self) -> int | None | bool:
+    def _pull(self) -> int | bool | None:
         """Move what the socket has into the pipe and on to the peer.
 
         Returns the bytes moved in, None when the socket had nothing (EAGAIN), or

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -141,10 +142,8 @@ class Daemon:
     def stop(self) -> None:
         """End the daemon's whole session (teardown), then close the pipes."""
         if self.proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         self.proc.wait(WAIT_S)
         self._reader.join(WAIT_S)
         for stream in (self.proc.stdout, self.proc.stderr):

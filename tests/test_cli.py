@@ -16,8 +16,13 @@ pytestmark = pytest.mark.slow
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "epolld", *args], capture_output=True,
-                          text=True, timeout=30, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "epolld", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
 
 
 def test_version_and_help() -> None:
@@ -33,8 +38,9 @@ def test_version_and_help() -> None:
 def test_console_script_is_installed() -> None:
     """The `epolld` console script next to the interpreter runs the same CLI."""
     script = Path(sys.executable).parent / "epolld"
-    out = subprocess.run([str(script), "--version"], capture_output=True, text=True,
-                         timeout=30, check=True)
+    out = subprocess.run(
+        [str(script), "--version"], capture_output=True, text=True, timeout=30, check=True
+    )
     assert out.stdout.strip() == f"epolld {__version__}"
 
 

@@ -45,7 +45,10 @@ def test_max_connections(start_daemon: StartDaemon) -> None:
             sock.close()
     assert len(warnings) == 1  # rate-limited: two refusals, one warning
     assert [e["reason"] for e in daemon.events("connection_closed")][:3] == [
-        "limit", "limit", "eof"]
+        "limit",
+        "limit",
+        "eof",
+    ]
 
 
 def test_max_connections_per_ip(start_daemon: StartDaemon) -> None:
@@ -79,8 +82,9 @@ def test_idle_timeout_closes_silent_peers_only(start_daemon: StartDaemon) -> Non
     assert len(closed) == 1
 
 
-def test_emfile_pauses_accepting_without_spinning(start_daemon: StartDaemon,
-                                                  mode: dict[str, Any]) -> None:
+def test_emfile_pauses_accepting_without_spinning(
+    start_daemon: StartDaemon, mode: dict[str, Any]
+) -> None:
     """Out of descriptors, the daemon pauses accepting instead of spinning, logs it once, and
     serves again when clients leave; in splice mode a client that gets no pipe is served by
     copying instead."""

@@ -68,8 +68,7 @@ def test_reload_that_cannot_bind_keeps_old_listeners(start_daemon: StartDaemon) 
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         taken = holder.getsockname()[1]
-        rewrite(daemon, listen=["127.0.0.1:0", f"127.0.0.1:{taken}"],
-                limits={"max_connections": 1})
+        rewrite(daemon, listen=["127.0.0.1:0", f"127.0.0.1:{taken}"], limits={"max_connections": 1})
         failed = reload(daemon, "config_reload_failed")
     assert f"127.0.0.1:{taken}: address already in use" in str(failed["error"])
     with connect(daemon.port) as a, connect(daemon.port) as b:  # max_connections not applied
@@ -89,8 +88,9 @@ def test_reload_applies_limits_and_log_level(start_daemon: StartDaemon) -> None:
             second.settimeout(5)
             assert second.recv(10) == b""
         daemon.wait_for("connection_refused")
-    assert not [e for e in daemon.logs[daemon.logs.index(changed) + 1:]
-                if e["level"] in ("debug", "info")]
+    assert not [
+        e for e in daemon.logs[daemon.logs.index(changed) + 1 :] if e["level"] in ("debug", "info")
+    ]
 
 
 def test_50_reloads_while_streaming_lose_nothing(start_daemon: StartDaemon) -> None:
@@ -101,7 +101,8 @@ def test_50_reloads_while_streaming_lose_nothing(start_daemon: StartDaemon) -> N
     socks = [connect(daemon.port) for _ in payloads]
     results: list[list[bytes]] = []
     thread = threading.Thread(
-        target=lambda: results.append(pump(list(zip(socks, payloads, strict=True)), timeout=60)))
+        target=lambda: results.append(pump(list(zip(socks, payloads, strict=True)), timeout=60))
+    )
     thread.start()
     variants = [
         {"buffers": {"read_size": "16KiB", "high_water": "64KiB", "low_water": "16KiB"}},

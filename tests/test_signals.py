@@ -90,8 +90,9 @@ def test_sigusr1_logs_statistics(start_daemon: StartDaemon) -> None:
     assert stats["bytes_in"] == stats["bytes_out"] == 1000
 
 
-def test_sighup_applies_new_listener_and_keeps_connections(start_daemon: StartDaemon,
-                                                           tmp_path: os.PathLike[str]) -> None:
+def test_sighup_applies_new_listener_and_keeps_connections(
+    start_daemon: StartDaemon, tmp_path: os.PathLike[str]
+) -> None:
     """SIGHUP re-reads the file: a new address serves, an old connection keeps echoing."""
     path = f"{tmp_path}/added.sock"
     daemon = start_daemon()
@@ -110,7 +111,9 @@ def test_sighup_applies_new_listener_and_keeps_connections(start_daemon: StartDa
 def test_sighup_with_broken_file_keeps_running(start_daemon: StartDaemon) -> None:
     """A reload of an invalid file logs the error with its line and changes nothing."""
     daemon = start_daemon()
-    daemon.config_path.write_text(daemon.config_path.read_text() + "limits: {max_connections: many}\n")
+    daemon.config_path.write_text(
+        daemon.config_path.read_text() + "limits: {max_connections: many}\n"
+    )
     daemon.signal(signal.SIGHUP)
     [failed] = daemon.wait_for("config_reload_failed")
     assert str(daemon.config_path) in failed["error"]

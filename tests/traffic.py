@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import selectors
 import socket
 import time
@@ -69,10 +70,8 @@ def pump(
                 i = key.data
                 sock, payload = pairs[i]
                 if mask & selectors.EVENT_WRITE and sent[i] < len(payload):
-                    try:
+                    with contextlib.suppress(BlockingIOError):
                         sent[i] += sock.send(payload[sent[i] : sent[i] + chunk])
-                    except BlockingIOError:
-                        pass
                     if sent[i] == len(payload):
                         if shut_write:
                             sock.shutdown(socket.SHUT_WR)
