@@ -226,3 +226,29 @@ def wait_for_stats(daemon: Daemon, wanted: Callable[[dict[str, Any]], bool]) -> 
             return stats
         assert time.monotonic() < deadline, f"stats never as wanted: {stats}"
         time.sleep(0.05)
+
+
+def test_half_close_while_paused_still_ends_with_eof(start_daemon: StartDaemon) -> None:
+    """A peer whose FIN arrives while the daemon is not reading it (backpressure) still gets
+    its whole echo and then EOF, once it reads: the FIN raises no new edge after the pause."""
+    daemon = start_daemon(
+        {"buffers": {"read_size": "16KiB", "high_water": "64KiB", "low_water": "16KiB"}}
+    )
+    # Sizes around what the buffers on both sides hold, so that for some of them the
+    # whole payload and the FIN are queued at the daemon while it has paused the peer.
+    for size in (96 << 10, 160 << 10, 256 << 10, 512 << 10, 1 << 20):
+        data = os.urandom(size)
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", daemon.port))
+
+            def writer(sock: socket.socket = sock, data: bytes = data) -> None:
+                sock.sendall(data)
+                sock.shutdown(socket.SHUT_WR)
+
+            thread = threading.Thread(target=writer)
+            thread.start()
+            time.sleep(0.3)  # let both directions fill: the daemon pauses this peer
+            echo = recv_until_eof(sock, timeout=10)
+            thread.join(10)
+        assert echo == data, f"{size} bytes: got {len(echo)}"
