@@ -191,6 +191,27 @@ def test_runs_sandboxed_without_privileges(c: Container) -> None:
     assert c.show("epolld.service", "StatusText").startswith(f"echoing on {HOST}:{PORT}")
 
 
+LOW_PORT = 7  # the echo protocol's own port (RFC 862)
+LOW_PORT_OPT_IN = (
+    "[Service]\nAmbientCapabilities=CAP_NET_BIND_SERVICE\n"
+    "CapabilityBoundingSet=CAP_NET_BIND_SERVICE\nPrivateUsers=no\n"
+)
+
+
+def test_low_port_needs_the_documented_opt_in(c: Container, cursor: str) -> None:
+    """Port 7 is refused without capabilities and served with the unit's documented drop-in."""
+    c.write_file("/etc/epolld.yaml", config_text(LOW_PORT))
+    assert c.systemctl("start", "epolld", check=False).returncode != 0
+    c.systemctl("stop", "epolld")  # cancel Restart=on-failure's next attempt
+    journal = journal_text(c, cursor)
+    assert "ports below 1024 need CAP_NET_BIND_SERVICE" in journal
+    assert "status=69/UNAVAILABLE" in journal
+
+    drop_in(c, "epolld.service", LOW_PORT_OPT_IN)
+    c.systemctl("start", "epolld")
+    assert echo_once(LOW_PORT) == b"ping\n"
+
+
 def test_splice_io_passes_the_syscall_filter(c: Container) -> None:
     """io: splice (pipes and splice(2)) works under SystemCallFilter= and the fd limit."""
     c.write_file("/etc/epolld.yaml", config_text(PORT) + "io: splice\n")
