@@ -413,6 +413,28 @@ def test_stop_drains_and_ends_inactive(c: Container) -> None:
     assert c.show("epolld.service", "ExecMainStatus") == "0"
 
 
+def test_drain_longer_than_stop_timeout_extends_it(c: Container, cursor: str) -> None:
+    """A drain longer than TimeoutStopSec= gets EXTEND_TIMEOUT_USEC, so systemd does not kill it."""
+    drop_in(c, "epolld.service", "[Service]\nTimeoutStopSec=1s\n")
+    c.write_file("/etc/epolld.yaml", config_text(PORT).replace("10s", "3s"))
+    c.systemctl("start", "epolld")
+    client = Client(PORT)
+    try:
+        assert client.echo(b"hold on\n") == b"hold on\n"
+        c.systemctl("stop", "--no-block", "epolld")
+        # The client never closes: epolld cuts it when its own shutdown_timeout (3 s) ends,
+        # after systemd's 1 s would have run out.
+        wait_until(
+            lambda: any(e["event"] == "shutdown_forced" for e in events(c, cursor)),
+            WAIT_S,
+            "epolld to end the drain itself",
+        )
+        assert c.wait_for_state("epolld.service", {"inactive", "failed"}) == "inactive"
+        assert c.show("epolld.service", "Result") == "success", "not 'timeout': not killed"
+    finally:
+        client.close()
+
+
 def test_status_text_reaches_systemd_as_utf8(c: Container) -> None:
     """Non-ASCII text and backslashes in STATUS reach systemd 252 intact, newlines as a space."""
     probe = (
