@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import faulthandler
 import os
 import sys
 from collections.abc import Sequence
 
 import structlog
 
-from epolld import __version__, activation, listeners, logsetup
+from epolld import __version__, activation, journald, listeners, logsetup
 from epolld import config as config_mod
 from epolld.config import Config
 from epolld.errors import EpolldError
@@ -79,21 +80,39 @@ def load(args: argparse.Namespace) -> Config:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # A watchdog kill (SIGABRT) then leaves the stuck loop's traceback in the journal.
+    faulthandler.enable()
     args = parse_args(argv)
-    notifier = Notifier()
     try:
         config = load(args)
-        if args.check_config:
-            print(f"configuration OK: {config_mod.describe(config)}")
-            return 0
-        if args.print_config:
-            print(config_mod.render_config(config), end="")
-            return 0
+    except EpolldError as e:
+        return report(e, None if args.check_config or args.print_config else Notifier())
+    if args.check_config:
+        print(f"configuration OK: {config_mod.describe(config)}")
+        return 0
+    if args.print_config:
+        print(config_mod.render_config(config), end="")
+        return 0
+    notifier = Notifier()
+    try:
         return serve(args, config, notifier)
     except EpolldError as e:
-        print(f"Error: {e}", file=sys.stderr)
-        notifier.fatal(str(e))
-        return e.exit_code
+        return report(e, notifier)
+
+
+def report(error: EpolldError, notifier: Notifier | None) -> int:
+    """One line on stderr (with the journal's error priority when stderr is the journal),
+    STATUS= for systemctl status, and the error's exit code.
+
+    No notifier for --check-config: ExecReload runs it under NOTIFY_SOCKET, and with
+    NotifyAccess=main systemd rejects messages from that process.
+    """
+    message = " ".join(str(error).splitlines())
+    prefix = journald.priority_prefix("error") if journald.stdout_is_journal(fd=2) else ""
+    print(f"{prefix}Error: {message}", file=sys.stderr)
+    if notifier is not None:
+        notifier.fatal(message, errno=getattr(error, "errno", None))
+    return error.exit_code
 
 
 def serve(args: argparse.Namespace, config: Config, notifier: Notifier) -> int:
@@ -127,7 +146,12 @@ def bind_listeners(config: Config) -> list[listeners.Listener]:
     """
     inherited = activation.inherited_sockets()
     if inherited:
-        return [listeners.adopt(sock, name) for name, sock in inherited]
+        log.info(
+            "listen_ignored",
+            reason="sockets come from systemd socket activation",
+            listen=[str(a) for a in config.listen],
+        )
+        return [listeners.adopt(sock) for _, sock in inherited]
     bound: list[listeners.Listener] = []
     try:
         for address in config.listen:

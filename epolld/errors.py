@@ -22,6 +22,10 @@ class BindError(EpolldError):
 
     exit_code = os.EX_UNAVAILABLE  # 69
 
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno  # for systemd's ERRNO=
+
 
 class DaemonError(EpolldError):
     """Classic daemon mode could not start (pidfile held, wrong environment)."""

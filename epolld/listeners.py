@@ -60,7 +60,7 @@ def bind(address: ListenAddress, backlog: int) -> Listener:
         sock.listen(backlog)
     except OSError as e:
         sock.close()
-        raise BindError(_bind_message(str(address), e)) from None
+        raise BindError(_bind_message(str(address), e), errno=e.errno) from None
     return Listener(sock, address, describe_socket(sock))
 
 
@@ -81,7 +81,7 @@ def _bind_unix(address: ListenAddress, backlog: int) -> Listener:
         sock.listen(backlog)
     except OSError as e:
         sock.close()
-        raise BindError(_bind_message(str(address), e)) from None
+        raise BindError(_bind_message(str(address), e), errno=e.errno) from None
     return Listener(sock, address, str(address))
 
 
@@ -107,10 +107,10 @@ def _bind_message(name: str, e: OSError) -> str:
     return f"cannot listen on {name}: {e.strerror or e}"
 
 
-def adopt(sock: socket.socket, name: str) -> Listener:
+def adopt(sock: socket.socket) -> Listener:
     """Wrap a socket inherited from systemd; it is made non-blocking and never closed on reload."""
     sock.setblocking(False)
-    return Listener(sock, None, name or describe_socket(sock), inherited=True)
+    return Listener(sock, None, describe_socket(sock), inherited=True)
 
 
 def close(listener: Listener) -> None:

@@ -8,6 +8,8 @@ from typing import Any, TextIO
 
 import structlog
 
+from epolld import journald
+
 # structlog 22.3 (Debian 12) has no trace level: "trace" filters like debug and
 # additionally turns on the loop's per-batch epoll trace.
 LEVELS = {
@@ -66,10 +68,6 @@ def enabled(level: str) -> bool:
 
 def _journal_prefixer(stream: TextIO) -> Any:
     """When stream is the journal, prefix each line with its syslog priority "<N>"."""
-    try:
-        from epolld import journald
-    except ImportError:
-        return None
     if stream is not sys.stdout or not journald.stdout_is_journal():
         return None
 

@@ -76,3 +76,18 @@ def test_address_in_use_names_it(tmp_path: Path) -> None:
         f"Error: cannot listen on 127.0.0.1:{port}: address already in use "
         "(another process holds it)"
     )
+
+
+def test_error_on_journal_stderr_has_error_priority(tmp_path: Path) -> None:
+    """When stderr is the journal (JOURNAL_STREAM matches it), the error line carries <3>."""
+    path = tmp_path / "bad.yaml"
+    path.write_text("trigger: sideways\n")
+    with open(tmp_path / "stderr", "w+") as stderr:
+        st = os.fstat(stderr.fileno())
+        env = {**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+        code = subprocess.run([sys.executable, "-m", "epolld", "--config", str(path)],
+                              stderr=stderr, env=env, timeout=30, check=False).returncode
+        stderr.seek(0)
+        text = stderr.read()
+    assert code == 78
+    assert text.startswith(f"<3>Error: {path}:1")
