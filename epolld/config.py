@@ -721,25 +721,37 @@ _UNQUOTED_IPV6 = re.compile(r"^\s*(-\s*)?\[[0-9A-Fa-f:.]*\]:")
 
 
 def _syntax_error(path: str, text: str, error: yaml.YAMLError) -> ConfigError:
-    """path:line:column: problem, then the offending line with a caret under the column."""
+    """path:line:column: the problem, and the offending line quoted.
+
+    All on one line: the message also goes to the journal and to systemd's STATUS=.
+    """
     if isinstance(error, yaml.reader.ReaderError):  # a character YAML does not allow
-        before = text[: error.position]
-        line = before.count("\n") + 1
-        column = error.position - (before.rfind("\n") + 1) + 1
+        lines = (text[: error.position] + "x").splitlines()  # YAML's line breaks too
         return ConfigError(
-            f"{path}:{line}:{column}: character U+{error.character:04X} is not allowed in YAML"
+            f"{path}:{len(lines)}:{len(lines[-1])}: character U+{error.character:04X}"
+            " is not allowed in YAML"
         )
     if not isinstance(error, yaml.MarkedYAMLError) or error.problem_mark is None:
-        return ConfigError(f"{path}: {error}")
+        return ConfigError(f"{path}: {' '.join(str(error).split())}")
     mark = error.problem_mark
     message = f"{path}:{mark.line + 1}:{mark.column + 1}: {error.problem or error.context}"
-    if error.context and error.context_mark is not None:
+    if error.problem and error.context and error.context_mark is not None:
         message += f" ({error.context} at line {error.context_mark.line + 1})"
-    snippet = mark.get_snippet(indent=2, max_length=100)
     lines = text.splitlines()
-    if mark.line < len(lines) and _UNQUOTED_IPV6.match(lines[mark.line]):
-        message += '\n  (quote IPv6 addresses: "[::1]:7080")'
-    return ConfigError(f"{message}\n{snippet}" if snippet else message)
+    if mark.line < len(lines):
+        line = lines[mark.line]
+        message += f", in {_excerpt(line, mark.column)}"
+        if _UNQUOTED_IPV6.match(line):
+            message += ' (quote IPv6 addresses: "[::1]:7080")'
+    return ConfigError(message)
+
+
+def _excerpt(line: str, column: int, width: int = 60) -> str:
+    """The line quoted, or the part of it around column when it is long."""
+    start = max(0, min(column - width // 2, len(line) - width))
+    before = "..." if start else ""
+    after = "..." if start + width < len(line) else ""
+    return f"{before}{line[start : start + width]!r}{after}"
 
 
 def load_config(path: str) -> Config:

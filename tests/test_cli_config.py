@@ -43,15 +43,13 @@ def test_check_config_unknown_option(tmp_path: pathlib.Path) -> None:
 
 
 def test_check_config_syntax_error(tmp_path: pathlib.Path) -> None:
-    """A YAML syntax error exits 78 and shows line, column and the offending line."""
+    """A YAML syntax error exits 78 with line, column and the offending line, on one line."""
     path = tmp_path / "epolld.yaml"
     path.write_text("backlog: 5\n  trigger: edge\n", encoding="utf-8")
     result = epolld("--check-config", "--config", str(path))
     assert result.returncode == EX_CONFIG
     assert result.stderr == (
-        f"Error: {path}:2:10: mapping values are not allowed here\n"
-        "    trigger: edge\n"
-        "           ^\n"
+        f"Error: {path}:2:10: mapping values are not allowed here, in '  trigger: edge'\n"
     )
 
 

@@ -436,36 +436,46 @@ def test_schema_error_message(tmp_path: pathlib.Path, text: str, expected: str) 
 SYNTAX_ERRORS = [
     pytest.param(
         "backlog: 511\nlimits:\n  max_connections: 5\n    idle_timeout: 3\n",
-        ":4:17: mapping values are not allowed here\n      idle_timeout: 3\n                  ^",
+        ":4:17: mapping values are not allowed here, in '    idle_timeout: 3'",
         id="mapping-values",
     ),
     pytest.param(
         "listen:\n  - 127.0.0.1:7080\n  - [::1]:7080\n",
-        ":3:6: expected the node content, but found ':' (while parsing a flow node at line 3)\n"
-        '  (quote IPv6 addresses: "[::1]:7080")\n'
-        "    - [::1]:7080\n       ^",
+        ":3:6: expected the node content, but found ':' (while parsing a flow node at line 3),"
+        " in '  - [::1]:7080' (quote IPv6 addresses: \"[::1]:7080\")",
         id="unquoted-ipv6",
     ),
     pytest.param(
         "trigger: 'level\n",
-        ":2:1: found unexpected end of stream (while scanning a quoted scalar at line 1)\n  \n  ^",
+        ":2:1: found unexpected end of stream (while scanning a quoted scalar at line 1)",
         id="unclosed-quote",
     ),
     pytest.param(
         "backlog: 1\n---\nbacklog: 2\n",
-        ":2:1: but found another document (expected a single document in the stream at line 1)"
-        "\n  ---\n  ^",
+        ":2:1: but found another document (expected a single document in the stream at line 1),"
+        " in '---'",
         id="two-documents",
     ),
     pytest.param(
         "backlog: *nothing\n",
-        ":1:10: found undefined alias 'nothing'\n  backlog: *nothing\n           ^",
+        ":1:10: found undefined alias 'nothing', in 'backlog: *nothing'",
         id="undefined-alias",
+    ),
+    pytest.param(
+        "trigger: level\nlisten: [" + "a, " * 40 + "}\n",
+        ":2:130: expected the node content, but found '}' (while parsing a flow node at line 2),"
+        " in ..." + repr(("listen: [" + "a, " * 40 + "}")[70:]),
+        id="long-line-excerpt",
     ),
     pytest.param(
         "backlog: 1\ntrigger: \x01level\n",
         ":2:10: character U+0001 is not allowed in YAML",
         id="control-character",
+    ),
+    pytest.param(
+        "backlog: 1\r\rtrigger: \x01level\n",
+        ":3:10: character U+0001 is not allowed in YAML",
+        id="control-character-after-cr-line-ends",
     ),
 ]
 
@@ -486,7 +496,7 @@ def test_not_utf8_names_the_byte_and_position(tmp_path: pathlib.Path) -> None:
 def test_nesting_too_deep_is_a_config_error(tmp_path: pathlib.Path, depth: int) -> None:
     """Deeply nested lists are refused at level 17, long before Python's recursion limit."""
     path = write(tmp_path, "backlog: " + "[" * depth + "]" * depth + "\n")
-    assert error_of(path).startswith(":1:25: nested more than 16 levels deep\n")
+    assert error_of(path).startswith(":1:25: nested more than 16 levels deep, in 'backlog: [[[[")
 
 
 def test_missing_file(tmp_path: pathlib.Path) -> None:
