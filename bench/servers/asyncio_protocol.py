@@ -12,7 +12,7 @@ import json
 
 
 class EchoProtocol(asyncio.Protocol):
-    """Write back what arrives; stop reading while the transport's buffer is above its high water."""
+    """Write back what arrives; stop reading while the write buffer is above its high water."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport

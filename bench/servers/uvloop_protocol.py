@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import uvloop
 
-from asyncio_protocol import parse_args, serve
+# A sibling script, importable because Python puts the script's directory on sys.path.
+from asyncio_protocol import parse_args, serve  # isort: skip
 
 if __name__ == "__main__":
     args = parse_args()
