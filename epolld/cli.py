@@ -107,9 +107,12 @@ def report(error: EpolldError, notifier: Notifier | None) -> int:
     No notifier for --check-config: ExecReload runs it under NOTIFY_SOCKET, and with
     NotifyAccess=main systemd rejects messages from that process.
     """
-    message = " ".join(str(error).splitlines())
-    prefix = journald.priority_prefix("error") if journald.stdout_is_journal(fd=2) else ""
-    print(f"{prefix}Error: {message}", file=sys.stderr)
+    message = str(error)
+    line = f"Error: {message}"
+    if journald.stdout_is_journal(fd=2):
+        # One entry, at error priority: each line would otherwise be an entry at info.
+        line = journald.priority_prefix("error") + " ".join(line.splitlines())
+    print(line, file=sys.stderr)
     if notifier is not None:
         notifier.fatal(message, errno=getattr(error, "errno", None))
     return error.exit_code
