@@ -41,9 +41,9 @@ import structlog
 from epolld import config as config_mod
 from epolld import listeners as listeners_mod
 from epolld import logsetup
-from epolld.config import Config
+from epolld.config import Config, ListenAddress
 from epolld.connection import CLOSE, EPOLLIN, Connection
-from epolld.errors import EpolldError
+from epolld.errors import BindError, EpolldError
 from epolld.idle import IdleTimer
 from epolld.listeners import Listener
 from epolld.splice import SpliceConnection, make_pipe
@@ -548,6 +548,11 @@ class EventLoop:
         if new.logging != old.logging:
             logsetup.configure(new.logging.level, new.logging.format)
         self._apply_settings(new)
+        if new.trigger != old.trigger:
+            # Open connections keep the mode they were registered in; listeners switch,
+            # or an edge-triggered listener could sit on a backlog the level code leaves.
+            for fd in self._listeners:
+                self._ep.modify(fd, self._listen_mask)
         buffers = new.buffers
         for conn in self._conns.values():
             conn.buf = self._read_buf
@@ -558,13 +563,21 @@ class EventLoop:
             self._every(self._idle.tick_s, self._sweep_idle, lambda: self._idle.timeout_s > 0)
 
     def _reconcile_listeners(self, old: Config, new: Config) -> None:
-        """Keep listeners that stay, bind added ones first, then close removed ones."""
+        """Keep listeners that stay, bind added ones first, then close removed ones.
+
+        Binding first means a failed reload leaves the old listeners as they were: the
+        daemon is never without one. The price: an address that overlaps one being
+        removed (127.0.0.1:7080 -> 0.0.0.0:7080) cannot be bound in the same reload.
+
+        Raises:
+            BindError: nothing was changed.
+        """
         current = {lst.address: lst for lst in self.listeners if lst.address is not None}
         added: list[Listener] = []
         try:
             for address in new.listen:
                 if address not in current:
-                    added.append(listeners_mod.bind(address, new.backlog))
+                    added.append(self._bind_beside(address, new.backlog, current))
         except Exception:
             for listener in added:
                 listeners_mod.close(listener)
@@ -582,6 +595,28 @@ class EventLoop:
         for listener in added:
             self._add_listener(listener)
             log.info("listening", address=listener.name, fd=listener.fd, trigger=new.trigger)
+
+    def _bind_beside(
+        self, address: ListenAddress, backlog: int, current: dict[ListenAddress, Listener]
+    ) -> Listener:
+        """Bind a new address; if our own listener holds its port, say so."""
+        try:
+            return listeners_mod.bind(address, backlog)
+        except BindError as e:
+            if e.errno == errno.EADDRINUSE and address.family != "unix":
+                ours = [
+                    lst.name
+                    for a, lst in current.items()
+                    if a.family != "unix" and a.port == address.port
+                ]
+                if ours:
+                    raise BindError(
+                        f"cannot listen on {address}: it overlaps {', '.join(ours)}, which "
+                        "this daemon holds; remove that in one reload and add this in the "
+                        "next, or restart",
+                        errno=e.errno,
+                    ) from None
+            raise
 
     # -- reporting -----------------------------------------------------------------
 

@@ -85,8 +85,13 @@ def test_error_on_journal_stderr_has_error_priority(tmp_path: Path) -> None:
     with open(tmp_path / "stderr", "w+") as stderr:
         st = os.fstat(stderr.fileno())
         env = {**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
-        code = subprocess.run([sys.executable, "-m", "epolld", "--config", str(path)],
-                              stderr=stderr, env=env, timeout=30, check=False).returncode
+        code = subprocess.run(
+            [sys.executable, "-m", "epolld", "--config", str(path)],
+            stderr=stderr,
+            env=env,
+            timeout=30,
+            check=False,
+        ).returncode
         stderr.seek(0)
         text = stderr.read()
     assert code == 78

@@ -18,6 +18,7 @@ print(",".join(loaded) or "none")
 
 def test_daemon_imports_without_asyncio() -> None:
     """Importing the CLI loads neither asyncio nor ssl, yet asyncio stays reachable."""
-    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
-                         timeout=30, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=30, check=True
+    )
     assert out.stdout.strip() == "none"

@@ -121,3 +121,35 @@ def test_50_reloads_while_streaming_lose_nothing(start_daemon: StartDaemon) -> N
     assert daemon.proc.poll() is None
     daemon.wait_for("config_reloaded")
     assert not daemon.events("config_reload_failed")
+
+
+def test_reload_switches_trigger_mode(start_daemon: StartDaemon) -> None:
+    """Switching trigger mode on reload keeps old connections echoing and serves new ones,
+    including a burst of connections larger than one accept budget."""
+    daemon = start_daemon({"backlog": 8})
+    settings = yaml.safe_load(daemon.config_path.read_text())
+    other = "edge" if settings["trigger"] == "level" else "level"
+    with connect(daemon.port) as before:
+        roundtrip(before, b"before")
+        rewrite(daemon, trigger=other)
+        assert "trigger" in reload(daemon)["changes"]
+        burst = [connect(daemon.port) for _ in range(40)]  # five accept budgets of 8
+        try:
+            for sock in burst:
+                roundtrip(sock, b"after the switch")
+        finally:
+            for sock in burst:
+                sock.close()
+        roundtrip(before, b"after")
+
+
+def test_reload_to_overlapping_wildcard_says_why(start_daemon: StartDaemon) -> None:
+    """127.0.0.1:P -> 0.0.0.0:P cannot be bound beside the old listener: the reload fails,
+    says that the daemon itself holds the port, and the old listener keeps serving."""
+    daemon = start_daemon()
+    port = daemon.port
+    rewrite(daemon, listen=[f"0.0.0.0:{port}"])
+    failed = reload(daemon, "config_reload_failed")
+    assert f"it overlaps 127.0.0.1:{port}, which this daemon holds" in str(failed["error"])
+    with connect(port) as sock:
+        roundtrip(sock, b"old listener")
