@@ -604,10 +604,11 @@ class EventLoop:
             return listeners_mod.bind(address, backlog)
         except BindError as e:
             if e.errno == errno.EADDRINUSE and address.family != "unix":
+                # The bound port, not the configured one, which may be 0.
                 ours = [
                     lst.name
-                    for a, lst in current.items()
-                    if a.family != "unix" and a.port == address.port
+                    for lst in current.values()
+                    if lst.is_tcp and lst.sock.getsockname()[1] == address.port
                 ]
                 if ours:
                     raise BindError(
