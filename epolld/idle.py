@@ -27,7 +27,7 @@ class IdleTimer:
         self.timeout_s = timeout_s
         # Deadlines are rounded up to a tick: an idle peer is closed between
         # timeout_s and timeout_s + tick_s after its last event.
-        self.tick_s = min(1.0, max(0.05, timeout_s / 8))
+        self.tick_s = min(1.0, max(0.05, timeout_s / 8)) if timeout_s > 0 else 1.0
         self._buckets: dict[int, dict[Idler, None]] = {}
         self._key_of: dict[Idler, int] = {}
 

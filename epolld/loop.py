@@ -147,10 +147,6 @@ class EventLoop:
     def listeners(self) -> list[Listener]:
         return [*self._listeners.values(), *self._paused.values()]
 
-    @property
-    def connection_count(self) -> int:
-        return len(self._conns)
-
     # -- running -------------------------------------------------------------------
 
     def run(self) -> int:
@@ -159,8 +155,7 @@ class EventLoop:
         self._wake_w.setblocking(False)
         self._ep.register(self._wake_r.fileno(), EPOLLIN)
         old_wakeup = signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-        handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
-        old_handlers = {s: signal.signal(s, _record_only) for s in handled}
+        old_handlers = {s: signal.signal(s, _record_only) for s in self._signal_handlers}
         try:
             self._start_timers()
             for listener in self.listeners:
@@ -433,28 +428,33 @@ class EventLoop:
             fn()
 
     def _start_timers(self) -> None:
-        self._every(self._idle.tick_s, self._sweep_idle, lambda: self._idle.timeout_s > 0)
-        self._every(
-            self._config.stats_interval_s,
-            self._log_stats,
-            lambda: self._config.stats_interval_s > 0,
-        )
+        """The periodic work; each timer reads its interval from the current settings, so a
+        reload changes it without adding timers."""
+        self._every(lambda: self._idle.tick_s, self._sweep_idle)
+        self._every(lambda: self._config.stats_interval_s or 1.0, self._periodic_stats)
         if self._notifier.enabled:
-            self._every(STATUS_EVERY_S, self._send_status, lambda: True)
+            self._every(lambda: STATUS_EVERY_S, self._send_status)
         watchdog_s = self._notifier.watchdog_interval_s()
         if watchdog_s:
             # From the loop itself, not a thread: a stuck loop stops pinging.
-            self._every(watchdog_s, self._notifier.watchdog_ping, lambda: self._config.watchdog)
+            self._every(lambda: watchdog_s, self._watchdog_ping)
 
-    def _every(self, interval_s: float, fn: Callable[[], None], wanted: Callable[[], bool]) -> None:
-        """Run fn every interval_s while wanted() holds; checks again each interval."""
+    def _every(self, interval_s: Callable[[], float], fn: Callable[[], None]) -> None:
+        """Run fn every interval_s() seconds, for as long as the loop runs."""
 
         def tick() -> None:
-            if wanted():
-                fn()
-            self._call_later(interval_s if interval_s > 0 else 1.0, tick)
+            fn()
+            self._call_later(interval_s(), tick)
 
-        self._call_later(interval_s if interval_s > 0 else 1.0, tick)
+        self._call_later(interval_s(), tick)
+
+    def _periodic_stats(self) -> None:
+        if self._config.stats_interval_s > 0:
+            self._log_stats()
+
+    def _watchdog_ping(self) -> None:
+        if self._config.watchdog:
+            self._notifier.watchdog_ping()
 
     def _sweep_idle(self) -> None:
         for conn in self._idle.expired(self._now):
@@ -560,7 +560,6 @@ class EventLoop:
             conn.low_water = buffers.low_water_bytes
         if new.limits.idle_timeout_s != old.limits.idle_timeout_s:
             self._idle.retime(new.limits.idle_timeout_s, list(self._conns.values()))
-            self._every(self._idle.tick_s, self._sweep_idle, lambda: self._idle.timeout_s > 0)
 
     def _reconcile_listeners(self, old: Config, new: Config) -> None:
         """Keep listeners that stay, bind added ones first, then close removed ones.

@@ -153,3 +153,11 @@ def test_reload_to_overlapping_wildcard_says_why(start_daemon: StartDaemon) -> N
     assert f"it overlaps 127.0.0.1:{port}, which this daemon holds" in str(failed["error"])
     with connect(port) as sock:
         roundtrip(sock, b"old listener")
+
+
+def test_stats_interval_logs_periodically_and_reload_changes_it(start_daemon: StartDaemon) -> None:
+    """stats_interval logs a stats line on its own; a reload from 0 (off) turns it on."""
+    daemon = start_daemon({"stats_interval": 0})
+    rewrite(daemon, stats_interval="200ms")
+    reload(daemon)
+    daemon.wait_for("stats", count=3)  # the first within ~1 s, then every 200 ms
