@@ -475,8 +475,7 @@ class EventLoop:
     def _on_stop_signal(self, signum: int) -> None:
         if self._stopping:
             if signum == signal.SIGINT:  # a second Ctrl-C: stop now
-                log.warning("shutdown_forced", signal="SIGINT", connections=len(self._conns))
-                self._force_stop()
+                self._force_stop("SIGINT")
             return
         self.stop(signal.Signals(signum).name)
 
@@ -504,14 +503,16 @@ class EventLoop:
         if not self._conns:
             self._done = True
 
-    def _force_stop(self) -> None:
+    def _force_stop(self, signal_name: str | None = None) -> None:
+        """Close what is left, unsent output dropped: at shutdown_timeout or a second SIGINT."""
         if not self._done:
             left = len(self._conns)
             for conn in list(self._conns.values()):
                 conn.discard_pending()
                 self._close(conn, "shutdown")
-            if left:
-                log.warning("shutdown_forced", reason="shutdown_timeout", connections=left)
+            if left or signal_name:
+                reason = "second_signal" if signal_name else "shutdown_timeout"
+                log.warning("shutdown_forced", reason=reason, signal=signal_name, connections=left)
         self._done = True
 
     def _on_reload_signal(self, signum: int) -> None:
