@@ -53,7 +53,7 @@ class Connection:
         "active_at",
         "buf",
         "bytes_in",
-        "bytes_out",
+        "dropped",
         "edge",
         "eof",
         "error",
@@ -100,7 +100,7 @@ class Connection:
         self.reason = ""
         self.error = ""  # errno name when reason is "error"
         self.bytes_in = 0
-        self.bytes_out = 0
+        self.dropped = 0  # received bytes a forced close threw away unsent
         self.opened_at = now
         self.active_at = now
         self.mask = EDGE_MASK if edge else LEVEL_READ
@@ -116,7 +116,14 @@ class Connection:
 
     def discard_pending(self) -> None:
         """Drop unsent output before a forced close."""
+        self.dropped += self.pending()
         self.out.clear()
+
+    @property
+    def bytes_out(self) -> int:
+        """Bytes echoed: what was received less what waits or was dropped. Derived, so that
+        the hot path counts one direction only."""
+        return self.bytes_in - self.pending() - self.dropped
 
     def __repr__(self) -> str:
         state = "eof" if self.eof else "reading" if self.reading else "paused"
@@ -126,24 +133,37 @@ class Connection:
     # -- echoing ---------------------------------------------------------------
 
     def _on_level(self, ev: int) -> int:
-        """Level-triggered: one recv() per event, so every peer gets its turn."""
+        """Level-triggered: one recv() per event, so every peer gets its turn.
+
+        The send is inlined here and in _on_edge rather than a call to _echo(): these run
+        once per event, and under callgrind the call was 5% of the instructions of a whole
+        1 KiB round trip (client included).
+        """
         if ev & EPOLLHUP_ERR:
             return self._on_hangup()
         if ev & EPOLLOUT and self.out and not self._flush():
             return CLOSE
         if ev & EPOLLIN and self.reading:
-            # recv_into() a preallocated buffer: recv(256 KiB) costs an allocation of
-            # that size per call, measured at 3x the whole per-message cost.
+            sock = self.sock
             try:
-                n = self.sock.recv_into(self.buf)
+                n = sock.recv_into(self.buf)
             except BlockingIOError:
                 n = -1
             except OSError as e:
                 return self._fail(e)
             if n > 0:
                 self.bytes_in += n
-                if not self._echo(self.buf[:n]):
-                    return CLOSE
+                if self.out:
+                    self._buffer(self.buf[:n])
+                else:
+                    try:
+                        sent = sock.send(self.buf[:n])
+                    except BlockingIOError:
+                        sent = 0
+                    except OSError as e:
+                        return self._fail(e)
+                    if sent < n:
+                        self._buffer(self.buf[sent:n])
             elif n == 0:
                 self._on_eof()
         if self.out:
@@ -162,12 +182,14 @@ class Connection:
             if was_paused and self.reading:
                 ev |= EPOLLIN
         if ev & EPOLLIN and self.reading:
-            recv_into = self.sock.recv_into
+            sock = self.sock
             buf = self.buf
-            size = len(buf)
-            for _ in range(EDGE_READS_PER_EVENT):
+            # A countdown, not "for _ in range()", and no bound-method locals: measured
+            # under callgrind, those cost edge mode 17% more instructions than level.
+            budget = EDGE_READS_PER_EVENT
+            while True:
                 try:
-                    n = recv_into(buf)
+                    n = sock.recv_into(buf)
                 except BlockingIOError:
                     break
                 except OSError as e:
@@ -176,22 +198,38 @@ class Connection:
                     self._on_eof()
                     break
                 self.bytes_in += n
-                if not self._echo(buf[:n]):
-                    return CLOSE
+                if self.out:
+                    self._buffer(buf[:n])
+                else:
+                    try:
+                        sent = sock.send(buf[:n])
+                    except BlockingIOError:
+                        sent = 0
+                    except OSError as e:
+                        return self._fail(e)
+                    if sent < n:
+                        self._buffer(buf[sent:n])
                 # A short read drained the socket: the next data raises a new edge, so
                 # skip the recv() that would only say EAGAIN (nginx does the same).
                 # Unless the peer also shut down: then read on to see the EOF.
-                if (n < size and not ev & EPOLLRDHUP) or not self.reading:
+                if (n < len(buf) and not ev & EPOLLRDHUP) or not self.reading:
                     break
-            else:
-                self.reschedule((self.fd, ev & (EPOLLIN | EPOLLRDHUP)))
+                budget -= 1
+                if not budget:
+                    self.reschedule((self.fd, ev & (EPOLLIN | EPOLLRDHUP)))
+                    break
         return EDGE_MASK if self.out or self.reading else CLOSE
 
+    def _buffer(self, data: memoryview) -> None:
+        """Keep what the kernel did not take; stop reading above the high-water mark."""
+        self.out += data
+        if len(self.out) >= self.high_water:
+            self.reading = False
+
     def _echo(self, data: memoryview) -> bool:
-        """Send data back now; copy out only what the kernel did not take."""
-        if self.out:
-            self.out += data
-        else:
+        """Send data back now and keep what the kernel did not take (the hot paths inline
+        this). False: the connection failed."""
+        if not self.out:
             try:
                 sent = self.sock.send(data)
             except BlockingIOError:
@@ -199,12 +237,9 @@ class Connection:
             except OSError as e:
                 self._fail(e)
                 return False
-            self.bytes_out += sent
-            if sent == len(data):
-                return True
-            self.out += data[sent:]
-        if len(self.out) >= self.high_water:
-            self.reading = False
+            data = data[sent:]
+        if data:
+            self._buffer(data)
         return True
 
     def _flush(self) -> bool:
@@ -216,7 +251,6 @@ class Connection:
         except OSError as e:
             self._fail(e)
             return False
-        self.bytes_out += sent
         del self.out[:sent]  # O(1) at the front of a bytearray
         if not self.reading and not self.eof and len(self.out) <= self.low_water:
             self.reading = True

@@ -94,6 +94,7 @@ class SpliceConnection(Connection):
         return self.piped
 
     def discard_pending(self) -> None:
+        self.dropped += self.piped
         self.piped = 0
 
     def _on_level(self, ev: int) -> int:
@@ -160,7 +161,6 @@ class SpliceConnection(Connection):
         except OSError as e:
             self._fail(e)
             return False
-        self.bytes_out += sent
         self.piped -= sent
         # The pipe is the buffer: read while it has room.
         self.reading = not self.eof and self.piped < self.capacity
