@@ -29,6 +29,8 @@ from __future__ import annotations
 import errno
 import heapq
 import itertools
+import os
+import resource
 import select
 import signal
 import socket
@@ -102,7 +104,11 @@ class EventLoop:
         self._stopping = False
         self._done = False
         self._paused_since: float | None = None  # the current EMFILE episode
-        self._splice_fallback = False  # pipe2() failing: new connections copy instead
+        self._splice_fallback = False  # no pipe to be had: new connections copy instead
+        self._pipes = 0  # open splice connections, each holding a pipe (2 fds)
+        # What the process holds before any client (stdio, epoll, listeners, ...), plus
+        # room for log files and the pidfile.
+        self._base_fds = len(os.listdir("/proc/self/fd")) + 16
         self._signal_handlers: dict[int, Callable[[int], None]] = {
             signal.SIGTERM: self._on_stop_signal,
             signal.SIGINT: self._on_stop_signal,
@@ -133,6 +139,8 @@ class EventLoop:
         self._listen_mask = EPOLLIN | select.EPOLLET if self._edge else EPOLLIN
         self._trace = config.logging.level == "trace"
         self._splice = config.io == "splice"
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self._pipe_budget = max(0, (nofile - self._base_fds - config.limits.max_connections) // 2)
         if len(self._read_buf) != config.buffers.read_size_bytes:
             self._read_buf = memoryview(bytearray(config.buffers.read_size_bytes))
         # Decided once per configuration, not per connection: the log call or None.
@@ -288,6 +296,7 @@ class EventLoop:
         pipe = self._make_pipe() if self._splice else None
         if pipe is not None:
             conn = SpliceConnection(sock, peer, ip, pipe=pipe, **settings)
+            self._pipes += 1
         else:
             conn = Connection(sock, peer, ip, **settings)
         self._conns[conn.fd] = conn
@@ -305,23 +314,35 @@ class EventLoop:
 
     def _make_pipe(self) -> tuple[int, int, int] | None:
         """A pipe for a splice connection, or None to fall back to copying (logged once
-        per episode): a client is never dropped for want of a pipe."""
+        per episode): a client is never dropped for want of a pipe.
+
+        Pipes stay within a budget that leaves one descriptor for each of max_connections:
+        otherwise splice connections (3 fds each) would use up RLIMIT_NOFILE and later
+        clients would wait in the backlog instead of being served by copying.
+        """
+        if self._pipes >= self._pipe_budget:
+            self._splice_unavailable("descriptor budget", budget=self._pipe_budget)
+            return None
         try:
             pipe = make_pipe(self._config.buffers.read_size_bytes)
         except OSError as e:
-            if not self._splice_fallback:
-                self._splice_fallback = True
-                log.warning(
-                    "splice_unavailable",
-                    error=errno.errorcode.get(e.errno or 0, str(e)),
-                    fallback="copy",
-                    connections=len(self._conns),
-                )
+            self._splice_unavailable(errno.errorcode.get(e.errno or 0, str(e)))
             return None
         if self._splice_fallback:
             self._splice_fallback = False
             log.info("splice_available")
         return pipe
+
+    def _splice_unavailable(self, reason: str, **fields: Any) -> None:
+        if not self._splice_fallback:
+            self._splice_fallback = True
+            log.warning(
+                "splice_unavailable",
+                reason=reason,
+                fallback="copy",
+                connections=len(self._conns),
+                **fields,
+            )
 
     def _refuse(self, sock: socket.socket, addr: Any, ip: str, limit: str, value: int) -> None:
         """Close a peer over a limit at once; warn at most every REFUSED_WARNING_EVERY_S."""
@@ -379,6 +400,8 @@ class EventLoop:
         del self._conns[fd]
         self._ep.unregister(fd)
         conn.close()
+        if isinstance(conn, SpliceConnection):
+            self._pipes -= 1
         self._idle.remove(conn)
         if conn.ip:
             left = self._per_ip[conn.ip] - 1
@@ -634,6 +657,7 @@ class EventLoop:
             "uptime_s": round(self._now - self._started_at, 1),
             "listeners": len(self._listeners),
             "accept_paused": bool(self._paused),
+            "splice_connections": self._pipes,
         }
 
     def _on_stats_signal(self, signum: int) -> None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import StartDaemon
+from tests.epolld_process import Daemon, write_config
 from tests.traffic import connect, recv_until_eof, roundtrip
 
 pytestmark = pytest.mark.slow
@@ -86,8 +88,8 @@ def test_emfile_pauses_accepting_without_spinning(
     start_daemon: StartDaemon, mode: dict[str, Any]
 ) -> None:
     """Out of descriptors, the daemon pauses accepting instead of spinning, logs it once, and
-    serves again when clients leave; in splice mode a client that gets no pipe is served by
-    copying instead."""
+    serves again when clients leave; in splice mode clients beyond the pipe budget are served
+    by copying."""
     daemon = start_daemon(nofile=24)  # stdio, epoll, wakeup pair, listener: ~15 for clients
     clients = [connect(daemon.port) for _ in range(40)]
     try:
@@ -107,6 +109,39 @@ def test_emfile_pauses_accepting_without_spinning(
     with connect(daemon.port) as sock:
         roundtrip(sock, b"served again")
     assert paused_logs == 1  # once per episode, not once per retry
-    if mode.get("io") == "splice":
-        daemon.wait_for("splice_unavailable")
-        assert {e["io"] for e in daemon.events("connection_opened")} == {"splice", "copy"}
+    if mode.get("io") == "splice":  # 24 fds cannot hold a pipe for any of 10,000 peers
+        daemon.wait_for("splice_unavailable", reason="descriptor budget")
+        assert {e["io"] for e in daemon.events("connection_opened")} == {"copy"}
+
+
+@pytest.mark.parametrize("trigger", ["level", "edge"])
+def test_splice_keeps_descriptors_for_every_connection(tmp_path: Path, trigger: str) -> None:
+    """With io: splice near RLIMIT_NOFILE, pipes stop at a budget that leaves a descriptor for
+    each of max_connections: every client is served (by copying past the budget), none
+    waits in the backlog."""
+    config = write_config(
+        tmp_path / "epolld.yaml",
+        {
+            "listen": ["127.0.0.1:0"],
+            "trigger": trigger,
+            "io": "splice",
+            "limits": {"max_connections": 30},
+            "logging": {"level": "debug"},
+        },
+    )
+    daemon = Daemon(config, nofile=100)  # 30 splice connections would need ~100 fds
+    try:
+        clients = [connect(daemon.port) for _ in range(30)]
+        try:
+            for sock in clients:
+                roundtrip(sock, b"served")
+        finally:
+            for sock in clients:
+                sock.close()
+        [warning] = daemon.wait_for("splice_unavailable")
+        kinds = [e["io"] for e in daemon.events("connection_opened")]
+        assert kinds.count("splice") == warning["budget"] > 0
+        assert kinds.count("copy") == 30 - warning["budget"] > 0
+        assert not daemon.events("accept_paused")
+    finally:
+        daemon.stop()
