@@ -31,6 +31,7 @@
 #include <getopt.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -455,6 +456,8 @@ int main(int argc, char **argv) {
     long long cpu0 = -1, cpu1 = -1, ucpu0 = 0, ucpu1 = 0;
     double ccpu0 = 0, ccpu1 = 0;
     unsigned long long wb0 = 0, wt0 = 0, wb1 = 0, wt1 = 0; /* the watched CPU's jiffies */
+    unsigned long long ob0 = 0, ot0 = 0, ob1 = 0, ot1 = 0; /* this process's CPU's jiffies */
+    int own_cpu = sched_getcpu(); /* pinned by taskset, so it stays */
     for (;;) {
         poll_once(10);
         t = now_ns();
@@ -464,6 +467,7 @@ int main(int argc, char **argv) {
             memset(hist, 0, sizeof hist);
             if (server_pid) cpu0 = proc_cpu_ticks(server_pid, &ucpu0);
             if (watch_cpu >= 0) cpu_jiffies(watch_cpu, &wb0, &wt0);
+            if (own_cpu >= 0) cpu_jiffies(own_cpu, &ob0, &ot0);
             ccpu0 = rusage_cpu_s();
             t_measure = now_ns();
             end_at = t_measure + (uint64_t)(duration * 1e9);
@@ -472,6 +476,7 @@ int main(int argc, char **argv) {
             (t >= end_at || round_trips >= max_rt || bytes_echoed >= max_bytes)) {
             if (server_pid) cpu1 = proc_cpu_ticks(server_pid, &ucpu1);
             if (watch_cpu >= 0) cpu_jiffies(watch_cpu, &wb1, &wt1);
+            if (own_cpu >= 0) cpu_jiffies(own_cpu, &ob1, &ot1);
             ccpu1 = rusage_cpu_s();
             t_end = now_ns();
             break;
@@ -527,6 +532,10 @@ int main(int argc, char **argv) {
         printf(" \"watched_cpu_busy\": %.3f,", (double)(wb1 - wb0) / (double)(wt1 - wt0));
     else
         printf(" \"watched_cpu_busy\": null,");
+    if (ot1 > ot0)
+        printf(" \"client_cpu_busy\": %.3f,", (double)(ob1 - ob0) / (double)(ot1 - ot0));
+    else
+        printf(" \"client_cpu_busy\": null,");
     printf(" \"client_cpu_s\": %.3f, \"connect_all_s\": %.4f, \"probe_all_s\": %.4f,",
            ccpu1 - ccpu0, connect_all_s, probe_all_s);
     printf(" \"errors\": {\"connect\": %llu, \"mismatch\": %llu, \"excess\": %llu, \"eof\": %llu,"
