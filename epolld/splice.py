@@ -102,7 +102,7 @@ class SpliceConnection(Connection):
             return self._on_hangup()
         if ev & EPOLLOUT and self.piped and not self._flush():
             return CLOSE
-        if ev & EPOLLIN and self.reading and not self._pull():
+        if ev & EPOLLIN and self.reading and self._pull() is False:
             return CLOSE
         if self.piped:
             return LEVEL_READ_WRITE if self.reading else EPOLLOUT
