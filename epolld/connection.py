@@ -22,6 +22,7 @@ EPOLLET: Final = select.EPOLLET
 # failing recv()/send() then tells why (the selectors.EpollSelector rule).
 EPOLLHUP_ERR: Final = select.EPOLLHUP | select.EPOLLERR
 
+NO_OUTPUT: Final = b""
 CLOSE: Final = 0  # returned instead of a mask: the loop unregisters and closes
 LEVEL_READ: Final = EPOLLIN | EPOLLRDHUP
 LEVEL_READ_WRITE: Final = EPOLLIN | EPOLLRDHUP | EPOLLOUT
@@ -59,6 +60,7 @@ class Connection:
         "error",
         "fd",
         "high_water",
+        "idle_key",
         "ip",
         "low_water",
         "mask",
@@ -94,7 +96,9 @@ class Connection:
         self.high_water = high_water
         self.low_water = low_water
         self.reschedule = reschedule
-        self.out = bytearray()
+        # Pending output; a shared empty bytes until something waits (a bytearray per
+        # connection is 57 bytes, 0.5 MiB at 10,000 connections).
+        self.out: bytes | bytearray = NO_OUTPUT
         self.reading = True  # False while paused by backpressure or after EOF
         self.eof = False
         self.reason = ""
@@ -103,6 +107,7 @@ class Connection:
         self.dropped = 0  # received bytes a forced close threw away unsent
         self.opened_at = now
         self.active_at = now
+        self.idle_key = 0  # see IdleTimer
         self.mask = EDGE_MASK if edge else LEVEL_READ
         self.on_event: Callable[[int], int] = self._on_edge if edge else self._on_level
 
@@ -117,7 +122,7 @@ class Connection:
     def discard_pending(self) -> None:
         """Drop unsent output before a forced close."""
         self.dropped += self.pending()
-        self.out.clear()
+        self.out = NO_OUTPUT
 
     @property
     def bytes_out(self) -> int:
@@ -222,7 +227,10 @@ class Connection:
 
     def _buffer(self, data: memoryview) -> None:
         """Keep what the kernel did not take; stop reading above the high-water mark."""
-        self.out += data
+        if self.out:
+            self.out += data
+        else:
+            self.out = bytearray(data)
         if len(self.out) >= self.high_water:
             self.reading = False
 
@@ -251,7 +259,7 @@ class Connection:
         except OSError as e:
             self._fail(e)
             return False
-        del self.out[:sent]  # O(1) at the front of a bytearray
+        del self.out[:sent]  # type: ignore[union-attr]  # non-empty: a bytearray; O(1) at the front
         if not self.reading and not self.eof and len(self.out) <= self.low_water:
             self.reading = True
         return True

@@ -96,6 +96,7 @@ class EventLoop:
         self._listeners: dict[int, Listener] = {}
         self._paused: dict[int, Listener] = {}  # listeners waiting out EMFILE & co.
         self._ready: list[tuple[int, int]] = []  # synthetic events for the next turn
+        self._reschedule = self._ready.append  # one bound method shared by all connections
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._timer_seq = itertools.count()
         self._per_ip: dict[str, int] = {}
@@ -172,6 +173,7 @@ class EventLoop:
                     address=listener.name,
                     fd=listener.fd,
                     trigger=self._config.trigger,
+                    io=self._config.io,
                     inherited=listener.inherited,
                 )
             self._notifier.ready(self._status_line())
@@ -289,7 +291,7 @@ class EventLoop:
             "buf": self._read_buf,
             "high_water": buffers.high_water_bytes,
             "low_water": buffers.low_water_bytes,
-            "reschedule": self._ready.append,
+            "reschedule": self._reschedule,
             "now": self._now,
         }
         conn: Connection
