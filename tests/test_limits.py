@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import StartDaemon
 from tests.epolld_process import Daemon, write_config
-from tests.traffic import connect, recv_until_eof, roundtrip
+from tests.traffic import connect, connections, recv_until_eof, roundtrip
 
 pytestmark = pytest.mark.slow
 
@@ -131,13 +131,9 @@ def test_splice_keeps_descriptors_for_every_connection(tmp_path: Path, trigger: 
     )
     daemon = Daemon(config, nofile=100)  # 30 splice connections would need ~100 fds
     try:
-        clients = [connect(daemon.port) for _ in range(30)]
-        try:
+        with connections(daemon.port, 30) as clients:
             for sock in clients:
                 roundtrip(sock, b"served")
-        finally:
-            for sock in clients:
-                sock.close()
         [warning] = daemon.wait_for("splice_unavailable")
         kinds = [e["io"] for e in daemon.events("connection_opened")]
         assert kinds.count("splice") == warning["budget"] > 0

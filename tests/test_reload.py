@@ -13,7 +13,7 @@ import yaml
 
 from tests.conftest import StartDaemon
 from tests.epolld_process import Daemon
-from tests.traffic import connect, pump, roundtrip
+from tests.traffic import connect, connections, pump, roundtrip
 
 pytestmark = pytest.mark.slow
 
@@ -133,13 +133,9 @@ def test_reload_switches_trigger_mode(start_daemon: StartDaemon) -> None:
         roundtrip(before, b"before")
         rewrite(daemon, trigger=other)
         assert "trigger" in reload(daemon)["changes"]
-        burst = [connect(daemon.port) for _ in range(40)]  # five accept budgets of 8
-        try:
+        with connections(daemon.port, 40) as burst:  # five accept budgets of 8
             for sock in burst:
                 roundtrip(sock, b"after the switch")
-        finally:
-            for sock in burst:
-                sock.close()
         roundtrip(before, b"after")
 
 

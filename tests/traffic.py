@@ -6,6 +6,7 @@ import contextlib
 import selectors
 import socket
 import time
+from collections.abc import Iterator
 
 WAIT_S = 30.0
 
@@ -16,6 +17,17 @@ def connect(port: int, host: str = "127.0.0.1", source: str | None = None) -> so
     )
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
+
+
+@contextlib.contextmanager
+def connections(port: int, count: int) -> Iterator[list[socket.socket]]:
+    """count connections to 127.0.0.1:port, all closed on exit."""
+    socks = [connect(port) for _ in range(count)]
+    try:
+        yield socks
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def recv_exactly(sock: socket.socket, n: int, timeout: float = WAIT_S) -> bytes:
