@@ -21,6 +21,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.traffic import echo_until_eof
+
 pytestmark = pytest.mark.slow
 
 WAIT_S = 10.0  # upper bound of every wait; real runs take well under a second
@@ -152,17 +154,6 @@ def daemons(tmp_path: Path) -> Iterator[Daemons]:
     d.kill_all()
 
 
-def _echo(port: int, payload: bytes) -> bytes:
-    """Send payload to 127.0.0.1:port, half-close, and return everything echoed back."""
-    with socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as s:
-        s.sendall(payload)
-        s.shutdown(socket.SHUT_WR)
-        chunks = []
-        while chunk := s.recv(65536):
-            chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def _started(log: Path) -> dict[str, Any]:
     """Wait for the daemon's 'started' line in its log file and return it."""
     _wait_for(f"'started' in {log}", lambda: log.exists() and "started" in log.read_text())
@@ -181,7 +172,7 @@ def test_pidfile_holds_daemon_pid_and_listener_survives(daemons: Daemons, tmp_pa
     assert os.getsid(pid) != os.getsid(0)  # setsid(): detached from our session
     assert started["umask"] == 0o022
     assert started["cwd"] == "/"
-    assert _echo(int(started["port"]), b"hello daemon\n") == b"hello daemon\n"
+    assert echo_until_eof(int(started["port"]), b"hello daemon\n") == b"hello daemon\n"
 
 
 def test_sigterm_stops_daemon_and_removes_pidfile(daemons: Daemons, tmp_path: Path) -> None:
@@ -282,7 +273,7 @@ def _listening_port(log: Path) -> int:
     return int(_logged(log, "listening")[0]["address"].rpartition(":")[2])
 
 
-def test_epolld_daemon_pidfile_and_echo(daemons: Daemons, tmp_path: Path) -> None:
+def test_epolld_daemon_pidfile_andecho_until_eof(daemons: Daemons, tmp_path: Path) -> None:
     """`epolld --daemon` returns 0 once detached; its pidfile names the process that echoes."""
     settings = _epolld_settings(tmp_path)
     result = daemons.start_epolld(settings)
@@ -291,7 +282,7 @@ def test_epolld_daemon_pidfile_and_echo(daemons: Daemons, tmp_path: Path) -> Non
     pid = daemons.pids[0]
     assert not _is_gone(pid)
     port = _listening_port(tmp_path / "epolld.log")
-    assert _echo(port, b"x" * 100_000) == b"x" * 100_000
+    assert echo_until_eof(port, b"x" * 100_000) == b"x" * 100_000
 
 
 def test_epolld_daemon_sigterm_removes_pidfile(daemons: Daemons, tmp_path: Path) -> None:
@@ -318,7 +309,7 @@ def test_epolld_daemon_sighup_reloads(daemons: Daemons, tmp_path: Path) -> None:
     (reloaded,) = _logged(log, "config_reloaded")
     assert "limits.idle_timeout" in json.dumps(reloaded["changes"])
     assert int((tmp_path / "epolld.pid").read_text()) == pid
-    assert _echo(port, b"after reload") == b"after reload"
+    assert echo_until_eof(port, b"after reload") == b"after reload"
 
 
 def test_epolld_second_instance_refused(daemons: Daemons, tmp_path: Path) -> None:
@@ -333,7 +324,7 @@ def test_epolld_second_instance_refused(daemons: Daemons, tmp_path: Path) -> Non
     pidfile = tmp_path / "epolld.pid"
     assert second.stderr == f"Error: already running as PID {pid} (pidfile {pidfile})\n"
     assert int(pidfile.read_text()) == pid
-    assert _echo(port, b"still here") == b"still here"
+    assert echo_until_eof(port, b"still here") == b"still here"
 
 
 def test_epolld_daemon_refused_under_systemd(daemons: Daemons, tmp_path: Path) -> None:

@@ -49,6 +49,16 @@ def recv_until_eof(sock: socket.socket, timeout: float = WAIT_S) -> bytes:
     return bytes(chunks)
 
 
+def echo_until_eof(
+    port: int, payload: bytes, host: str = "127.0.0.1", timeout: float = WAIT_S
+) -> bytes:
+    """Connect, send payload, half-close, and return everything echoed back up to EOF."""
+    with connect(port, host) as sock:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        return recv_until_eof(sock, timeout)
+
+
 def roundtrip(sock: socket.socket, data: bytes) -> None:
     sock.sendall(data)
     assert recv_exactly(sock, len(data)) == data

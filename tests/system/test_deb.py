@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 from nspawn import REPO, Container, ContainerError, loopback_address, wait_until
 
+from tests.traffic import echo_until_eof
+
 pytestmark = pytest.mark.system
 
 DEFAULT_ADDRESSES = [("127.0.0.1", 7080, socket.AF_INET), ("::1", 7080, socket.AF_INET6)]
@@ -114,23 +116,14 @@ def _install(c: Container, deb: Path) -> None:
     _apt(c, "install", f"{GUEST_DEB_DIR}/{deb.name}")
 
 
-def _echo(host: str, port: int, family: socket.AddressFamily, payload: bytes) -> bytes:
-    """Connect, send payload, half-close, and return everything echoed back."""
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.settimeout(IO_TIMEOUT_S)
-        s.connect((host, port))
-        s.sendall(payload)
-        s.shutdown(socket.SHUT_WR)
-        chunks = []
-        while chunk := s.recv(65536):
-            chunks.append(chunk)
-    return b"".join(chunks)
+def _echo(host: str, port: int, payload: bytes) -> bytes:
+    return echo_until_eof(port, payload, host=host, timeout=IO_TIMEOUT_S)
 
 
-def _echoes(host: str, port: int, family: socket.AddressFamily = socket.AF_INET) -> bool:
+def _echoes(host: str, port: int) -> bool:
     """Whether host:port accepts a connection and echoes a probe intact."""
     try:
-        return _echo(host, port, family, b"probe\n") == b"probe\n"
+        return _echo(host, port, b"probe\n") == b"probe\n"
     except OSError:
         return False
 
@@ -165,9 +158,9 @@ def test_install_enables_starts_and_echoes(container: Container, debs: dict[str,
     _install(container, debs["current"])
     assert container.systemctl("is-enabled", "epolld.service").stdout.strip() == "enabled"
     assert container.wait_for_state("epolld", ["active", "failed"], WAIT_S) == "active"
-    for host, port, family in DEFAULT_ADDRESSES:
+    for host, port, _family in DEFAULT_ADDRESSES:
         payload = f"hello {host}\n".encode() * 1000
-        assert _echo(host, port, family, payload) == payload
+        assert _echo(host, port, payload) == payload
     # Installed but left off: enabled, it would hold the very addresses the service binds.
     socket_enabled = container.systemctl("is-enabled", "epolld.socket", check=False).stdout
     assert socket_enabled.strip() == "disabled"
@@ -291,7 +284,7 @@ def test_socket_activation_survives_upgrade_and_stops_on_remove(
     container.systemctl("disable", "--now", "epolld.service")
     container.systemctl("enable", "--now", "epolld.socket")
     assert container.show("epolld", "ActiveState") == "inactive"
-    assert _echo("127.0.0.1", 7080, socket.AF_INET, b"first\n") == b"first\n"  # starts it
+    assert _echo("127.0.0.1", 7080, b"first\n") == b"first\n"  # starts it
     container.wait_for_state("epolld", ["active"], WAIT_S)
     old_pid = _main_pid(container)
 
@@ -302,7 +295,7 @@ def test_socket_activation_survives_upgrade_and_stops_on_remove(
     assert container.systemctl("is-enabled", "epolld.service", check=False).stdout.strip() == (
         "disabled"
     )
-    assert _echo("127.0.0.1", 7080, socket.AF_INET, b"second\n") == b"second\n"
+    assert _echo("127.0.0.1", 7080, b"second\n") == b"second\n"
     # The daemon that serves is a new one, running the upgraded code.
     assert _main_pid(container) not in (0, old_pid)
 
