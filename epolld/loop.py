@@ -646,16 +646,23 @@ class EventLoop:
 
     # -- reporting -----------------------------------------------------------------
 
+    def _byte_totals(self) -> tuple[int, int]:
+        """Bytes in and out so far: closed connections' totals plus the open ones'."""
+        conns = self._conns.values()
+        return (
+            self._bytes_in + sum(c.bytes_in for c in conns),
+            self._bytes_out + sum(c.bytes_out for c in conns),
+        )
+
     def stats(self) -> dict[str, Any]:
-        """Live counters: closed connections' totals plus the open ones'."""
-        live_in = sum(c.bytes_in for c in self._conns.values())
-        live_out = sum(c.bytes_out for c in self._conns.values())
+        """Live counters."""
+        bytes_in, bytes_out = self._byte_totals()
         return {
             "connections": len(self._conns),
             "accepted": self._accepted,
             "refused": self._refused,
-            "bytes_in": self._bytes_in + live_in,
-            "bytes_out": self._bytes_out + live_out,
+            "bytes_in": bytes_in,
+            "bytes_out": bytes_out,
             "uptime_s": round(self._now - self._started_at, 1),
             "listeners": len(self._listeners),
             "accept_paused": bool(self._paused),
@@ -671,7 +678,7 @@ class EventLoop:
     def _status_line(self) -> str:
         names = " ".join(lst.name for lst in self.listeners)
         now = time.monotonic()
-        total = self._bytes_out + sum(c.bytes_out for c in self._conns.values())
+        total = self._byte_totals()[1]
         then, before = self._status_bytes
         self._status_bytes = (now, total)
         rate = (total - before) / (now - then) / 1e6 if now > then else 0.0
