@@ -32,6 +32,7 @@ from epolld.listeners import Listener
 from epolld.loop import Reactor
 from epolld.splice import SpliceConnection, make_pipe
 from epolld.systemd import Notifier
+from epolld.udp import UdpEndpoints
 
 log = structlog.get_logger("epolld")
 
@@ -96,8 +97,12 @@ class EchoService:
         self._idle = IdleTimer(config.limits.idle_timeout_s)
         self._read_buf = memoryview(bytearray())  # sized by _apply_settings
         self._apply_settings(config)
+        self._udp = UdpEndpoints(self.reactor, config.udp, edge=self._edge)
         for listener in listeners:
-            self._add_listener(listener)
+            if listener.is_udp:
+                self._udp.add(listener)
+            else:
+                self._add_listener(listener)
 
     # -- settings ----------------------------------------------------------------
 
@@ -138,7 +143,7 @@ class EchoService:
     def _started(self) -> None:
         """Signals are handled from here on: tell the world we serve."""
         self._start_timers()
-        for listener in self.listeners:
+        for listener in [*self.listeners, *self._udp.listeners]:
             log.info(
                 "listening",
                 address=listener.name,
@@ -369,6 +374,7 @@ class EchoService:
             self.reactor.close(listener)
         self._listeners.clear()
         self._paused.clear()
+        self._udp.close_all()
         self.reactor.release()
 
     # -- timers --------------------------------------------------------------------
@@ -417,6 +423,7 @@ class EchoService:
             self.reactor.close(listener)
         self._listeners.clear()
         self._paused.clear()
+        self._udp.close_all()  # nothing to drain: a datagram is answered at once or never
         for conn in list(self._conns.values()):
             self.reactor.set_mask(conn, conn.begin_shutdown())
         self.reactor.call_later(timeout_s, self._force_stop)
@@ -454,7 +461,7 @@ class EchoService:
             BindError: a new address could not be bound; the old listeners stay.
         """
         old = self._config
-        if not any(lst.inherited for lst in self.listeners):
+        if not any(lst.inherited for lst in [*self.listeners, *self._udp.listeners]):
             self._reconcile_listeners(old, new)
         elif new.listen != old.listen:
             log.warning("listen_ignored", reason="sockets come from systemd socket activation")
@@ -469,6 +476,7 @@ class EchoService:
         if new.logging != old.logging:
             logsetup.configure(new.logging.level, new.logging.format)
         self._apply_settings(new)
+        self._udp.configure(new.udp, edge=self._edge)
         if new.trigger != old.trigger:
             # Open connections keep the mode they were registered in; listeners switch,
             # or an edge-triggered listener could sit on a backlog the level code leaves.
@@ -494,7 +502,11 @@ class EchoService:
         Raises:
             BindError: nothing was changed.
         """
-        current = {lst.address: lst for lst in self.listeners if lst.address is not None}
+        current = {
+            lst.address: lst
+            for lst in [*self.listeners, *self._udp.listeners]
+            if lst.address is not None
+        }
         added: list[Listener] = []
         try:
             for address in new.listen:
@@ -506,14 +518,20 @@ class EchoService:
             raise
         for address, listener in current.items():
             if address not in new.listen:
-                self._listeners.pop(listener.fd, None)
-                self._paused.pop(listener.fd, None)
-                self.reactor.close(listener)
+                if listener.is_udp:
+                    self._udp.remove(listener)
+                else:
+                    self._listeners.pop(listener.fd, None)
+                    self._paused.pop(listener.fd, None)
+                    self.reactor.close(listener)
                 log.info("listener_closed", address=listener.name)
-            elif new.backlog != old.backlog:
+            elif new.backlog != old.backlog and not listener.is_udp:
                 listener.sock.listen(new.backlog)
         for listener in added:
-            self._add_listener(listener)
+            if listener.is_udp:
+                self._udp.add(listener)
+            else:
+                self._add_listener(listener)
             log.info("listening", address=listener.name, fd=listener.fd, trigger=new.trigger)
 
     def _bind_beside(
@@ -528,7 +546,9 @@ class EchoService:
                 ours = [
                     lst.name
                     for lst in current.values()
-                    if lst.is_tcp and lst.sock.getsockname()[1] == address.port
+                    if lst.sock.family != socket.AF_UNIX
+                    and lst.is_udp == address.is_udp
+                    and lst.sock.getsockname()[1] == address.port
                 ]
                 if ours:
                     raise BindError(
@@ -562,6 +582,7 @@ class EchoService:
             "listeners": len(self._listeners),
             "accept_paused": bool(self._paused),
             "splice_connections": self._pipes,
+            **self._udp.counters(),
         }
 
     def _on_stats_signal(self, signum: int) -> None:
@@ -571,13 +592,18 @@ class EchoService:
         log.info("stats", **self.stats())
 
     def _status_line(self) -> str:
-        names = " ".join(lst.name for lst in self.listeners)
+        names = " ".join(lst.name for lst in [*self.listeners, *self._udp.listeners])
         now = time.monotonic()
         total = self._byte_totals()[1]
         then, before = self._status_bytes
         self._status_bytes = (now, total)
         rate = (total - before) / (now - then) / 1e6 if now > then else 0.0
-        return f"echoing on {names}; {len(self._conns)} connections; {rate:.1f} MB/s"
+        line = f"echoing on {names}; {len(self._conns)} connections; {rate:.1f} MB/s"
+        if len(self._udp):
+            counts = self._udp.stats
+            dropped = sum(counts.dropped.values())
+            line += f"; {counts.echoed} datagrams echoed, {dropped} dropped"
+        return line
 
     def _send_status(self) -> None:
         self._notifier.status(self._status_line())

@@ -36,7 +36,9 @@ from typing import Any, Final, Protocol
 import structlog
 
 from epolld import listeners as listeners_mod
+from epolld.config import UdpConfig
 from epolld.listeners import Listener
+from epolld.loop import Reactor
 from epolld.ratelimit import UdpLimiter
 
 log = structlog.get_logger()
@@ -249,3 +251,75 @@ class UdpEndpoint:
     def close(self) -> None:
         """Close the socket (the reactor has unregistered it)."""
         listeners_mod.close(self.listener)
+
+
+class UdpEndpoints:
+    """The daemon's UDP sockets with the limiter and counters they share (EchoService's part).
+
+    Args:
+        reactor: where the endpoints are registered.
+        settings: the udp: section.
+        edge: edge-triggered registration.
+    """
+
+    def __init__(self, reactor: Reactor, settings: UdpConfig, *, edge: bool) -> None:
+        self._reactor = reactor
+        self._settings = settings
+        self._edge = edge
+        self.limiter = UdpLimiter(settings, reactor.now)
+        self.stats = UdpStats()
+        self._endpoints: dict[int, UdpEndpoint] = {}
+
+    def __len__(self) -> int:
+        return len(self._endpoints)
+
+    @property
+    def listeners(self) -> list[Listener]:
+        return [e.listener for e in self._endpoints.values()]
+
+    def add(self, listener: Listener) -> None:
+        """Serve a bound (or inherited) UDP socket."""
+        endpoint = UdpEndpoint(
+            listener,
+            self._reactor,
+            self.limiter,
+            self.stats,
+            edge=self._edge,
+            max_datagram=self._settings.max_datagram_bytes,
+        )
+        self._endpoints[endpoint.fd] = endpoint
+        self._reactor.add(endpoint)
+
+    def remove(self, listener: Listener) -> None:
+        """Stop serving a UDP socket and close it."""
+        endpoint = self._endpoints.pop(listener.fd, None)
+        if endpoint is not None:
+            self._reactor.close(endpoint)
+
+    def configure(self, settings: UdpConfig, *, edge: bool) -> None:
+        """Apply reloaded limits and trigger mode at once; the sockets stay."""
+        self.limiter.configure(settings, self._reactor.now)
+        if settings.max_datagram_bytes != self._settings.max_datagram_bytes:
+            for endpoint in self._endpoints.values():
+                endpoint.set_max_datagram(settings.max_datagram_bytes)
+        if edge != self._edge:
+            mask = select.EPOLLIN | select.EPOLLET if edge else select.EPOLLIN
+            for endpoint in self._endpoints.values():
+                endpoint.edge = edge
+                self._reactor.set_mask(endpoint, mask)
+        self._settings = settings
+        self._edge = edge
+
+    def close_all(self) -> None:
+        """Close every UDP socket at once (a graceful stop has nothing to drain for UDP)."""
+        for endpoint in list(self._endpoints.values()):
+            self._reactor.close(endpoint)
+        self._endpoints.clear()
+
+    def counters(self) -> dict[str, Any]:
+        """udp_listeners, udp_sources and the UdpStats counters."""
+        return {
+            "udp_listeners": len(self._endpoints),
+            "udp_sources": len(self.limiter),
+            **self.stats.as_dict(),
+        }
