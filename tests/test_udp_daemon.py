@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -319,3 +320,89 @@ def test_socket_activation_serves_an_inherited_udp_socket(tmp_path: Path) -> Non
         for stream in (proc.stdout, proc.stderr):
             if stream is not None:
                 stream.close()
+
+
+@pytest.fixture
+def shaped_link() -> Iterator[tuple[str, str]]:
+    """Two network namespaces joined by a veth pair; the server side sends at 8 kbit/s
+    (tbf), so the daemon's replies pile up in the qdisc and fill its send buffer.
+
+    Yields (server namespace, client namespace); the server is 10.201.0.1, the client
+    10.201.0.2.
+    """
+    tag = f"{os.getpid() % 100000}"
+    server_ns, client_ns = f"epolld-s{tag}", f"epolld-c{tag}"
+    commands = [
+        ["ip", "netns", "add", server_ns],
+        ["ip", "netns", "add", client_ns],
+        ["ip", "link", "add", f"es{tag}", "netns", server_ns, "type", "veth",
+         "peer", "name", f"ec{tag}", "netns", client_ns],
+        ["ip", "-n", server_ns, "addr", "add", "10.201.0.1/30", "dev", f"es{tag}"],
+        ["ip", "-n", client_ns, "addr", "add", "10.201.0.2/30", "dev", f"ec{tag}"],
+        ["ip", "-n", server_ns, "link", "set", f"es{tag}", "up"],
+        ["ip", "-n", client_ns, "link", "set", f"ec{tag}", "up"],
+        ["ip", "-n", server_ns, "link", "set", "lo", "up"],
+        ["tc", "-n", server_ns, "qdisc", "add", "dev", f"es{tag}", "root", "tbf",
+         "rate", "8kbit", "burst", "1600", "limit", "100000000"],
+    ]  # fmt: skip
+    try:
+        for command in commands:
+            subprocess.run(command, check=True, capture_output=True, timeout=WAIT_S)
+        yield server_ns, client_ns
+    finally:
+        for ns in (server_ns, client_ns):  # deleting a namespace deletes its veth end
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=WAIT_S)
+
+
+def in_namespace(ns: str, code: str) -> str:
+    """Run Python code in network namespace ns; return its stdout."""
+    return subprocess.run(
+        ["ip", "netns", "exec", ns, sys.executable, "-c", code],
+        check=True, capture_output=True, text=True, timeout=WAIT_S * 3,
+    ).stdout  # fmt: skip
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces and tc need root")
+def test_full_send_buffer_drops_and_counts(
+    tmp_path: Path, mode: dict[str, Any], shaped_link: tuple[str, str]
+) -> None:
+    """When replies cannot leave (EAGAIN on send), they are dropped and counted, never
+    buffered: the daemon neither grows nor spins, and still answers on another path."""
+    server_ns, client_ns = shaped_link
+    config = write_config(tmp_path / "epolld.yaml", {
+        "listen": ["udp:0.0.0.0:0"], **mode,
+        "udp": {"rate": 0, "byte_rate": 0, "total_rate": 0},
+    })  # fmt: skip
+    daemon = Daemon(config, prefix=("ip", "netns", "exec", server_ns))
+    try:
+        daemon.wait_for("listening")
+        (_, port) = udp_addresses(daemon)[0]
+        rss_before = daemon.rss_bytes()
+        in_namespace(client_ns, (
+            "import socket\n"
+            "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            "for i in range(5000):\n"
+            f"    s.sendto(b'x' * 1000, ('10.201.0.1', {port}))\n"
+        ))  # fmt: skip
+        probe = in_namespace(server_ns, (
+            "import socket, time\n"
+            "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            "s.settimeout(0.5)\n"
+            "for _ in range(20):\n"
+            f"    s.sendto(b'probe', ('127.0.0.1', {port}))\n"
+            "    try:\n"
+            "        print(s.recv(100).decode()); break\n"
+            "    except TimeoutError:\n"
+            "        pass\n"
+        ))  # fmt: skip
+        assert probe == "probe\n"  # loopback is not shaped: the daemon still answers
+        cpu_before = daemon.cpu_seconds()
+        time.sleep(1.0)  # replies still wait in the qdisc: no EPOLLOUT, no busy loop
+        assert daemon.cpu_seconds() - cpu_before < 0.3
+        counters = stats(daemon)
+        assert counters["udp_dropped_send_buffer"] > 0
+        assert counters["udp_received"] == counters["udp_echoed"] + counters["udp_dropped"]
+        assert counters["udp_echoed"] < 1000  # the send buffer holds a few hundred at most
+        assert daemon.rss_bytes() - rss_before < 4 * 1024 * 1024
+    finally:
+        daemon.stop()
