@@ -22,6 +22,8 @@ import pytest
 
 from tests.conftest import StartDaemon
 from tests.epolld_process import WAIT_S, Daemon, write_config
+from tests.test_daemon_mode import Daemons, _epolld_settings, _logged
+from tests.test_daemon_mode import daemons as daemons  # the fixture
 
 UDP_MODES = {"level": {"trigger": "level"}, "edge": {"trigger": "edge"}}
 
@@ -406,3 +408,21 @@ def test_full_send_buffer_drops_and_counts(
         assert daemon.rss_bytes() - rss_before < 4 * 1024 * 1024
     finally:
         daemon.stop()
+
+
+def test_daemon_mode_serves_udp(daemons: Daemons, tmp_path: Path) -> None:
+    """`epolld --daemon` keeps its UDP socket across detaching and echoes on it."""
+    settings = _epolld_settings(tmp_path)
+    settings["listen"] = ["127.0.0.1:0", "udp:127.0.0.1:0"]
+    result = daemons.start_epolld(settings)
+    assert result.returncode == 0, result.stderr
+    log = tmp_path / "epolld.log"
+    address = next(
+        e["address"] for e in _logged(log, "listening", count=2) if e["address"].startswith("udp:")
+    )
+    with client() as c:
+        c.sendto(b"detached", ("127.0.0.1", int(address.rpartition(":")[2])))
+        assert c.recv(20) == b"detached"
+    os.kill(daemons.pids[0], signal.SIGTERM)
+    (done,) = _logged(log, "shutdown_complete")
+    assert (done["udp_received"], done["udp_echoed"]) == (1, 1)
