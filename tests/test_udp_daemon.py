@@ -426,3 +426,33 @@ def test_daemon_mode_serves_udp(daemons: Daemons, tmp_path: Path) -> None:
     os.kill(daemons.pids[0], signal.SIGTERM)
     (done,) = _logged(log, "shutdown_complete")
     assert (done["udp_received"], done["udp_echoed"]) == (1, 1)
+
+
+def test_status_names_udp_listeners_and_counts(tmp_path: Path, mode: dict[str, Any]) -> None:
+    """systemd's STATUS= names the UDP listener and, after a reload, the datagrams echoed."""
+    manager = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    manager.bind(str(tmp_path / "notify"))
+    manager.settimeout(WAIT_S)
+    config = write_config(tmp_path / "epolld.yaml", {"listen": ["udp:127.0.0.1:0"], **mode})
+    daemon = Daemon(config, env={**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")})
+    try:
+
+        def next_status() -> str:
+            while True:
+                message = manager.recv(4096).decode()
+                if "READY=1" in message:
+                    return message.partition("STATUS=")[2]
+
+        status = next_status()
+        daemon.wait_for("listening")
+        ((host, port),) = udp_addresses(daemon)
+        assert status.startswith(f"echoing on udp:{host}:{port}; 0 connections;")
+        assert status.endswith("; 0 datagrams echoed, 0 dropped")
+        with client() as c:
+            c.sendto(b"count me", (host, port))
+            assert c.recv(10) == b"count me"
+        daemon.signal(signal.SIGHUP)
+        assert next_status().endswith("; 1 datagrams echoed, 0 dropped")
+    finally:
+        daemon.stop()
+        manager.close()
