@@ -61,11 +61,19 @@ _ICMP_ERRNOS: Final = frozenset({
     errno.ENETDOWN, errno.ECONNRESET, errno.EPROTO, errno.ENOPROTOOPT, errno.EMSGSIZE,
 })  # fmt: skip
 _SEND_FULL: Final = frozenset({errno.EAGAIN, errno.ENOBUFS})
+_LIMITER_REASONS: Final = frozenset({"rate", "byte_rate", "total_rate"})  # logged by reports
 
 _PKTINFO4_SIZE: Final = 12  # struct in_pktinfo: ifindex, spec_dst, addr
 _PKTINFO6_SIZE: Final = 20  # struct in6_pktinfo: addr, ifindex
 # IPv4 first octets that are no unicast host: 0/8 "this network", 224/4 multicast, 240/4.
 _NOT_UNICAST_V4: Final = frozenset({"0", *(str(n) for n in range(224, 256))})
+
+
+def _not_unicast(host: str, v6: bool) -> bool:
+    """Whether a source address cannot be a single host (a reply would go to many)."""
+    if v6:
+        return host[:2] in ("ff", "FF") and host[4:5] == ":"  # ff00::/8, multicast
+    return host.partition(".")[0] in _NOT_UNICAST_V4
 
 
 class Clock(Protocol):
@@ -142,33 +150,42 @@ class UdpEndpoint:
         self.set_max_datagram(max_datagram)
 
     def __repr__(self) -> str:
-        return f"<UdpEndpoint fd={self.fd} {self.listener.name} max={len(self._buf)}>"
+        return f"<UdpEndpoint fd={self.fd} {self.listener.name} max_datagram={self._size}>"
 
     def set_max_datagram(self, size: int) -> None:
         """Resize the receive buffer: a datagram longer than size now reads as truncated."""
-        self._buf = bytearray(size)
-        self._view = memoryview(self._buf)
+        self._size = size
+        self._view = memoryview(bytearray(size))
 
     def on_event(self, events: int) -> int:
         """Handle up to DATAGRAMS_PER_EVENT datagrams; reschedule the rest in edge mode."""
         if events & select.EPOLLERR:
             self._clear_errors()
+        sock, stats, wildcard = self.sock, self._stats, self._wildcard
         limiter_reports = False
         for _ in range(DATAGRAMS_PER_EVENT):
             try:
-                nbytes, ancdata, flags, addr = self.sock.recvmsg_into([self._view], self._ancsize)
+                if wildcard:
+                    nbytes, ancdata, flags, addr = sock.recvmsg_into([self._view], self._ancsize)
+                else:
+                    # MSG_TRUNC: the datagram's real length, so that a longer one shows.
+                    nbytes, addr = sock.recvfrom_into(self._view, 0, socket.MSG_TRUNC)
             except BlockingIOError:
                 break
             except OSError as e:
                 if e.errno in _ICMP_ERRNOS:
-                    self._stats.icmp_errors += 1
+                    stats.icmp_errors += 1
                     continue
                 log.warning("udp_recv_failed", address=self.listener.name, error=str(e))
                 break
-            reason = self._echo(nbytes, ancdata, flags, addr)
+            stats.received += 1
+            if wildcard:
+                reason = self._echo_from_destination(nbytes, ancdata, flags, addr)
+            else:
+                reason = self._echo(nbytes, addr)
             if reason is not None:
-                self._stats.dropped[reason] += 1
-                if reason in ("rate", "byte_rate", "total_rate"):
+                stats.dropped[reason] += 1
+                if reason in _LIMITER_REASONS:
                     limiter_reports = True
         else:
             if self.edge:  # datagrams may be left that no new edge will announce
@@ -177,35 +194,53 @@ class UdpEndpoint:
             self._log_reports()
         return self.mask
 
-    def _echo(self, nbytes: int, ancdata: list[tuple[int, int, bytes]], flags: int,
-              addr: Any) -> str | None:  # fmt: skip
-        """Echo one received datagram; None when sent, else the drop reason."""
-        self._stats.received += 1
+    def _echo(self, nbytes: int, addr: Any) -> str | None:
+        """Echo a datagram on a socket bound to one address; None when sent, else why not.
+
+        recvfrom/sendto rather than recvmsg/sendmsg: no ancillary data is needed here, and
+        they are the cheaper calls on the hot path.
+        """
+        if nbytes > self._size:
+            return TRUNCATED
+        host, port = addr[0], addr[1]
+        if _not_unicast(host, self._v6):
+            return NOT_UNICAST
+        if port == self._local[1] and host == self._local[0]:
+            return "source_port"  # from ourselves: the reply would come back to us, forever
+        reason = self._limiter.admit(host, port, nbytes, self._clock.now)
+        if reason is not None:
+            return reason
+        try:
+            self.sock.sendto(self._view[:nbytes], addr)
+        except OSError as e:
+            return SEND_BUFFER if e.errno in _SEND_FULL else SEND_ERROR
+        self._stats.echoed += 1
+        return None
+
+    def _echo_from_destination(self, nbytes: int, ancdata: list[tuple[int, int, bytes]],
+                               flags: int, addr: Any) -> str | None:  # fmt: skip
+        """Echo a datagram on a wildcard socket, from the address it was sent to."""
         if flags & socket.MSG_TRUNC:
             return TRUNCATED
         host, port = addr[0], addr[1]
-        if self._v6:
-            if host[:2] in ("ff", "FF") and host[4:5] == ":":  # ff00::/8, multicast
-                return NOT_UNICAST
-        elif host.partition(".")[0] in _NOT_UNICAST_V4:
+        if _not_unicast(host, self._v6):
             return NOT_UNICAST
         reply_anc: list[tuple[int, int, bytes]] = []
         local = self._local
-        if self._wildcard:
-            for level, kind, data in ancdata:
-                if self._v6 and kind == socket.IPV6_PKTINFO and len(data) >= _PKTINFO6_SIZE:
-                    if data[0] == 0xFF:  # sent to a multicast group
-                        return NOT_UNICAST
-                    # Our destination address and the arriving interface (link-local needs it).
-                    reply_anc = [(level, kind, data[:_PKTINFO6_SIZE])]
-                    local = (socket.inet_ntop(socket.AF_INET6, data[:16]), local[1])
-                elif not self._v6 and kind == listeners_mod.IP_PKTINFO and len(data) >= 12:
-                    spec_dst, destination = data[4:8], data[8:12]
-                    if spec_dst != destination:  # broadcast or multicast: not a local unicast
-                        return NOT_UNICAST
-                    # ipi_spec_dst is the reply's source; ifindex 0 lets the route choose.
-                    reply_anc = [(level, kind, b"\0\0\0\0" + spec_dst + b"\0\0\0\0")]
-                    local = (socket.inet_ntop(socket.AF_INET, destination), local[1])
+        for level, kind, data in ancdata:
+            if self._v6 and kind == socket.IPV6_PKTINFO and len(data) >= _PKTINFO6_SIZE:
+                if data[0] == 0xFF:  # sent to a multicast group
+                    return NOT_UNICAST
+                # Our destination address and the arriving interface (link-local needs it).
+                reply_anc = [(level, kind, data[:_PKTINFO6_SIZE])]
+                local = (socket.inet_ntop(socket.AF_INET6, data[:16]), local[1])
+            elif not self._v6 and kind == listeners_mod.IP_PKTINFO and len(data) >= 12:
+                spec_dst, destination = data[4:8], data[8:12]
+                if spec_dst != destination:  # broadcast or multicast: not a local unicast
+                    return NOT_UNICAST
+                # ipi_spec_dst is the reply's source; ifindex 0 lets the route choose.
+                reply_anc = [(level, kind, b"\0\0\0\0" + spec_dst + b"\0\0\0\0")]
+                local = (socket.inet_ntop(socket.AF_INET, destination), local[1])
         if port == local[1] and host == local[0]:
             return "source_port"  # from ourselves: the reply would come back to us, forever
         reason = self._limiter.admit(host, port, nbytes, self._clock.now)
