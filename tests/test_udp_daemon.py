@@ -271,13 +271,30 @@ def test_reload_adds_keeps_and_removes_udp_listeners(start_daemon: StartDaemon) 
 
 
 def test_graceful_stop_closes_udp_and_reports_counts(start_daemon: StartDaemon) -> None:
-    """SIGTERM closes UDP sockets at once and exits 0; shutdown_complete has the counts."""
-    daemon = start_daemon(udp_config(["udp:127.0.0.1:0"]))
+    """SIGTERM closes UDP sockets at once, while a TCP connection still drains; the daemon
+    exits 0 and shutdown_complete has the counts."""
+    daemon = start_daemon(udp_config(["127.0.0.1:0", "udp:127.0.0.1:0"]))
+    daemon.wait_for("listening", count=2)
     (address,) = udp_addresses(daemon)
     with client() as c:
         c.sendto(b"one", address)
         assert c.recv(10) == b"one"
-    daemon.signal(signal.SIGTERM)
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=WAIT_S) as tcp:
+        tcp.sendall(b"draining")
+        assert tcp.recv(10) == b"draining"
+        daemon.signal(signal.SIGTERM)
+        daemon.wait_for("shutdown_started")  # logged just before the sockets are closed
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as again:
+            deadline = time.monotonic() + WAIT_S / 2  # shutdown_timeout is 10 s
+            while True:
+                try:
+                    again.bind(address)  # the daemon's UDP socket is closed
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, "the UDP socket stayed open"
+                    time.sleep(0.01)
+        assert daemon.proc.poll() is None  # still draining the TCP connection
+        assert not daemon.events("shutdown_complete")
     assert daemon.wait() == 0
     (done,) = daemon.events("shutdown_complete")
     assert (done["udp_received"], done["udp_echoed"], done["udp_dropped"]) == (1, 1, 0)
