@@ -149,7 +149,7 @@ class EchoService:
                 address=listener.name,
                 fd=listener.fd,
                 trigger=self._config.trigger,
-                io=self._config.io,
+                io="copy" if listener.is_udp else self._config.io,  # no splice for UDP
                 inherited=listener.inherited,
             )
         self._notifier.ready(self._status_line())

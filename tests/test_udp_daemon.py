@@ -96,6 +96,8 @@ def test_exact_echo_over_ipv4_and_ipv6(start_daemon: StartDaemon, io: str) -> No
     """0, 1, 1472, 9000 and 65507 bytes come back once, unchanged, over IPv4 and IPv6."""
     daemon = start_daemon({**udp_config(["udp:127.0.0.1:0", "udp:[::1]:0"]), "io": io})
     daemon.wait_for("listening", count=2)
+    # splice(2) needs a stream: with io: splice, UDP listeners still copy, and say so.
+    assert [e["io"] for e in daemon.events("listening")] == ["copy", "copy"]
     for (host, port), family in zip(udp_addresses(daemon), (socket.AF_INET, socket.AF_INET6),
                                     strict=True):  # fmt: skip
         with client(family) as c:
