@@ -244,7 +244,7 @@ def test_reload_adds_keeps_and_removes_udp_listeners(start_daemon: StartDaemon) 
             # The same entries are kept (a port-0 entry stays "udp:127.0.0.1:0").
             "listen": ["127.0.0.1:0", "udp:127.0.0.1:0", f"udp:127.0.0.1:{tcp_port}"],
             "trigger": "edge",
-            "udp": {"refuse_source_ports": [source_port]},
+            "udp": {"refuse_source_ports": [source_port], "max_datagram": 100},
         })  # fmt: skip
         daemon.signal(signal.SIGHUP)
         daemon.wait_for("config_reloaded")
@@ -255,8 +255,9 @@ def test_reload_adds_keeps_and_removes_udp_listeners(start_daemon: StartDaemon) 
             fresh.sendto(b"shared port", ("127.0.0.1", tcp_port))
             assert fresh.recv(20) == b"shared port"
             c.sendto(b"refused now", kept)  # the new refused port applies at once
+            fresh.sendto(b"x" * 101, kept)  # so does the new max_datagram
             fresh.sendto(b"kept", kept)
-            assert fresh.recv(10) == b"kept"
+            assert fresh.recv(200) == b"kept"
         assert drain(c) == []
     # The kept listener was not re-bound: it still answers on its port and fd.
     write_config(daemon.config_path, {"listen": ["127.0.0.1:0", "udp:127.0.0.1:0"]})
@@ -268,6 +269,7 @@ def test_reload_adds_keeps_and_removes_udp_listeners(start_daemon: StartDaemon) 
     counters = stats(daemon)
     assert counters["udp_listeners"] == 1
     assert counters["udp_dropped_source_port"] == 1
+    assert counters["udp_dropped_truncated"] == 1
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as again:
         again.bind(("127.0.0.1", tcp_port))  # the removed one's socket is closed
 
@@ -475,3 +477,19 @@ def test_status_names_udp_listeners_and_counts(tmp_path: Path, mode: dict[str, A
     finally:
         daemon.stop()
         manager.close()
+
+
+def test_replies_to_closed_ports_do_not_disturb(start_daemon: StartDaemon) -> None:
+    """Clients that close before their reply (ICMP port unreachable comes back) leave the
+    daemon serving: the next client is answered and nothing is counted as a send error."""
+    daemon = start_daemon(udp_config(["udp:127.0.0.1:0"], total_rate=0))
+    (address,) = udp_addresses(daemon)
+    for i in range(200):
+        with client(bind=(f"127.0.1.{1 + i % 200}", 0)) as gone:
+            gone.sendto(b"bye", address)  # closed at once: the reply meets a closed port
+    with client() as c:
+        ask_until_answered(c, b"still serving", address)
+    counters = stats(daemon)
+    assert counters["udp_received"] >= 201
+    assert counters["udp_echoed"] == counters["udp_received"]  # each reply was sent
+    assert counters["udp_dropped"] == 0
