@@ -2,8 +2,8 @@
 
 Each datagram is echoed once, as one datagram with the same bytes, to its source, from
 the address it was sent to; or dropped and counted, never queued:
-- Longer than udp.max_datagram (the read buffer): recvmsg reports MSG_TRUNC, and a
-  datagram is never echoed in part ("truncated").
+- Longer than udp.max_datagram (the read buffer): MSG_TRUNC shows it, and a datagram
+  is never echoed in part ("truncated").
 - Refused by the UdpLimiter: source port, per-source rates, the total rate.
 - Sent to a broadcast or multicast address, or "from" one: answering would multiply
   replies ("not_unicast"); from our own address and port: it would loop ("source_port").
@@ -12,8 +12,8 @@ the address it was sent to; or dropped and counted, never queued:
   Other send errors (EACCES for a broadcast source, EPERM from a firewall) are
   "send_error".
 ICMP errors that a UDP socket may report on recv (ECONNREFUSED and friends: RFC 1122
-4.1.3.3) are counted and skipped; an EPOLLERR is cleared with SO_ERROR so that a
-level-triggered socket does not report it forever.
+4.1.3.3) are counted and skipped; an EPOLLERR is cleared (SO_ERROR, MSG_ERRQUEUE) so
+that a level-triggered socket does not report it forever.
 
 A wildcard socket (0.0.0.0, [::]) gets IP_PKTINFO / IPV6_PKTINFO with each datagram
 (listeners.enable_pktinfo) and sends the reply with the destination as its source, or on
@@ -39,9 +39,9 @@ from epolld import listeners as listeners_mod
 from epolld.config import UdpConfig
 from epolld.listeners import Listener
 from epolld.loop import Reactor
-from epolld.ratelimit import UdpLimiter
+from epolld.ratelimit import BYTE_RATE, RATE, SOURCE_PORT, TOTAL_RATE, UdpLimiter
 
-log = structlog.get_logger()
+log = structlog.get_logger("epolld")
 
 DATAGRAMS_PER_EVENT: Final = 64  # before yielding to other sockets and connections
 
@@ -51,8 +51,7 @@ NOT_UNICAST: Final = "not_unicast"
 SEND_BUFFER: Final = "send_buffer"
 SEND_ERROR: Final = "send_error"
 DROP_REASONS: Final = (
-    "source_port", "rate", "byte_rate", "total_rate", TRUNCATED, NOT_UNICAST, SEND_BUFFER,
-    SEND_ERROR,
+    SOURCE_PORT, RATE, BYTE_RATE, TOTAL_RATE, TRUNCATED, NOT_UNICAST, SEND_BUFFER, SEND_ERROR,
 )  # fmt: skip
 
 # recv() errors on a UDP socket that are an ICMP message about an earlier datagram.
@@ -61,7 +60,7 @@ _ICMP_ERRNOS: Final = frozenset({
     errno.ENETDOWN, errno.ECONNRESET, errno.EPROTO, errno.ENOPROTOOPT, errno.EMSGSIZE,
 })  # fmt: skip
 _SEND_FULL: Final = frozenset({errno.EAGAIN, errno.ENOBUFS})
-_LIMITER_REASONS: Final = frozenset({"rate", "byte_rate", "total_rate"})  # logged by reports
+_LIMITER_REASONS: Final = frozenset({RATE, BYTE_RATE, TOTAL_RATE})  # logged by reports
 
 _PKTINFO4_SIZE: Final = 12  # struct in_pktinfo: ifindex, spec_dst, addr
 _PKTINFO6_SIZE: Final = 20  # struct in6_pktinfo: addr, ifindex
@@ -206,7 +205,7 @@ class UdpEndpoint:
         if _not_unicast(host, self._v6):
             return NOT_UNICAST
         if port == self._local[1] and host == self._local[0]:
-            return "source_port"  # from ourselves: the reply would come back to us, forever
+            return SOURCE_PORT  # from ourselves: the reply would come back to us, forever
         reason = self._limiter.admit(host, port, nbytes, self._clock.now)
         if reason is not None:
             return reason
@@ -242,7 +241,7 @@ class UdpEndpoint:
                 reply_anc = [(level, kind, b"\0\0\0\0" + spec_dst + b"\0\0\0\0")]
                 local = (socket.inet_ntop(socket.AF_INET, destination), local[1])
         if port == local[1] and host == local[0]:
-            return "source_port"  # from ourselves: the reply would come back to us, forever
+            return SOURCE_PORT  # from ourselves: the reply would come back to us, forever
         reason = self._limiter.admit(host, port, nbytes, self._clock.now)
         if reason is not None:
             return reason
