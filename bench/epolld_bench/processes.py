@@ -97,3 +97,15 @@ def cpu_jiffies() -> dict[str, list[int]]:
             f = [int(x) for x in line.split()[1:]]
             rows[line.split()[0]] = [sum(f), f[3] + f[4]]
     return rows
+
+
+def listen_drops() -> int | None:
+    """TcpExt ListenDrops from /proc/net/netstat: SYNs and handshakes a full accept queue
+    dropped (this network namespace, every listener). A dropped SYN is retried after 1 s,
+    which shows as steps of a second in the time to establish many connections."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        lines = Path("/proc/net/netstat").read_text().splitlines()
+        for names, values in zip(lines[::2], lines[1::2], strict=False):
+            if names.startswith("TcpExt:"):
+                return int(values.split()[names.split().index("ListenDrops")])
+    return None

@@ -152,7 +152,8 @@ TABLES: dict[str, list[Column]] = {
         ("start-up RSS MiB", col_median("start_rss_mib", 1)),
         ("peak RSS MiB", col_range("peak_rss_mib", 1)),
         ("KiB per conn", col_range("rss_per_conn_kib", 3)),
-        ("pipes", col_median("server_pipes")),
+        ("listen drops", col_range("listen_drops")),
+        ("pipe fds", col_median("server_pipes")),
         ("ping-pong p50 µs", col_median("p50_us")),
         ("p99 µs", col_range("p99_us")),
         ("max µs", col_median("max_us")),
@@ -212,7 +213,10 @@ def method(data: dict[str, Any]) -> list[str]:
         " first echo; **KiB per conn** is the server's peak RSS above its start-up RSS (read"
         " right after it announced its port) divided by the connections. In the **expiry** run"
         " the idle timeout closes every held connection while the ping-pong client keeps"
-        " sending: its longest round trip is the longest the loop was held.",
+        " sending: its longest round trip is the longest the loop was held. **listen drops**"
+        " (TcpExt ListenDrops) counts handshakes a full accept queue dropped while the"
+        " connections were established: each is retried after 1 s, so a server that drains its"
+        " queue too slowly pays whole seconds. **pipe fds** (splice) are its pipe ends.",
         "",
     ]
 
@@ -238,7 +242,8 @@ def targets_table(data: dict[str, Any]) -> list[str]:
         if t.get("ratio") is not None:
             shown += f" ({t['ratio']:.2f}x)"
         limit = t.get("limit")
-        limit_text = fmt(limit, 3 if (limit or 0) < 10 else 2) if limit is not None else DASH
+        digits = 3 if (limit or 0) < 10 else 2
+        limit_text = fmt(limit, digits) if limit is not None else DASH
         paired = DASH
         if t.get("paired"):
             p_med, low, high = t["paired"]
@@ -253,9 +258,9 @@ def targets_table(data: dict[str, Any]) -> list[str]:
 def workload_tables(data: dict[str, Any], loadgen_args: dict[str, list[str]]) -> list[str]:
     out: list[str] = []
     summary = data["summary"]
-    for name, per in summary.items():
-        workload = WORKLOADS.get(name)
-        if not per or workload is None:
+    for name, workload in WORKLOADS.items():  # the saved JSON has its keys sorted
+        per = summary.get(name)
+        if not per:
             continue
         columns = TABLES.get(name) or TABLES[workload.table]
         ctx = Context(workload, per.get("c-epoll", {}), per.get("uvloop-protocol", {}))
@@ -268,9 +273,11 @@ def workload_tables(data: dict[str, Any], loadgen_args: dict[str, list[str]]) ->
             out += [f"beside: {background}", ""]
         head = "| Server | " + " | ".join(h for h, _ in columns) + " |"
         out += [head, "|" + "---|" * (len(columns) + 1)]
-        for sname, entry in per.items():
-            server = SERVERS.get(sname)
-            label = server.title if server else sname
+        for sname, server in SERVERS.items():
+            entry = per.get(sname)
+            if not entry:
+                continue
+            label = server.title
             if server and server.io == "splice" and "splice" not in entry.get("io", ["splice"]):
                 label += " — **ran as copy** (no pipes)"
             out.append(f"| {label} | " + " | ".join(cell(entry, ctx) for _, cell in columns) + " |")

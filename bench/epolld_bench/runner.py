@@ -90,6 +90,7 @@ def run_once(server: Server, workload: Workload, rep: int, opts: argparse.Namesp
     background: list[subprocess.Popen[bytes]] = []
     bg_results: list[Result] = []
     pipes = None
+    drops_before = processes.listen_drops()
     try:
         for args in workload.background():
             argv = loadgen_argv(args, port, proc.pid, 0.0, HOLD_CAP_S, hold=True)
@@ -102,6 +103,9 @@ def run_once(server: Server, workload: Workload, rep: int, opts: argparse.Namesp
         if problem:
             extra["background_failed"] = problem
         if workload.holders:
+            drops = processes.listen_drops()
+            if drops is not None and drops_before is not None:
+                extra["listen_drops"] = drops - drops_before
             extra["server_established_rss_kib"] = processes.status_kib(proc.pid, "VmRSS")
             if server.io == "splice":
                 pipes = processes.count_pipes(proc.pid)
@@ -281,7 +285,10 @@ def brief(r: Result) -> str:
     if "firehose_mb_per_s" in r:
         text += f"  firehose {r['firehose_mb_per_s']:,.0f} MB/s"
     if "all_echoing_s" in r:
-        text += f"  echoing {r['all_echoing_s']:.3f}s  {r.get('rss_per_conn_kib', 0):.2f} KiB/conn"
+        text += (
+            f"  echoing {r['all_echoing_s']:.3f}s  drops {r.get('listen_drops')}"
+            f"  {r.get('rss_per_conn_kib', 0):.2f} KiB/conn"
+        )
     if "expired" in r:
         text += (
             f"  expired {r['expired']} in {r.get('wave_s', 0):.3f}s  max {lat.get('max', 0):,.0f}us"
@@ -323,6 +330,7 @@ METRICS: dict[str, Callable[[Result], Any]] = {  # summary key: how to get it fr
     "expired": _field("expired"),
     "wave_s": _field("wave_s"),
     "server_pipes": _field("server_pipes"),
+    "listen_drops": _field("listen_drops"),
     "client_busy": _field("client_share"),
     "server_cpu_busy": lambda r: (r.get("cpu_busy") or {}).get(f"cpu{processes.SERVER_CPU}"),
     "foreign_load": _field("foreign_load"),
