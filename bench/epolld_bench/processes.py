@@ -22,22 +22,26 @@ STOP_TIMEOUT_S = 5.0  # SIGTERM to SIGKILL
 # session each of them gets is niced too (/proc/PID/autogroup, sched(7)).
 NICE_LEVEL = -10
 NICE = ["nice", "-n", str(NICE_LEVEL)]
+# Background clients (firehoses, holders of idle connections) share the client core with the
+# measured client: at nice 0 against its -10, the measured client preempts them when it
+# wakes, so that its round trips show the server's delays, not the client core's time slices.
+BACKGROUND_NICE_LEVEL = 0
 
 _children: dict[int, subprocess.Popen[bytes]] = {}  # pid -> process, all started by us
 
 
-def pinned(cpu: int) -> list[str]:
+def pinned(cpu: int, nice: int = NICE_LEVEL) -> list[str]:
     """The prefix that runs a command niced and pinned to one CPU."""
-    return [*NICE, "taskset", "-c", str(cpu)]
+    return ["nice", "-n", str(nice), "taskset", "-c", str(cpu)]
 
 
 def spawn(argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
     """Start argv in a new session (its own process group) and remember it for cleanup."""
     proc = subprocess.Popen(argv, start_new_session=True, **kwargs)
     _children[proc.pid] = proc
-    if argv[: len(NICE)] == NICE:
+    if argv[:2] == ["nice", "-n"]:  # the session's autogroup gets the same nice value
         with contextlib.suppress(OSError):
-            Path(f"/proc/{proc.pid}/autogroup").write_text(str(NICE_LEVEL))
+            Path(f"/proc/{proc.pid}/autogroup").write_text(argv[2])
     return proc
 
 

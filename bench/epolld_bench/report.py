@@ -205,18 +205,21 @@ def method(data: dict[str, Any]) -> list[str]:
         + retried
         + " Ratios are of the CPU/Mrt medians (of MB/s for streaming).",
         "",
-        "**Fairness** and **scale** runs start background clients first (two firehoses, or the"
-        " holders of the idle connections: processes of at most 10,000 connections each, bound"
-        " to source addresses 127.0.0.2, .3, ... so that the 4-tuples do not run out), wait"
-        " until each has established its connections, then measure one ping-pong client beside"
-        " them. **all echoing** is the time from the first connect() to the last connection's"
-        " first echo; **KiB per conn** is the server's peak RSS above its start-up RSS (read"
-        " right after it announced its port) divided by the connections. In the **expiry** run"
-        " the idle timeout closes every held connection while the ping-pong client keeps"
-        " sending: its longest round trip is the longest the loop was held. **listen drops**"
-        " (TcpExt ListenDrops) counts handshakes a full accept queue dropped while the"
-        " connections were established: each is retried after 1 s, so a server that drains its"
-        " queue too slowly pays whole seconds. **pipe fds** (splice) are its pipe ends.",
+        "**Fairness** and **scale** runs start background clients first (two firehoses, or the "
+        "holders of the idle connections: processes of at most 10,000 connections each, bound "
+        "to source addresses 127.0.0.2, .3, ... so that the 4-tuples do not run out), wait "
+        "until each has established its connections, then measure one ping-pong client beside "
+        f"them; the background clients run at nice {processes.BACKGROUND_NICE_LEVEL}, so that "
+        "the measured client preempts them on its core when it wakes. **all echoing** is the "
+        "time from the first connect() to the last connection's first echo; **KiB per conn** is"
+        " the server's peak RSS above its start-up RSS (read right after it announced its port)"
+        " divided by the connections. In the **expiry** run the idle timeout closes every held "
+        "connection while the ping-pong client keeps sending: its longest round trip is the "
+        "longest the loop was held. **listen drops** (TcpExt ListenDrops) counts handshakes a "
+        "full accept queue dropped while the connections were established: each is retried "
+        "after 1 s, so a server that drains its queue too slowly pays whole seconds. **pipe "
+        "fds** (splice) are its pipe ends. In the fairness table the client core's **other**"
+        " includes the firehoses.",
         "",
     ]
 

@@ -38,8 +38,9 @@ Result = dict[str, Any]
 def loadgen_argv(
     args: list[str], port: int, pid: int, warmup: float, duration: float, hold: bool = False
 ) -> list[str]:
+    nice = processes.BACKGROUND_NICE_LEVEL if hold else processes.NICE_LEVEL
     argv = [
-        *processes.pinned(processes.CLIENT_CPU), str(BIN / "loadgen"),
+        *processes.pinned(processes.CLIENT_CPU, nice), str(BIN / "loadgen"),
         "--port", str(port), "--server-pid", str(pid),
         "--warmup", str(warmup), "--duration", str(duration),
         "--watch-cpu", str(processes.SERVER_CPU),
