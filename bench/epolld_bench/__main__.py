@@ -27,6 +27,7 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from . import processes, workloads
@@ -199,7 +200,7 @@ def _check_descriptors(chosen: list[workloads.Workload]) -> None:
 
 
 def estimate_s(
-    chosen: list[workloads.Workload], servers: dict[str, object], opts: argparse.Namespace
+    chosen: list[workloads.Workload], servers: Mapping[str, object], opts: argparse.Namespace
 ) -> float:
     """A rough wall time: per run the measured time, the warm-up and ~0.4 s of start and stop,
     plus ~1 s per 10,000 connections to establish and close (retries not counted)."""

@@ -105,7 +105,10 @@ def summarize_profile(raw: Path, name: str, result: dict[str, Any]) -> str:
         "",
         "self time by source line (a line that makes a system call includes the kernel's time):",
     ]
-    pct = lambda n: f"{100 * n / max(1, total):5.1f}%"  # noqa: E731
+
+    def pct(n: int) -> str:
+        return f"{100 * n / max(1, total):5.1f}%"
+
     for frame, count in sorted(self_line.items(), key=lambda kv: -kv[1])[:20]:
         lines.append(f"  {pct(count)}  {frame}   {_source_line(frame)}")
     # Samples on lines that make no system call: where the interpreter's own time goes.

@@ -51,7 +51,7 @@ def loadgen_argv(
 
 
 def measured_seconds(workload: Workload, opts: argparse.Namespace) -> float:
-    return max(opts.duration, workload.min_duration_s)
+    return max(float(opts.duration), workload.min_duration_s)
 
 
 def _wait_established(clients: list[subprocess.Popen[bytes]]) -> str | None:

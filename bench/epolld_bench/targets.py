@@ -120,7 +120,7 @@ def _paired_ratios(raw: dict[str, Any], t: Target) -> list[float]:
     if not raw or not t.ref or t.ref.startswith("@"):
         return []
     key = METRIC_KEY.get(t.metric, t.metric)
-    get = METRICS.get(key, lambda r: r.get(key))
+    get = METRICS.get(key) or (lambda r: r.get(key))
     mine, theirs = raw.get(t.workload, {}).get(t.server, []), raw.get(t.workload, {}).get(t.ref, [])
     pairs = [(get(a), get(b)) for a, b in zip(mine, theirs, strict=False)]
     return [a / b for a, b in pairs if a is not None and b]
