@@ -42,6 +42,7 @@ FIELD_NAME_MAX = 64  # journald drops fields with longer names (journal_field_va
 # sd-journal asks for 8 MiB so that a burst of entries does not block; the kernel caps it
 # at net.core.wmem_max (and doubles it). Larger entries go through a memfd.
 SEND_BUFFER_BYTES = 8 * 1024 * 1024
+READABLE_VALUE_MAX = 200  # characters of a value in a default MESSAGE
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
 
 # syslog(3) priorities for structlog's level names. "trace" (below debug) has no syslog level
@@ -173,7 +174,11 @@ def _sentence(event: str, event_dict: Mapping[str, Any]) -> str | None:
 
 
 def _readable(value: Any) -> str:
+    """A value for "key=value" in a default MESSAGE: quoted if it needs it, and cut short (its
+    field has all of it)."""
     text = field_value(value)
+    if len(text) > READABLE_VALUE_MAX:
+        text = text[: READABLE_VALUE_MAX - 1] + "…"
     if isinstance(value, str) and (not text or any(c in text for c in " \"'=\n")):
         return json.dumps(value, ensure_ascii=False)
     return text
@@ -237,6 +242,11 @@ class JournalSocket:
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         st = os.fstat(self._sock.fileno())
         self._identity = (st.st_dev, st.st_ino)
+
+    @property
+    def send_buffer_bytes(self) -> int:
+        """SO_SNDBUF as the kernel granted it: a larger entry is sent in a memfd."""
+        return int(self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
 
     @classmethod
     def open(cls, path: str = SOCKET_PATH) -> JournalSocket | None:

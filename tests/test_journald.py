@@ -367,6 +367,10 @@ def test_any_event_gets_a_readable_default_message(
     log.info("listening", fd=4)  # its sentence names the address
     assert journal.receive()["MESSAGE"] == 'something_odd fd=3 why="no idea" empty=""'
     assert journal.receive()["MESSAGE"] == "listening fd=4"
+    log.info("long_one", blob="y" * 1000)
+    entry = journal.receive()
+    assert entry["MESSAGE"] == "long_one blob=" + "y" * 199 + "…", "MESSAGE stays short"
+    assert entry["EPOLLD_BLOB"] == "y" * 1000
 
 
 def test_newline_in_a_value_stays_in_one_entry(
@@ -388,7 +392,7 @@ def test_entry_larger_than_a_datagram_goes_in_a_sealed_memfd(
     SCM_RIGHTS and an empty payload, and arrives whole."""
     configure(journal_stream, journal)
     probe = journald.JournalSocket(journal.path)
-    send_buffer = probe._sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    send_buffer = probe.send_buffer_bytes
     probe.close()
     big = "x" * (send_buffer + 4096) + "\nend"
     log.error("big_one", blob=big)
