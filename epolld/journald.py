@@ -70,7 +70,6 @@ _MESSAGES = {
     "connection_closed": "connection closed: {peer}, {bytes_in} bytes in, {bytes_out} out, "
     "{reason}",
     "connection_refused": "connection refused: over {limit} ({value}), {refused} refused",
-    "connection_bug": "connection failed on an internal error: {conn}",
     "accept_failed": "accept failed on {address}",
     "accept_paused": "accepting paused on {address} for {retry_s} s",
     "accept_resumed": "accepting resumed after {paused_s} s",
@@ -84,6 +83,7 @@ _MESSAGES = {
     "shutdown_complete": "shutdown complete: {accepted} accepted, {bytes_in} bytes in",
     "stats": "stats: {connections} open, {accepted} accepted, {bytes_in} bytes in, {bytes_out} out",
     "loop_crashed": "event loop crashed",
+    "handler_bug": "internal error, closing {handler}",
 }
 # Not fields of their own: PRIORITY carries the level, journald stamps every entry itself,
 # and the traceback gets a name that says what it is.
