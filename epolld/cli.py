@@ -130,10 +130,14 @@ def serve(args: argparse.Namespace, config: Config, notifier: Notifier) -> int:
 
     try:
         context = daemon_context(
-            config.daemon.pidfile, [lst.fd for lst in bound], config.daemon.log_file
+            config.daemon.pidfile,
+            [lst.fd for lst in bound],
+            config.daemon.log_file,
+            configure_logging=lambda: logsetup.configure(
+                config.logging.level, config.logging.format
+            ),
         )
         with context:
-            logsetup.configure(config.logging.level, config.logging.format)
             return run_loop(args, config, bound, notifier)
     except BaseException:
         for listener in bound:
