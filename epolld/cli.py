@@ -7,7 +7,7 @@ import dataclasses
 import faulthandler
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import structlog
 
@@ -137,8 +137,8 @@ def serve(args: argparse.Namespace, config: Config, notifier: Notifier) -> int:
                 config.logging.level, config.logging.format
             ),
         )
-        with context:
-            return run_loop(args, config, bound, notifier)
+        with context as reopen_log:
+            return run_loop(args, config, bound, notifier, before_reload=reopen_log)
     except BaseException:
         for listener in bound:
             listener.sock.close()
@@ -171,9 +171,18 @@ def bind_listeners(config: Config) -> list[listeners.Listener]:
 
 
 def run_loop(
-    args: argparse.Namespace, config: Config, bound: list[listeners.Listener], notifier: Notifier
+    args: argparse.Namespace,
+    config: Config,
+    bound: list[listeners.Listener],
+    notifier: Notifier,
+    before_reload: Callable[[], None] = lambda: None,
 ) -> int:
-    loop = EventLoop(config, bound, notifier, reload=lambda: load(args))
+    def reload() -> Config:
+        # First, so that a rotated log file is let go even when the new config is invalid.
+        before_reload()
+        return load(args)
+
+    loop = EventLoop(config, bound, notifier, reload=reload)
     try:
         return loop.run()
     except Exception:

@@ -5,7 +5,8 @@ the terminal, and only then enters daemon_context(). python-daemon 2.3.2 (Debian
 does the rest: fork twice with setsid, chdir /, close every fd not preserved and point
 stdin/stdout/stderr elsewhere. The pidfile is epolld's own (epolld/pidfile.py: locked, so
 that a stale one is told from a live one by the lock, not by a PID that may be reused);
-a live one is reported before forking.
+a live one is reported before forking. The log file is reopened on request (SIGHUP), for
+logrotate.
 
 Never use this under systemd: it would close socket-activation fds and the journal
 stream, and systemd would lose track of the main PID.
@@ -74,13 +75,38 @@ def _open_log(path: str) -> IO[str]:
         raise DaemonError(f"cannot open log file {path}: {e.strerror}") from None
 
 
+def reopen_log(path: str) -> None:
+    """Point stdout and stderr at the file now at path, creating it if it was moved away.
+
+    logrotate without copytruncate renames the file and then signals: until the daemon
+    reopens, it keeps writing to the renamed file. On failure the old file stays in use, and
+    the error is logged there.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    except OSError as e:
+        log.error("log_reopen_failed", log_file=path, error=e.strerror)
+        return
+    # What is buffered still belongs to the old file: nothing lost, nothing written twice.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, sys.stdout.fileno())
+    os.dup2(fd, sys.stderr.fileno())
+    os.close(fd)
+    log.info("log_reopened", log_file=path)
+
+
+def _keep_log() -> None:
+    """Without a log file there is nothing to reopen."""
+
+
 @contextlib.contextmanager
 def daemon_context(
     pidfile: str | None,
     files_preserve: list[int],
     log_file: str | None,
     configure_logging: Callable[[], None],
-) -> Iterator[None]:
+) -> Iterator[Callable[[], None]]:
     """Become a classic Unix daemon for the duration of the with-block.
 
     The checks run in the foreground; then the process forks and the original exits 0,
@@ -93,6 +119,9 @@ def daemon_context(
         log_file: file that receives stdout and stderr, or None.
         configure_logging: sets up logging for the daemon's stdout; called in the daemon
             before anything is logged there.
+
+    Yields:
+        reopen_log for log_file (a no-op without one): call it on SIGHUP.
 
     Raises:
         DaemonError: started by systemd, already running, or a file cannot be created.
@@ -114,19 +143,20 @@ def daemon_context(
     )
     try:
         context.open()  # from here on this is the daemon, with stdout and stderr in log_file
-        try:
-            configure_logging()
-            if lock is not None:
-                lock.acquire()  # the race-free guard behind the foreground check
-                if stale is not None:
-                    log.warning("pidfile_stale_replaced", pidfile=lock.path, reason=stale)
-            try:
-                yield
-            finally:
-                if lock is not None:
-                    lock.release()
-        finally:
-            context.close()
     finally:
+        # Now held as fds 1 and 2 only, so that reopen_log leaves the rotated file unused.
         if log_stream is not None:
             log_stream.close()
+    try:
+        configure_logging()
+        if lock is not None:
+            lock.acquire()  # the race-free guard behind the foreground check
+            if stale is not None:
+                log.warning("pidfile_stale_replaced", pidfile=lock.path, reason=stale)
+        try:
+            yield (lambda: reopen_log(log_file)) if log_file else _keep_log
+        finally:
+            if lock is not None:
+                lock.release()
+    finally:
+        context.close()

@@ -458,3 +458,92 @@ def test_epolld_replaces_pidfile_naming_another_process(
     assert "now belongs to another process (sleep)" in warning["reason"]
     assert not _is_gone(unrelated_pid)
     assert echo_until_eof(_listening_port(tmp_path / "epolld.log"), b"x") == b"x"
+
+
+# Log rotation without copytruncate: mv the file away, SIGHUP, the daemon writes to a new one.
+
+
+def _events(log: Path) -> list[str]:
+    """The event names in a JSON log file, in order."""
+    return [json.loads(line)["event"] for line in log.read_text().splitlines()]
+
+
+def _open_files(pid: int) -> set[str]:
+    """The paths of the files a process has open."""
+    fds = Path(f"/proc/{pid}/fd")
+    return {os.readlink(fd) for fd in fds.iterdir()}
+
+
+def _rotate(log: Path) -> Path:
+    """What logrotate does before its postrotate script: rename the file (no copy, no truncate)."""
+    rotated = log.with_name(log.name + ".1")
+    log.rename(rotated)
+    return rotated
+
+
+def test_epolld_reopens_log_file_on_sighup(daemons: Daemons, tmp_path: Path) -> None:
+    """After a rename and SIGHUP, lines go to a new file at the path; none is lost or repeated."""
+    settings = _epolld_settings(tmp_path)
+    assert daemons.start_epolld(settings).returncode == 0
+    pid, log = daemons.pids[0], tmp_path / "epolld.log"
+    port = _listening_port(log)
+    os.kill(pid, signal.SIGUSR1)
+    _logged(log, "stats")
+    rotated = _rotate(log)
+    # Between the rename and the signal the daemon still writes to the renamed file.
+    os.kill(pid, signal.SIGUSR1)
+    _logged(rotated, "stats", count=2)
+    assert not log.exists()
+
+    os.kill(pid, signal.SIGHUP)
+    _logged(log, "config_reloaded")
+    os.kill(pid, signal.SIGUSR1)
+    _logged(log, "stats")
+
+    assert _events(log) == ["log_reopened", "config_reloaded", "stats"]
+    old = _events(rotated)
+    assert old.count("stats") == 2
+    assert "log_reopened" not in old
+    assert "config_reloaded" not in old
+    (reopened,) = _logged(log, "log_reopened")
+    assert reopened["log_file"] == str(log)
+    assert str(rotated) not in _open_files(pid), "the rotated file is let go"
+    assert str(log) in _open_files(pid)
+    assert echo_until_eof(port, b"after rotation") == b"after rotation"
+
+
+def test_epolld_reopens_log_file_even_when_reload_is_invalid(
+    daemons: Daemons, tmp_path: Path
+) -> None:
+    """A SIGHUP with a broken config still moves the log to the new file, and says so there."""
+    settings = _epolld_settings(tmp_path)
+    assert daemons.start_epolld(settings).returncode == 0
+    pid, log = daemons.pids[0], tmp_path / "epolld.log"
+    port = _listening_port(log)
+    rotated = _rotate(log)
+    daemons.config.write_text("listen: [\n")
+    os.kill(pid, signal.SIGHUP)
+    (failed,) = _logged(log, "config_reload_failed")
+    assert failed["level"] == "error"
+    assert _events(log) == ["log_reopened", "config_reload_failed"]
+    assert "log_reopened" not in _events(rotated)
+    assert str(rotated) not in _open_files(pid)
+    assert echo_until_eof(port, b"old config") == b"old config"
+
+
+def test_epolld_keeps_old_log_file_when_reopen_fails(daemons: Daemons, tmp_path: Path) -> None:
+    """When the path cannot be opened (here: a directory took its place), the old file stays."""
+    settings = _epolld_settings(tmp_path)
+    assert daemons.start_epolld(settings).returncode == 0
+    pid, log = daemons.pids[0], tmp_path / "epolld.log"
+    port = _listening_port(log)
+    rotated = _rotate(log)
+    log.mkdir()
+    os.kill(pid, signal.SIGHUP)
+    (failed,) = _logged(rotated, "log_reopen_failed")
+    assert failed["level"] == "error"
+    assert failed["log_file"] == str(log)
+    assert failed["error"] == "Is a directory"
+    _logged(rotated, "config_reloaded")  # the reload itself went ahead
+    assert str(rotated) in _open_files(pid)
+    assert echo_until_eof(port, b"still logging") == b"still logging"
