@@ -15,7 +15,7 @@ from epolld import __version__, activation, journald, listeners, logsetup
 from epolld import config as config_mod
 from epolld.config import Config
 from epolld.errors import EpolldError
-from epolld.loop import EventLoop
+from epolld.service import EchoService
 from epolld.systemd import Notifier
 
 DEFAULT_CONFIG = "/etc/epolld.yaml"
@@ -182,9 +182,9 @@ def run_loop(
         before_reload()
         return load(args)
 
-    loop = EventLoop(config, bound, notifier, reload=reload)
+    service = EchoService(config, bound, notifier, reload=reload)
     try:
-        return loop.run()
+        return service.run()
     except Exception:
         log.exception("loop_crashed")
         notifier.fatal("crashed: see the journal")
