@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import stat
 
 from epolld.errors import DaemonError
 
@@ -51,6 +52,8 @@ class PidFile:
             raise DaemonError(f"cannot read pidfile {self.path}: {e.strerror}") from None
         else:
             try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):  # the daemon could not write it
+                    raise DaemonError(f"cannot use pidfile {self.path}: not a regular file")
                 # A shared lock is enough to learn whether the daemon's exclusive one is held.
                 if not _try_lock(fd, fcntl.LOCK_SH):
                     raise DaemonError(self._already_running(_read_pid(fd)))
@@ -120,10 +123,9 @@ def _try_lock(fd: int, operation: int) -> bool:
 
 def _read_pid(fd: int) -> int | None:
     """The PID written in the file, or None if it holds none (empty, junk, not yet written)."""
-    data = os.pread(fd, _MAX_PIDFILE_BYTES, 0)
     try:
-        pid = int(data.decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError):
+        pid = int(os.pread(fd, _MAX_PIDFILE_BYTES, 0).decode("ascii").strip())
+    except (OSError, UnicodeDecodeError, ValueError):
         return None
     return pid if pid > 0 else None
 
@@ -131,11 +133,11 @@ def _read_pid(fd: int) -> int | None:
 def _names(path: str, fd: int) -> bool:
     """Whether path still names the file open as fd."""
     try:
-        st = os.stat(path)
+        named = os.stat(path)
     except FileNotFoundError:
         return False
     held = os.fstat(fd)
-    return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
 
 
 def _why_stale(pid: int | None) -> str:

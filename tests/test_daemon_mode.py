@@ -120,7 +120,7 @@ class Daemons:
     ) -> subprocess.CompletedProcess[str]:
         """Run the foreground part; it returns once the daemon has forked off."""
         # A stale pidfile is replaced by the daemon after the foreground has returned.
-        before = pidfile.read_text() if pidfile is not None and pidfile.exists() else None
+        before = pidfile.read_text() if pidfile is not None and pidfile.is_file() else None
         result = subprocess.run(
             argv,
             capture_output=True,
@@ -309,6 +309,18 @@ def test_unwritable_pidfile_directory_reported_in_foreground(
     assert result.stderr == (
         f"Error: cannot create pidfile {pidfile}: {pidfile.parent} is missing or not writable\n"
     )
+
+
+def test_pidfile_that_is_not_a_file_is_refused_in_foreground(
+    daemons: Daemons, tmp_path: Path
+) -> None:
+    """A directory at the pidfile's path is reported on the terminal instead of forking."""
+    pidfile = tmp_path / "epolld.pid"
+    pidfile.mkdir()
+    result = daemons.start(pidfile, tmp_path / "epolld.log")
+    assert result.returncode == os.EX_OSERR
+    assert result.stderr == f"Error: cannot use pidfile {pidfile}: not a regular file\n"
+    assert not (tmp_path / "epolld.log").exists()
 
 
 # The real `epolld --daemon`: the CLI binds, then runs its loop inside daemon_context().
