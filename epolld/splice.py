@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Final
 
 from epolld.connection import (
+    EDGE_BYTES_PER_EVENT,
     EDGE_MASK,
     EDGE_READS_PER_EVENT,
     EPOLLHUP_ERR,
@@ -121,6 +122,7 @@ class SpliceConnection(Connection):
             if was_full and self.reading:  # no new edge will announce what waited
                 ev |= EPOLLIN
         if ev & EPOLLIN and self.reading:
+            left = EDGE_BYTES_PER_EVENT
             for _ in range(EDGE_READS_PER_EVENT):
                 room = self.capacity - self.piped
                 moved = self._pull()
@@ -130,6 +132,10 @@ class SpliceConnection(Connection):
                     break
                 if moved < room and not ev & EPOLLRDHUP:
                     break  # a short read drained the socket
+                left -= moved
+                if left <= 0:
+                    self.reschedule((self.fd, ev & (EPOLLIN | EPOLLRDHUP)))
+                    break
             else:
                 self.reschedule((self.fd, ev & (EPOLLIN | EPOLLRDHUP)))
         return EDGE_MASK if self.piped or self.reading else CLOSE
