@@ -18,6 +18,7 @@ and tests/test_soak.py runs a short version of it in `make test`; `make soak` ru
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -34,7 +35,7 @@ from typing import Any
 import yaml
 
 from tests.epolld_process import Daemon
-from tests.soak_traffic import DRAIN_S, Traffic
+from tests.soak_traffic import DRAIN_S, STALL_S, Traffic
 
 RELOAD_EVERY_S = 5.0
 STATS_EVERY_S = 10.0
@@ -130,17 +131,26 @@ class Result:
             f"  verified {last.verified / MIB:.1f} MiB over {last.connections} connections"
             if last
             else "  no sample taken",
-            "  connections by kind: " + ", ".join(f"{k} {n}" for k, n in sorted(self.opened.items())),
+            "  connections by kind: "
+            + ", ".join(f"{k} {n}" for k, n in sorted(self.opened.items())),
             f"  reloads: {self.reloads_applied} applied, {self.reloads_rejected} rejected; "
             f"SIGUSR1 answered {self.stats_answered}",
             f"  descriptors: baseline {self.fd_baseline}, after the traffic {self.fd_after}",
             "  rss growth after the first minute: "
-            + (f"{self.rss_growth / MIB:.2f} MiB" if self.rss_growth is not None else "not measured"),
+            + (
+                f"{self.rss_growth / MIB:.2f} MiB"
+                if self.rss_growth is not None
+                else "not measured"
+            ),
         ]
         if last:
-            lines.append(f"  daemon cpu {last.cpu_s:.1f} s; rss {last.rss / MIB:.1f} MiB at the end")
+            lines.append(
+                f"  daemon cpu {last.cpu_s:.1f} s; rss {last.rss / MIB:.1f} MiB at the end"
+            )
         if self.warnings:
-            lines.append("  daemon warnings: " + ", ".join(f"{k} {n}" for k, n in self.warnings.items()))
+            lines.append(
+                "  daemon warnings: " + ", ".join(f"{k} {n}" for k, n in self.warnings.items())
+            )
         lines += [f"  error: {e}" for e in self.errors[:20]]
         lines += [f"  FAILED: {f}" for f in self.failures]
         return lines
@@ -156,9 +166,13 @@ class Soak:
         trigger: str = "level",
         io: str = "copy",
         seed: int | None = None,
+        stall_s: float = STALL_S,
+        drain_s: float = DRAIN_S,
         report: Callable[[str], None] = print,
     ) -> None:
         self.seconds = seconds
+        self.stall_s = stall_s
+        self.drain_s = drain_s
         self.trigger = trigger
         self.io = io
         self.seed = seed if seed is not None else int.from_bytes(os.urandom(4), "big")
@@ -176,7 +190,9 @@ class Soak:
             try:
                 daemon.wait_for("listening")
                 self.result.fd_baseline = daemon.fd_count()
-                traffic = Traffic(daemon.port, self.seed)
+                traffic = Traffic(
+                    daemon.port, self.seed, stall_s=self.stall_s, drain_s=self.drain_s
+                )
                 self._soak(daemon, traffic)
             finally:
                 if traffic is not None:
@@ -197,9 +213,9 @@ class Soak:
         try:
             self._drive(daemon, traffic, started, stop_at)
         finally:
-            if self.result.failures:
+            if self.result.failures or traffic.error_count:
                 traffic.abort()
-            thread.join(self.seconds + DRAIN_S + WAIT_S)
+            thread.join(self.seconds + self.drain_s + WAIT_S)
             if thread.is_alive():
                 self.fail("the traffic did not stop")
                 traffic.abort()
@@ -208,7 +224,9 @@ class Soak:
         if daemon.proc.poll() is None:
             self._check_descriptors(daemon)
             self.result.samples.append(self._sample(daemon, traffic, started))
-            self.report(self.result.samples[-1].line(self.result.fd_baseline) + " (traffic stopped)")
+            self.report(
+                self.result.samples[-1].line(self.result.fd_baseline) + " (traffic stopped)"
+            )
             self._check_stats_idle(daemon)
             self._stop(daemon)
         self._collect_errors(daemon, traffic)
@@ -278,7 +296,9 @@ class Soak:
         broken file, the daemon must still be on the configuration before it."""
         if self._reference_changes is None:  # the first reload, A -> B
             if set(changes) != RELOADED_OPTIONS:
-                self.fail(f"reload A -> B changed {sorted(changes)}, not {sorted(RELOADED_OPTIONS)}")
+                self.fail(
+                    f"reload A -> B changed {sorted(changes)}, not {sorted(RELOADED_OPTIONS)}"
+                )
             self._reference_changes = changes
             return
         forward = self._reference_changes
@@ -377,15 +397,15 @@ def _daemon_errors(daemon: Daemon) -> list[dict[str, Any]]:
 def _descriptors(pid: int) -> str:
     targets = []
     for fd in sorted(os.listdir(f"/proc/{pid}/fd"), key=int):
-        try:
+        with contextlib.suppress(OSError):  # closed meanwhile
             targets.append(f"{fd} -> {os.readlink(f'/proc/{pid}/fd/{fd}')}")
-        except OSError:
-            pass
     return ", ".join(targets)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.soak", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.soak", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--seconds", type=float, default=600.0, help="how long (default 600)")
     parser.add_argument("--trigger", choices=["level", "edge"], default="level")
     parser.add_argument("--io", choices=["copy", "splice"], default="copy")

@@ -9,6 +9,7 @@ sent, in order, and (if it half-closed) then EOF.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import selectors
@@ -17,7 +18,7 @@ import struct
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Iterator
 
 READ = selectors.EVENT_READ
 WRITE = selectors.EVENT_WRITE
@@ -73,9 +74,7 @@ class Stream:
     def check(self, data: bytes) -> None:
         """Raises SoakError unless data is exactly the next unechoed bytes."""
         if self.echoed + len(data) > self.sent:
-            raise SoakError(
-                f"{self.echoed + len(data)} bytes echoed but only {self.sent} sent"
-            )
+            raise SoakError(f"{self.echoed + len(data)} bytes echoed but only {self.sent} sent")
         pos = (self._start + self.echoed) % PERIOD
         expected = self._doubled[pos : pos + len(data)]
         if expected != data:
@@ -116,7 +115,10 @@ class Client:
         self.sock.close()
 
     def describe(self) -> str:
-        return f"{self.kind} from port {self.local_port}: {self.stream.sent} sent, {self.stream.echoed} echoed"
+        stream = self.stream
+        return (
+            f"{self.kind} from port {self.local_port}: {stream.sent} sent, {stream.echoed} echoed"
+        )
 
     def send_some(self, limit: int, now: float) -> int:
         try:
@@ -325,8 +327,12 @@ class Traffic:
     run() is meant for a thread of its own; the counters may be read from another thread.
     """
 
-    def __init__(self, port: int, seed: int) -> None:
+    def __init__(
+        self, port: int, seed: int, *, stall_s: float = STALL_S, drain_s: float = DRAIN_S
+    ) -> None:
         self.port = port
+        self.stall_s = stall_s
+        self.drain_s = drain_s
         self.rng = random.Random(seed)
         self._doubled = memoryview(os.urandom(PERIOD) * 2)
         self.clients: set[Client] = set()
@@ -370,13 +376,16 @@ class Traffic:
             if now >= stop_at and not stopping:
                 stopping = True
                 for client in list(self.clients):
-                    self._guard(client, client.finish)
+                    with self._guard(client):
+                        client.finish()
             if stopping:
                 if not self.clients:
                     return
-                if now > stop_at + DRAIN_S:
+                if now > stop_at + self.drain_s:
                     for client in self.clients:
-                        self.error(f"did not finish within {DRAIN_S:.0f} s: {client.describe()}")
+                        self.error(
+                            f"did not finish within {self.drain_s:.0f} s: {client.describe()}"
+                        )
                     return
             else:
                 self._spawn(now, churn)
@@ -384,16 +393,18 @@ class Traffic:
                 if client.done():
                     self._close(client)
                 else:
-                    self._guard(client, lambda c=client: self._register(c, c.interest(now)))
+                    with self._guard(client):
+                        self._register(client, client.interest(now))
             for key, events in self._sel.select(0.01):
                 client = key.data
                 if client in self.clients:
-                    self._guard(client, lambda c=client, e=events: c.on_ready(e, now))
+                    with self._guard(client):
+                        client.on_ready(events, now)
             if now >= next_stall_check:
                 next_stall_check = now + 1.0
                 for client in list(self.clients):
-                    if now - client.last_progress > STALL_S:
-                        self.error(f"no progress for {STALL_S:.0f} s: {client.describe()}")
+                    if now - client.last_progress > self.stall_s:
+                        self.error(f"no progress for {self.stall_s:.0f} s: {client.describe()}")
                         self._close(client)
 
     def _spawn(self, now: float, churn: Pace) -> None:
@@ -444,10 +455,11 @@ class Traffic:
             self._sel.register(client.sock, mask, client)
         client.registered = mask
 
-    def _guard(self, client: Client, step: Callable[[], None]) -> None:
-        """Run one step of a client; what goes wrong is an error and ends that client."""
+    @contextlib.contextmanager
+    def _guard(self, client: Client) -> Iterator[None]:
+        """One step of a client: what goes wrong in it is an error and ends that client."""
         try:
-            step()
+            yield
         except (SoakError, OSError) as e:
             self.error(f"{client.kind}: {e}")
             self._close(client)
