@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Final
 
 from epolld.connection import (
-    CLOSE,
+    EDGE_BYTES_PER_EVENT,
     EDGE_MASK,
     EDGE_READS_PER_EVENT,
     EPOLLHUP_ERR,
@@ -26,7 +26,9 @@ from epolld.connection import (
     LEVEL_READ,
     LEVEL_READ_WRITE,
     Connection,
+    ConnectionOwner,
 )
+from epolld.loop import CLOSE
 
 SPLICE_FLAGS: Final = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 F_SETPIPE_SZ: Final = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -70,6 +72,7 @@ class SpliceConnection(Connection):
         low_water: int,
         reschedule: Callable[[tuple[int, int]], None],
         now: float,
+        owner: ConnectionOwner,
     ) -> None:
         super().__init__(
             sock,
@@ -81,6 +84,7 @@ class SpliceConnection(Connection):
             low_water=low_water,
             reschedule=reschedule,
             now=now,
+            owner=owner,
         )
         self.pipe_r, self.pipe_w, self.capacity = pipe
         self.piped = 0  # bytes in the pipe: received, not yet echoed
@@ -88,7 +92,7 @@ class SpliceConnection(Connection):
     def close(self) -> None:
         os.close(self.pipe_r)
         os.close(self.pipe_w)
-        self.sock.close()
+        super().close()
 
     def pending(self) -> int:
         return self.piped
@@ -118,6 +122,7 @@ class SpliceConnection(Connection):
             if was_full and self.reading:  # no new edge will announce what waited
                 ev |= EPOLLIN
         if ev & EPOLLIN and self.reading:
+            left = EDGE_BYTES_PER_EVENT
             for _ in range(EDGE_READS_PER_EVENT):
                 room = self.capacity - self.piped
                 moved = self._pull()
@@ -127,6 +132,10 @@ class SpliceConnection(Connection):
                     break
                 if moved < room and not ev & EPOLLRDHUP:
                     break  # a short read drained the socket
+                left -= moved
+                if left <= 0:
+                    self.reschedule((self.fd, ev & (EPOLLIN | EPOLLRDHUP)))
+                    break
             else:
                 self.reschedule((self.fd, ev & (EPOLLIN | EPOLLRDHUP)))
         return EDGE_MASK if self.piped or self.reading else CLOSE
