@@ -57,13 +57,20 @@ class Pace:
         self._tokens -= n
 
 
+class Tally:
+    """Bytes verified so far, over all connections (written by one thread, read by any)."""
+
+    def __init__(self) -> None:
+        self.verified = 0
+
+
 class Stream:
     """The bytes of one connection: sent from, and echoes checked against, the shared block."""
 
-    def __init__(self, doubled: memoryview, start: int, traffic: Traffic) -> None:
+    def __init__(self, doubled: memoryview, start: int, tally: Tally) -> None:
         self._doubled = doubled  # the block twice: any window up to PERIOD long is contiguous
         self._start = start
-        self._traffic = traffic
+        self._tally = tally
         self.sent = 0
         self.echoed = 0
 
@@ -81,7 +88,7 @@ class Stream:
             first = next(i for i in range(len(data)) if expected[i] != data[i])
             raise SoakError(f"echo differs at byte {self.echoed + first} of {self.sent} sent")
         self.echoed += len(data)
-        self._traffic.verified += len(data)
+        self._tally.verified += len(data)
 
 
 class Client:
@@ -337,12 +344,16 @@ class Traffic:
         self._doubled = memoryview(os.urandom(PERIOD) * 2)
         self.clients: set[Client] = set()
         self.opened: Counter[str] = Counter()
-        self.verified = 0
+        self.tally = Tally()
         self.error_count = 0
         self.errors: list[str] = []
         self.finished = threading.Event()
         self._abort = threading.Event()
         self._sel = selectors.DefaultSelector()
+
+    @property
+    def verified(self) -> int:
+        return self.tally.verified
 
     @property
     def connections(self) -> int:
@@ -414,7 +425,7 @@ class Traffic:
                 sock = self._connect(cls.kind)
                 if sock is not None:
                     start = self.rng.randrange(PERIOD)
-                    stream = Stream(self._doubled, start, self)
+                    stream = Stream(self._doubled, start, self.tally)
                     rng = random.Random(self.rng.getrandbits(64))
                     self.clients.add(cls(sock, stream, rng, now))
         if churn.allowance(now) >= 1:
