@@ -91,12 +91,16 @@ class Sample:
     fds: int
     cpu_s: float
 
-    def line(self, fd_baseline: int) -> str:
+    def line(self, fd_baseline: int, before: Sample | None = None) -> str:
+        """One report line; with the sample before it, the daemon's share of a core since."""
+        share = ""
+        if before is not None and self.t > before.t:
+            share = f" ({(self.cpu_s - before.cpu_s) / (self.t - before.t):.0%} of a core)"
         return (
             f"[{self.t:5.0f} s] verified {self.verified / MIB:9.1f} MiB, "
             f"connections {self.connections} ({self.open_now} open), errors {self.errors}, "
             f"rss {self.rss / MIB:.1f} MiB, fds {self.fds} (baseline {fd_baseline}), "
-            f"cpu {self.cpu_s:.1f} s"
+            f"cpu {self.cpu_s:.1f} s{share}"
         )
 
 
@@ -211,6 +215,7 @@ class Soak:
         thread = threading.Thread(target=traffic.run, args=(stop_at,), name="soak-traffic")
         thread.start()
         try:
+            self._record(daemon, traffic, started, " (start)")
             self._drive(daemon, traffic, started, stop_at)
         finally:
             if self.result.failures or traffic.error_count:
@@ -223,10 +228,7 @@ class Soak:
         self.result.opened = traffic.opened
         if daemon.proc.poll() is None:
             self._check_descriptors(daemon)
-            self.result.samples.append(self._sample(daemon, traffic, started))
-            self.report(
-                self.result.samples[-1].line(self.result.fd_baseline) + " (traffic stopped)"
-            )
+            self._record(daemon, traffic, started, " (traffic stopped)")
             self._check_stats_idle(daemon)
             self._stop(daemon)
         self._collect_errors(daemon, traffic)
@@ -252,9 +254,7 @@ class Soak:
                 self._stats(daemon)
                 next_stats += STATS_EVERY_S
             if now >= next_report:
-                sample = self._sample(daemon, traffic, started)
-                self.result.samples.append(sample)
-                self.report(sample.line(self.result.fd_baseline))
+                self._record(daemon, traffic, started)
                 next_report += REPORT_EVERY_S
             time.sleep(max(0.0, min(0.2, next_reload - now, next_stats - now, next_report - now)))
 
@@ -318,6 +318,13 @@ class Soak:
             self.fail(f"no stats line within {WAIT_S:.0f} s of SIGUSR1")
             return
         self.result.stats_answered += 1
+
+    def _record(self, daemon: Daemon, traffic: Traffic, started: float, note: str = "") -> None:
+        """Take a sample, keep it, and report it."""
+        samples = self.result.samples
+        before = samples[-1] if samples else None
+        samples.append(self._sample(daemon, traffic, started))
+        self.report(samples[-1].line(self.result.fd_baseline, before) + note)
 
     def _sample(self, daemon: Daemon, traffic: Traffic, started: float) -> Sample:
         return Sample(
