@@ -18,8 +18,9 @@ from epolld.connection import (
     EDGE_READS_PER_EVENT,
     EPOLLIN,
     Connection,
+    SharedSettings,
 )
-from epolld.splice import SpliceConnection, make_pipe
+from epolld.splice import connection_class, make_pipe
 from tests.traffic import recv_until_eof
 
 WAIT_S = 10.0
@@ -51,6 +52,9 @@ class Owner:
     def connection_closed(self, conn: Connection) -> None:
         self.closed.append(conn)
 
+    def splice_failed(self, conn: Connection, events: int) -> None:
+        raise AssertionError("these tests always have a pipe")
+
 
 def make(
     kind: str,
@@ -59,18 +63,15 @@ def make(
     read_size: int = 64 * 1024,
     reschedule: Callable[[tuple[int, int]], None] = lambda event: None,
 ) -> Connection:
-    settings = {
-        "edge": trigger == "edge",
-        "buf": memoryview(bytearray(read_size)),
-        "high_water": 1 << 20,
-        "low_water": 1 << 18,
-        "reschedule": reschedule,
-        "now": 0.0,
-        "owner": Owner(),
-    }
-    if kind == "splice":
-        return SpliceConnection(sock, "peer", "127.0.0.1", pipe=make_pipe(64 * 1024), **settings)
-    return Connection(sock, "peer", "127.0.0.1", **settings)
+    shared = SharedSettings(
+        high_water=1 << 20,
+        low_water=1 << 18,
+        reschedule=reschedule,
+        owner=Owner(),
+        make_pipe=lambda: make_pipe(64 * 1024),
+    )
+    cls = connection_class(edge=trigger == "edge", splice=kind == "splice")
+    return cls(sock, "127.0.0.1", buf=memoryview(bytearray(read_size)), shared=shared, now=0.0)
 
 
 def drive(conn: Connection, done: Callable[[], bool]) -> int:
