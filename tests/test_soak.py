@@ -12,24 +12,10 @@ pytestmark = pytest.mark.slow
 SOAK_S = 16.0  # per mode: reloads at 5, 10 and 15 s: B, broken, then A on top of B
 
 
-# Both trigger modes; edge+splice has its own entry because of the bug it finds.
+# Both trigger modes, and splice in edge mode (where a short splice once stalled).
 @pytest.mark.parametrize(
     ("trigger", "io"),
-    [
-        ("level", "copy"),
-        ("edge", "copy"),
-        pytest.param(
-            "edge",
-            "splice",
-            marks=pytest.mark.xfail(
-                reason="daemon bug: in edge mode a splice connection stops reading when "
-                "splice() returns short because the pipe ran out of slots (small segments) "
-                "though the socket still holds data; the stuck connections then wait for "
-                "idle_timeout. Remove this mark with the fix.",
-                strict=True,
-            ),
-        ),
-    ],
+    [("level", "copy"), ("edge", "copy"), ("edge", "splice")],
 )
 def test_short_soak_has_no_errors_and_returns_descriptors(trigger: str, io: str) -> None:
     """16 s of mixed traffic with reloads (one broken config) and SIGUSR1: every byte comes
