@@ -493,3 +493,22 @@ def test_replies_to_closed_ports_do_not_disturb(start_daemon: StartDaemon) -> No
     assert counters["udp_received"] >= 201
     assert counters["udp_echoed"] == counters["udp_received"]  # each reply was sent
     assert counters["udp_dropped"] == 0
+
+
+def test_total_rate_caps_replies_to_many_sources(start_daemon: StartDaemon) -> None:
+    """5,000 sources, each within its own rate, together get no more than total_rate x
+    seconds + one second's worth of replies; the rest are dropped as total_rate."""
+    daemon = start_daemon(udp_config(["udp:0.0.0.0:0"], total_rate=500))
+    (_, port) = udp_addresses(daemon)[0]
+    started = time.monotonic()
+    for n in range(5000):
+        with client(bind=(f"127.3.{n >> 8}.{(n & 255) or 1}", 0)) as c:
+            c.sendto(b"many", ("127.0.0.1", port))
+    with client(bind=("127.4.0.1", 0)) as probe:
+        ask_until_answered(probe, b"probe", ("127.0.0.1", port))  # all handled before it
+    elapsed = time.monotonic() - started
+    counters = stats(daemon)
+    assert counters["udp_echoed"] <= 500 * elapsed + 500
+    assert counters["udp_dropped_total_rate"] > 0
+    assert counters["udp_received"] == counters["udp_echoed"] + counters["udp_dropped"]
+    assert daemon.events("udp_total_rate_limited")
