@@ -124,19 +124,26 @@ def serve(args: argparse.Namespace, config: Config, notifier: Notifier) -> int:
     # the terminal in the chosen format; the daemon configures again on its log file.
     logsetup.configure(config.logging.level, config.logging.format)
     bound = bind_listeners(config)
+    try:
+        metrics_listener = bind_metrics(config)
+    except BaseException:
+        for listener in bound:
+            listeners.close(listener)
+        raise
     if not args.daemon:
-        return run_loop(args, config, bound, notifier)
+        return run_loop(args, config, bound, notifier, metrics_listener)
     from epolld.daemonize import daemon_context
 
+    owned = [*bound, *([metrics_listener] if metrics_listener else [])]
     try:
         context = daemon_context(
-            config.daemon.pidfile, [lst.fd for lst in bound], config.daemon.log_file
+            config.daemon.pidfile, [lst.fd for lst in owned], config.daemon.log_file
         )
         with context:
             logsetup.configure(config.logging.level, config.logging.format)
-            return run_loop(args, config, bound, notifier)
+            return run_loop(args, config, bound, notifier, metrics_listener)
     except BaseException:
-        for listener in bound:
+        for listener in owned:
             listener.sock.close()
         raise
 
@@ -166,10 +173,29 @@ def bind_listeners(config: Config) -> list[listeners.Listener]:
     return bound
 
 
+def bind_metrics(config: Config) -> listeners.Listener | None:
+    """Bind metrics.listen, if set (before daemonizing, like the echo listeners).
+
+    Raises:
+        BindError: the address could not be bound.
+    """
+    if config.metrics.listen is None:
+        return None
+    from epolld import metrics  # prometheus_client: only loaded when metrics are on
+
+    return metrics.bind(config.metrics.listen)
+
+
 def run_loop(
-    args: argparse.Namespace, config: Config, bound: list[listeners.Listener], notifier: Notifier
+    args: argparse.Namespace,
+    config: Config,
+    bound: list[listeners.Listener],
+    notifier: Notifier,
+    metrics_listener: listeners.Listener | None = None,
 ) -> int:
-    service = EchoService(config, bound, notifier, reload=lambda: load(args))
+    service = EchoService(
+        config, bound, notifier, reload=lambda: load(args), metrics_listener=metrics_listener
+    )
     try:
         return service.run()
     except Exception:
