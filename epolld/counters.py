@@ -1,4 +1,4 @@
-"""What the echo service counts, as one typed object that metrics.py reads at scrape time.
+"""What the echo service counts, as typed objects that metrics.py reads at scrape time.
 
 Everything here changes only at accept, close and reload, never per event: the echo hot
 path pays nothing for metrics. Live values (open connections, bytes of open connections)
@@ -9,7 +9,9 @@ imports nothing heavy, so that the service can own a Counters whether or not met
 from __future__ import annotations
 
 import bisect
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 # Upper bounds of the connection duration histogram, in seconds: echo sessions range from
 # a probe (milliseconds) to a long-lived client (hours).
@@ -37,13 +39,12 @@ class DurationHistogram:
         self.sum_s += seconds
 
 
-@dataclass(slots=True)
-class UdpCounters:
-    """The UDP echo's totals (owned by the UDP side of the service, when it is configured)."""
+class UdpTotals(Protocol):
+    """What the UDP echo counts (epolld.udp's UdpStats), read by the metrics endpoint."""
 
-    datagrams_received: int = 0
-    datagrams_sent: int = 0
-    dropped: dict[str, int] = field(default_factory=dict)  # by reason
+    received: int
+    echoed: int
+    dropped: dict[str, int]  # by reason
 
 
 @dataclass(slots=True)
@@ -58,8 +59,6 @@ class Counters:
     durations: DurationHistogram = field(default_factory=DurationHistogram)
     reloads: dict[str, int] = field(default_factory=lambda: _zeros(RELOAD_RESULTS))
     last_reload_ok: bool = True
-    udp: UdpCounters | None = None  # None: no UDP echo configured
-    proxy_header_errors: dict[str, int] | None = None  # by reason; None: no PROXY protocol
 
     def count_close(self, reason: str, seconds: float, received: int, sent: int) -> None:
         """Account for a served connection that closed."""
@@ -86,3 +85,5 @@ class Snapshot:
     bytes_sent: int
     listeners: int  # echo listeners accepting now
     accept_paused: bool
+    udp: UdpTotals | None = None  # None: no UDP echo configured
+    proxy_header_errors: Mapping[str, int] | None = None  # by reason; None: no PROXY listener

@@ -17,7 +17,7 @@ import errno
 import html
 import select
 import socket
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import structlog
 from prometheus_client import CollectorRegistry, ProcessCollector
@@ -146,16 +146,16 @@ class EchoCollector(Collector):
             "0 if the last reload failed (the previous configuration runs), else 1.",
             value=int(c.last_reload_ok),
         )
-        if c.udp is not None:
+        if s.udp is not None:
             yield CounterMetricFamily(
                 "epolld_udp_datagrams_received_total",
                 "UDP datagrams received.",
-                value=c.udp.datagrams_received,
+                value=s.udp.received,
             )
             yield CounterMetricFamily(
                 "epolld_udp_datagrams_sent_total",
                 "UDP datagrams echoed.",
-                value=c.udp.datagrams_sent,
+                value=s.udp.echoed,
             )
             yield _labelled(
                 CounterMetricFamily(
@@ -163,20 +163,20 @@ class EchoCollector(Collector):
                     "UDP datagrams not echoed, by reason.",
                     labels=["reason"],
                 ),
-                c.udp.dropped,
+                s.udp.dropped,
             )
-        if c.proxy_header_errors is not None:
+        if s.proxy_header_errors is not None:
             yield _labelled(
                 CounterMetricFamily(
                     "epolld_proxy_header_errors_total",
                     "Connections closed for an invalid PROXY protocol header, by reason.",
                     labels=["reason"],
                 ),
-                c.proxy_header_errors,
+                s.proxy_header_errors,
             )
 
 
-def _labelled(family: CounterMetricFamily, values: dict[str, int]) -> CounterMetricFamily:
+def _labelled(family: CounterMetricFamily, values: Mapping[str, int]) -> CounterMetricFamily:
     for label, value in values.items():
         family.add_metric([label], value)
     return family

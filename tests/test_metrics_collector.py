@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from epolld import __version__
-from epolld.counters import DURATION_BUCKETS_S, Counters, Snapshot, UdpCounters
+from epolld.counters import DURATION_BUCKETS_S, Counters, Snapshot
 from epolld.metrics import EchoCollector
 
 ISSUE_NAMES = {
@@ -90,15 +92,24 @@ def test_duration_histogram_is_cumulative_with_le_semantics() -> None:
     assert abs(samples[("epolld_connection_duration_seconds_sum", ())] - 100001.0010001) < 1e-6
 
 
+@dataclass
+class UdpStats:
+    """Shaped like epolld.udp's UdpStats, which the service hands to the snapshot."""
+
+    received: int
+    echoed: int
+    dropped: dict[str, int]
+
+
 def test_udp_and_proxy_series_appear_when_the_service_has_them() -> None:
-    """UDP and PROXY counters are exported once the service keeps them."""
-    counters = Counters(
-        udp=UdpCounters(5, 4, {"too_large": 1}), proxy_header_errors={"v1_malformed": 2}
+    """UDP and PROXY counters are exported once the service has UDP or PROXY listeners."""
+    snapshot = Snapshot(
+        Counters(), 0, 0, 0, 1, False, UdpStats(5, 4, {"rate": 1}), {"v1_malformed": 2}
     )
-    samples = scrape(Snapshot(counters, 0, 0, 0, 1, False))
+    samples = scrape(snapshot)
     assert samples[("epolld_udp_datagrams_received_total", ())] == 5
     assert samples[("epolld_udp_datagrams_sent_total", ())] == 4
-    assert samples[("epolld_udp_datagrams_dropped_total", (("reason", "too_large"),))] == 1
+    assert samples[("epolld_udp_datagrams_dropped_total", (("reason", "rate"),))] == 1
     assert samples[("epolld_proxy_header_errors_total", (("reason", "v1_malformed"),))] == 2
 
 
