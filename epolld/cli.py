@@ -53,7 +53,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--log-format",
         choices=logsetup.FORMATS,
-        help="override logging.format (auto: console on a terminal, else JSON)",
+        help="override logging.format (auto: journal entries under systemd, console on a "
+        "terminal, else JSON)",
     )
     parser.add_argument(
         "--daemon",
