@@ -92,9 +92,13 @@ class Prometheus:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        self.port = self._wait_for_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._wait_ready()
+        try:
+            self.port = self._wait_for_port()
+            self.url = f"http://127.0.0.1:{self.port}"
+            self._wait_ready()
+        except BaseException:
+            self.stop()  # the caller never gets an object to stop: do not leave it running
+            raise
 
     def _wait_for_port(self) -> int:
         deadline = time.monotonic() + WAIT_S
