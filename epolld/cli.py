@@ -7,7 +7,7 @@ import dataclasses
 import faulthandler
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import structlog
 
@@ -138,11 +138,17 @@ def serve(args: argparse.Namespace, config: Config, notifier: Notifier) -> int:
     owned = [*bound, *([metrics_listener] if metrics_listener else [])]
     try:
         context = daemon_context(
-            config.daemon.pidfile, [lst.fd for lst in owned], config.daemon.log_file
+            config.daemon.pidfile,
+            [lst.fd for lst in owned],
+            config.daemon.log_file,
+            configure_logging=lambda: logsetup.configure(
+                config.logging.level, config.logging.format
+            ),
         )
-        with context:
-            logsetup.configure(config.logging.level, config.logging.format)
-            return run_loop(args, config, bound, notifier, metrics_listener)
+        with context as reopen_log:
+            return run_loop(
+                args, config, bound, notifier, metrics_listener, before_reload=reopen_log
+            )
     except BaseException:
         for listener in owned:
             listener.sock.close()
@@ -193,10 +199,14 @@ def run_loop(
     bound: list[listeners.Listener],
     notifier: Notifier,
     metrics_listener: listeners.Listener | None = None,
+    before_reload: Callable[[], None] = lambda: None,
 ) -> int:
-    service = EchoService(
-        config, bound, notifier, reload=lambda: load(args), metrics_listener=metrics_listener
-    )
+    def reload() -> Config:
+        # First, so that a rotated log file is let go even when the new config is invalid.
+        before_reload()
+        return load(args)
+
+    service = EchoService(config, bound, notifier, reload=reload, metrics_listener=metrics_listener)
     try:
         return service.run()
     except Exception:

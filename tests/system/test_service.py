@@ -1,8 +1,9 @@
 """epolld under a real systemd 252: the shipped units, readiness, reload, watchdog, journal, stop.
 
 One container serves the module; each test starts from a stopped service, the shipped units
-without drop-ins, and a config listening on this test run's own loopback address (the
-container shares the host's network namespace, so the test connects to it directly).
+without drop-ins, and a config listening on 127.0.0.1. That is the container's own loopback:
+the container has a network namespace of its own and each test runs inside it (the c fixture
+enters it), so nothing listening on the host's ports can collide with the daemon under test.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ from typing import Any
 
 import pytest
 from conftest import GUEST_REPO, UNIT_DIR
-from nspawn import Container, loopback_address, wait_until
+from nspawn import Container, wait_until
 
 pytestmark = pytest.mark.system
 
-HOST = loopback_address()
+HOST = "127.0.0.1"  # in the container's network namespace
 PORT = 7080
 NEW_PORT = 7081
 SOCKET_PORT = 7082
@@ -116,14 +117,18 @@ def drop_in(c: Container, unit: str, text: str) -> None:
 
 @pytest.fixture
 def c(epolld_container: Container) -> Iterator[Container]:
-    """The module's container, reset: units stopped, no drop-ins, config on PORT."""
+    """The module's container, reset: units stopped, no drop-ins, config on PORT.
+
+    The test's sockets are created in the container's network namespace.
+    """
     container = epolld_container
     container.systemctl("stop", "epolld.socket", "epolld.service")
     container.systemctl("reset-failed", check=False)
     container.sh(f"rm -rf {DROP_IN_DIRS}")
     container.systemctl("daemon-reload")
     container.write_file("/etc/epolld.yaml", config_text(PORT))
-    yield container
+    with container.network():
+        yield container
     container.systemctl("stop", "epolld.socket", "epolld.service", check=False)
 
 
