@@ -11,11 +11,11 @@ import urllib.request
 from collections.abc import Iterator
 
 import pytest
-from nspawn import Container, loopback_address
+from nspawn import Container
 
 pytestmark = pytest.mark.system
 
-HOST = loopback_address()
+HOST = "127.0.0.1"  # in the container's network namespace, which the c fixture enters
 PORT = 7080
 METRICS_PORT = 9707
 IO_TIMEOUT_S = 10.0
@@ -23,10 +23,12 @@ IO_TIMEOUT_S = 10.0
 
 @pytest.fixture
 def c(epolld_container: Container) -> Iterator[Container]:
-    """The module's container with the service stopped before and after each test."""
+    """The module's container with the service stopped before and after each test; the
+    test's sockets are created in the container's network namespace."""
     epolld_container.systemctl("stop", "epolld.socket", "epolld.service")
     epolld_container.systemctl("reset-failed", check=False)
-    yield epolld_container
+    with epolld_container.network():
+        yield epolld_container
     epolld_container.systemctl("stop", "epolld.service", check=False)
 
 
