@@ -3,7 +3,7 @@
 Nothing here runs on the echo path. The collector reads the service's Counters and a
 Snapshot of its live values when a scrape asks (prometheus_client's "custom collector"),
 so no metric object is touched per event. HTTP is served on the daemon's own reactor:
-MetricsListener accepts at most MAX_CLIENTS clients, each a MetricsClient that reads a
+MetricsEndpoint accepts at most MAX_CLIENTS clients, each a MetricsClient that reads a
 bounded amount per event, answers through http11.HttpConversation, writes with
 backpressure (EPOLLOUT only while output waits) and is closed at its deadline.
 
