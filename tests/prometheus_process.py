@@ -9,13 +9,13 @@ taken by someone else between choosing and binding. Its storage is a temporary d
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import signal
 import subprocess
 import time
 import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +94,6 @@ class Prometheus:
         )
         try:
             self.port = self._wait_for_port()
-            self.url = f"http://127.0.0.1:{self.port}"
             self._wait_ready()
         except BaseException:
             self.stop()  # the caller never gets an object to stop: do not leave it running
@@ -115,22 +114,31 @@ class Prometheus:
         deadline = time.monotonic() + WAIT_S
         while time.monotonic() < deadline:
             try:
-                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=5) as response:
-                    if response.status == 200:
-                        return
+                if self._get("/-/ready")[0] == 200:
+                    return
             except OSError:
                 pass
             time.sleep(0.2)
         raise AssertionError(f"prometheus not ready within {WAIT_S} s:\n{self.log()}")
+
+    def _get(self, target: str) -> tuple[int, bytes]:
+        # http.client, not urllib: no proxy from the environment is ever consulted.
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            conn.request("GET", target)
+            response = conn.getresponse()
+            return response.status, response.read()
+        finally:
+            conn.close()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:]
 
     def api(self, path: str, **params: str) -> Any:
         """GET /api/v1/<path>; the "data" of a successful answer."""
-        query = urllib.parse.urlencode(params)
-        with urllib.request.urlopen(f"{self.url}/api/v1/{path}?{query}", timeout=10) as response:
-            answer = json.load(response)
+        status, body = self._get(f"/api/v1/{path}?{urllib.parse.urlencode(params)}")
+        answer = json.loads(body)
+        assert status == 200, answer
         assert answer["status"] == "success", answer
         return answer["data"]
 

@@ -7,7 +7,7 @@ Unix socket endpoint.
 
 from __future__ import annotations
 
-import urllib.request
+import http.client
 from collections.abc import Iterator
 
 import pytest
@@ -32,10 +32,16 @@ def c(epolld_container: Container) -> Iterator[Container]:
     epolld_container.systemctl("stop", "epolld.service", check=False)
 
 
-def scrape(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=IO_TIMEOUT_S) as response:
+def scrape(port: int) -> str:
+    """GET /metrics over http.client (no proxy from the environment is consulted)."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=IO_TIMEOUT_S)
+    try:
+        conn.request("GET", "/metrics")
+        response = conn.getresponse()
         assert response.status == 200
-        return str(response.read().decode())
+        return response.read().decode()
+    finally:
+        conn.close()
 
 
 def test_metrics_with_process_collector_under_the_sandbox(c: Container) -> None:
@@ -45,7 +51,7 @@ def test_metrics_with_process_collector_under_the_sandbox(c: Container) -> None:
         f'listen:\n  - "{HOST}:{PORT}"\nmetrics:\n  listen: "{HOST}:{METRICS_PORT}"\n',
     )
     c.systemctl("start", "epolld")
-    text = scrape(f"http://{HOST}:{METRICS_PORT}/metrics")
+    text = scrape(METRICS_PORT)
     assert "\nepolld_connections 0.0\n" in text
     assert "\nprocess_resident_memory_bytes " in text, "the process collector needs /proc/stat"
     assert "\nprocess_open_fds " in text
