@@ -663,6 +663,8 @@ class EchoService:
             bytes_sent=bytes_out,
             listeners=len(self._listeners),
             accept_paused=bool(self._paused),
+            # Once UDP has served, its series stay (counters must not vanish on a reload).
+            udp=self._udp.stats if len(self._udp) or self._udp.stats.received else None,
         )
 
     # -- reporting -----------------------------------------------------------------

@@ -512,3 +512,23 @@ def test_total_rate_caps_replies_to_many_sources(start_daemon: StartDaemon) -> N
     assert counters["udp_dropped_total_rate"] > 0
     assert counters["udp_received"] == counters["udp_echoed"] + counters["udp_dropped"]
     assert daemon.events("udp_total_rate_limited")
+
+
+def test_metrics_endpoint_exports_udp_counters(start_daemon: StartDaemon) -> None:
+    """With metrics on, /metrics carries the datagrams received, sent and dropped by reason."""
+    from tests.test_metrics_endpoint import metrics_port, scrape
+
+    daemon = start_daemon({
+        **udp_config(["udp:127.0.0.1:0"], max_datagram=100),
+        "metrics": {"listen": "127.0.0.1:0"},
+    })  # fmt: skip
+    (address,) = udp_addresses(daemon)
+    with client() as c:
+        c.sendto(b"x" * 101, address)  # dropped: truncated
+        c.sendto(b"counted", address)
+        assert c.recv(10) == b"counted"
+    samples = scrape(metrics_port(daemon))
+    assert samples[("epolld_udp_datagrams_received_total", ())] == 2
+    assert samples[("epolld_udp_datagrams_sent_total", ())] == 1
+    assert samples[("epolld_udp_datagrams_dropped_total", (("reason", "truncated"),))] == 1
+    assert samples[("epolld_udp_datagrams_dropped_total", (("reason", "rate"),))] == 0
