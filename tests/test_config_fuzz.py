@@ -28,6 +28,7 @@ from epolld.config import (
     LimitsConfig,
     ListenAddress,
     LoggingConfig,
+    ProxyConfig,
     load_config,
     render_config,
 )
@@ -48,10 +49,15 @@ SECTIONS = {
     "limits": ["max_connections", "max_connections_per_ip", "idle_timeout"],
     "logging": ["level", "format", "connections"],
     "daemon": ["pidfile", "log_file"],
+    "proxy": ["trusted", "timeout"],
 }
 TOP_LEVEL = ["listen", "backlog", "trigger", "io", "shutdown_timeout", "stats_interval",
              "watchdog", *SECTIONS]  # fmt: skip
-KEYS = TOP_LEVEL + [k for keys in SECTIONS.values() for k in keys] + ["path", "mode", "<<"]
+KEYS = (
+    TOP_LEVEL
+    + [k for keys in SECTIONS.values() for k in keys]
+    + ["path", "mode", "address", "proxy_protocol", "<<"]
+)
 # Strings that are almost right for some option, so mutations reach the converters.
 NEAR_MISSES = ["64KiB", "1MB", "500ms", "2m", "-1s", "7d", "8d", "0660", "0999", "level", "edge",
                "splice", "[::1]:7080", "127.0.0.1:7080", "unix:/run/e.sock", "unix:rel", "/run/x",
@@ -269,13 +275,20 @@ paths = (
 unix_paths = paths.filter(lambda p: len(p.encode()) <= MAX_UNIX_PATH_BYTES)
 ports = st.integers(0, 65535)
 addresses = st.one_of(
-    st.builds(lambda ip, port: ListenAddress("ipv4", host=str(ip), port=port),
-              st.ip_addresses(v=4), ports),
-    st.builds(lambda ip, port: ListenAddress("ipv6", host=str(ip), port=port),
-              st.ip_addresses(v=6), ports),
-    st.builds(lambda path, mode: ListenAddress("unix", path=path, mode=mode),
-              unix_paths, st.none() | st.integers(0, 0o777)),
+    st.builds(lambda ip, port, pp: ListenAddress("ipv4", host=str(ip), port=port,
+                                                 proxy_protocol=pp),
+              st.ip_addresses(v=4), ports, st.booleans()),
+    st.builds(lambda ip, port, pp: ListenAddress("ipv6", host=str(ip), port=port,
+                                                 proxy_protocol=pp),
+              st.ip_addresses(v=6), ports, st.booleans()),
+    st.builds(lambda path, mode, pp: ListenAddress("unix", path=path, mode=mode,
+                                                   proxy_protocol=pp),
+              unix_paths, st.none() | st.integers(0, 0o777), st.booleans()),
 )  # fmt: skip
+networks = st.one_of(st.ip_addresses(v=4).map(lambda a: ipaddress.ip_network(f"{a}/32")),
+                     st.ip_addresses(v=6).map(lambda a: ipaddress.ip_network(f"{a}/128")),
+                     st.sampled_from([ipaddress.ip_network("10.0.0.0/8"),
+                                      ipaddress.ip_network("2001:db8::/32")]))  # fmt: skip
 
 
 def collide(a: ListenAddress, b: ListenAddress) -> bool:
@@ -319,6 +332,8 @@ valid_configs = st.builds(
     stats_interval_s=durations,
     watchdog=st.booleans(),
     daemon=st.builds(DaemonConfig, st.none() | paths, st.none() | paths),
+    proxy=st.builds(ProxyConfig, st.lists(networks, min_size=1, max_size=3).map(tuple),
+                    durations.filter(lambda d: d > 0)),
 )  # fmt: skip
 
 
