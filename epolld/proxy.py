@@ -1,8 +1,10 @@
-"""The PROXY protocol header (HAProxy's proxy-protocol.txt, versions 1 and 2), sans I/O.
+"""The PROXY protocol (HAProxy's proxy-protocol.txt, versions 1 and 2): parser and reader.
 
 A HeaderParser is fed bytes as they arrive and answers None (need more), a Parsed (the
 header, and the bytes that followed it in the same chunk), or raises ProxyHeaderError
-with a reason. It holds no socket, so every case is tested on bytes alone.
+with a reason. It holds no socket, so every case is tested on bytes alone. HeaderReader
+is the reactor handler that drives it on one accepted socket; HeaderErrors counts and
+logs (rate-limited) the connections refused.
 
 Why it looks the way it does:
 - The two versions are told apart by the first byte ("P" or "\\r"), and every byte of
@@ -24,10 +26,13 @@ Why it looks the way it does:
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import re
+import socket
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 V1_MAX_BYTES = 107  # "PROXY UNKNOWN <two IPv6> 65535 65535\r\n", the spec's worst case
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -361,3 +366,147 @@ class HeaderParser:
 def parse(data: bytes) -> Parsed | None:
     """Parse a header from bytes at hand (tests, tools); see HeaderParser.feed()."""
     return HeaderParser().feed(data)
+
+
+# --- the connection side: a handler that reads the header off a socket -----------------
+
+# Reasons a connection of a proxy_protocol listener is closed before its header is in,
+# besides the parser's: they label the same counter.
+ConnectionReason = Literal["untrusted_source", "timeout", "closed_before_header"]
+CONNECTION_REASONS: tuple[ConnectionReason, ...] = ConnectionReason.__args__  # type: ignore[attr-defined]
+ALL_REASONS: tuple[str, ...] = REASONS + CONNECTION_REASONS
+CLOSE = 0  # the reactor's CLOSE, kept here so this module imports nothing of the loop
+READS_PER_EVENT = 4  # fixed part, addresses, TLVs: a header never needs more reads
+LOG_EVERY_S = 10.0  # per reason, at most one warning this often; the rest are counted
+
+
+def is_trusted(ip: str, trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
+    """Whether a peer may send a header: a unix socket peer ("") always may."""
+    if not ip:
+        return True
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(address in network for network in trusted)
+
+
+class HeaderReader:
+    """The handler of one connection on a proxy_protocol listener until its header is in.
+
+    Nothing is echoed meanwhile. Each read peeks at most `wanted` bytes, feeds them to
+    the parser, and then takes off the socket only the header's bytes: the payload stays
+    in the kernel for the Connection that replaces this reader (copy or splice alike).
+
+    Args:
+        sock: the accepted, non-blocking socket.
+        ip: the proxy's IP ("" for a unix socket), as accept() gave it.
+        peer: the proxy's printable address.
+        mask: the epoll mask to be registered with (the reactor's trigger mode).
+        now: the reactor's clock at accept time.
+        on_header: called with (reader, header) once the header is complete; returns
+            what on_event returns (the service replaces the reader there).
+        on_failure: called with (reader, reason, detail) before on_event returns CLOSE.
+    """
+
+    __slots__ = (
+        "active_at",
+        "fd",
+        "ip",
+        "mask",
+        "on_failure",
+        "on_header",
+        "opened_at",
+        "parser",
+        "peer",
+        "sock",
+        "timer",
+    )
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        ip: str,
+        peer: str,
+        *,
+        mask: int,
+        now: float,
+        on_header: Callable[[HeaderReader, ProxyHeader], int],
+        on_failure: Callable[[HeaderReader, str, str], None],
+    ) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.ip = ip
+        self.peer = peer
+        self.mask = mask
+        self.opened_at = now
+        self.active_at = now
+        self.parser = HeaderParser()
+        self.on_header = on_header
+        self.on_failure = on_failure
+        self.timer: Any = None  # the deadline's Timer, set and cancelled by the service
+
+    def on_event(self, events: int) -> int:
+        """Read what the header still needs; the next mask, or CLOSE on a failure."""
+        for _ in range(READS_PER_EVENT):
+            want = self.parser.wanted
+            try:
+                data = self.sock.recv(want, socket.MSG_PEEK)
+            except (BlockingIOError, InterruptedError):
+                return self.mask
+            except OSError as e:
+                return self._fail("closed_before_header", errno.errorcode.get(e.errno or 0, str(e)))
+            if not data:
+                return self._fail("closed_before_header", "EOF")
+            try:
+                parsed = self.parser.feed(data)
+            except ProxyHeaderError as e:
+                return self._fail(e.reason, str(e))
+            used = len(data) - (len(parsed.rest) if parsed is not None else 0)
+            # Peeked bytes are queued: a recv() of them returns them all at once.
+            taken = len(self.sock.recv(used))
+            if taken != used:  # only if someone else read the socket: a bug, not a peer
+                raise RuntimeError(f"PROXY header: took {taken} of {used} peeked bytes")
+            if parsed is not None:
+                return self.on_header(self, parsed.header)
+            if len(data) < want:
+                return self.mask  # the socket is empty now: the next bytes bring an event
+        return self.mask
+
+    def _fail(self, reason: str, detail: str) -> int:
+        self.on_failure(self, reason, detail)
+        return CLOSE
+
+    def close(self) -> None:
+        """Release the socket; the reactor has unregistered it already."""
+        self.sock.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"<HeaderReader fd={self.fd} proxy={self.peer} buffered={self.parser.buffered_bytes}>"
+        )
+
+
+class HeaderErrors:
+    """Counts of refused headers by reason, and warnings about them at a bounded rate.
+
+    A broken or hostile proxy can fail thousands of headers a second: each is counted,
+    and per reason one warning per LOG_EVERY_S says how many were not logged.
+    """
+
+    __slots__ = ("_logged_at", "_unlogged", "counts")
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = dict.fromkeys(ALL_REASONS, 0)
+        self._logged_at: dict[str, float] = {}
+        self._unlogged: dict[str, int] = {}
+
+    def record(self, reason: str, now: float, log: Any, **fields: Any) -> None:
+        """Count one refused header; warn unless this reason was warned of lately."""
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        self._unlogged[reason] = self._unlogged.get(reason, 0) + 1
+        if now - self._logged_at.get(reason, -LOG_EVERY_S) < LOG_EVERY_S:
+            return
+        log.warning("proxy_header_refused", reason=reason, refused=self._unlogged[reason], **fields)
+        self._logged_at[reason] = now
+        self._unlogged[reason] = 0
