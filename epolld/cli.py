@@ -15,7 +15,7 @@ from epolld import __version__, activation, journald, listeners, logsetup
 from epolld import config as config_mod
 from epolld.config import Config
 from epolld.errors import EpolldError
-from epolld.loop import EventLoop
+from epolld.service import EchoService
 from epolld.systemd import Notifier
 
 DEFAULT_CONFIG = "/etc/epolld.yaml"
@@ -169,9 +169,9 @@ def bind_listeners(config: Config) -> list[listeners.Listener]:
 def run_loop(
     args: argparse.Namespace, config: Config, bound: list[listeners.Listener], notifier: Notifier
 ) -> int:
-    loop = EventLoop(config, bound, notifier, reload=lambda: load(args))
+    service = EchoService(config, bound, notifier, reload=lambda: load(args))
     try:
-        return loop.run()
+        return service.run()
     except Exception:
         log.exception("loop_crashed")
         notifier.fatal("crashed: see the journal")

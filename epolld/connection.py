@@ -1,9 +1,11 @@
 """Per-client state and the echo itself; no epoll calls here.
 
-The loop calls ``conn.on_event(events)`` and gets back the epoll mask the
-connection wants next, or CLOSE. ``on_event`` is swapped per state (echoing in
-level or edge mode, draining for shutdown, lingering after our FIN) so that the
-hot path tests no state flag it does not need.
+The reactor calls ``conn.on_event(events)`` and gets back the epoll mask the
+connection wants next, or CLOSE; after unregistering it calls ``conn.close()``,
+which tells the owner (the service) so that it can account for the connection.
+``on_event`` is swapped per state (echoing in level or edge mode, draining for
+shutdown, lingering after our FIN) so that the hot path tests no state flag it
+does not need.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import errno
 import select
 import socket
 from collections.abc import Callable
-from typing import Final
+from typing import Final, Protocol
+
+from epolld.loop import CLOSE
 
 EPOLLIN: Final = select.EPOLLIN
 EPOLLOUT: Final = select.EPOLLOUT
@@ -23,13 +27,18 @@ EPOLLET: Final = select.EPOLLET
 EPOLLHUP_ERR: Final = select.EPOLLHUP | select.EPOLLERR
 
 NO_OUTPUT: Final = b""
-CLOSE: Final = 0  # returned instead of a mask: the loop unregisters and closes
 LEVEL_READ: Final = EPOLLIN | EPOLLRDHUP
 LEVEL_READ_WRITE: Final = EPOLLIN | EPOLLRDHUP | EPOLLOUT
 # Edge mode registers once and never modifies: pausing is just not reading.
 EDGE_MASK: Final = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
 
 EDGE_READS_PER_EVENT: Final = 16  # recv() calls before yielding to other peers
+
+
+class ConnectionOwner(Protocol):
+    def connection_closed(self, conn: Connection) -> None:
+        """Account for a connection whose descriptors were just released."""
+        ...
 
 
 class Connection:
@@ -48,6 +57,7 @@ class Connection:
         reschedule: called with (fd, events) when work remains that no new epoll
             edge will announce (edge mode budget, resumed reading).
         now: the loop's clock at accept time.
+        owner: told when the connection has closed.
     """
 
     __slots__ = (
@@ -67,6 +77,7 @@ class Connection:
         "on_event",
         "opened_at",
         "out",
+        "owner",
         "peer",
         "reading",
         "reason",
@@ -86,8 +97,10 @@ class Connection:
         low_water: int,
         reschedule: Callable[[tuple[int, int]], None],
         now: float,
+        owner: ConnectionOwner,
     ) -> None:
         self.sock = sock
+        self.owner = owner
         self.fd = sock.fileno()
         self.peer = peer
         self.ip = ip
@@ -112,8 +125,10 @@ class Connection:
         self.on_event: Callable[[int], int] = self._on_edge if edge else self._on_level
 
     def close(self) -> None:
-        """Release the descriptors; the loop has unregistered the socket already."""
+        """Release the descriptors (the reactor has unregistered the socket already), then
+        tell the owner."""
         self.sock.close()
+        self.owner.connection_closed(self)
 
     def pending(self) -> int:
         """Bytes received and not yet echoed."""

@@ -1,4 +1,8 @@
-"""Bind, adopt and close listening sockets: TCP over IPv4/IPv6 and Unix stream sockets."""
+"""Bind, adopt and close listening sockets: TCP over IPv4/IPv6 and Unix stream sockets.
+
+A Listener is a reactor handler: an event only tells its owner (the service) that
+connections wait; accepting is the owner's policy.
+"""
 
 from __future__ import annotations
 
@@ -7,24 +11,41 @@ import errno
 import os
 import socket
 import stat
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from epolld.config import ListenAddress
 from epolld.errors import BindError
 
 
-@dataclass(slots=True)
+def _not_served(listener: Listener) -> None:
+    raise RuntimeError(f"{listener.name}: no owner to accept its connections")
+
+
+@dataclass(slots=True, eq=False)
 class Listener:
-    """A listening socket and the address it serves."""
+    """A listening socket, the address it serves, and the reactor handler for it."""
 
     sock: socket.socket
     address: ListenAddress | None  # None: inherited from systemd, not from the config
     name: str  # what logs and STATUS show: "127.0.0.1:7080", "[::1]:7080", "unix:/path"
     inherited: bool = False
+    fd: int = field(init=False)
+    mask: int = 0  # set by the owner before registering (level or edge)
+    active_at: float = 0.0
+    on_ready: Callable[[Listener], None] = _not_served  # connections wait to be accepted
 
-    @property
-    def fd(self) -> int:
-        return self.sock.fileno()
+    def __post_init__(self) -> None:
+        self.fd = self.sock.fileno()
+
+    def on_event(self, events: int) -> int:
+        self.on_ready(self)
+        return self.mask
+
+    def close(self) -> None:
+        """Close the socket and remove its Unix socket file (an inherited one belongs to
+        systemd)."""
+        close(self)
 
     @property
     def is_tcp(self) -> bool:

@@ -16,7 +16,6 @@ from collections.abc import Callable
 from typing import Final
 
 from epolld.connection import (
-    CLOSE,
     EDGE_MASK,
     EDGE_READS_PER_EVENT,
     EPOLLHUP_ERR,
@@ -26,7 +25,9 @@ from epolld.connection import (
     LEVEL_READ,
     LEVEL_READ_WRITE,
     Connection,
+    ConnectionOwner,
 )
+from epolld.loop import CLOSE
 
 SPLICE_FLAGS: Final = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 F_SETPIPE_SZ: Final = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -70,6 +71,7 @@ class SpliceConnection(Connection):
         low_water: int,
         reschedule: Callable[[tuple[int, int]], None],
         now: float,
+        owner: ConnectionOwner,
     ) -> None:
         super().__init__(
             sock,
@@ -81,6 +83,7 @@ class SpliceConnection(Connection):
             low_water=low_water,
             reschedule=reschedule,
             now=now,
+            owner=owner,
         )
         self.pipe_r, self.pipe_w, self.capacity = pipe
         self.piped = 0  # bytes in the pipe: received, not yet echoed
@@ -88,7 +91,7 @@ class SpliceConnection(Connection):
     def close(self) -> None:
         os.close(self.pipe_r)
         os.close(self.pipe_w)
-        self.sock.close()
+        super().close()
 
     def pending(self) -> int:
         return self.piped

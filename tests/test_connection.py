@@ -35,6 +35,16 @@ def tcp_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
     server.close()
 
 
+class Owner:
+    """Records the connections that told it they closed, as the service would account."""
+
+    def __init__(self) -> None:
+        self.closed: list[Connection] = []
+
+    def connection_closed(self, conn: Connection) -> None:
+        self.closed.append(conn)
+
+
 def make(kind: str, trigger: str, sock: socket.socket) -> Connection:
     settings = {
         "edge": trigger == "edge",
@@ -43,6 +53,7 @@ def make(kind: str, trigger: str, sock: socket.socket) -> Connection:
         "low_water": 1 << 18,
         "reschedule": lambda event: None,
         "now": 0.0,
+        "owner": Owner(),
     }
     if kind == "splice":
         return SpliceConnection(sock, "peer", "127.0.0.1", pipe=make_pipe(64 * 1024), **settings)

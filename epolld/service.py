@@ -1,0 +1,595 @@
+"""The echo service's policy: accepting and limits, per-IP counts, the shutdown drain,
+reload reconciliation and statistics. Epoll itself is the reactor's (loop.py).
+
+Accepting at EMFILE/ENFILE/ENOBUFS/ENOMEM leaves the connection in the backlog, so a
+level-triggered listener reports it again at once (381,189 wakeups in 1 s, measured):
+the listener is taken out of the reactor and re-armed after ACCEPT_RETRY_S (nginx
+waits 500 ms, asyncio 1 s; bpo-27906).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import resource
+import select
+import signal
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from epolld import config as config_mod
+from epolld import listeners as listeners_mod
+from epolld import logsetup
+from epolld.config import Config, ListenAddress
+from epolld.connection import EPOLLIN, Connection
+from epolld.errors import BindError, EpolldError
+from epolld.idle import IdleTimer
+from epolld.listeners import Listener
+from epolld.loop import Reactor
+from epolld.splice import SpliceConnection, make_pipe
+from epolld.systemd import Notifier
+
+log = structlog.get_logger("epolld")
+
+ACCEPT_RETRY_S = 0.5  # pause after EMFILE & co. before accepting again
+REFUSED_WARNING_EVERY_S = 10.0  # at most one "connection_refused" warning per this
+STATUS_EVERY_S = 5.0  # STATUS= refresh for systemctl status
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# The peer went away between the handshake and accept(); nothing to do (accept(2)).
+ACCEPT_IGNORED_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
+
+
+class EchoService:
+    """Serve echo on listeners until a stop signal.
+
+    Args:
+        config: the validated configuration.
+        listeners: bound (or inherited) listening sockets; the service owns them.
+        notifier: sd_notify; a no-op outside systemd.
+        reload: called on SIGHUP; returns the new Config or raises ConfigError.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        listeners: list[Listener],
+        notifier: Notifier,
+        reload: Callable[[], Config] | None = None,
+    ) -> None:
+        self._config = config
+        self._notifier = notifier
+        self._reload_source = reload
+        self.reactor = Reactor()
+        self._conns: dict[int, Connection] = {}
+        self._listeners: dict[int, Listener] = {}  # registered with the reactor
+        self._paused: dict[int, Listener] = {}  # listeners waiting out EMFILE & co.
+        self._accept_queue: list[Listener] = []  # ready listeners, served after the batch
+        self._per_ip: dict[str, int] = {}
+        self._started_at = self.reactor.now
+        self._stopping = False
+        self._done = False
+        self._paused_since: float | None = None  # the current EMFILE episode
+        self._splice_fallback = False  # no pipe to be had: new connections copy instead
+        self._pipes = 0  # open splice connections, each holding a pipe (2 fds)
+        # What the process holds before any client (stdio, epoll, listeners, ...), plus
+        # room for log files and the pidfile.
+        self._base_fds = len(os.listdir("/proc/self/fd")) + 16
+        for signum, fn in {
+            signal.SIGTERM: self._on_stop_signal,
+            signal.SIGINT: self._on_stop_signal,
+            signal.SIGHUP: self._on_reload_signal,
+            signal.SIGUSR1: self._on_stats_signal,
+        }.items():
+            self.reactor.on_signal(signum, fn)
+        # Totals of closed connections; live ones are added when reporting.
+        self._accepted = 0
+        self._refused = 0
+        self._refused_unlogged = 0
+        self._refused_logged_at = -REFUSED_WARNING_EVERY_S
+        self._bytes_in = 0
+        self._bytes_out = 0
+        self._status_bytes = (self.reactor.now, 0)
+        self._idle = IdleTimer(config.limits.idle_timeout_s)
+        self._read_buf = memoryview(bytearray())  # sized by _apply_settings
+        self._apply_settings(config)
+        for listener in listeners:
+            self._add_listener(listener)
+
+    # -- settings ----------------------------------------------------------------
+
+    def _apply_settings(self, config: Config) -> None:
+        """Cache what the hot paths read, so that they read plain attributes."""
+        self._config = config
+        self._edge = config.trigger == "edge"
+        self._listen_mask = EPOLLIN | select.EPOLLET if self._edge else EPOLLIN
+        self.reactor.trace = config.logging.level == "trace"
+        self._splice = config.io == "splice"
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self._pipe_budget = max(0, (nofile - self._base_fds - config.limits.max_connections) // 2)
+        if len(self._read_buf) != config.buffers.read_size_bytes:
+            self._read_buf = memoryview(bytearray(config.buffers.read_size_bytes))
+        # Decided once per configuration, not per connection: the log call or None.
+        if config.logging.connections:
+            self._conn_log: Callable[..., Any] | None = log.info
+        elif logsetup.enabled("debug"):
+            self._conn_log = log.debug
+        else:
+            self._conn_log = None
+
+    @property
+    def listeners(self) -> list[Listener]:
+        return [*self._listeners.values(), *self._paused.values()]
+
+    # -- running -------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Report readiness and serve until stopped. Returns 0."""
+        try:
+            self.reactor.run(started=self._started)
+            log.info("shutdown_complete", **self.stats())
+        finally:
+            self._close_everything()
+        return 0
+
+    def _started(self) -> None:
+        """Signals are handled from here on: tell the world we serve."""
+        self._start_timers()
+        for listener in self.listeners:
+            log.info(
+                "listening",
+                address=listener.name,
+                fd=listener.fd,
+                trigger=self._config.trigger,
+                io=self._config.io,
+                inherited=listener.inherited,
+            )
+        self._notifier.ready(self._status_line())
+
+    def _finish(self) -> None:
+        self._done = True
+        self.reactor.stop()
+
+    # -- accepting -----------------------------------------------------------------
+
+    def _add_listener(self, listener: Listener) -> None:
+        listener.mask = self._listen_mask
+        listener.on_ready = self._listener_ready
+        self._listeners[listener.fd] = listener
+        self.reactor.add(listener)
+
+    def _listener_ready(self, listener: Listener) -> None:
+        """Accept after the batch (see loop.py on fd reuse), once per listener."""
+        if not self._accept_queue:
+            self.reactor.call_soon(self._accept_queued)
+        self._accept_queue.append(listener)
+
+    def _accept_queued(self) -> None:
+        queue, self._accept_queue = self._accept_queue, []
+        for listener in queue:
+            if listener.fd in self._listeners:  # not paused or closed meanwhile
+                self._accept(listener)
+
+    def _accept(self, listener: Listener) -> None:
+        """Accept until EAGAIN, at most one backlog's worth per wakeup."""
+        limits = self._config.limits
+        now = self.reactor.now
+        for _ in range(self._config.backlog):
+            try:
+                sock, addr = listener.sock.accept()
+            except BlockingIOError:
+                return
+            except OSError as e:
+                if e.errno in RESOURCE_ERRNOS:
+                    self._pause_accepting(listener, e)
+                    return
+                if e.errno not in ACCEPT_IGNORED_ERRNOS:
+                    log.warning("accept_failed", address=listener.name, error=str(e))
+                    return
+                continue
+            if self._paused_since is not None:
+                log.info("accept_resumed", paused_s=round(now - self._paused_since, 3))
+                self._paused_since = None
+            ip = addr[0] if listener.is_tcp else ""
+            if len(self._conns) >= limits.max_connections:
+                self._refuse(sock, addr, ip, "max_connections", limits.max_connections)
+                continue
+            if ip and limits.max_connections_per_ip:
+                count = self._per_ip.get(ip, 0)
+                if count >= limits.max_connections_per_ip:
+                    self._refuse(
+                        sock, addr, ip, "max_connections_per_ip", limits.max_connections_per_ip
+                    )
+                    continue
+            self._open(sock, addr, ip, listener)
+        if self._edge:  # the budget ran out before EAGAIN: no new edge will say so
+            self.reactor.reschedule((listener.fd, EPOLLIN))
+
+    def _open(self, sock: socket.socket, addr: Any, ip: str, listener: Listener) -> None:
+        sock.setblocking(False)
+        if ip:
+            # Echo is request/response: Nagle would hold back the tail of every reply.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
+        peer = _peer_name(sock, addr) if ip else listener.name
+        buffers = self._config.buffers
+        settings: dict[str, Any] = {
+            "edge": self._edge,
+            "buf": self._read_buf,
+            "high_water": buffers.high_water_bytes,
+            "low_water": buffers.low_water_bytes,
+            "reschedule": self.reactor.reschedule,
+            "now": self.reactor.now,
+            "owner": self,
+        }
+        conn: Connection
+        pipe = self._make_pipe() if self._splice else None
+        if pipe is not None:
+            conn = SpliceConnection(sock, peer, ip, pipe=pipe, **settings)
+            self._pipes += 1
+        else:
+            conn = Connection(sock, peer, ip, **settings)
+        self._conns[conn.fd] = conn
+        self.reactor.add(conn)
+        self._idle.add(conn)
+        self._accepted += 1
+        if self._conn_log is not None:
+            self._conn_log(
+                "connection_opened",
+                peer=peer,
+                fd=conn.fd,
+                listener=listener.name,
+                io="splice" if pipe is not None else "copy",
+            )
+
+    def _make_pipe(self) -> tuple[int, int, int] | None:
+        """A pipe for a splice connection, or None to fall back to copying (logged once
+        per episode): a client is never dropped for want of a pipe.
+
+        Pipes stay within a budget that leaves one descriptor for each of max_connections:
+        otherwise splice connections (3 fds each) would use up RLIMIT_NOFILE and later
+        clients would wait in the backlog instead of being served by copying.
+        """
+        if self._pipes >= self._pipe_budget:
+            self._splice_unavailable("descriptor budget", budget=self._pipe_budget)
+            return None
+        try:
+            pipe = make_pipe(self._config.buffers.read_size_bytes)
+        except OSError as e:
+            self._splice_unavailable(errno.errorcode.get(e.errno or 0, str(e)))
+            return None
+        if self._splice_fallback:
+            self._splice_fallback = False
+            log.info("splice_available")
+        return pipe
+
+    def _splice_unavailable(self, reason: str, **fields: Any) -> None:
+        if not self._splice_fallback:
+            self._splice_fallback = True
+            log.warning(
+                "splice_unavailable",
+                reason=reason,
+                fallback="copy",
+                connections=len(self._conns),
+                **fields,
+            )
+
+    def _refuse(self, sock: socket.socket, addr: Any, ip: str, limit: str, value: int) -> None:
+        """Close a peer over a limit at once; warn at most every REFUSED_WARNING_EVERY_S."""
+        now = self.reactor.now
+        if self._conn_log is not None:
+            self._conn_log(
+                "connection_closed",
+                peer=_peer_name(sock, addr),
+                fd=sock.fileno(),
+                bytes_in=0,
+                bytes_out=0,
+                duration_s=0.0,
+                reason="limit",
+                error=None,
+            )
+        sock.close()
+        self._refused += 1
+        self._refused_unlogged += 1
+        if now - self._refused_logged_at >= REFUSED_WARNING_EVERY_S:
+            log.warning(
+                "connection_refused",
+                limit=limit,
+                value=value,
+                peer_ip=ip or None,
+                refused=self._refused_unlogged,
+            )
+            self._refused_unlogged = 0
+            self._refused_logged_at = now
+
+    def _pause_accepting(self, listener: Listener, e: OSError) -> None:
+        """Out of descriptors or memory: stop watching the listener for a while."""
+        self.reactor.remove(listener)
+        del self._listeners[listener.fd]
+        self._paused[listener.fd] = listener
+        if self._paused_since is None:  # once per episode
+            self._paused_since = self.reactor.now
+            log.warning(
+                "accept_paused",
+                address=listener.name,
+                error=errno.errorcode.get(e.errno or 0),
+                retry_s=ACCEPT_RETRY_S,
+                connections=len(self._conns),
+            )
+        self.reactor.call_later(ACCEPT_RETRY_S, lambda: self._resume_accepting(listener))
+
+    def _resume_accepting(self, listener: Listener) -> None:
+        if self._paused.pop(listener.fd, None) is None or self._stopping:
+            return
+        self._add_listener(listener)
+
+    # -- closing -------------------------------------------------------------------
+
+    def connection_closed(self, conn: Connection) -> None:
+        """Account for a closed connection (Connection.close() calls this)."""
+        fd = conn.fd
+        del self._conns[fd]
+        if isinstance(conn, SpliceConnection):
+            self._pipes -= 1
+        self._idle.remove(conn)
+        if conn.ip:
+            left = self._per_ip[conn.ip] - 1
+            if left:
+                self._per_ip[conn.ip] = left
+            else:
+                del self._per_ip[conn.ip]
+        self._bytes_in += conn.bytes_in
+        self._bytes_out += conn.bytes_out
+        if self._conn_log is not None:
+            self._conn_log(
+                "connection_closed",
+                peer=conn.peer,
+                fd=fd,
+                bytes_in=conn.bytes_in,
+                bytes_out=conn.bytes_out,
+                duration_s=round(self.reactor.now - conn.opened_at, 3),
+                reason=conn.reason or "error",
+                error=conn.error or None,
+            )
+        if self._stopping and not self._conns:
+            self._finish()
+
+    def _close(self, conn: Connection, reason: str) -> None:
+        conn.reason = reason
+        self.reactor.close(conn)
+
+    def _close_everything(self) -> None:
+        for conn in list(self._conns.values()):
+            conn.discard_pending()
+            self._close(conn, "shutdown")
+        for listener in self.listeners:
+            self.reactor.close(listener)
+        self._listeners.clear()
+        self._paused.clear()
+        self.reactor.release()
+
+    # -- timers --------------------------------------------------------------------
+
+    def _start_timers(self) -> None:
+        """The periodic work; each timer reads its interval from the current settings."""
+        every = self.reactor.every
+        every(lambda: self._idle.tick_s, self._sweep_idle)
+        every(lambda: self._config.stats_interval_s or 1.0, self._periodic_stats)
+        if self._notifier.enabled:
+            every(lambda: STATUS_EVERY_S, self._send_status)
+        watchdog_s = self._notifier.watchdog_interval_s()
+        if watchdog_s:
+            # From the loop itself, not a thread: a stuck loop stops pinging.
+            every(lambda: watchdog_s, self._watchdog_ping)
+
+    def _periodic_stats(self) -> None:
+        if self._config.stats_interval_s > 0:
+            self._log_stats()
+
+    def _watchdog_ping(self) -> None:
+        if self._config.watchdog:
+            self._notifier.watchdog_ping()
+
+    def _sweep_idle(self) -> None:
+        for conn in self._idle.expired(self.reactor.now):
+            self._close(conn, "idle_timeout")  # type: ignore[arg-type]
+
+    # -- signals -------------------------------------------------------------------
+
+    def _on_stop_signal(self, signum: int) -> None:
+        if self._stopping:
+            if signum == signal.SIGINT:  # a second Ctrl-C: stop now
+                self._force_stop("SIGINT")
+            return
+        self.stop(signal.Signals(signum).name)
+
+    def stop(self, why: str) -> None:
+        """Graceful stop: close listeners, echo what was received, FIN, then exit."""
+        self._stopping = True
+        timeout_s = self._config.shutdown_timeout_s
+        log.info("shutdown_started", signal=why, connections=len(self._conns), timeout_s=timeout_s)
+        self._notifier.stopping(f"stopping: draining {len(self._conns)} connections")
+        self._notifier.extend_timeout(timeout_s + 5.0)
+        for listener in self.listeners:
+            self.reactor.close(listener)
+        self._listeners.clear()
+        self._paused.clear()
+        for conn in list(self._conns.values()):
+            self.reactor.set_mask(conn, conn.begin_shutdown())
+        self.reactor.call_later(timeout_s, self._force_stop)
+        if not self._conns:
+            self._finish()
+
+    def _force_stop(self, signal_name: str | None = None) -> None:
+        """Close what is left, unsent output dropped: at shutdown_timeout or a second SIGINT."""
+        if not self._done:
+            left = len(self._conns)
+            for conn in list(self._conns.values()):
+                conn.discard_pending()
+                self._close(conn, "shutdown")
+            if left or signal_name:
+                reason = "second_signal" if signal_name else "shutdown_timeout"
+                log.warning("shutdown_forced", reason=reason, signal=signal_name, connections=left)
+        self._finish()
+
+    def _on_reload_signal(self, signum: int) -> None:
+        if self._stopping or self._reload_source is None:
+            return
+        self._notifier.reloading()
+        try:
+            self.apply(self._reload_source())
+        except EpolldError as e:  # the old configuration stays in force
+            log.error("config_reload_failed", error=str(e))
+            self._notifier.ready(f"reload failed, running on the previous configuration: {e}")
+            return
+        self._notifier.ready(self._status_line())
+
+    def apply(self, new: Config) -> None:
+        """Switch to a new configuration as one step, or raise and change nothing.
+
+        Raises:
+            BindError: a new address could not be bound; the old listeners stay.
+        """
+        old = self._config
+        if not any(lst.inherited for lst in self.listeners):
+            self._reconcile_listeners(old, new)
+        elif new.listen != old.listen:
+            log.warning("listen_ignored", reason="sockets come from systemd socket activation")
+        # Logged before a new log level applies, so that it is the old level that decides.
+        log.info(
+            "config_reloaded",
+            changes={
+                k: [_jsonable(a), _jsonable(b)]
+                for k, (a, b) in config_mod.changes(old, new).items()
+            },
+        )
+        if new.logging != old.logging:
+            logsetup.configure(new.logging.level, new.logging.format)
+        self._apply_settings(new)
+        if new.trigger != old.trigger:
+            # Open connections keep the mode they were registered in; listeners switch,
+            # or an edge-triggered listener could sit on a backlog the level code leaves.
+            for listener in self._listeners.values():
+                self.reactor.set_mask(listener, self._listen_mask)
+            for listener in self._paused.values():
+                listener.mask = self._listen_mask
+        buffers = new.buffers
+        for conn in self._conns.values():
+            conn.buf = self._read_buf
+            conn.high_water = buffers.high_water_bytes
+            conn.low_water = buffers.low_water_bytes
+        if new.limits.idle_timeout_s != old.limits.idle_timeout_s:
+            self._idle.retime(new.limits.idle_timeout_s, list(self._conns.values()))
+
+    def _reconcile_listeners(self, old: Config, new: Config) -> None:
+        """Keep listeners that stay, bind added ones first, then close removed ones.
+
+        Binding first means a failed reload leaves the old listeners as they were: the
+        daemon is never without one. The price: an address that overlaps one being
+        removed (127.0.0.1:7080 -> 0.0.0.0:7080) cannot be bound in the same reload.
+
+        Raises:
+            BindError: nothing was changed.
+        """
+        current = {lst.address: lst for lst in self.listeners if lst.address is not None}
+        added: list[Listener] = []
+        try:
+            for address in new.listen:
+                if address not in current:
+                    added.append(self._bind_beside(address, new.backlog, current))
+        except Exception:
+            for listener in added:
+                listener.close()
+            raise
+        for address, listener in current.items():
+            if address not in new.listen:
+                self._listeners.pop(listener.fd, None)
+                self._paused.pop(listener.fd, None)
+                self.reactor.close(listener)
+                log.info("listener_closed", address=listener.name)
+            elif new.backlog != old.backlog:
+                listener.sock.listen(new.backlog)
+        for listener in added:
+            self._add_listener(listener)
+            log.info("listening", address=listener.name, fd=listener.fd, trigger=new.trigger)
+
+    def _bind_beside(
+        self, address: ListenAddress, backlog: int, current: dict[ListenAddress, Listener]
+    ) -> Listener:
+        """Bind a new address; if our own listener holds its port, say so."""
+        try:
+            return listeners_mod.bind(address, backlog)
+        except BindError as e:
+            if e.errno == errno.EADDRINUSE and address.family != "unix":
+                # The bound port, not the configured one, which may be 0.
+                ours = [
+                    lst.name
+                    for lst in current.values()
+                    if lst.is_tcp and lst.sock.getsockname()[1] == address.port
+                ]
+                if ours:
+                    raise BindError(
+                        f"cannot listen on {address}: it overlaps {', '.join(ours)}, which "
+                        "this daemon holds; remove that in one reload and add this in the "
+                        "next, or restart",
+                        errno=e.errno,
+                    ) from None
+            raise
+
+    # -- reporting -----------------------------------------------------------------
+
+    def _byte_totals(self) -> tuple[int, int]:
+        """Bytes in and out so far: closed connections' totals plus the open ones'."""
+        conns = self._conns.values()
+        return (
+            self._bytes_in + sum(c.bytes_in for c in conns),
+            self._bytes_out + sum(c.bytes_out for c in conns),
+        )
+
+    def stats(self) -> dict[str, Any]:
+        """Live counters."""
+        bytes_in, bytes_out = self._byte_totals()
+        return {
+            "connections": len(self._conns),
+            "accepted": self._accepted,
+            "refused": self._refused,
+            "bytes_in": bytes_in,
+            "bytes_out": bytes_out,
+            "uptime_s": round(self.reactor.now - self._started_at, 1),
+            "listeners": len(self._listeners),
+            "accept_paused": bool(self._paused),
+            "splice_connections": self._pipes,
+        }
+
+    def _on_stats_signal(self, signum: int) -> None:
+        self._log_stats()
+
+    def _log_stats(self) -> None:
+        log.info("stats", **self.stats())
+
+    def _status_line(self) -> str:
+        names = " ".join(lst.name for lst in self.listeners)
+        now = time.monotonic()
+        total = self._byte_totals()[1]
+        then, before = self._status_bytes
+        self._status_bytes = (now, total)
+        rate = (total - before) / (now - then) / 1e6 if now > then else 0.0
+        return f"echoing on {names}; {len(self._conns)} connections; {rate:.1f} MB/s"
+
+    def _send_status(self) -> None:
+        self._notifier.status(self._status_line())
+
+
+def _peer_name(sock: socket.socket, addr: Any) -> str:
+    if sock.family == socket.AF_INET6:
+        return f"[{addr[0]}]:{addr[1]}"
+    if sock.family == socket.AF_INET:
+        return f"{addr[0]}:{addr[1]}"
+    return "unix"
+
+
+def _jsonable(value: object) -> object:
+    return value if isinstance(value, (str, int, float, bool, type(None), list)) else str(value)
