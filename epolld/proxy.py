@@ -29,10 +29,13 @@ from __future__ import annotations
 import errno
 import ipaddress
 import re
+import select
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, Protocol
+
+from epolld.loop import CLOSE
 
 V1_MAX_BYTES = 107  # "PROXY UNKNOWN <two IPv6> 65535 65535\r\n", the spec's worst case
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -375,8 +378,9 @@ def parse(data: bytes) -> Parsed | None:
 ConnectionReason = Literal["untrusted_source", "timeout", "closed_before_header"]
 CONNECTION_REASONS: tuple[ConnectionReason, ...] = ConnectionReason.__args__  # type: ignore[attr-defined]
 ALL_REASONS: tuple[str, ...] = REASONS + CONNECTION_REASONS
-CLOSE = 0  # the reactor's CLOSE, kept here so this module imports nothing of the loop
-READS_PER_EVENT = 4  # fixed part, addresses, TLVs: a header never needs more reads
+# Prefix, fixed part, addresses, TLVs, then EAGAIN: a header needs at most 5 reads unless
+# its bytes trickle in while they are read; then the rest waits for a synthetic event.
+READS_PER_EVENT = 8
 LOG_EVERY_S = 10.0  # per reason, at most one warning this often; the rest are counted
 
 
@@ -391,6 +395,22 @@ def is_trusted(ip: str, trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Net
     return any(address in network for network in trusted)
 
 
+class ReaderOwner(Protocol):
+    """What a HeaderReader reports to (the service)."""
+
+    def header_read(self, reader: HeaderReader, header: ProxyHeader) -> int:
+        """The header is complete: replace the reader; return its on_event's result."""
+        ...
+
+    def header_failed(self, reader: HeaderReader, reason: str, detail: str) -> None:
+        """The header cannot be had; the reader returns CLOSE next."""
+        ...
+
+    def reader_closed(self, reader: HeaderReader) -> None:
+        """The reader's socket was closed (a failure, the timeout, a shutdown)."""
+        ...
+
+
 class HeaderReader:
     """The handler of one connection on a proxy_protocol listener until its header is in.
 
@@ -402,26 +422,15 @@ class HeaderReader:
         sock: the accepted, non-blocking socket.
         ip: the proxy's IP ("" for a unix socket), as accept() gave it.
         peer: the proxy's printable address.
-        mask: the epoll mask to be registered with (the reactor's trigger mode).
+        mask: the epoll mask to register with: the Connection's, so that replacing the
+            reader needs no epoll_ctl.
         now: the reactor's clock at accept time.
-        on_header: called with (reader, header) once the header is complete; returns
-            what on_event returns (the service replaces the reader there).
-        on_failure: called with (reader, reason, detail) before on_event returns CLOSE.
+        owner: told when the header is read, has failed, and when the socket closed.
+        reschedule: the reactor's, for a synthetic event when the read budget ran out.
     """
 
-    __slots__ = (
-        "active_at",
-        "fd",
-        "ip",
-        "mask",
-        "on_failure",
-        "on_header",
-        "opened_at",
-        "parser",
-        "peer",
-        "sock",
-        "timer",
-    )
+    __slots__ = ("active_at", "fd", "ip", "mask", "opened_at", "owner", "parser", "peer",
+                 "reschedule", "sock")  # fmt: skip
 
     def __init__(
         self,
@@ -431,8 +440,8 @@ class HeaderReader:
         *,
         mask: int,
         now: float,
-        on_header: Callable[[HeaderReader, ProxyHeader], int],
-        on_failure: Callable[[HeaderReader, str, str], None],
+        owner: ReaderOwner,
+        reschedule: Callable[[tuple[int, int]], None],
     ) -> None:
         self.sock = sock
         self.fd = sock.fileno()
@@ -442,12 +451,15 @@ class HeaderReader:
         self.opened_at = now
         self.active_at = now
         self.parser = HeaderParser()
-        self.on_header = on_header
-        self.on_failure = on_failure
-        self.timer: Any = None  # the deadline's Timer, set and cancelled by the service
+        self.owner = owner
+        self.reschedule = reschedule
 
     def on_event(self, events: int) -> int:
-        """Read what the header still needs; the next mask, or CLOSE on a failure."""
+        """Read what the header still needs; the next mask, or CLOSE on a failure.
+
+        Reads until EAGAIN in both trigger modes: in edge mode an EOF that came with the
+        last bytes brings no new edge, so it must be seen now.
+        """
         for _ in range(READS_PER_EVENT):
             want = self.parser.wanted
             try:
@@ -468,18 +480,18 @@ class HeaderReader:
             if taken != used:  # only if someone else read the socket: a bug, not a peer
                 raise RuntimeError(f"PROXY header: took {taken} of {used} peeked bytes")
             if parsed is not None:
-                return self.on_header(self, parsed.header)
-            if len(data) < want:
-                return self.mask  # the socket is empty now: the next bytes bring an event
+                return self.owner.header_read(self, parsed.header)
+        self.reschedule((self.fd, select.EPOLLIN))  # bytes may wait that no edge announces
         return self.mask
 
     def _fail(self, reason: str, detail: str) -> int:
-        self.on_failure(self, reason, detail)
+        self.owner.header_failed(self, reason, detail)
         return CLOSE
 
     def close(self) -> None:
-        """Release the socket; the reactor has unregistered it already."""
+        """Release the socket (the reactor has unregistered it), then tell the owner."""
         self.sock.close()
+        self.owner.reader_closed(self)
 
     def __repr__(self) -> str:
         return (

@@ -18,6 +18,7 @@ from tests.traffic import connect, recv_exactly, recv_until_eof, roundtrip
 
 pytestmark = pytest.mark.slow
 
+PLAIN_HOST = "127.0.0.2"  # the plain listener's address (two port 0s on one would collide)
 V1 = b"PROXY TCP4 192.0.2.10 198.51.100.1 40001 7080\r\n"
 V2 = v2(addresses=inet4("192.0.2.20", "198.51.100.1", 40002, 7080), tlvs=tlv(0x05, b"id-1"))
 
@@ -25,7 +26,7 @@ V2 = v2(addresses=inet4("192.0.2.20", "198.51.100.1", 40002, 7080), tlvs=tlv(0x0
 def proxied(settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """A daemon with one PROXY listener and one plain one, logging every connection."""
     config: dict[str, Any] = {
-        "listen": [{"address": "127.0.0.1:0", "proxy_protocol": True}, "127.0.0.1:0"],
+        "listen": [{"address": "127.0.0.1:0", "proxy_protocol": True}, f"{PLAIN_HOST}:0"],
         "logging": {"level": "debug", "connections": True},
     }
     config.update(settings or {})
@@ -33,8 +34,8 @@ def proxied(settings: dict[str, Any] | None = None) -> dict[str, Any]:
 
 
 def ports(daemon: Daemon) -> tuple[int, int]:
-    """(the PROXY listener's port, the plain listener's port), in the order configured."""
-    first, second = daemon.addresses[:2]
+    """(the PROXY listener's port on 127.0.0.1, the plain one's on PLAIN_HOST)."""
+    first, second = (e["address"] for e in daemon.wait_for("listening", count=2)[:2])
     return int(first.rsplit(":", 1)[1]), int(second.rsplit(":", 1)[1])
 
 
@@ -156,7 +157,9 @@ def test_bad_header_is_closed_logged_and_counted(
     warning = daemon.wait_for("proxy_header_refused", reason=reason)[-1]
     assert warning["proxy"].startswith("127.0.0.1:")
     assert stats(daemon)["proxy_header_errors"][reason] == 1
-    with connect(plain_port) as sock:  # the plain listener echoes the same bytes as data
+    with connect(
+        plain_port, host=PLAIN_HOST
+    ) as sock:  # the plain listener echoes the same bytes as data
         roundtrip(sock, data)
 
 
@@ -183,7 +186,7 @@ def test_untrusted_source_is_refused(start_daemon: StartDaemon) -> None:
     with connect(proxy_port, source="127.0.0.2") as sock:
         sock.sendall(V1)
         roundtrip(sock, b"trusted")
-    with connect(plain_port, source="127.0.0.3") as sock:
+    with connect(plain_port, host=PLAIN_HOST, source="127.0.0.3") as sock:
         roundtrip(sock, b"direct clients are not asked for a header")
     assert stats(daemon)["proxy_header_errors"]["untrusted_source"] == 1
 
@@ -240,7 +243,9 @@ def test_connections_reading_a_header_count_against_max_connections(
     with connect(proxy_port) as a, connect(proxy_port) as b:
         a.sendall(b"PROX")  # half a header each: nothing to echo yet
         b.sendall(b"\r\n")
-        with connect(plain_port) as c:  # accepted after a and b: the listener's queue is FIFO
+        with connect(
+            plain_port, host=PLAIN_HOST
+        ) as c:  # accepted after a and b: the listener's queue is FIFO
             assert_closed_unechoed(c)
         daemon.wait_for("connection_refused", limit="max_connections")
         a.sendall(V1[4:])
@@ -254,7 +259,8 @@ def test_reload_turns_the_protocol_on_and_changes_trust(start_daemon: StartDaemo
     with connect(port) as before:
         roundtrip(before, b"plain before")
         settings = yaml.safe_load(daemon.config_path.read_text())
-        settings["listen"] = [{"address": f"127.0.0.1:{port}", "proxy_protocol": True}]
+        # The same entry as before (port 0 included), now with the flag: the socket stays.
+        settings["listen"] = [{"address": "127.0.0.1:0", "proxy_protocol": True}]
         settings["proxy"] = {"trusted": ["127.0.0.2/32"], "timeout": "200ms"}
         daemon.config_path.write_text(yaml.safe_dump(settings))
         daemon.signal(signal.SIGHUP)
