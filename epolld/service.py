@@ -75,6 +75,7 @@ class EchoService:
         self._proxies: dict[int, str] = {}  # fd -> the proxy's address, for proxied clients
         self._header_errors = HeaderErrors()
         self._headers_read = 0
+        self._sweep_armed = False  # a _sweep_readers call is scheduled
         self._started_at = self.reactor.now
         self._stopping = False
         self._done = False
@@ -286,6 +287,14 @@ class EchoService:
         )
         self._readers[reader.fd] = reader  # in order of opened_at: see _sweep_readers
         self.reactor.add(reader)
+        if not self._sweep_armed:
+            self._arm_sweep()
+
+    def _arm_sweep(self) -> None:
+        """Sweep for late headers while readers exist; no timer runs while none do."""
+        self._sweep_armed = True
+        # A header is closed within proxy.timeout plus a fifth of it (at most 1 s more).
+        self.reactor.call_later(min(1.0, self._config.proxy.timeout_s / 5), self._sweep_readers)
 
     def header_read(self, reader: HeaderReader, header: ProxyHeader) -> int:
         """The client's address is known: check its per-IP limit, then start echoing."""
@@ -370,6 +379,7 @@ class EchoService:
         and a finished header leaves nothing behind (a per-reader timer would stay in the
         heap until due, holding the reader: at 50,000 accepts/s that is 250,000 of them).
         """
+        self._sweep_armed = False
         timeout_s = self._config.proxy.timeout_s
         deadline = self.reactor.now - timeout_s
         expired = []
@@ -380,6 +390,8 @@ class EchoService:
         for reader in expired:
             self.header_failed(reader, "timeout", f"no complete header within {timeout_s}s")
             self.reactor.close(reader)
+        if self._readers and not self._stopping:
+            self._arm_sweep()
 
     def reader_closed(self, reader: HeaderReader) -> None:
         """Forget a reader whose socket was closed (failure, timeout, refusal, shutdown)."""
@@ -524,8 +536,6 @@ class EchoService:
         """The periodic work; each timer reads its interval from the current settings."""
         every = self.reactor.every
         every(lambda: self._idle.tick_s, self._sweep_idle)
-        # A header is closed within proxy.timeout plus a fifth of it (at most 1 s more).
-        every(lambda: min(1.0, self._config.proxy.timeout_s / 5), self._sweep_readers)
         every(lambda: self._config.stats_interval_s or 1.0, self._periodic_stats)
         if self._notifier.enabled:
             every(lambda: STATUS_EVERY_S, self._send_status)
