@@ -14,6 +14,18 @@
  * --idle N opens N more connections that only echo one probe byte and then
  * stay open (the "10,000 open, 100 active" workload). Connection set-up is
  * timed: all connect()s complete (connect_all_s), all probes echoed (probe_all_s).
+ * --conns 0 makes a process that only holds idle connections.
+ *
+ * Several load generators can work together (bench/epolld_bench starts them):
+ *   --hold-stdin      after the probe phase write "established" to stderr, then run the
+ *                     workload until stdin reaches EOF (bounded by warmup + duration)
+ *   --source-addrs K  bind connection i to 127.0.0.(2 + (OFFSET + i) % K) before connect()
+ *                     (IP_BIND_ADDRESS_NO_PORT: the port is picked per 4-tuple), so that more
+ *                     connections than one address's ephemeral ports fit; --source-offset OFFSET
+ *   --expect-close    an idle connection the server closes (an idle timeout) is counted in
+ *                     closed_by_server with the first and last time, not as an error
+ * Times of the phases are also printed on CLOCK_MONOTONIC (*_mono_s), so that the
+ * results of processes started together can be combined.
  *
  * Phases: connect -> probe -> warmup -> measure -> drain. Every phase is bounded
  * in time, the measure phase also by a round-trip count and a byte count.
@@ -51,7 +63,9 @@
 
 enum mode { PINGPONG, STREAM };
 enum phase { P_CONNECT, P_PROBE, P_WARMUP, P_MEASURE, P_DRAIN, P_DONE };
-enum cstate { C_CONNECTING, C_PROBING, C_IDLE, C_ACTIVE, C_DEAD };
+enum cstate { C_CONNECTING, C_PROBING, C_IDLE, C_ACTIVE, C_CLOSED, C_DEAD };
+
+#define STDIN_TAG UINT32_MAX /* epoll data of stdin in --hold-stdin mode */
 
 struct conn {
     int fd;
@@ -82,6 +96,8 @@ static uint64_t round_trips, bytes_echoed;
 static uint64_t total_rcvd;          /* every connection, every phase: for the stall check */
 static int n_connecting, n_probing, n_active; /* connections in those states */
 static struct errors err;
+static int expect_close, released;   /* --expect-close; stdin reached EOF (--hold-stdin) */
+static uint64_t closed_by_server, first_close_ns, last_close_ns;
 
 static uint64_t now_ns(void) {
     struct timespec ts;
@@ -147,7 +163,7 @@ static void set_state(struct conn *c, enum cstate s) {
 static void kill_conn(struct conn *c) {
     if (c->state == C_DEAD) return;
     if (c->sent > c->rcvd) err.lost_bytes += c->sent - c->rcvd;
-    epoll_ctl(epfd, EPOLL_CTL_DEL, c->fd, NULL);
+    if (c->state != C_CLOSED) epoll_ctl(epfd, EPOLL_CTL_DEL, c->fd, NULL);
     close(c->fd);
     c->fd = -1;
     set_state(c, C_DEAD);
@@ -197,6 +213,16 @@ static void on_readable(struct conn *c, uint64_t t) {
         return;
     }
     if (n == 0) {
+        if (expect_close && c->state == C_IDLE && c->rcvd == c->sent) {
+            /* Closed by the server's idle timeout: close our end only after the run, so
+             * that the wave costs this process (and the probe beside it) no close() calls. */
+            closed_by_server++;
+            if (!first_close_ns) first_close_ns = t;
+            last_close_ns = t;
+            epoll_ctl(epfd, EPOLL_CTL_DEL, c->fd, NULL);
+            set_state(c, C_CLOSED);
+            return;
+        }
         err.eof++;
         kill_conn(c);
         return;
@@ -245,9 +271,21 @@ static void on_connected(struct conn *c) {
     set_mask(c, EPOLLIN);
 }
 
+static void on_stdin(void) {
+    char buf[256];
+    ssize_t n = read(0, buf, sizeof buf);
+    if (n > 0 || (n < 0 && (errno == EAGAIN || errno == EINTR))) return;
+    released = 1;
+    epoll_ctl(epfd, EPOLL_CTL_DEL, 0, NULL);
+}
+
 static void dispatch(struct epoll_event *ev, uint64_t t) {
+    if (ev->data.u32 == STDIN_TAG) {
+        on_stdin();
+        return;
+    }
     struct conn *c = &conns[ev->data.u32];
-    if (c->state == C_DEAD) return;
+    if (c->state == C_DEAD || c->state == C_CLOSED) return;
     if (c->state == C_CONNECTING) {
         on_connected(c);
         return;
@@ -330,13 +368,15 @@ static void usage(void) {
             "usage: loadgen --port P [--host 127.0.0.1] [--mode pingpong|stream] [--conns N]\n"
             "  [--size BYTES] [--window BYTES] [--idle N] [--warmup S] [--duration S]\n"
             "  [--max-round-trips N] [--max-bytes N] [--server-pid PID] [--connect-timeout S]\n"
-            "  [--drain-timeout S] [--stall-timeout S] [--watch-cpu N]\n");
+            "  [--drain-timeout S] [--stall-timeout S] [--watch-cpu N] [--hold-stdin]\n"
+            "  [--source-addrs K] [--source-offset N] [--expect-close]\n");
     exit(2);
 }
 
 int main(int argc, char **argv) {
     const char *host = "127.0.0.1";
     int port = 0, active = 1, idle = 0, server_pid = 0, watch_cpu = -1;
+    int hold_stdin = 0, source_addrs = 0, source_offset = 0;
     double warmup = 0.5, duration = 2.0, connect_timeout = 10, drain_timeout = 3, stall_timeout = 5;
     uint64_t max_rt = 100000000, max_bytes = 1ull << 40;
     static struct option opts[] = {
@@ -344,7 +384,9 @@ int main(int argc, char **argv) {
         {"size", 1, 0, 's'}, {"window", 1, 0, 'w'}, {"idle", 1, 0, 'i'}, {"warmup", 1, 0, 'W'},
         {"duration", 1, 0, 'd'}, {"max-round-trips", 1, 0, 'R'}, {"max-bytes", 1, 0, 'B'},
         {"server-pid", 1, 0, 'P'}, {"connect-timeout", 1, 0, 'C'}, {"drain-timeout", 1, 0, 'D'},
-        {"stall-timeout", 1, 0, 'S'}, {"watch-cpu", 1, 0, 'X'}, {0, 0, 0, 0}};
+        {"stall-timeout", 1, 0, 'S'}, {"watch-cpu", 1, 0, 'X'}, {"hold-stdin", 0, 0, 'H'},
+        {"source-addrs", 1, 0, 'A'}, {"source-offset", 1, 0, 'O'}, {"expect-close", 0, 0, 'E'},
+        {0, 0, 0, 0}};
     for (int o; (o = getopt_long(argc, argv, "", opts, NULL)) != -1;) {
         switch (o) {
         case 'h': host = optarg; break;
@@ -367,10 +409,16 @@ int main(int argc, char **argv) {
         case 'D': drain_timeout = atof(optarg); break;
         case 'S': stall_timeout = atof(optarg); break;
         case 'X': watch_cpu = atoi(optarg); break;
+        case 'H': hold_stdin = 1; break;
+        case 'A': source_addrs = atoi(optarg); break;
+        case 'O': source_offset = atoi(optarg); break;
+        case 'E': expect_close = 1; break;
         default: usage();
         }
     }
-    if (port <= 0 || port > 65535 || active < 1 || idle < 0 || size < 1 || window < 1) usage();
+    if (port <= 0 || port > 65535 || active < 0 || idle < 0 || active + idle < 1 || size < 1 ||
+        window < 1 || source_addrs < 0 || source_addrs > 65000 || source_offset < 0)
+        usage();
     nconns = active + idle;
 
     /* Each connection needs one fd; keep 64 spare. */
@@ -405,16 +453,24 @@ int main(int argc, char **argv) {
 
     /* Phase connect: every connection at once, like a thundering herd of clients.
      * The active ones are spread evenly among the idle ones. */
-    int stride = nconns / active;
+    int stride = active ? nconns / active : 1;
     uint64_t t_begin = now_ns();
     for (int i = 0; i < nconns; i++) {
         struct conn *c = &conns[i];
-        c->active = (i % stride == 0) && (i / stride < active);
+        c->active = active && (i % stride == 0) && (i / stride < active);
         c->base = (uint64_t)i * 7919u * 13u;
         c->fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
         if (c->fd < 0) die("socket");
         int one = 1;
         setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        if (source_addrs) {
+            /* 127.0.0.2, .3, ...: each source address has its own ephemeral ports. */
+            struct sockaddr_in src = {.sin_family = AF_INET};
+            src.sin_addr.s_addr =
+                htonl(0x7F000002u + (uint32_t)((source_offset + i) % source_addrs));
+            setsockopt(c->fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one);
+            if (bind(c->fd, (struct sockaddr *)&src, sizeof src) < 0) die("bind source address");
+        }
         c->state = C_IDLE; /* placeholder until set_state counts it */
         set_state(c, C_CONNECTING);
         c->mask = EPOLLOUT;
@@ -444,6 +500,14 @@ int main(int argc, char **argv) {
     double probe_all_s = (double)(now_ns() - t_begin) / 1e9;
     int not_probed = n_probing;
     err.stalled += (uint64_t)not_probed;
+    uint64_t t_probed = now_ns();
+    if (hold_stdin) {
+        fprintf(stderr, "established\n");
+        fflush(stderr);
+        fcntl(0, F_SETFL, fcntl(0, F_GETFL) | O_NONBLOCK);
+        struct epoll_event ev = {.events = EPOLLIN, .data.u32 = STDIN_TAG};
+        if (epoll_ctl(epfd, EPOLL_CTL_ADD, 0, &ev) < 0) die("epoll_ctl ADD stdin");
+    }
 
     /* Phases warmup and measure: the workload on the active connections. */
     phase = P_WARMUP;
@@ -472,8 +536,14 @@ int main(int argc, char **argv) {
             t_measure = now_ns();
             end_at = t_measure + (uint64_t)(duration * 1e9);
         }
-        if (phase == P_MEASURE &&
-            (t >= end_at || round_trips >= max_rt || bytes_echoed >= max_bytes)) {
+        if (phase == P_WARMUP && released) { /* released before the warm-up ended */
+            if (server_pid) cpu0 = proc_cpu_ticks(server_pid, &ucpu0);
+            ccpu0 = rusage_cpu_s();
+            t_measure = now_ns();
+            phase = P_MEASURE;
+        }
+        if (phase == P_MEASURE && (t >= end_at || released || round_trips >= max_rt ||
+                                   bytes_echoed >= max_bytes)) {
             if (server_pid) cpu1 = proc_cpu_ticks(server_pid, &ucpu1);
             if (watch_cpu >= 0) cpu_jiffies(watch_cpu, &wb1, &wt1);
             if (own_cpu >= 0) cpu_jiffies(own_cpu, &ob1, &ot1);
@@ -482,7 +552,7 @@ int main(int argc, char **argv) {
             break;
         }
         /* stall check: something must come back every stall_timeout */
-        if (total_rcvd != last_rcvd) { last_rcvd = total_rcvd; last_progress = t; }
+        if (total_rcvd != last_rcvd || !active) { last_rcvd = total_rcvd; last_progress = t; }
         else if (t - last_progress > (uint64_t)(stall_timeout * 1e9)) {
             err.stalled++;
             if (server_pid) cpu1 = proc_cpu_ticks(server_pid, &ucpu1);
@@ -491,7 +561,7 @@ int main(int argc, char **argv) {
             if (!t_measure) t_measure = t_end;
             break;
         }
-        if (!n_active) { /* every active connection failed */
+        if (active && !n_active) { /* every active connection failed */
             t_end = now_ns();
             if (!t_measure) t_measure = t_end;
             break;
@@ -538,6 +608,14 @@ int main(int argc, char **argv) {
         printf(" \"client_cpu_busy\": null,");
     printf(" \"client_cpu_s\": %.3f, \"connect_all_s\": %.4f, \"probe_all_s\": %.4f,",
            ccpu1 - ccpu0, connect_all_s, probe_all_s);
+    printf(" \"t_begin_mono_s\": %.6f, \"t_connected_mono_s\": %.6f, \"t_probed_mono_s\": %.6f,"
+           " \"measure_start_mono_s\": %.6f, \"measure_end_mono_s\": %.6f,",
+           (double)t_begin / 1e9, (double)t_begin / 1e9 + connect_all_s, (double)t_probed / 1e9,
+           (double)t_measure / 1e9, (double)t_end / 1e9);
+    printf(" \"closed_by_server\": %llu, \"first_close_mono_s\": %.6f,"
+           " \"last_close_mono_s\": %.6f,",
+           (unsigned long long)closed_by_server, (double)first_close_ns / 1e9,
+           (double)last_close_ns / 1e9);
     printf(" \"errors\": {\"connect\": %llu, \"mismatch\": %llu, \"excess\": %llu, \"eof\": %llu,"
            " \"reset\": %llu, \"other\": %llu, \"lost_bytes\": %llu, \"stalled\": %llu},"
            " \"error_total\": %llu}\n",

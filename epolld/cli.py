@@ -7,7 +7,7 @@ import dataclasses
 import faulthandler
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import structlog
 
@@ -53,7 +53,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--log-format",
         choices=logsetup.FORMATS,
-        help="override logging.format (auto: console on a terminal, else JSON)",
+        help="override logging.format (auto: journal entries under systemd, console on a "
+        "terminal, else JSON)",
     )
     parser.add_argument(
         "--daemon",
@@ -130,11 +131,15 @@ def serve(args: argparse.Namespace, config: Config, notifier: Notifier) -> int:
 
     try:
         context = daemon_context(
-            config.daemon.pidfile, [lst.fd for lst in bound], config.daemon.log_file
+            config.daemon.pidfile,
+            [lst.fd for lst in bound],
+            config.daemon.log_file,
+            configure_logging=lambda: logsetup.configure(
+                config.logging.level, config.logging.format
+            ),
         )
-        with context:
-            logsetup.configure(config.logging.level, config.logging.format)
-            return run_loop(args, config, bound, notifier)
+        with context as reopen_log:
+            return run_loop(args, config, bound, notifier, before_reload=reopen_log)
     except BaseException:
         for listener in bound:
             listener.sock.close()
@@ -168,9 +173,18 @@ def bind_listeners(config: Config) -> list[listeners.Listener]:
 
 
 def run_loop(
-    args: argparse.Namespace, config: Config, bound: list[listeners.Listener], notifier: Notifier
+    args: argparse.Namespace,
+    config: Config,
+    bound: list[listeners.Listener],
+    notifier: Notifier,
+    before_reload: Callable[[], None] = lambda: None,
 ) -> int:
-    service = EchoService(config, bound, notifier, reload=lambda: load(args))
+    def reload() -> Config:
+        # First, so that a rotated log file is let go even when the new config is invalid.
+        before_reload()
+        return load(args)
+
+    service = EchoService(config, bound, notifier, reload=reload)
     try:
         return service.run()
     except Exception:

@@ -100,7 +100,7 @@ class LoggingConfig:
     """What is logged and how it is rendered."""
 
     level: LogLevel = "info"
-    format: LogFormat = "auto"  # auto: console on a terminal, JSON otherwise
+    format: LogFormat = "auto"  # auto: journal entries under systemd, a TTY console, else JSON
     connections: bool = False  # log connection_opened/closed at info instead of debug
 
 

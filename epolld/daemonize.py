@@ -3,9 +3,10 @@
 The CLI validates the config and binds its listeners first, so that mistakes still reach
 the terminal, and only then enters daemon_context(). python-daemon 2.3.2 (Debian 12)
 does the rest: fork twice with setsid, chdir /, close every fd not preserved and point
-stdin/stdout/stderr elsewhere. Its pidfile comes from the deprecated lockfile package
-(an O_EXCL-created file holding the PID, no fcntl lock), so a stale one is detected and
-removed here, and a live one is reported before forking.
+stdin/stdout/stderr elsewhere. The pidfile is epolld's own (epolld/pidfile.py: locked, so
+that a stale one is told from a live one by the lock, not by a PID that may be reused);
+a live one is reported before forking. The log file is reopened on request (SIGHUP), for
+logrotate.
 
 Never use this under systemd: it would close socket-activation fds and the journal
 stream, and systemd would lose track of the main PID.
@@ -17,15 +18,16 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import IO
 
 import daemon
-import daemon.pidfile
-import lockfile
-import lockfile.pidlockfile
+import structlog
 
 from epolld.errors import DaemonError
+from epolld.pidfile import PidFile
+
+log = structlog.get_logger("epolld")
 
 # python-daemon's default umask is 0, which would make the files the daemon creates
 # (the pidfile, a Unix socket) writable by everyone.
@@ -61,45 +63,6 @@ def refuse_under_systemd(environ: Mapping[str, str]) -> None:
             raise DaemonError(f"--daemon is not for systemd: {name} is set ({why})")
 
 
-def _is_alive(pid: int) -> bool:
-    """Whether a process with this PID exists (a zombie counts as gone)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # EPERM: it exists but belongs to another user
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            # The state follows the command name, which is in parentheses and may hold spaces.
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def _claim_pidfile(path: str) -> lockfile.pidlockfile.PIDLockFile:
-    """Check the pidfile before forking, while errors still reach the terminal.
-
-    A pidfile of a live process refuses the start; one of a dead process (or unreadable
-    junk) is stale and removed, since lockfile's O_EXCL create would otherwise fail.
-
-    Raises:
-        DaemonError: another instance runs, or the pidfile's directory is not writable.
-    """
-    pid = lockfile.pidlockfile.read_pid_from_pidfile(path)
-    if pid is not None and pid != os.getpid() and _is_alive(pid):
-        raise DaemonError(f"already running as PID {pid} (pidfile {path})")
-    directory = os.path.dirname(path)
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise DaemonError(f"cannot create pidfile {path}: {directory} is missing or not writable")
-    lock = daemon.pidfile.TimeoutPIDLockFile(path, acquire_timeout=0)
-    try:
-        lock.break_lock()
-    except OSError as e:
-        raise DaemonError(f"cannot remove stale pidfile {path}: {e.strerror}") from None
-    return lock
-
-
 def _open_log(path: str) -> IO[str]:
     """Open the log file for appending (O_APPEND survives logrotate's copytruncate).
 
@@ -112,29 +75,61 @@ def _open_log(path: str) -> IO[str]:
         raise DaemonError(f"cannot open log file {path}: {e.strerror}") from None
 
 
+def reopen_log(path: str) -> None:
+    """Point stdout and stderr at the file now at path, creating it if it was moved away.
+
+    logrotate without copytruncate renames the file and then signals: until the daemon
+    reopens, it keeps writing to the renamed file. On failure the old file stays in use, and
+    the error is logged there.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    except OSError as e:
+        log.error("log_reopen_failed", log_file=path, error=e.strerror)
+        return
+    # What is buffered still belongs to the old file: nothing lost, nothing written twice.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, sys.stdout.fileno())
+    os.dup2(fd, sys.stderr.fileno())
+    os.close(fd)
+    log.info("log_reopened", log_file=path)
+
+
+def _keep_log() -> None:
+    """Without a log file there is nothing to reopen."""
+
+
 @contextlib.contextmanager
 def daemon_context(
-    pidfile: str | None, files_preserve: list[int], log_file: str | None
-) -> Iterator[None]:
+    pidfile: str | None,
+    files_preserve: list[int],
+    log_file: str | None,
+    configure_logging: Callable[[], None],
+) -> Iterator[Callable[[], None]]:
     """Become a classic Unix daemon for the duration of the with-block.
 
     The checks run in the foreground; then the process forks and the original exits 0,
-    so everything after entering runs in the daemon. stdout and stderr go to log_file
-    (configure logging after entering), or to /dev/null without one. On leaving, the
-    pidfile is removed if it still holds our PID.
+    so everything after entering runs in the daemon. stdout and stderr go to log_file,
+    or to /dev/null without one. On leaving, the pidfile is removed if it is still ours.
 
     Args:
         pidfile: path of the pidfile to create with the daemon's PID, or None.
         files_preserve: fds that must stay open, i.e. the bound listeners.
         log_file: file that receives stdout and stderr, or None.
+        configure_logging: sets up logging for the daemon's stdout; called in the daemon
+            before anything is logged there.
+
+    Yields:
+        reopen_log for log_file (a no-op without one): call it on SIGHUP.
 
     Raises:
         DaemonError: started by systemd, already running, or a file cannot be created.
     """
     refuse_under_systemd(os.environ)
-    path = os.path.abspath(pidfile) if pidfile else None  # the daemon runs in /
-    lock = _claim_pidfile(path) if path else None
-    log = _open_log(log_file) if log_file else None
+    lock = PidFile(os.path.abspath(pidfile)) if pidfile else None  # the daemon runs in /
+    stale = lock.check() if lock else None
+    log_stream = _open_log(log_file) if log_file else None
     # Anything still buffered would be written again by the daemon after the fork.
     sys.stdout.flush()
     sys.stderr.flush()
@@ -142,26 +137,26 @@ def daemon_context(
         umask=UMASK,
         detach_process=True,  # always; the default probes stdin with a socket it leaks
         files_preserve=list(files_preserve),
-        stdout=log,
-        stderr=log,
+        stdout=log_stream,
+        stderr=log_stream,
         signal_map=_SIGNAL_MAP,
     )
     try:
-        context.open()  # from here on this is the daemon, with stderr in log_file
+        context.open()  # from here on this is the daemon, with stdout and stderr in log_file
+    finally:
+        # Now held as fds 1 and 2 only, so that reopen_log leaves the rotated file unused.
+        if log_stream is not None:
+            log_stream.close()
+    try:
+        configure_logging()
         if lock is not None:
-            try:
-                # O_EXCL create: the race-free guard behind the foreground check.
-                lock.acquire()
-            except lockfile.Error as e:
-                raise DaemonError(f"cannot create pidfile {path}: {e}") from None
+            lock.acquire()  # the race-free guard behind the foreground check
+            if stale is not None:
+                log.warning("pidfile_stale_replaced", pidfile=lock.path, reason=stale)
         try:
-            yield
+            yield (lambda: reopen_log(log_file)) if log_file else _keep_log
         finally:
             if lock is not None:
-                # NotLocked/NotMyLock: removed or replaced by someone else; not ours to delete.
-                with contextlib.suppress(lockfile.Error, OSError):
-                    lock.release()
-            context.close()
+                lock.release()
     finally:
-        if log is not None:
-            log.close()
+        context.close()

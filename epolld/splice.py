@@ -1,10 +1,10 @@
 """Zero-copy echo (`io: splice`): socket -> pipe -> socket with splice(2).
 
-The bytes never enter Python: each connection owns a pipe that is both the
-kernel-side buffer and the backpressure bound (reading stops while it is full).
-That costs two descriptors per connection; when pipe2() fails for lack of
-descriptors the loop falls back to a copying Connection, so no client is
-dropped for it.
+The bytes never enter Python: each connection owns a pipe, made at its first
+read, that is both the kernel-side buffer and the backpressure bound (reading
+stops while it is full). That costs two descriptors per connection; beyond the
+service's descriptor budget, or when pipe2() fails, a copying Connection serves
+the client instead, so no client is dropped for it.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
-from collections.abc import Callable
 from typing import Final
 
 from epolld.connection import (
+    EDGE_BYTES_PER_EVENT,
     EDGE_MASK,
     EDGE_READS_PER_EVENT,
     EPOLLHUP_ERR,
@@ -25,7 +25,8 @@ from epolld.connection import (
     LEVEL_READ,
     LEVEL_READ_WRITE,
     Connection,
-    ConnectionOwner,
+    EdgeConnection,
+    SharedSettings,
 )
 from epolld.loop import CLOSE
 
@@ -54,44 +55,35 @@ def make_pipe(size: int) -> tuple[int, int, int]:
 
 
 class SpliceConnection(Connection):
-    """A Connection whose pending output lives in a pipe instead of a bytearray."""
+    """A Connection whose pending output lives in a pipe instead of a bytearray.
+
+    The pipe is made at the first read, not at accept: an idle client holds one
+    descriptor, and accepting 10,000 clients does not wait for 10,000 pipe2() and
+    F_SETPIPE_SZ calls (they overflowed the listen backlog).
+    """
 
     __slots__ = ("capacity", "pipe_r", "pipe_w", "piped")
 
     def __init__(
         self,
         sock: socket.socket,
-        peer: str,
         ip: str,
         *,
-        pipe: tuple[int, int, int],
-        edge: bool,
         buf: memoryview,
-        high_water: int,
-        low_water: int,
-        reschedule: Callable[[tuple[int, int]], None],
+        shared: SharedSettings,
         now: float,
-        owner: ConnectionOwner,
+        peer: str | None = None,
     ) -> None:
-        super().__init__(
-            sock,
-            peer,
-            ip,
-            edge=edge,
-            buf=buf,
-            high_water=high_water,
-            low_water=low_water,
-            reschedule=reschedule,
-            now=now,
-            owner=owner,
-        )
-        self.pipe_r, self.pipe_w, self.capacity = pipe
+        super().__init__(sock, ip, buf=buf, shared=shared, now=now, peer=peer)
+        self.pipe_r = self.pipe_w = -1  # no pipe yet
+        self.capacity = 0
         self.piped = 0  # bytes in the pipe: received, not yet echoed
 
-    def close(self) -> None:
-        os.close(self.pipe_r)
-        os.close(self.pipe_w)
-        super().close()
+    def _release(self) -> None:
+        if self.pipe_r >= 0:
+            os.close(self.pipe_r)
+            os.close(self.pipe_w)
+        super()._release()
 
     def pending(self) -> int:
         return self.piped
@@ -100,39 +92,29 @@ class SpliceConnection(Connection):
         self.dropped += self.piped
         self.piped = 0
 
-    def _on_level(self, ev: int) -> int:
+    def _has_pipe(self, ev: int) -> bool:
+        """Make the pipe at the first read. False: none could be had, and the owner has
+        put a copying connection in this one's place (the event went to it)."""
+        pipe = self.shared.make_pipe()
+        if pipe is None:
+            self.shared.owner.splice_failed(self, ev)
+            return False
+        self.pipe_r, self.pipe_w, self.capacity = pipe
+        return True
+
+    def on_event(self, ev: int) -> int:
         if ev & EPOLLHUP_ERR:
             return self._on_hangup()
         if ev & EPOLLOUT and self.piped and not self._flush():
             return CLOSE
-        if ev & EPOLLIN and self.reading and self._pull() is False:
-            return CLOSE
+        if ev & EPOLLIN and self.reading:
+            if self.pipe_w < 0 and not self._has_pipe(ev):
+                return self.mask
+            if self._pull() is False:
+                return CLOSE
         if self.piped:
             return LEVEL_READ_WRITE if self.reading else EPOLLOUT
         return LEVEL_READ if self.reading else CLOSE
-
-    def _on_edge(self, ev: int) -> int:
-        if ev & EPOLLHUP_ERR:
-            return self._on_hangup()
-        if ev & EPOLLOUT and self.piped:
-            was_full = not self.reading and not self.eof
-            if not self._flush():
-                return CLOSE
-            if was_full and self.reading:  # no new edge will announce what waited
-                ev |= EPOLLIN
-        if ev & EPOLLIN and self.reading:
-            for _ in range(EDGE_READS_PER_EVENT):
-                room = self.capacity - self.piped
-                moved = self._pull()
-                if moved is False:
-                    return CLOSE
-                if moved is None or not self.reading:
-                    break
-                if moved < room and not ev & EPOLLRDHUP:
-                    break  # a short read drained the socket
-            else:
-                self.reschedule((self.fd, ev & (EPOLLIN | EPOLLRDHUP)))
-        return EDGE_MASK if self.piped or self.reading else CLOSE
 
     def _pull(self) -> int | bool | None:
         """Move what the socket has into the pipe and on to the peer.
@@ -174,6 +156,8 @@ class SpliceConnection(Connection):
             return self._on_hangup()
         if self.piped and not self._flush():
             return CLOSE
+        if self.pipe_w < 0 and not self.eof and not self._has_pipe(ev):
+            return self.mask
         for _ in range(EDGE_READS_PER_EVENT):
             if self.piped:
                 return self._wait_writable()
@@ -184,5 +168,63 @@ class SpliceConnection(Connection):
                 return CLOSE
             if moved is None:
                 return self._shut_write()
-        self.reschedule((self.fd, EPOLLIN))
+        self.shared.reschedule((self.fd, EPOLLIN))
         return self._wait_writable() if self.piped else self._wait_readable()
+
+
+class EdgeSpliceConnection(SpliceConnection):
+    """Edge-triggered splice: registered once with EDGE_MASK, never modified."""
+
+    __slots__ = ()
+    INITIAL_MASK = EDGE_MASK
+
+    def on_event(self, ev: int) -> int:
+        if ev & EPOLLHUP_ERR:
+            return self._on_hangup()
+        if ev & EPOLLOUT and self.piped:
+            was_full = not self.reading and not self.eof
+            if not self._flush():
+                return CLOSE
+            if was_full and self.reading:  # no new edge will announce what waited
+                ev |= EPOLLIN
+        if ev & EPOLLIN and self.reading:
+            if self.pipe_w < 0 and not self._has_pipe(ev):
+                return self.mask
+            left = EDGE_BYTES_PER_EVENT
+            for _ in range(EDGE_READS_PER_EVENT):
+                room = self.capacity - self.piped
+                moved = self._pull()
+                if moved is False:
+                    return CLOSE
+                if moved is None or not self.reading:
+                    break
+                if moved < room and not ev & EPOLLRDHUP:
+                    break  # a short read drained the socket
+                left -= moved
+                if left <= 0:
+                    self.shared.reschedule((self.fd, ev & (EPOLLIN | EPOLLRDHUP)))
+                    break
+            else:
+                self.shared.reschedule((self.fd, ev & (EPOLLIN | EPOLLRDHUP)))
+        return EDGE_MASK if self.piped or self.reading else CLOSE
+
+
+class DrainingSpliceConnection(SpliceConnection):
+    __slots__ = ()
+    on_event = SpliceConnection._on_draining
+
+
+class LingeringSpliceConnection(SpliceConnection):
+    __slots__ = ()
+    on_event = Connection._on_lingering
+
+
+SpliceConnection.DRAINING = DrainingSpliceConnection
+SpliceConnection.LINGERING = LingeringSpliceConnection
+
+
+def connection_class(edge: bool, splice: bool) -> type[Connection]:
+    """The class a new connection starts as, for a trigger mode and an io mode."""
+    if splice:
+        return EdgeSpliceConnection if edge else SpliceConnection
+    return EdgeConnection if edge else Connection

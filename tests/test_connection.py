@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import socket
@@ -11,8 +12,15 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from epolld.connection import CLOSE, Connection
-from epolld.splice import SpliceConnection, make_pipe
+from epolld.connection import (
+    CLOSE,
+    EDGE_BYTES_PER_EVENT,
+    EDGE_READS_PER_EVENT,
+    EPOLLIN,
+    Connection,
+    SharedSettings,
+)
+from epolld.splice import connection_class, make_pipe
 from tests.traffic import recv_until_eof
 
 WAIT_S = 10.0
@@ -44,20 +52,26 @@ class Owner:
     def connection_closed(self, conn: Connection) -> None:
         self.closed.append(conn)
 
+    def splice_failed(self, conn: Connection, events: int) -> None:
+        raise AssertionError("these tests always have a pipe")
 
-def make(kind: str, trigger: str, sock: socket.socket) -> Connection:
-    settings = {
-        "edge": trigger == "edge",
-        "buf": memoryview(bytearray(64 * 1024)),
-        "high_water": 1 << 20,
-        "low_water": 1 << 18,
-        "reschedule": lambda event: None,
-        "now": 0.0,
-        "owner": Owner(),
-    }
-    if kind == "splice":
-        return SpliceConnection(sock, "peer", "127.0.0.1", pipe=make_pipe(64 * 1024), **settings)
-    return Connection(sock, "peer", "127.0.0.1", **settings)
+
+def make(
+    kind: str,
+    trigger: str,
+    sock: socket.socket,
+    read_size: int = 64 * 1024,
+    reschedule: Callable[[tuple[int, int]], None] = lambda event: None,
+) -> Connection:
+    shared = SharedSettings(
+        high_water=1 << 20,
+        low_water=1 << 18,
+        reschedule=reschedule,
+        owner=Owner(),
+        make_pipe=lambda: make_pipe(64 * 1024),
+    )
+    cls = connection_class(edge=trigger == "edge", splice=kind == "splice")
+    return cls(sock, "127.0.0.1", buf=memoryview(bytearray(read_size)), shared=shared, now=0.0)
 
 
 def drive(conn: Connection, done: Callable[[], bool]) -> int:
@@ -110,3 +124,70 @@ def test_eof_with_echo_pending_flushes_before_close(
     assert received == [data]
     assert conn.reason == "eof"
     assert conn.bytes_in == conn.bytes_out == len(data)
+
+
+@pytest.fixture
+def deep_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """(client, server side) with 4 MiB socket buffers: megabytes can wait in the kernel."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        client.connect(listener.getsockname())
+        server, _ = listener.accept()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    server.setblocking(False)
+    yield client, server
+    client.close()
+    server.close()
+
+
+def fill(sock: socket.socket, limit: int) -> int:
+    """Send up to limit bytes without blocking; returns how many the kernel took."""
+    sock.setblocking(False)
+    chunk = os.urandom(64 * 1024)
+    total = 0
+    try:
+        while total < limit:
+            total += sock.send(chunk)
+    except BlockingIOError:
+        pass
+    return total
+
+
+@pytest.mark.parametrize(
+    ("kind", "read_size", "limit"),
+    [
+        # 16 reads of 256 KiB would be 4 MiB: the byte budget must stop it first.
+        ("copy", 256 * 1024, EDGE_BYTES_PER_EVENT),
+        # 64 KiB pipe: 16 pulls would be 1 MiB; the byte budget stops at 256 KiB.
+        ("splice", 256 * 1024, EDGE_BYTES_PER_EVENT),
+        # Small reads: the read budget (16) comes first.
+        ("copy", 4 * 1024, EDGE_READS_PER_EVENT * 4 * 1024),
+    ],
+)
+def test_edge_event_handles_at_most_the_budget(
+    deep_pair: tuple[socket.socket, socket.socket], kind: str, read_size: int, limit: int
+) -> None:
+    """One edge-triggered event reads no more than its budget (bytes or reads) from a peer
+    with megabytes queued, reschedules itself for the rest, and the rest still arrives."""
+    client, server = deep_pair
+    queued: list[tuple[int, int]] = []
+    conn = make(kind, "edge", server, read_size=read_size, reschedule=queued.append)
+    sent = fill(client, 4 << 20)
+    assert sent > 2 * limit  # the case under test: far more waits than one event may take
+    deadline = time.monotonic() + WAIT_S
+    while conn.bytes_in == 0 and time.monotonic() < deadline:  # loopback delivery is async
+        conn.on_event(EPOLLIN)
+        queued.clear()
+    first = conn.bytes_in
+    conn.on_event(EPOLLIN)
+    assert 0 < conn.bytes_in - first <= limit
+    assert queued == [(conn.fd, EPOLLIN)]
+    while conn.bytes_in < sent and time.monotonic() < deadline:
+        queued.clear()
+        conn.on_event(EPOLLIN)
+        with contextlib.suppress(BlockingIOError):
+            while client.recv(1 << 20):
+                pass
+    assert conn.bytes_in == sent

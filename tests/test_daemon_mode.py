@@ -6,6 +6,7 @@ through the pidfile, waits on /proc, and kills any survivor by PID in teardown.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -33,6 +34,7 @@ WAIT_S = 10.0  # upper bound of every wait; real runs take well under a second
 DAEMON_SCRIPT = textwrap.dedent(
     """
     import json, os, select, signal, socket, sys
+    from epolld import logsetup
     from epolld.daemonize import daemon_context
     from epolld.errors import EpolldError
 
@@ -41,7 +43,8 @@ DAEMON_SCRIPT = textwrap.dedent(
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         try:
-            with daemon_context(pidfile or None, [listener.fileno()], log_file or None):
+            with daemon_context(pidfile or None, [listener.fileno()], log_file or None,
+                                lambda: logsetup.configure("info", "json")):
                 wakeup_r, wakeup_w = socket.socketpair()
                 wakeup_w.setblocking(False)
                 signal.set_wakeup_fd(wakeup_w.fileno())
@@ -86,11 +89,14 @@ def _wait_for(what: str, predicate: Callable[[], bool]) -> None:
         time.sleep(0.02)
 
 
-def _read_pid(path: Path) -> int:
-    """Wait until the pidfile holds a complete line and return its PID."""
-    _wait_for(
-        f"{path} to hold a PID", lambda: path.read_text().endswith("\n") if path.exists() else False
-    )
+def _read_pid(path: Path, replaced: str | None = None) -> int:
+    """Wait until the pidfile holds a complete line other than replaced and return its PID."""
+
+    def written() -> bool:
+        text = path.read_text() if path.exists() else ""
+        return text.endswith("\n") and text != replaced
+
+    _wait_for(f"{path} to hold a new PID", written)
     return int(path.read_text())
 
 
@@ -113,6 +119,8 @@ class Daemons:
         self, argv: list[str], pidfile: Path | None, env: dict[str, str] | None = None
     ) -> subprocess.CompletedProcess[str]:
         """Run the foreground part; it returns once the daemon has forked off."""
+        # A stale pidfile is replaced by the daemon after the foreground has returned.
+        before = pidfile.read_text() if pidfile is not None and pidfile.is_file() else None
         result = subprocess.run(
             argv,
             capture_output=True,
@@ -122,7 +130,7 @@ class Daemons:
             check=False,
         )
         if result.returncode == 0 and pidfile is not None:
-            self.pids.append(_read_pid(pidfile))
+            self.pids.append(_read_pid(pidfile, replaced=before))
         return result
 
     def start(
@@ -156,8 +164,7 @@ def daemons(tmp_path: Path) -> Iterator[Daemons]:
 
 def _started(log: Path) -> dict[str, Any]:
     """Wait for the daemon's 'started' line in its log file and return it."""
-    _wait_for(f"'started' in {log}", lambda: log.exists() and "started" in log.read_text())
-    return dict(json.loads(log.read_text().splitlines()[0]))
+    return _logged(log, "started")[0]
 
 
 def test_pidfile_holds_daemon_pid_and_listener_survives(daemons: Daemons, tmp_path: Path) -> None:
@@ -200,8 +207,8 @@ def test_second_instance_refuses_while_first_runs(daemons: Daemons, tmp_path: Pa
     assert not (tmp_path / "second.log").exists()
 
 
-def test_stale_pidfile_is_replaced(daemons: Daemons, tmp_path: Path) -> None:
-    """A pidfile left by a dead process does not block the start and gets the new PID."""
+def _exited_pid() -> int:
+    """The PID of a process that has run and been reaped: nothing runs under it now."""
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"],
         capture_output=True,
@@ -209,13 +216,75 @@ def test_stale_pidfile_is_replaced(daemons: Daemons, tmp_path: Path) -> None:
         check=True,
         timeout=WAIT_S,
     )
-    dead_pid = int(dead.stdout)
+    return int(dead.stdout)
+
+
+@pytest.fixture
+def unrelated_pid() -> Iterator[int]:
+    """The PID of a live process that is not a daemon (sleep), ended by PID afterwards."""
+    sleeper = subprocess.Popen(["sleep", "600"])
+    yield sleeper.pid
+    sleeper.kill()
+    sleeper.wait()
+
+
+def _stale_warnings(log: Path) -> list[dict[str, Any]]:
+    """The daemon's pidfile_stale_replaced entries in its JSON log file."""
+    return _logged(log, "pidfile_stale_replaced")
+
+
+def test_stale_pidfile_is_replaced(daemons: Daemons, tmp_path: Path) -> None:
+    """A pidfile left by a dead process does not block the start, is logged, gets the new PID."""
+    dead_pid = _exited_pid()
     pidfile, log = tmp_path / "epolld.pid", tmp_path / "epolld.log"
     pidfile.write_text(f"{dead_pid}\n")
     result = daemons.start(pidfile, log)
     assert result.returncode == 0, result.stderr
     assert daemons.pids[0] != dead_pid
     assert _started(log)["pid"] == daemons.pids[0]
+    (warning,) = _stale_warnings(log)
+    assert warning["level"] == "warning"
+    assert warning["pidfile"] == str(pidfile)
+    assert warning["reason"] == f"PID {dead_pid} no longer runs"
+
+
+def test_pidfile_naming_another_process_is_replaced(
+    daemons: Daemons, tmp_path: Path, unrelated_pid: int
+) -> None:
+    """A pidfile whose PID now belongs to an unrelated process is stale: replaced, that one kept."""
+    pidfile, log = tmp_path / "epolld.pid", tmp_path / "epolld.log"
+    pidfile.write_text(f"{unrelated_pid}\n")
+    result = daemons.start(pidfile, log)
+    assert result.returncode == 0, result.stderr
+    assert int(pidfile.read_text()) == daemons.pids[0] != unrelated_pid
+    (warning,) = _stale_warnings(log)
+    assert warning["reason"] == (
+        f"PID {unrelated_pid} now belongs to another process (sleep) that does not hold the lock"
+    )
+    assert not _is_gone(unrelated_pid), "the unrelated process is left alone"
+
+
+def test_pidfile_without_a_pid_is_replaced(daemons: Daemons, tmp_path: Path) -> None:
+    """An unlocked pidfile holding junk (a torn write, an editor's leftovers) is replaced."""
+    pidfile, log = tmp_path / "epolld.pid", tmp_path / "epolld.log"
+    pidfile.write_text("not a pid\n")
+    assert daemons.start(pidfile, log).returncode == 0
+    assert int(pidfile.read_text()) == daemons.pids[0]
+    assert _stale_warnings(log)[0]["reason"] == "it holds no PID"
+
+
+def test_locked_pidfile_refuses_whatever_pid_it_names(daemons: Daemons, tmp_path: Path) -> None:
+    """The lock, not the PID, tells a live instance: a held pidfile refuses even with a dead PID."""
+    dead_pid = _exited_pid()
+    pidfile, log = tmp_path / "epolld.pid", tmp_path / "epolld.log"
+    pidfile.write_text(f"{dead_pid}\n")
+    with open(pidfile, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as the instance that owns it would
+        result = daemons.start(pidfile, log)
+    assert result.returncode == os.EX_OSERR
+    assert result.stderr == f"Error: already running as PID {dead_pid} (pidfile {pidfile})\n"
+    assert pidfile.read_text() == f"{dead_pid}\n"
+    assert not log.exists()
 
 
 @pytest.mark.parametrize("variable", ["NOTIFY_SOCKET", "LISTEN_FDS"])
@@ -240,6 +309,18 @@ def test_unwritable_pidfile_directory_reported_in_foreground(
     assert result.stderr == (
         f"Error: cannot create pidfile {pidfile}: {pidfile.parent} is missing or not writable\n"
     )
+
+
+def test_pidfile_that_is_not_a_file_is_refused_in_foreground(
+    daemons: Daemons, tmp_path: Path
+) -> None:
+    """A directory at the pidfile's path is reported on the terminal instead of forking."""
+    pidfile = tmp_path / "epolld.pid"
+    pidfile.mkdir()
+    result = daemons.start(pidfile, tmp_path / "epolld.log")
+    assert result.returncode == os.EX_OSERR
+    assert result.stderr == f"Error: cannot use pidfile {pidfile}: not a regular file\n"
+    assert not (tmp_path / "epolld.log").exists()
 
 
 # The real `epolld --daemon`: the CLI binds, then runs its loop inside daemon_context().
@@ -354,3 +435,127 @@ def test_epolld_daemon_bind_error_reaches_terminal(daemons: Daemons, tmp_path: P
     assert "in use" in result.stderr
     assert not (tmp_path / "epolld.pid").exists()
     assert not (tmp_path / "epolld.log").exists()
+
+
+def test_epolld_replaces_pidfile_of_killed_daemon(daemons: Daemons, tmp_path: Path) -> None:
+    """After a daemon died without cleaning up (SIGKILL), the next start logs and replaces it."""
+    settings = _epolld_settings(tmp_path)
+    assert daemons.start_epolld(settings).returncode == 0
+    killed, pidfile = daemons.pids[0], tmp_path / "epolld.pid"
+    _listening_port(tmp_path / "epolld.log")
+    os.kill(killed, signal.SIGKILL)
+    _wait_for("the daemon to die", lambda: _is_gone(killed))
+    assert int(pidfile.read_text()) == killed, "SIGKILL leaves the pidfile behind"
+
+    settings["daemon"]["log_file"] = str(tmp_path / "second.log")
+    result = daemons.start_epolld(settings)
+    assert result.returncode == 0, result.stderr
+    assert int(pidfile.read_text()) == daemons.pids[1] != killed
+    (warning,) = _stale_warnings(tmp_path / "second.log")
+    assert warning["reason"] == f"PID {killed} no longer runs"
+    assert echo_until_eof(_listening_port(tmp_path / "second.log"), b"new one") == b"new one"
+
+
+def test_epolld_replaces_pidfile_naming_another_process(
+    daemons: Daemons, tmp_path: Path, unrelated_pid: int
+) -> None:
+    """`epolld --daemon` starts over a pidfile whose PID is now a process of another program."""
+    settings = _epolld_settings(tmp_path)
+    pidfile = tmp_path / "epolld.pid"
+    pidfile.write_text(f"{unrelated_pid}\n")
+    result = daemons.start_epolld(settings)
+    assert result.returncode == 0, result.stderr
+    assert int(pidfile.read_text()) == daemons.pids[0] != unrelated_pid
+    (warning,) = _stale_warnings(tmp_path / "epolld.log")
+    assert "now belongs to another process (sleep)" in warning["reason"]
+    assert not _is_gone(unrelated_pid)
+    assert echo_until_eof(_listening_port(tmp_path / "epolld.log"), b"x") == b"x"
+
+
+# Log rotation without copytruncate: mv the file away, SIGHUP, the daemon writes to a new one.
+
+
+def _events(log: Path) -> list[str]:
+    """The event names in a JSON log file, in order."""
+    return [json.loads(line)["event"] for line in log.read_text().splitlines()]
+
+
+def _open_files(pid: int) -> set[str]:
+    """The paths of the files a process has open."""
+    fds = Path(f"/proc/{pid}/fd")
+    return {os.readlink(fd) for fd in fds.iterdir()}
+
+
+def _rotate(log: Path) -> Path:
+    """What logrotate does before its postrotate script: rename the file (no copy, no truncate)."""
+    rotated = log.with_name(log.name + ".1")
+    log.rename(rotated)
+    return rotated
+
+
+def test_epolld_reopens_log_file_on_sighup(daemons: Daemons, tmp_path: Path) -> None:
+    """After a rename and SIGHUP, lines go to a new file at the path; none is lost or repeated."""
+    settings = _epolld_settings(tmp_path)
+    assert daemons.start_epolld(settings).returncode == 0
+    pid, log = daemons.pids[0], tmp_path / "epolld.log"
+    port = _listening_port(log)
+    os.kill(pid, signal.SIGUSR1)
+    _logged(log, "stats")
+    rotated = _rotate(log)
+    # Between the rename and the signal the daemon still writes to the renamed file.
+    os.kill(pid, signal.SIGUSR1)
+    _logged(rotated, "stats", count=2)
+    assert not log.exists()
+
+    os.kill(pid, signal.SIGHUP)
+    _logged(log, "config_reloaded")
+    os.kill(pid, signal.SIGUSR1)
+    _logged(log, "stats")
+
+    assert _events(log) == ["log_reopened", "config_reloaded", "stats"]
+    old = _events(rotated)
+    assert old.count("stats") == 2
+    assert "log_reopened" not in old
+    assert "config_reloaded" not in old
+    (reopened,) = _logged(log, "log_reopened")
+    assert reopened["log_file"] == str(log)
+    assert str(rotated) not in _open_files(pid), "the rotated file is let go"
+    assert str(log) in _open_files(pid)
+    assert echo_until_eof(port, b"after rotation") == b"after rotation"
+
+
+def test_epolld_reopens_log_file_even_when_reload_is_invalid(
+    daemons: Daemons, tmp_path: Path
+) -> None:
+    """A SIGHUP with a broken config still moves the log to the new file, and says so there."""
+    settings = _epolld_settings(tmp_path)
+    assert daemons.start_epolld(settings).returncode == 0
+    pid, log = daemons.pids[0], tmp_path / "epolld.log"
+    port = _listening_port(log)
+    rotated = _rotate(log)
+    daemons.config.write_text("listen: [\n")
+    os.kill(pid, signal.SIGHUP)
+    (failed,) = _logged(log, "config_reload_failed")
+    assert failed["level"] == "error"
+    assert _events(log) == ["log_reopened", "config_reload_failed"]
+    assert "log_reopened" not in _events(rotated)
+    assert str(rotated) not in _open_files(pid)
+    assert echo_until_eof(port, b"old config") == b"old config"
+
+
+def test_epolld_keeps_old_log_file_when_reopen_fails(daemons: Daemons, tmp_path: Path) -> None:
+    """When the path cannot be opened (here: a directory took its place), the old file stays."""
+    settings = _epolld_settings(tmp_path)
+    assert daemons.start_epolld(settings).returncode == 0
+    pid, log = daemons.pids[0], tmp_path / "epolld.log"
+    port = _listening_port(log)
+    rotated = _rotate(log)
+    log.mkdir()
+    os.kill(pid, signal.SIGHUP)
+    (failed,) = _logged(rotated, "log_reopen_failed")
+    assert failed["level"] == "error"
+    assert failed["log_file"] == str(log)
+    assert failed["error"] == "Is a directory"
+    _logged(rotated, "config_reloaded")  # the reload itself went ahead
+    assert str(rotated) in _open_files(pid)
+    assert echo_until_eof(port, b"still logging") == b"still logging"

@@ -1,15 +1,26 @@
-"""journald support: JOURNAL_STREAM detection on real descriptors, and priority prefixes."""
+"""journald support: JOURNAL_STREAM detection, priority prefixes, and the native protocol sink
+against a real AF_UNIX datagram socket in tmp_path standing in for journald's."""
 
 from __future__ import annotations
 
+import array
+import contextlib
+import fcntl
+import json
 import os
+import re
+import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
 
 import pytest
+import structlog
 
-from epolld.journald import priority_prefix, stdout_is_journal
+from epolld import journald, logsetup
+from epolld.journald import encode_entry, field_name, priority_prefix, stdout_is_journal
 
 REPORT = "from epolld.journald import stdout_is_journal; print(stdout_is_journal())"
 
@@ -84,3 +95,425 @@ def test_priority_prefix(level: str, prefix: str) -> None:
 def test_unknown_level_has_no_prefix() -> None:
     """An unknown level gets no prefix, leaving journald's default (info) in place."""
     assert priority_prefix("chatty") == ""
+
+
+# -- the native protocol, received on a real socket -----------------------------------------
+
+RECV_TIMEOUT_S = 10.0
+FULL_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+
+
+def parse_entry(data: bytes) -> list[tuple[str, bytes]]:
+    """Fields of one native-protocol entry, decoded as journald does (both forms)."""
+    fields = []
+    pos = 0
+    while pos < len(data):
+        end = data.index(b"\n", pos)
+        line = data[pos:end]
+        if b"=" in line:
+            name, _, value = line.partition(b"=")
+            pos = end + 1
+        else:  # NAME\n, little-endian 64-bit length, value, \n
+            name = line
+            size = int.from_bytes(data[end + 1 : end + 9], "little")
+            value = data[end + 9 : end + 9 + size]
+            assert data[end + 9 + size : end + 10 + size] == b"\n", "value must end in a newline"
+            pos = end + 10 + size
+        fields.append((name.decode("ascii"), value))
+    return fields
+
+
+class FakeJournal:
+    """The receiving end of journald's native socket, bound in tmp_path."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.settimeout(RECV_TIMEOUT_S)
+        self.memfds = 0  # entries that came in a memfd
+
+    def receive_raw(self) -> bytes:
+        """One datagram's entry: its payload, or the content of the memfd it carries."""
+        fd_space = socket.CMSG_SPACE(array.array("i", [0]).itemsize * 2)
+        payload, ancdata, flags, _ = self.sock.recvmsg(64 * 1024 * 1024, fd_space)
+        assert not flags & socket.MSG_CTRUNC
+        fds = array.array("i")
+        for level, kind, data in ancdata:
+            assert (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS)
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+        if not fds:
+            return payload
+        try:
+            # The protocol: an empty payload with exactly one fully sealed memfd.
+            assert payload == b""
+            assert len(fds) == 1
+            assert fcntl.fcntl(fds[0], fcntl.F_GET_SEALS) & FULL_SEALS == FULL_SEALS
+            self.memfds += 1
+            size = os.fstat(fds[0]).st_size
+            return os.pread(fds[0], size, 0)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def receive(self) -> dict[str, str]:
+        """One entry as a dict; a field sent twice fails the test."""
+        fields = parse_entry(self.receive_raw())
+        entry = {name: value.decode("utf-8") for name, value in fields}
+        assert len(entry) == len(fields), f"duplicate fields in {fields}"
+        return entry
+
+    def pending(self) -> bool:
+        """Whether another datagram is queued (sends are synchronous: no waiting needed)."""
+        self.sock.setblocking(False)
+        try:
+            self.sock.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return False
+        finally:
+            self.sock.settimeout(RECV_TIMEOUT_S)
+        return True
+
+    def close(self) -> None:
+        self.sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+@pytest.fixture
+def journal(tmp_path: Path) -> Iterator[FakeJournal]:
+    fake = FakeJournal(tmp_path / "journal.socket")
+    yield fake
+    fake.close()
+
+
+@pytest.fixture
+def journal_stream(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[TextIO]:
+    """A file that JOURNAL_STREAM names, as systemd names a service's stdout; structlog is
+    back to its defaults (and the journal socket closed) afterwards."""
+    with open(tmp_path / "stdout", "w+") as stream:
+        monkeypatch.setenv("JOURNAL_STREAM", stream_id(stream.fileno()))
+        yield stream
+        logsetup.configure("info", "json", stream=sys.stdout)
+        structlog.reset_defaults()
+
+
+def lines(stream: TextIO) -> list[str]:
+    stream.flush()
+    stream.seek(0)
+    return stream.read().splitlines()
+
+
+def configure(stream: TextIO, journal: FakeJournal, level: str = "info") -> None:
+    logsetup.configure(level, "auto", stream=stream, journal_socket=journal.path)
+
+
+log = structlog.get_logger("epolld")
+
+
+def test_encoding_follows_the_protocol_document() -> None:
+    """Plain values are NAME=value lines; a value with a newline gets the length-prefixed form."""
+    assert encode_entry([("FOO", "BAR")]) == b"FOO=BAR\n"
+    assert encode_entry([("MESSAGE", "two\nlines"), ("PRIORITY", "3")]) == (
+        b"MESSAGE\n\x09\x00\x00\x00\x00\x00\x00\x00two\nlines\nPRIORITY=3\n"
+    )
+    assert parse_entry(encode_entry([("BLOB", b"xx\nx\x00=\n"), ("A", "=")])) == [
+        ("BLOB", b"xx\nx\x00=\n"),
+        ("A", b"="),
+    ]
+
+
+def test_connection_closed_is_one_structured_entry(
+    journal: FakeJournal, journal_stream: TextIO
+) -> None:
+    """A connection_closed event becomes one entry: a readable MESSAGE, PRIORITY, the
+    identifier, and each field as an EPOLLD_ field; nothing is written to stdout."""
+    configure(journal_stream, journal)
+    assert logsetup.journal_in_use()
+    log.info(
+        "connection_closed",
+        peer="127.0.0.1:43454",
+        fd=7,
+        bytes_in=6,
+        bytes_out=6,
+        duration_s=0.25,
+        reason="eof",
+        error=None,
+    )
+    assert journal.receive() == {
+        "MESSAGE": "connection closed: 127.0.0.1:43454, 6 bytes in, 6 out, eof",
+        "PRIORITY": "6",
+        "SYSLOG_IDENTIFIER": "epolld",
+        "EPOLLD_EVENT": "connection_closed",
+        "EPOLLD_PEER": "127.0.0.1:43454",
+        "EPOLLD_FD": "7",
+        "EPOLLD_BYTES_IN": "6",
+        "EPOLLD_BYTES_OUT": "6",
+        "EPOLLD_DURATION_S": "0.25",
+        "EPOLLD_REASON": "eof",
+    }, "error=None is left out; level and timestamp are the journal's own"
+    assert not journal.pending()
+    assert lines(journal_stream) == []
+
+
+def test_error_is_appended_to_the_sentence(journal: FakeJournal, journal_stream: TextIO) -> None:
+    """An event's error is named in its MESSAGE and kept as EPOLLD_ERROR."""
+    configure(journal_stream, journal)
+    log.error("config_reload_failed", error="/etc/epolld.yaml:1: listen: must be a list")
+    entry = journal.receive()
+    assert entry["MESSAGE"] == (
+        "configuration reload failed, the old one stays in force: "
+        "/etc/epolld.yaml:1: listen: must be a list"
+    )
+    assert entry["EPOLLD_ERROR"] == "/etc/epolld.yaml:1: listen: must be a list"
+    assert entry["PRIORITY"] == "3"
+
+
+@pytest.mark.parametrize(
+    ("method", "priority"),
+    [("debug", "7"), ("info", "6"), ("warning", "4"), ("error", "3"), ("critical", "2")],
+)
+def test_priority_follows_the_level(
+    journal: FakeJournal, journal_stream: TextIO, method: str, priority: str
+) -> None:
+    """Each structlog level is sent as its syslog(3) PRIORITY."""
+    configure(journal_stream, journal, level="debug")
+    getattr(log, method)("probe")
+    assert journal.receive()["PRIORITY"] == priority
+
+
+def test_level_filter_applies_before_sending(journal: FakeJournal, journal_stream: TextIO) -> None:
+    """Events below the configured level are not sent at all."""
+    configure(journal_stream, journal, level="warning")
+    log.info("quiet")
+    log.warning("loud")
+    assert journal.receive()["EPOLLD_EVENT"] == "loud"
+    assert not journal.pending()
+
+
+def lookup(table: dict[str, int], key: str) -> int:
+    return table[key]
+
+
+def test_traceback_is_one_entry(journal: FakeJournal, journal_stream: TextIO) -> None:
+    """log.exception() sends one datagram: the traceback in MESSAGE after the sentence and in
+    EPOLLD_TRACEBACK, both in the binary-safe form."""
+    configure(journal_stream, journal)
+    try:
+        lookup({"present": 1}, "missing")
+    except KeyError:
+        log.exception("loop_crashed")
+    raw = journal.receive_raw()
+    assert not journal.pending(), "a traceback must not be split into entries"
+    assert b"\nMESSAGE\n" in b"\n" + raw
+    assert b"\nEPOLLD_TRACEBACK\n" in raw
+    entry = {name: value.decode() for name, value in parse_entry(raw)}
+    first, *rest = entry["MESSAGE"].splitlines()
+    assert first == "event loop crashed"
+    assert rest[0] == "Traceback (most recent call last):"
+    assert rest[-1] == "KeyError: 'missing'"
+    assert entry["EPOLLD_TRACEBACK"].rstrip("\n").splitlines() == rest
+    assert entry["PRIORITY"] == "3"
+    assert "EPOLLD_EXCEPTION" not in entry
+    assert "EPOLLD_EXC_INFO" not in entry
+
+
+def test_field_names_are_valid_journal_fields(journal: FakeJournal, journal_stream: TextIO) -> None:
+    """Any key becomes an upper-case name of A-Z, 0-9 and _ that journald accepts (not
+    starting with _ or a digit, at most 64 characters)."""
+    configure(journal_stream, journal)
+    keys = {"a-b": 1, "weird key é": 2, "1st": 3, "_hidden": 4, "x" * 80: 5, "ok": 6}
+    log.info("keys", **keys)
+    names = [name for name in journal.receive() if name.startswith("EPOLLD_")]
+    assert names == [
+        "EPOLLD_EVENT",
+        "EPOLLD_A_B",
+        "EPOLLD_WEIRD_KEY__",
+        "EPOLLD_1ST",
+        "EPOLLD__HIDDEN",
+        ("EPOLLD_" + "X" * 80)[:64],
+        "EPOLLD_OK",
+    ]
+    assert all(re.fullmatch("[A-Z][A-Z0-9_]{0,63}", n) for n in names)
+    assert field_name("peer") == "EPOLLD_PEER"
+
+
+def test_values_other_than_text_are_json(journal: FakeJournal, journal_stream: TextIO) -> None:
+    """Numbers, booleans, lists and mappings are sent as their JSON text, strings as they are."""
+    configure(journal_stream, journal)
+    log.info(
+        "config_reloaded",
+        changes={"trigger": ["level", "edge"]},
+        listen=["127.0.0.1:7080"],
+        paused=False,
+        ratio=0.5,
+        text='say "hi"',
+    )
+    entry = journal.receive()
+    assert entry["EPOLLD_CHANGES"] == '{"trigger":["level","edge"]}'
+    assert entry["EPOLLD_LISTEN"] == '["127.0.0.1:7080"]'
+    assert (entry["EPOLLD_PAUSED"], entry["EPOLLD_RATIO"]) == ("false", "0.5")
+    assert entry["EPOLLD_TEXT"] == 'say "hi"'
+    assert entry["MESSAGE"] == "configuration reloaded"
+
+
+def test_any_event_gets_a_readable_default_message(
+    journal: FakeJournal, journal_stream: TextIO
+) -> None:
+    """An event without a sentence of its own reads "name key=value ...", quoting where needed;
+    so does one logged without a field its sentence names."""
+    configure(journal_stream, journal)
+    log.warning("something_odd", fd=3, why="no idea", empty="", missing=None)
+    log.info("listening", fd=4)  # its sentence names the address
+    assert journal.receive()["MESSAGE"] == 'something_odd fd=3 why="no idea" empty=""'
+    assert journal.receive()["MESSAGE"] == "listening fd=4"
+    log.info("long_one", blob="y" * 1000)
+    entry = journal.receive()
+    assert entry["MESSAGE"] == "long_one blob=" + "y" * 199 + "…", "MESSAGE stays short"
+    assert entry["EPOLLD_BLOB"] == "y" * 1000
+
+
+def test_newline_in_a_value_stays_in_one_entry(
+    journal: FakeJournal, journal_stream: TextIO
+) -> None:
+    """A field value holding newlines (a multi-line error) arrives intact in one entry."""
+    configure(journal_stream, journal)
+    log.error("config_reload_failed", error="line one\nline two\n")
+    entry = journal.receive()
+    assert entry["EPOLLD_ERROR"] == "line one\nline two\n"
+    assert entry["MESSAGE"].endswith(": line one\nline two\n")
+    assert not journal.pending()
+
+
+def test_entry_larger_than_a_datagram_goes_in_a_sealed_memfd(
+    journal: FakeJournal, journal_stream: TextIO
+) -> None:
+    """An entry over the socket's send buffer (EMSGSIZE) is passed as a sealed memfd with
+    SCM_RIGHTS and an empty payload, and arrives whole."""
+    configure(journal_stream, journal)
+    probe = journald.JournalSocket(journal.path)
+    send_buffer = probe.send_buffer_bytes
+    probe.close()
+    big = "x" * (send_buffer + 4096) + "\nend"
+    log.error("big_one", blob=big)
+    entry = journal.receive()
+    assert journal.memfds == 1
+    assert entry["EPOLLD_BLOB"] == big
+    assert entry["EPOLLD_EVENT"] == "big_one"
+    log.info("small_one")
+    assert journal.receive()["EPOLLD_EVENT"] == "small_one"
+    assert journal.memfds == 1, "a small entry is a plain datagram again"
+
+
+def test_without_a_journal_socket_lines_go_to_stdout(
+    tmp_path: Path, journal_stream: TextIO
+) -> None:
+    """With nothing listening on the socket path, events are "<N>"-prefixed JSON lines on the
+    journal stream, as before."""
+    logsetup.configure("info", "auto", stream=journal_stream, journal_socket=str(tmp_path / "none"))
+    assert not logsetup.journal_in_use()
+    log.warning("accept_failed", address="127.0.0.1:7080", error="EPERM")
+    (line,) = lines(journal_stream)
+    assert line.startswith("<4>{")
+    event = json.loads(line[3:])
+    assert (event["event"], event["address"], event["level"]) == (
+        "accept_failed",
+        "127.0.0.1:7080",
+        "warning",
+    )
+
+
+def test_a_socket_nobody_reads_is_not_used(tmp_path: Path, journal_stream: TextIO) -> None:
+    """A socket file whose listener has gone (journald stopped) counts as no journal."""
+    dead = FakeJournal(tmp_path / "dead.socket")
+    dead.sock.close()  # the path stays, nothing is bound to it
+    try:
+        logsetup.configure("info", "auto", stream=journal_stream, journal_socket=dead.path)
+        assert not logsetup.journal_in_use()
+    finally:
+        dead.close()
+
+
+def test_failed_send_writes_the_line_and_recovers(
+    tmp_path: Path, journal: FakeJournal, journal_stream: TextIO
+) -> None:
+    """If sending fails at run time (journald gone), the event is written as a line on stdout;
+    once journald listens at the path again, entries go to it again."""
+    configure(journal_stream, journal)
+    journal.close()  # journald stops: its socket is gone
+    log.error("config_reload_failed", error="bad")
+    (line,) = lines(journal_stream)
+    assert line.startswith("<3>{")
+    assert json.loads(line[3:])["event"] == "config_reload_failed"
+
+    restarted = FakeJournal(Path(journal.path))
+    try:
+        log.info("listening", address="127.0.0.1:7080")
+        assert restarted.receive()["MESSAGE"] == "listening on 127.0.0.1:7080"
+    finally:
+        restarted.close()
+    assert len(lines(journal_stream)) == 1
+
+
+def test_stream_that_is_not_the_journal_gets_plain_lines(
+    tmp_path: Path, journal: FakeJournal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stdout other than the journal stream gets JSON lines without prefix, even with the
+    journal socket available."""
+    with open(tmp_path / "journal-stream", "w") as other:
+        monkeypatch.setenv("JOURNAL_STREAM", stream_id(other.fileno()))
+        with open(tmp_path / "redirected", "w+") as stream:
+            try:
+                configure(stream, journal)
+                assert not logsetup.journal_in_use()
+                log.info("listening", address="127.0.0.1:7080")
+                (line,) = lines(stream)
+            finally:
+                logsetup.configure("info", "json", stream=sys.stdout)
+                structlog.reset_defaults()
+    assert json.loads(line)["event"] == "listening"
+    assert not journal.pending()
+
+
+def test_explicit_json_format_keeps_prefixed_lines(
+    journal: FakeJournal, journal_stream: TextIO
+) -> None:
+    """format: json on the journal stream keeps "<N>"-prefixed JSON lines: only auto switches."""
+    logsetup.configure("info", "json", stream=journal_stream, journal_socket=journal.path)
+    assert not logsetup.journal_in_use()
+    log.info("listening", address="127.0.0.1:7080")
+    (line,) = lines(journal_stream)
+    assert line.startswith("<6>{")
+    assert not journal.pending()
+
+
+def test_reconfiguring_keeps_the_socket_for_loggers_bound_before(
+    journal: FakeJournal, journal_stream: TextIO
+) -> None:
+    """A reload that reconfigures logging keeps the journal socket: a logger bound before it
+    still reaches the journal."""
+    configure(journal_stream, journal)
+    bound = log.bind(peer="127.0.0.1:1")
+    bound.info("before")
+    configure(journal_stream, journal, level="debug")
+    bound.info("after")
+    log.debug("new_level")
+    assert [journal.receive()["EPOLLD_EVENT"] for _ in range(3)] == [
+        "before",
+        "after",
+        "new_level",
+    ]
+    assert lines(journal_stream) == []
+
+
+def test_close_leaves_a_reused_descriptor_alone(tmp_path: Path, journal: FakeJournal) -> None:
+    """If the socket's descriptor was closed under it (python-daemon closes every descriptor)
+    and reused, close() does not close the new owner's file."""
+    sock = journald.JournalSocket(journal.path)
+    fd = sock._sock.fileno()
+    os.close(fd)
+    with open(tmp_path / "reused", "w") as reused:
+        assert reused.fileno() == fd
+        sock.close()
+        os.fstat(reused.fileno())  # still open
+        reused.write("still ours")

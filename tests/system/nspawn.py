@@ -10,20 +10,24 @@ What works on these machines is in shared/NOTES.md; in short:
   hierarchy), removed after power-off.
 - PID 1 in the container is nspawn's child named "systemd"; commands run with `nsenter -a` on it
   (machinectl and `systemctl -M` need machined, which is absent).
-- The network namespace is the host's: a port bound inside is reachable from the test on
-  127.0.0.0/8. Use an address of your own (see loopback_address()) to avoid clashing with anything
-  else on the host.
+- Each container has a network namespace of its own (--private-network: only a loopback, which
+  its systemd brings up), so a daemon inside serves the package's default 127.0.0.1:7080 and
+  [::1]:7080 whatever listens on the host's. A test reaches it by creating its sockets inside
+  Container.network(); apt-get reaches the package mirror with run(..., host_network=True).
 
 Usage (the fixtures in conftest.py do this)::
 
     with Container(binds_ro={REPO: "/opt/epolld"}) as c:
         c.run("systemctl", "start", "epolld")
         c.write_file("/etc/epolld.yaml", text)
+        with c.network():
+            sock = socket.create_connection(("127.0.0.1", 7080))
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import hashlib
 import itertools
@@ -34,7 +38,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -58,8 +62,14 @@ GUEST_ENV = {
     "TERM": "dumb",
 }
 
+CLONE_NEWNET = 0x40000000  # <sched.h>; os.setns() is Python 3.12+, so setns(2) goes via ctypes
+
 _counter = itertools.count()
 T = TypeVar("T")
+_libc = ctypes.CDLL(None, use_errno=True)
+# The test process's own network namespace, opened before any test enters a container's: what
+# host_network=True commands run in, whichever namespace the calling thread is in then.
+_HOST_NETNS_FD = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
 
 
 class ContainerError(RuntimeError):
@@ -108,17 +118,6 @@ def rootfs() -> Path:
                 if stale != path and stale.is_dir():
                     shutil.rmtree(stale, ignore_errors=True)
     return path
-
-
-def loopback_address(index: int = 0) -> str:
-    """A loopback address of this test process's own, "127.77.X.Y" (X.Y from the PID).
-
-    The container shares the host's network namespace and socket units need a fixed port:
-    a per-process address avoids clashing with a daemon or another test run on the host
-    without a find-a-free-port race. index picks a second, third... address.
-    """
-    pid = os.getpid() + 65536 * index
-    return f"127.{77 + (pid >> 16) % 100}.{(pid >> 8) & 255}.{max(1, pid & 255)}"
 
 
 def wait_until(
@@ -175,7 +174,7 @@ class Container:
         args = [
             "systemd-nspawn", "--quiet", "--boot", f"--directory={root}",
             f"--machine={self.name}", "--register=no", "--keep-unit", "--volatile=overlay",
-            "--console=read-only",
+            "--console=read-only", "--private-network",
         ]  # fmt: skip
         args += [f"--bind-ro={host}:{guest}" for host, guest in self.binds_ro.items()]
         args += [f"--bind={host}:{guest}" for host, guest in self.binds.items()]
@@ -236,8 +235,13 @@ class Container:
         check: bool = True,
         input: str | None = None,
         timeout: float = COMMAND_TIMEOUT_S,
+        host_network: bool = False,
     ) -> subprocess.CompletedProcess[str]:
         """Run argv inside the container (all its namespaces) and capture its output.
+
+        Args:
+            host_network: run in the host's network namespace instead of the container's,
+                e.g. for apt-get to reach the package mirror (the container has only a loopback).
 
         Raises:
             ContainerError: check is true and the command exited non-zero.
@@ -245,12 +249,17 @@ class Container:
         if not self.leader:
             raise ContainerError(f"container {self.name} is not running")
         env_args = [f"{k}={v}" for k, v in GUEST_ENV.items()]
+        if host_network:  # every namespace but the network's, which is given explicitly
+            namespaces = ["-m", "-u", "-i", "-p", "-C", f"--net=/proc/self/fd/{_HOST_NETNS_FD}"]
+        else:
+            namespaces = ["-a"]
         result = subprocess.run(
-            ["nsenter", "-t", str(self.leader), "-a", "env", "-i", *env_args, *argv],
+            ["nsenter", "-t", str(self.leader), *namespaces, "env", "-i", *env_args, *argv],
             input=input,
             capture_output=True,
             text=True,
             timeout=timeout,
+            pass_fds=(_HOST_NETNS_FD,) if host_network else (),
         )
         if check and result.returncode != 0:
             raise ContainerError(
@@ -258,6 +267,22 @@ class Container:
                 f"stdout: {result.stdout}\nstderr: {result.stderr}"
             )
         return result
+
+    @contextlib.contextmanager
+    def network(self) -> Iterator[None]:
+        """Within the block, sockets this thread creates live in the container's network.
+
+        A socket keeps its namespace once created: it can be used after the block too.
+        """
+        if not self.leader:
+            raise ContainerError(f"container {self.name} is not running")
+        with open("/proc/thread-self/ns/net", "rb") as own:
+            with open(f"/proc/{self.leader}/ns/net", "rb") as theirs:
+                _setns(theirs.fileno())
+            try:
+                yield
+            finally:
+                _setns(own.fileno())
 
     def sh(self, script: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run a shell script inside the container."""
@@ -352,6 +377,13 @@ class Container:
     def _make_cgroups(self) -> None:
         for hierarchy in CGROUP_HIERARCHIES:
             os.makedirs(f"/sys/fs/cgroup/{hierarchy}/{self.name}", exist_ok=True)
+
+
+def _setns(fd: int) -> None:
+    """Move the calling thread into the network namespace fd refers to (needs CAP_SYS_ADMIN)."""
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"setns: {os.strerror(errno)}")
 
 
 def _comm(pid: int) -> str:

@@ -5,9 +5,11 @@ as `make deb` does); the upgrade uses a copy repacked with a higher version. Eac
 fresh container from the cached Debian 12 root file system (see nspawn.py) and installs the
 package with apt, as an operator would, so no test depends on another's leftovers.
 
-The shipped /etc/epolld.yaml listens on 127.0.0.1:7080 and [::1]:7080. The container shares
-the host's network namespace, so the test reaches the installed service there directly; those
-ports must be free on the host while these tests run.
+The shipped /etc/epolld.yaml listens on 127.0.0.1:7080 and [::1]:7080. Each container has a
+network namespace of its own, and the test's sockets are created in it (the container fixture
+enters it): the installed service is shown serving exactly its default addresses, and nothing
+on the host's 7080 (another epolld, another test run) can collide with it. apt-get alone uses
+the host's network, to reach the package mirror.
 """
 
 from __future__ import annotations
@@ -18,15 +20,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from nspawn import REPO, Container, ContainerError, loopback_address, wait_until
+from nspawn import REPO, Container, ContainerError, wait_until
 
 from tests.traffic import echo_until_eof
 
 pytestmark = pytest.mark.system
 
 DEFAULT_ADDRESSES = [("127.0.0.1", 7080, socket.AF_INET), ("::1", 7080, socket.AF_INET6)]
-# An address of this test run's own for the operator's edited config (see loopback_address()).
-EDITED_HOST = loopback_address(1)
+# The operator's edited config moves the service to an address of its own.
+EDITED_HOST = "127.0.0.2"
 EDITED_PORT = 7083
 UPGRADE_VERSION = "0.1.0+upgradetest1"
 GUEST_DEB_DIR = "/tmp/debs"
@@ -82,31 +84,24 @@ def _repack_with_version(deb: Path, version: str, out: Path) -> Path:
 def container(
     container_factory: Callable[..., Container], debs: dict[str, Path]
 ) -> Iterator[Container]:
-    """A freshly booted Debian 12 with both .deb files copied in; powered off after the test."""
-    for host, port, family in DEFAULT_ADDRESSES:
-        _require_free(host, port, family)
+    """A freshly booted Debian 12 with both .deb files copied in; powered off after the test.
+
+    The test runs inside the container's network namespace: its sockets reach the container's
+    loopback, not the host's.
+    """
     c = container_factory()
     for deb in debs.values():
         c.copy_in(deb, f"{GUEST_DEB_DIR}/{deb.name}", 0o644)
-    yield c
+    with c.network():
+        yield c
     c.stop()
-
-
-def _require_free(host: str, port: int, family: socket.AddressFamily) -> None:
-    """Fail with a clear message when something on the host already holds a default address."""
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        try:
-            probe.bind((host, port))
-        except OSError as e:
-            pytest.fail(f"{host} port {port} is in use on this host ({e.strerror}): the package's "
-                        "default config needs it; stop whatever listens there")  # fmt: skip
 
 
 def _apt(c: Container, *args: str) -> str:
     """Run apt-get non-interactively in the container; return its output."""
     result = c.run(
         "env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "-y", "-q", *args,
-        timeout=APT_TIMEOUT_S,
+        timeout=APT_TIMEOUT_S, host_network=True,  # the container's own network is loopback only
     )  # fmt: skip
     return result.stdout
 

@@ -1,4 +1,4 @@
-"""The container harness itself: boot, commands, files, bind mounts, shared network, power-off."""
+"""The container harness itself: boot, commands, files, bind mounts, own network, power-off."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from nspawn import CGROUP_HIERARCHIES, Container, ContainerError, loopback_address
+from nspawn import CGROUP_HIERARCHIES, Container, ContainerError
 
 pytestmark = pytest.mark.system
 
@@ -29,10 +29,10 @@ def test_boots_a_real_systemd_with_debians_libraries(
         container.run("sh", "-c", "exit 3")
 
 
-def test_files_binds_and_network(
+def test_files_binds_and_private_network(
     container_factory: Callable[..., Container], tmp_path: Path
 ) -> None:
-    """Files are written in, host directories are bind-mounted, and ports reach the host."""
+    """Files go in, host directories are bind-mounted, and the network is the container's own."""
     (tmp_path / "ro").mkdir()
     (tmp_path / "ro" / "hello").write_text("from the host\n")
     (tmp_path / "rw").mkdir()
@@ -46,18 +46,26 @@ def test_files_binds_and_network(
     container.sh("echo from the guest > /mnt/rw/out")
     assert (tmp_path / "rw" / "out").read_text() == "from the guest\n"
 
-    host = loopback_address()
-    with socket.create_server((host, 0)) as server:
-        port = server.getsockname()[1]
-        server.settimeout(30)
-        container.run(
-            "python3", "-c",
-            f"import socket; socket.create_connection(('{host}', {port}), 10).sendall(b'hi')",
-        )  # fmt: skip
-        conn, _ = server.accept()
-        with conn:
-            conn.settimeout(30)
-            assert conn.recv(10) == b"hi"
+    # The same loopback port is held on the host and, separately, in the container.
+    with socket.create_server(("127.0.0.1", 0)) as host_server:
+        port = host_server.getsockname()[1]
+        with container.network():
+            guest_server = socket.create_server(("127.0.0.1", port))
+        with guest_server:
+            guest_server.settimeout(30)
+            connect = f"import socket; socket.create_connection(('127.0.0.1', {port}), 10)"
+            container.run("python3", "-c", connect + ".sendall(b'hi')")
+            conn, _ = guest_server.accept()
+            with conn:
+                conn.settimeout(30)
+                assert conn.recv(10) == b"hi"
+        # apt-get's way out: a host_network command reaches the host's listener.
+        container.run("python3", "-c", connect, host_network=True)
+        conn, _ = host_server.accept()
+        conn.close()
+    # The container's only network interface is its loopback.
+    dev = container.read_file("/proc/net/dev").splitlines()[2:]  # two header lines
+    assert [line.split(":")[0].strip() for line in dev] == ["lo"]
 
 
 def test_power_off_removes_cgroups(system_prerequisites: None) -> None:

@@ -1,0 +1,21 @@
+"""Where the bench finds its programs and writes its results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent  # bench/
+ROOT = BENCH.parent
+OUT = BENCH / "out"
+BIN = OUT / "bin"  # the compiled C programs
+VENV = BENCH / ".venv"  # uvloop and py-spy (bench/requirements.txt)
+VENV_PY = VENV / "bin" / "python"
+EPOLLD = ROOT / ".venv" / "bin" / "epolld"  # the worktree's epolld (make test-fast creates it)
+DOCS = ROOT / "docs"
+REASONS = BENCH / "reasons.json"  # why a target is missed, by target id
+ANALYSIS = BENCH / "analysis.md"  # notes included in the report
+
+
+def relative(arg: str) -> str:
+    """An argument with the repository's path stripped, for the report."""
+    return str(Path(arg).relative_to(ROOT)) if arg.startswith(str(ROOT)) else arg

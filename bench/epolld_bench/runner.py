@@ -1,0 +1,369 @@
+"""One run (a fresh server, its load generators) and the interleaved matrix of runs.
+
+A run: start the server and note its resident set; start the workload's background
+clients (firehoses, holders of idle connections) and wait until each has established its
+connections; then run the measured client; then release the background clients (close
+their stdin) and collect every client's JSON result; stop the server. Only the processes
+started here are ever signalled, by process group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import select
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from typing import Any
+
+from . import processes
+from .paths import BIN, OUT
+from .servers import Server, Unavailable, start
+from .workloads import Workload
+
+ESTABLISH_TIMEOUT_S = 40.0  # for the background clients to connect and echo once
+# A run whose server core was busier than that with other work is repeated. About 0.1 of it is
+# the softirq share of the benchmark's own loopback traffic, which is not charged to the server.
+FOREIGN_MAX = 0.3
+RETRIES = 2  # at most this many repeats of a disturbed run
+HOLD_CAP_S = 600.0  # background clients stop by themselves after this, released or not
+
+Result = dict[str, Any]
+
+
+def loadgen_argv(
+    args: list[str], port: int, pid: int, warmup: float, duration: float, hold: bool = False
+) -> list[str]:
+    nice = processes.BACKGROUND_NICE_LEVEL if hold else processes.NICE_LEVEL
+    argv = [
+        *processes.pinned(processes.CLIENT_CPU, nice), str(BIN / "loadgen"),
+        "--port", str(port), "--server-pid", str(pid),
+        "--warmup", str(warmup), "--duration", str(duration),
+        "--watch-cpu", str(processes.SERVER_CPU),
+    ]  # fmt: skip
+    if hold:
+        argv.append("--hold-stdin")
+    return argv + args
+
+
+def measured_seconds(workload: Workload, opts: argparse.Namespace) -> float:
+    return max(float(opts.duration), workload.min_duration_s)
+
+
+def _wait_established(clients: list[subprocess.Popen[bytes]]) -> str | None:
+    """Wait for each background client's "established" line; None, or what went wrong."""
+    deadline = time.monotonic() + ESTABLISH_TIMEOUT_S
+    for proc in clients:
+        assert proc.stderr is not None
+        line = b""
+        while not line.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([proc.stderr], [], [], left)[0]:
+                return "a background client did not establish its connections in time"
+            chunk = os.read(proc.stderr.fileno(), 1)  # unbuffered: select() sees the rest
+            if not chunk:
+                return "a background client exited early"
+            line += chunk
+        if line.strip() != b"established":
+            return "a background client said: " + line.decode(errors="replace").strip()
+    return None
+
+
+def _json(stdout: bytes, stderr: bytes) -> Result:
+    try:
+        result: Result = json.loads(stdout)
+    except ValueError:
+        return {"error_total": 1, "loadgen_failed": stderr.decode(errors="replace")[-400:]}
+    return result
+
+
+def run_once(server: Server, workload: Workload, rep: int, opts: argparse.Namespace) -> Result:
+    """Start a fresh server, run the workload's load generators against it once, stop it."""
+    log = OUT / "logs" / f"{workload.name}.{server.name}.{rep}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    proc, listening = start(server, workload, log)
+    port, duration = listening["port"], measured_seconds(workload, opts)
+    extra: Result = {"server_start_rss_kib": processes.status_kib(proc.pid, "VmRSS")}
+    background: list[subprocess.Popen[bytes]] = []
+    bg_results: list[Result] = []
+    pipes = None
+    drops_before = processes.listen_drops()
+    try:
+        for args in workload.background():
+            argv = loadgen_argv(args, port, proc.pid, 0.0, HOLD_CAP_S, hold=True)
+            background.append(
+                processes.spawn(
+                    argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+                )
+            )
+        problem = _wait_established(background) if background else None
+        if problem:
+            extra["background_failed"] = problem
+        if workload.holders:
+            drops = processes.listen_drops()
+            if drops is not None and drops_before is not None:
+                extra["listen_drops"] = drops - drops_before
+            extra["server_established_rss_kib"] = processes.status_kib(proc.pid, "VmRSS")
+            if server.io == "splice":
+                pipes = processes.count_pipes(proc.pid)
+        before = processes.cpu_jiffies()
+        argv = loadgen_argv(workload.load.args(), port, proc.pid, opts.warmup, duration)
+        gen = processes.spawn(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        limit = opts.warmup + duration + 40  # connect 10 + drain 3 + stall 5 + slack
+        try:
+            if server.io == "splice" and pipes is None and "io" not in listening:
+                # The daemon does not say which io mode it runs: look for its pipes mid-run.
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    gen.wait(opts.warmup + duration / 2 + (0.7 if workload.load.idle else 0.05))
+                pipes = processes.count_pipes(proc.pid)
+            stdout, stderr = gen.communicate(timeout=limit)
+        finally:
+            processes.stop(gen)
+        after = processes.cpu_jiffies()
+        for client in background:
+            try:
+                out, err = client.communicate(input=b"", timeout=30)
+            except subprocess.TimeoutExpired:
+                out, err = b"", b"did not finish within 30 s of its release"
+            finally:
+                processes.stop(client)
+            bg_results.append(_json(out, err))
+        alive = proc.poll() is None
+        hwm = processes.status_kib(proc.pid, "VmHWM")
+    finally:
+        for client in background:
+            processes.stop(client)
+        processes.stop(proc)
+    result = _json(stdout, stderr)
+    result.update(extra)
+    result["server_alive"] = alive
+    if not alive:
+        result["error_total"] = result.get("error_total", 0) + 1
+    if extra.get("background_failed"):
+        result["error_total"] = result.get("error_total", 0) + 1
+    result["server_peak_rss_mib"] = round(hwm / 1024, 2) if hwm else None
+    _derive(result, before, after)
+    _merge_background(result, bg_results, workload)
+    if hwm and extra["server_start_rss_kib"]:
+        result["server_start_rss_mib"] = round(extra["server_start_rss_kib"] / 1024, 2)
+        if workload.holders:
+            result["rss_per_conn_kib"] = round(
+                (hwm - extra["server_start_rss_kib"]) / workload.conns, 3
+            )
+    if "io" in listening:
+        result["io"] = listening["io"]
+    elif pipes is not None:  # splice holds a pipe (two fds) per connection
+        want = 1 if workload.holders else workload.load.conns
+        result["io"] = "splice" if pipes >= want else "copy"
+    result["server_pipes"] = pipes
+    result["server_pid"], result["port"] = proc.pid, port
+    return result
+
+
+def _derive(result: Result, before: dict[str, list[int]], after: dict[str, list[int]]) -> None:
+    """CPU per round trip, shares of the cores, from one measured client's result."""
+    rt, cpu = result.get("round_trips"), result.get("server_cpu_s")
+    result["cpu_s_per_m_rt"] = round(cpu / rt * 1e6, 3) if rt and cpu is not None else None
+    user = result.get("server_user_s")
+    result["user_share"] = round(user / cpu, 3) if cpu and user is not None else None
+    busy, secs = result.get("watched_cpu_busy"), result.get("duration_s")
+    if busy is not None and cpu is not None and secs:
+        # The share of the server's core that went to something else (other processes,
+        # unattributed softirq work): high values mean the run was disturbed.
+        result["foreign_load"] = round(max(0.0, busy - cpu / secs), 3)
+    if result.get("client_cpu_s") is not None and secs:
+        result["client_share"] = round(result["client_cpu_s"] / secs, 3)
+        if result.get("client_cpu_busy") is not None:
+            # The same for the client's core: a slowed client changes the server's batching.
+            result["client_foreign_load"] = round(
+                max(0.0, result["client_cpu_busy"] - result["client_share"]), 3
+            )
+    result["cpu_busy"] = {
+        name: round(1 - (after[name][1] - b[1]) / max(1, after[name][0] - b[0]), 3)
+        for name, b in before.items()
+    }
+
+
+def _merge_background(result: Result, bg: list[Result], workload: Workload) -> None:
+    """Add the background clients' errors and figures to the measured client's result."""
+    if not bg:
+        return
+    errors = dict(result.get("errors") or {})
+    for r in bg:
+        result["error_total"] = result.get("error_total", 0) + r.get("error_total", 0)
+        for key, n in (r.get("errors") or {}).items():
+            errors[key] = errors.get(key, 0) + n
+        if r.get("loadgen_failed"):
+            errors["background_failed"] = errors.get("background_failed", 0) + 1
+    firehoses = bg[: workload.firehoses]
+    if firehoses:
+        result["firehose_mb_per_s"] = round(sum(r.get("mb_per_s", 0) for r in firehoses), 1)
+    holders = [r for r in bg[workload.firehoses :] if "t_begin_mono_s" in r]
+    if holders:
+        begin = min(r["t_begin_mono_s"] for r in holders)
+        result["all_connected_s"] = round(max(r["t_connected_mono_s"] for r in holders) - begin, 4)
+        result["all_echoing_s"] = round(max(r["t_probed_mono_s"] for r in holders) - begin, 4)
+    if workload.holders_expire:
+        closed = sum(r.get("closed_by_server", 0) for r in holders)
+        result["expired"] = closed
+        firsts = [r["first_close_mono_s"] for r in holders if r.get("closed_by_server")]
+        lasts = [r["last_close_mono_s"] for r in holders if r.get("closed_by_server")]
+        if firsts:
+            result["wave_s"] = round(max(lasts) - min(firsts), 4)
+        # The wave must lie inside the measured client's interval, or its figure says nothing.
+        start, end = result.get("measure_start_mono_s", 0), result.get("measure_end_mono_s", 0)
+        missed = workload.holders - closed
+        outside = bool(firsts) and (min(firsts) < start or max(lasts) > end)
+        if missed or outside:
+            errors["not_expired_in_window"] = missed if missed else 1
+            result["error_total"] = result.get("error_total", 0) + errors["not_expired_in_window"]
+    result["errors"] = errors
+
+
+# ---------------------------------------------------------------- the matrix
+
+
+def run_matrix(
+    servers: dict[str, Server], workloads: list[Workload], opts: argparse.Namespace
+) -> dict[str, Any]:
+    """Every workload on each of its servers, `opts.reps` times, interleaved (A B C A B C)."""
+    raw: dict[str, dict[str, list[Result]]] = {
+        w.name: {s: [] for s in w.servers if s in servers} for w in workloads
+    }
+    unavailable: dict[str, str] = {}
+    started = time.monotonic()
+    for workload in workloads:
+        names = list(raw[workload.name])
+        # Repeats of disturbed runs may add at most a quarter to each workload's runs.
+        retry_budget = len(names) * opts.reps // 4 if opts.retry else 0
+        for rep in range(opts.reps):
+            for name in names:
+                if name in unavailable:
+                    continue
+                try:
+                    for attempt in range(RETRIES + 1):
+                        result = run_once(servers[name], workload, rep, opts)
+                        result["attempt"] = attempt + 1
+                        other = max(
+                            result.get("foreign_load", 0), result.get("client_foreign_load", 0)
+                        )
+                        if other <= FOREIGN_MAX or retry_budget <= 0:
+                            break
+                        retry_budget -= 1
+                        print(
+                            f"  {name}: other load on the server's core"
+                            f" {result.get('foreign_load', 0):.0%}, the client's"
+                            f" {result.get('client_foreign_load', 0):.0%}; repeating",
+                            flush=True,
+                        )
+                except Unavailable as e:
+                    unavailable[name] = str(e)
+                    print(f"  {name}: not available: {e}", flush=True)
+                    continue
+                raw[workload.name][name].append(result)
+                print(
+                    f"[{time.monotonic() - started:6.1f}s] {workload.name:15}"
+                    f" rep {rep + 1}/{opts.reps} {name:18} {brief(result)}",
+                    flush=True,
+                )
+    return {"raw": raw, "unavailable": unavailable, "wall_s": round(time.monotonic() - started, 1)}
+
+
+def brief(r: Result) -> str:
+    """One progress line per run."""
+    lat = r.get("latency_us") or {}
+    text = (
+        f"rt/s {r.get('round_trips_per_s', 0):>10,.0f}  MB/s {r.get('mb_per_s', 0):>8,.1f}"
+        f"  cpu/Mrt {r.get('cpu_s_per_m_rt') or 0:6.2f}  p50 {lat.get('p50', 0):7.0f}us"
+        f"  p99 {lat.get('p99', 0):7.0f}us  rss {r.get('server_peak_rss_mib') or 0:5.1f}M"
+    )
+    if "firehose_mb_per_s" in r:
+        text += f"  firehose {r['firehose_mb_per_s']:,.0f} MB/s"
+    if "all_echoing_s" in r:
+        text += (
+            f"  echoing {r['all_echoing_s']:.3f}s  drops {r.get('listen_drops')}"
+            f"  {r.get('rss_per_conn_kib', 0):.2f} KiB/conn"
+        )
+    if "expired" in r:
+        text += (
+            f"  expired {r['expired']} in {r.get('wave_s', 0):.3f}s  max {lat.get('max', 0):,.0f}us"
+        )
+    if "connect_all_s" in r and "all_echoing_s" not in r:
+        text += f"  conn {r['connect_all_s']:.3f}s"
+    return text + (
+        f"  client {r.get('client_share') or 0:.0%}"
+        f"  other {r.get('foreign_load', 0):.0%}/{r.get('client_foreign_load', 0):.0%}"
+        f"  err {r.get('error_total')}"
+    )
+
+
+def _latency(key: str) -> Callable[[Result], Any]:
+    return lambda r: (r.get("latency_us") or {}).get(key)
+
+
+def _field(key: str) -> Callable[[Result], Any]:
+    return lambda r: r.get(key)
+
+
+METRICS: dict[str, Callable[[Result], Any]] = {  # summary key: how to get it from one run
+    "round_trips_per_s": _field("round_trips_per_s"),
+    "mb_per_s": _field("mb_per_s"),
+    "cpu_s_per_m_rt": _field("cpu_s_per_m_rt"),
+    "user_share": _field("user_share"),
+    "p50_us": _latency("p50"),
+    "p99_us": _latency("p99"),
+    "p99_9_us": _latency("p99_9"),
+    "max_us": _latency("max"),
+    "peak_rss_mib": _field("server_peak_rss_mib"),
+    "start_rss_mib": _field("server_start_rss_mib"),
+    "rss_per_conn_kib": _field("rss_per_conn_kib"),
+    "connect_all_s": _field("connect_all_s"),
+    "probe_all_s": _field("probe_all_s"),
+    "all_connected_s": _field("all_connected_s"),
+    "all_echoing_s": _field("all_echoing_s"),
+    "firehose_mb_per_s": _field("firehose_mb_per_s"),
+    "expired": _field("expired"),
+    "wave_s": _field("wave_s"),
+    "server_pipes": _field("server_pipes"),
+    "listen_drops": _field("listen_drops"),
+    "client_busy": _field("client_share"),
+    "server_cpu_busy": lambda r: (r.get("cpu_busy") or {}).get(f"cpu{processes.SERVER_CPU}"),
+    "foreign_load": _field("foreign_load"),
+    "client_foreign_load": _field("client_foreign_load"),
+}
+
+
+def summarize(raw: dict[str, dict[str, list[Result]]]) -> dict[str, dict[str, Any]]:
+    """Median, min and max of every metric per workload and server; errors are summed."""
+    summary: dict[str, dict[str, Any]] = {}
+    for wname, per_server in raw.items():
+        summary[wname] = {}
+        for sname, runs in per_server.items():
+            if not runs:
+                continue
+            entry: dict[str, Any] = {
+                "runs": len(runs),
+                "errors": sum(r.get("error_total", 0) for r in runs),
+            }
+            kinds: dict[str, int] = {}
+            for r in runs:
+                for k, v in (r.get("errors") or {}).items():
+                    kinds[k] = kinds.get(k, 0) + v
+            entry["error_kinds"] = {k: v for k, v in kinds.items() if v}
+            entry["io"] = sorted({r["io"] for r in runs if r.get("io")})
+            for key, get in METRICS.items():
+                values = [v for v in map(get, runs) if v is not None]
+                if values:
+                    entry[key] = {
+                        "median": statistics.median(values),
+                        "min": min(values),
+                        "max": max(values),
+                    }
+            summary[wname][sname] = entry
+    return summary

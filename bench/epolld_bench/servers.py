@@ -1,0 +1,155 @@
+"""The servers under test: one small class per kind, and the table of them (SERVERS).
+
+To add a baseline, add an entry to SERVERS: a PythonServer with a script in bench/servers/
+(it must print {"event": "listening", "address": "127.0.0.1:PORT"} once bound), or a new
+subclass of Server whose argv() starts it. Then name it in the workloads that should run it
+(workloads.CLASSIC is the default matrix).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from . import processes
+from .paths import BENCH, BIN, EPOLLD, OUT, ROOT, VENV_PY, relative
+from .workloads import Workload
+
+START_TIMEOUT_S = 15.0  # for a server to print its listening address
+BACKLOG = 511
+
+
+class Unavailable(Exception):
+    """The server could not be started (not installed, or it rejected its config)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Server:
+    name: str
+    title: str
+
+    io: str = ""  # "splice": the runner checks that it really holds pipes
+
+    def command(self, workload: Workload) -> list[str]:
+        """The server's command line (without the pinning prefix)."""
+        raise NotImplementedError
+
+    def argv(self, workload: Workload) -> list[str]:
+        return [*processes.pinned(processes.SERVER_CPU), *self.command(workload)]
+
+
+@dataclasses.dataclass(frozen=True)
+class CServer(Server):
+    """bench/echo_server.c: the practical limit of this machine."""
+
+    def command(self, workload: Workload) -> list[str]:
+        return [str(BIN / "echo_server"), "--port", "0", "--backlog", str(BACKLOG)]
+
+
+@dataclasses.dataclass(frozen=True)
+class PythonServer(Server):
+    """A script in bench/servers/, run with bench/.venv's Python (uvloop is there)."""
+
+    script: str = ""
+
+    def command(self, workload: Workload) -> list[str]:
+        path = BENCH / "servers" / self.script
+        return [str(VENV_PY), str(path), "--port", "0", "--backlog", str(BACKLOG)]
+
+
+@dataclasses.dataclass(frozen=True)
+class EpolldServer(Server):
+    """The worktree's epolld with a generated config: defaults plus the mode and the
+    workload's limits."""
+
+    trigger: str = "level"
+
+    def config(self, workload: Workload) -> str:
+        lines = ['listen: ["127.0.0.1:0"]', f"trigger: {self.trigger}"]
+        if self.io:
+            lines.append(f"io: {self.io}")
+        limits = workload.epolld_config()
+        if limits:
+            lines.append("limits:")
+            lines += [f"  {key}: {value}" for key, value in limits.items()]
+        return (
+            "# Written by bench/run; everything else keeps its default.\n" + "\n".join(lines) + "\n"
+        )
+
+    def command(self, workload: Workload) -> list[str]:
+        path = OUT / f"{self.name}.{workload.name}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.config(workload))
+        return [str(EPOLLD), "--config", str(path), "--log-format", "json"]
+
+    def argv(self, workload: Workload) -> list[str]:
+        if not EPOLLD.exists():
+            raise Unavailable(
+                f"{EPOLLD.relative_to(ROOT)} is not installed (make .venv/.installed-stamp)"
+            )
+        return super().argv(workload)
+
+
+SERVERS: list[Server] = [
+    CServer("c-epoll", "C epoll (bench/echo_server.c)"),
+    PythonServer("asyncio-protocol", "asyncio Protocol", script="asyncio_protocol.py"),
+    PythonServer("asyncio-streams", "asyncio streams", script="asyncio_streams.py"),
+    PythonServer("uvloop-protocol", "uvloop Protocol", script="uvloop_protocol.py"),
+    EpolldServer("epolld-level", "epolld, trigger: level", trigger="level"),
+    EpolldServer("epolld-edge", "epolld, trigger: edge", trigger="edge"),
+    EpolldServer("epolld-splice", "epolld, io: splice (level)", io="splice", trigger="level"),
+    EpolldServer("epolld-splice-edge", "epolld, io: splice (edge)", io="splice", trigger="edge"),
+]
+BY_NAME = {s.name: s for s in SERVERS}
+
+
+def listening_event(line: str) -> dict[str, Any] | None:
+    """The {"event": "listening", "address": "127.0.0.1:PORT"} log line, with "port" added."""
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(event, dict) or event.get("event") != "listening":
+        return None
+    host, _, port = str(event.get("address", "")).rpartition(":")
+    if host != "127.0.0.1" or not port.isdigit():
+        return None
+    return {**event, "port": int(port)}
+
+
+def start(
+    server: Server, workload: Workload, log: Path
+) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
+    """Start the server and wait for its listening event; return the process and the event.
+
+    Raises:
+        Unavailable: it exited or did not announce a port in time.
+    """
+    argv = server.argv(workload)
+    with log.open("wb") as out:
+        proc = processes.spawn(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        for line in log.read_text(errors="replace").splitlines():
+            event = listening_event(line)
+            if event:
+                return proc, event
+        if proc.poll() is not None:
+            break
+        time.sleep(0.02)
+    processes.stop(proc)
+    tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+    raise Unavailable(f"exit status {proc.returncode}: " + " | ".join(tail)[-400:])
+
+
+def display_argv(server: Server, workload: Workload) -> list[str]:
+    """The command line as the report shows it (repository-relative paths)."""
+    try:
+        argv = server.argv(workload)
+    except Unavailable:
+        argv = [*processes.pinned(processes.SERVER_CPU), *server.command(workload)]
+    return [relative(a) for a in argv]
