@@ -13,8 +13,9 @@ Why it looks the way it does:
 - What is kept is bounded by MAX_KEPT_BYTES (232: a v2 header's fixed part and its
   largest address block). A v1 line is at most 107 bytes (the spec's worst case) and
   v2 TLVs are validated as they stream past and never stored, so a header of up to
-  16 + 65535 bytes is read in at most 232 bytes of memory. Twisted's parsers append
-  to an unbounded buffer; Postfix reads one fixed buffer: we follow Postfix.
+  16 + 65535 bytes is read in at most 232 bytes of memory. Twisted's v2 parser keeps
+  all it is fed until the header is complete; Postfix reads into one fixed buffer:
+  we follow Postfix.
 - `wanted` says how many more bytes the header may still take, so a reader can peek
   or receive no more than that and leave the payload in the kernel.
 - Valid v2 combinations that an echo server has no use for (UDP, AF_UNIX, UNSPEC)
@@ -40,7 +41,6 @@ from epolld.loop import CLOSE
 V1_MAX_BYTES = 107  # "PROXY UNKNOWN <two IPv6> 65535 65535\r\n", the spec's worst case
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 V2_FIXED_BYTES = 16  # signature, version/command, family/protocol, length
-V2_MAX_BYTES = V2_FIXED_BYTES + 0xFFFF
 _V1_PREFIX = b"PROXY "
 _ADDRESS_BYTES = {0x1: 12, 0x2: 36, 0x3: 216}  # v2 family -> address block size
 MAX_KEPT_BYTES = V2_FIXED_BYTES + max(_ADDRESS_BYTES.values())  # 232 >= V1_MAX_BYTES

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -295,3 +299,51 @@ def test_unix_socket_listener_with_proxy_protocol(start_daemon: StartDaemon, tmp
         sock.sendall(V2 + b"over unix")
         assert recv_exactly(sock, 9) == b"over unix"
     opened(daemon, peer="192.0.2.20:40002")
+
+
+def test_socket_activation_takes_headers_on_a_proxy_address(tmp_path: Any) -> None:
+    """A socket passed by systemd whose address is a proxy_protocol entry of listen takes
+    PROXY headers; the daemon runs as a real process with the socket at fd 3."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    config = tmp_path / "epolld.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "listen": [{"address": f"127.0.0.1:{port}", "proxy_protocol": True}],
+                "logging": {"level": "debug", "connections": True},
+            }
+        )
+    )
+    high = fcntl.fcntl(listener.fileno(), fcntl.F_DUPFD_CLOEXEC, 10)
+    launcher = 'export LISTEN_PID=$$ LISTEN_FDS=1; exec "$0" -m epolld --config "$1" 3<&{fd}'
+    try:
+        proc = subprocess.Popen(
+            ["bash", "-c", launcher.format(fd=high), sys.executable, str(config)],
+            pass_fds=[high],
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+    finally:
+        os.close(high)
+        listener.close()  # the daemon holds it now
+    assert proc.stdout is not None
+    try:
+        for line in proc.stdout:
+            entry = json.loads(line)
+            if entry["event"] == "listening":
+                assert entry["inherited"] is True
+                break
+        with connect(port) as sock:
+            sock.sendall(V1 + b"activated")
+            assert recv_exactly(sock, 9) == b"activated"
+        for line in proc.stdout:
+            entry = json.loads(line)
+            if entry["event"] == "connection_opened":
+                assert entry["peer"] == "192.0.2.10:40001"
+                break
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(10)
+        proc.stdout.close()
