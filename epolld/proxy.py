@@ -16,8 +16,9 @@ Why it looks the way it does:
   16 + 65535 bytes is read in at most 232 bytes of memory. Twisted's v2 parser keeps
   all it is fed until the header is complete; Postfix reads into one fixed buffer:
   we follow Postfix.
-- `wanted` says how many more bytes the header may still take, so a reader can peek
-  or receive no more than that and leave the payload in the kernel.
+- `wanted` says how many more bytes the header may still take; bytes fed beyond the
+  header's end come back as `rest`, so a reader that peeks can leave the payload in
+  the kernel and take only the header's bytes.
 - Valid v2 combinations that an echo server has no use for (UDP, AF_UNIX, UNSPEC)
   fall back to "no address" as the spec allows, and so do LOCAL and v1 UNKNOWN: the
   caller serves those as connections from the proxy itself.
@@ -384,8 +385,12 @@ def parse(data: bytes) -> Parsed | None:
 ConnectionReason = Literal["untrusted_source", "timeout", "closed_before_header"]
 CONNECTION_REASONS: tuple[ConnectionReason, ...] = ConnectionReason.__args__  # type: ignore[attr-defined]
 ALL_REASONS: tuple[str, ...] = REASONS + CONNECTION_REASONS
-# Prefix, fixed part, addresses, TLVs, then EAGAIN: a header needs at most 5 reads unless
-# its bytes trickle in while they are read; then the rest waits for a synthetic event.
+# Bytes peeked per read: every v1 header and a v2 header with the usual TLVs in one read
+# (the spec keeps headers within 536 bytes, "the smallest TCP segment"). Peeking past
+# the header costs a copy, never a payload byte: only the header's bytes are taken.
+PEEK_BYTES = 536
+# A header needs one read (two with a large TLV), plus one that finds EAGAIN, unless its
+# bytes trickle in while they are read; then the rest waits for a synthetic event.
 READS_PER_EVENT = 8
 LOG_EVERY_S = 10.0  # per reason, at most one warning this often; the rest are counted
 
@@ -420,14 +425,15 @@ class ReaderOwner(Protocol):
 class HeaderReader:
     """The handler of one connection on a proxy_protocol listener until its header is in.
 
-    Nothing is echoed meanwhile. Each read peeks at most `wanted` bytes, feeds them to
-    the parser, and then takes off the socket only the header's bytes: the payload stays
-    in the kernel for the Connection that replaces this reader (copy or splice alike).
+    Nothing is echoed meanwhile. Each read peeks at what has arrived, feeds it to the
+    parser, and then takes off the socket only the header's bytes: the payload stays in
+    the kernel for the Connection that replaces this reader (copy or splice alike).
 
     Args:
         sock: the accepted, non-blocking socket.
         ip: the proxy's IP ("" for a unix socket), as accept() gave it.
         peer: the proxy's printable address.
+        listener: the name of the listener it came from, for the connection's logs.
         mask: the epoll mask to register with: the Connection's, so that replacing the
             reader needs no epoll_ctl.
         now: the reactor's clock at accept time.
@@ -435,8 +441,8 @@ class HeaderReader:
         reschedule: the reactor's, for a synthetic event when the read budget ran out.
     """
 
-    __slots__ = ("active_at", "fd", "ip", "mask", "opened_at", "owner", "parser", "peer",
-                 "reschedule", "sock")  # fmt: skip
+    __slots__ = ("active_at", "fd", "ip", "listener", "mask", "opened_at", "owner", "parser",
+                 "peer", "reschedule", "sock")  # fmt: skip
 
     def __init__(
         self,
@@ -444,6 +450,7 @@ class HeaderReader:
         ip: str,
         peer: str,
         *,
+        listener: str = "",
         mask: int,
         now: float,
         owner: ReaderOwner,
@@ -453,6 +460,7 @@ class HeaderReader:
         self.fd = sock.fileno()
         self.ip = ip
         self.peer = peer
+        self.listener = listener
         self.mask = mask
         self.opened_at = now
         self.active_at = now
@@ -467,9 +475,8 @@ class HeaderReader:
         last bytes brings no new edge, so it must be seen now.
         """
         for _ in range(READS_PER_EVENT):
-            want = self.parser.wanted
             try:
-                data = self.sock.recv(want, socket.MSG_PEEK)
+                data = self.sock.recv(max(PEEK_BYTES, self.parser.wanted), socket.MSG_PEEK)
             except (BlockingIOError, InterruptedError):
                 return self.mask
             except OSError as e:

@@ -300,7 +300,14 @@ class EchoService:
         # The Connection's own mask, so that replacing the reader needs no epoll_ctl.
         mask = self._conn_class.INITIAL_MASK
         reader = HeaderReader(
-            sock, ip, proxy, mask=mask, now=now, owner=self, reschedule=self.reactor.reschedule
+            sock,
+            ip,
+            proxy,
+            listener=listener.name,
+            mask=mask,
+            now=now,
+            owner=self,
+            reschedule=self.reactor.reschedule,
         )
         self._readers[reader.fd] = reader  # in order of opened_at: see _sweep_readers
         self.reactor.add(reader)
@@ -316,7 +323,6 @@ class EchoService:
     def header_read(self, reader: HeaderReader, header: ProxyHeader) -> int:
         """The client's address is known: check its per-IP limit, then start echoing."""
         self._headers_read += 1
-        listener = self._listener_name(reader)
         if header.source is None:  # LOCAL, UNKNOWN: the proxy itself (a health check)
             ip, peer = reader.ip, reader.peer
         else:
@@ -327,22 +333,11 @@ class EchoService:
             self._refuse_proxied(reader, peer, ip, limit)
             return CLOSE  # the reactor closes the reader; reader_closed() forgets it
         del self._readers[reader.fd]
-        conn = self._start(reader.sock, ip, peer, listener, proxy=reader.peer)
+        conn = self._start(reader.sock, ip, peer, reader.listener, proxy=reader.peer)
         self.reactor.replace(reader, conn)
         if self._edge:  # bytes behind the header are queued, and no new edge will say so
             self.reactor.reschedule((conn.fd, EPOLLIN))
         return reader.mask
-
-    def _listener_name(self, reader: HeaderReader) -> str:
-        """The name of the listener a reader's socket came from, for connection logs."""
-        try:
-            sockname = reader.sock.getsockname()
-        except OSError:
-            return ""
-        if not reader.ip:
-            return f"unix:{sockname}"
-        host, port = sockname[:2]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     def _refuse_proxied(self, reader: HeaderReader, peer: str, ip: str, limit: int) -> None:
         """A proxied client over max_connections_per_ip: counted and warned as at accept."""
