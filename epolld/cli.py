@@ -125,23 +125,32 @@ def serve(args: argparse.Namespace, config: Config, notifier: Notifier) -> int:
     # the terminal in the chosen format; the daemon configures again on its log file.
     logsetup.configure(config.logging.level, config.logging.format)
     bound = bind_listeners(config)
+    try:
+        metrics_listener = bind_metrics(config)
+    except BaseException:
+        for listener in bound:
+            listeners.close(listener)
+        raise
     if not args.daemon:
-        return run_loop(args, config, bound, notifier)
+        return run_loop(args, config, bound, notifier, metrics_listener)
     from epolld.daemonize import daemon_context
 
+    owned = [*bound, *([metrics_listener] if metrics_listener else [])]
     try:
         context = daemon_context(
             config.daemon.pidfile,
-            [lst.fd for lst in bound],
+            [lst.fd for lst in owned],
             config.daemon.log_file,
             configure_logging=lambda: logsetup.configure(
                 config.logging.level, config.logging.format
             ),
         )
         with context as reopen_log:
-            return run_loop(args, config, bound, notifier, before_reload=reopen_log)
+            return run_loop(
+                args, config, bound, notifier, metrics_listener, before_reload=reopen_log
+            )
     except BaseException:
-        for listener in bound:
+        for listener in owned:
             listener.sock.close()
         raise
 
@@ -172,11 +181,25 @@ def bind_listeners(config: Config) -> list[listeners.Listener]:
     return bound
 
 
+def bind_metrics(config: Config) -> listeners.Listener | None:
+    """Bind metrics.listen, if set (before daemonizing, like the echo listeners).
+
+    Raises:
+        BindError: the address could not be bound.
+    """
+    if config.metrics.listen is None:
+        return None
+    from epolld import metrics  # prometheus_client: only loaded when metrics are on
+
+    return metrics.bind(config.metrics.listen)
+
+
 def run_loop(
     args: argparse.Namespace,
     config: Config,
     bound: list[listeners.Listener],
     notifier: Notifier,
+    metrics_listener: listeners.Listener | None = None,
     before_reload: Callable[[], None] = lambda: None,
 ) -> int:
     def reload() -> Config:
@@ -184,7 +207,7 @@ def run_loop(
         before_reload()
         return load(args)
 
-    service = EchoService(config, bound, notifier, reload=reload)
+    service = EchoService(config, bound, notifier, reload=reload, metrics_listener=metrics_listener)
     try:
         return service.run()
     except Exception:

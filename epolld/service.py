@@ -19,7 +19,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -28,6 +28,7 @@ from epolld import listeners as listeners_mod
 from epolld import logsetup
 from epolld.config import Config, ListenAddress
 from epolld.connection import EPOLLIN, Connection, SharedSettings, format_peer
+from epolld.counters import Counters, Snapshot
 from epolld.errors import BindError, EpolldError
 from epolld.idle import IdleTimer
 from epolld.listeners import Listener
@@ -35,6 +36,9 @@ from epolld.loop import CLOSE, Reactor
 from epolld.proxy import HeaderErrors, HeaderReader, ProxyHeader, is_trusted
 from epolld.splice import SpliceConnection, connection_class, make_pipe
 from epolld.systemd import Notifier
+
+if TYPE_CHECKING:  # epolld.metrics loads prometheus_client: imported only when metrics are on
+    from epolld.metrics import MetricsApp, MetricsEndpoint
 
 log = structlog.get_logger("epolld")
 
@@ -55,6 +59,7 @@ class EchoService:
         listeners: bound (or inherited) listening sockets; the service owns them.
         notifier: sd_notify; a no-op outside systemd.
         reload: called on SIGHUP; returns the new Config or raises ConfigError.
+        metrics_listener: bound for metrics.listen, if set; the service owns it.
     """
 
     def __init__(
@@ -63,6 +68,7 @@ class EchoService:
         listeners: list[Listener],
         notifier: Notifier,
         reload: Callable[[], Config] | None = None,
+        metrics_listener: Listener | None = None,
     ) -> None:
         self._config = config
         self._notifier = notifier
@@ -96,13 +102,11 @@ class EchoService:
             signal.SIGUSR1: self._on_stats_signal,
         }.items():
             self.reactor.on_signal(signum, fn)
-        # Totals of closed connections; live ones are added when reporting.
-        self._accepted = 0
-        self._refused = 0
+        # Totals, updated at accept, close and reload only; live values are added when
+        # reporting (snapshot(), stats()). The metrics endpoint reads them at scrape time.
+        self.counters = Counters()
         self._refused_unlogged = 0
         self._refused_logged_at = -REFUSED_WARNING_EVERY_S
-        self._bytes_in = 0
-        self._bytes_out = 0
         self._status_bytes = (self.reactor.now, 0)
         self._idle = IdleTimer(config.limits.idle_timeout_s)
         self._expiring: list[Connection] = []  # idle, waiting for their turn to close
@@ -117,6 +121,10 @@ class EchoService:
         self._apply_settings(config)
         for listener in listeners:
             self._add_listener(listener)
+        self._metrics_app: MetricsApp | None = None
+        self._metrics: MetricsEndpoint | None = None
+        if metrics_listener is not None:
+            self._metrics = self._serve_metrics(metrics_listener)
 
     # -- settings ----------------------------------------------------------------
 
@@ -171,6 +179,8 @@ class EchoService:
                 io=self._config.io,
                 inherited=listener.inherited,
             )
+        if self._metrics is not None:
+            log.info("metrics_listening", address=self._metrics.listener.name)
         self._notifier.ready(self._status_line())
 
     def _finish(self) -> None:
@@ -272,7 +282,7 @@ class EchoService:
         else:
             self.reactor.add(conn)
         self._idle.add(conn)
-        self._accepted += 1
+        self.counters.accepted += 1
         if self._conn_log is not None:
             self._conn_log(
                 "connection_opened",
@@ -354,7 +364,7 @@ class EchoService:
                 error=None,
                 proxy=reader.peer,
             )
-        self._refused += 1
+        self.counters.count_refused("max_connections_per_ip")
         self._refused_unlogged += 1
         if now - self._refused_logged_at >= REFUSED_WARNING_EVERY_S:
             log.warning(
@@ -467,7 +477,7 @@ class EchoService:
                 error=None,
             )
         sock.close()
-        self._refused += 1
+        self.counters.count_refused(limit)
         self._refused_unlogged += 1
         if now - self._refused_logged_at >= REFUSED_WARNING_EVERY_S:
             log.warning(
@@ -520,8 +530,12 @@ class EchoService:
                 self._per_ip[conn.ip] = left
             else:
                 del self._per_ip[conn.ip]
-        self._bytes_in += conn.bytes_in
-        self._bytes_out += conn.bytes_out
+        self.counters.count_close(
+            conn.reason or "error",
+            self.reactor.now - conn.opened_at,
+            conn.bytes_in,
+            conn.bytes_out,
+        )
         if self._conn_log is not None:
             self._conn_log(
                 "connection_closed",
@@ -547,6 +561,7 @@ class EchoService:
         for conn in self._connections():
             conn.discard_pending()
             self._close(conn, "shutdown")
+        self._stop_metrics()
         for listener in self.listeners:
             self.reactor.close(listener)
         self._listeners.clear()
@@ -617,6 +632,7 @@ class EchoService:
         self._paused.clear()
         for reader in list(self._readers.values()):  # nothing to echo yet: nothing to drain
             self.reactor.close(reader)
+        self._stop_metrics()
         for conn in self._connections():
             self.reactor.set_mask(conn, conn.begin_shutdown())
         self.reactor.call_later(timeout_s, self._force_stop)
@@ -642,9 +658,11 @@ class EchoService:
         try:
             self.apply(self._reload_source())
         except EpolldError as e:  # the old configuration stays in force
+            self.counters.count_reload(ok=False)
             log.error("config_reload_failed", error=str(e))
             self._notifier.ready(f"reload failed, running on the previous configuration: {e}")
             return
+        self.counters.count_reload(ok=True)
         self._notifier.ready(self._status_line())
 
     def apply(self, new: Config) -> None:
@@ -654,10 +672,23 @@ class EchoService:
             BindError: a new address could not be bound; the old listeners stay.
         """
         old = self._config
-        if not any(lst.inherited for lst in self.listeners):
-            self._reconcile_listeners(old, new)
-        elif new.listen != old.listen:
-            log.warning("listen_ignored", reason="sockets come from systemd socket activation")
+        metrics_moved = new.metrics.listen != old.metrics.listen
+        # Bound first, like new echo addresses: a failure changes nothing.
+        metrics_listener = self._bind_metrics(new) if metrics_moved else None
+        try:
+            if not any(lst.inherited for lst in self.listeners):
+                self._reconcile_listeners(old, new)
+            elif new.listen != old.listen:
+                log.warning("listen_ignored", reason="sockets come from systemd socket activation")
+        except BaseException:
+            if metrics_listener is not None:
+                metrics_listener.close()
+            raise
+        if metrics_moved:
+            self._stop_metrics()
+            if metrics_listener is not None:
+                self._metrics = self._serve_metrics(metrics_listener)
+                log.info("metrics_listening", address=metrics_listener.name)
         # Logged before a new log level applies, so that it is the old level that decides.
         log.info(
             "config_reloaded",
@@ -744,14 +775,51 @@ class EchoService:
                     ) from None
             raise
 
+    # -- metrics -------------------------------------------------------------------
+
+    def _bind_metrics(self, config: Config) -> Listener | None:
+        if config.metrics.listen is None:
+            return None
+        from epolld import metrics  # prometheus_client: loaded only once metrics are on
+
+        return metrics.bind(config.metrics.listen)
+
+    def _serve_metrics(self, listener: Listener) -> MetricsEndpoint:
+        from epolld import metrics
+
+        if self._metrics_app is None:  # one registry for the process, across reloads
+            self._metrics_app = metrics.MetricsApp(self.snapshot)
+        return metrics.MetricsEndpoint(self.reactor, listener, self._metrics_app)
+
+    def _stop_metrics(self) -> None:
+        if self._metrics is not None:
+            log.info("metrics_closed", address=self._metrics.listener.name)
+            self._metrics.close()
+            self._metrics = None
+
+    def snapshot(self) -> Snapshot:
+        """The counters and the live values, for the metrics endpoint (once per scrape)."""
+        bytes_in, bytes_out = self._byte_totals()
+        return Snapshot(
+            counters=self.counters,
+            connections=self._conn_count,
+            bytes_received=bytes_in,
+            bytes_sent=bytes_out,
+            listeners=len(self._listeners),
+            accept_paused=bool(self._paused),
+            proxy_header_errors=dict(self._header_errors.counts)
+            if any(lst.proxy_protocol for lst in self.listeners)
+            else None,
+        )
+
     # -- reporting -----------------------------------------------------------------
 
     def _byte_totals(self) -> tuple[int, int]:
         """Bytes in and out so far: closed connections' totals plus the open ones'."""
         conns = self._connections()
         return (
-            self._bytes_in + sum(c.bytes_in for c in conns),
-            self._bytes_out + sum(c.bytes_out for c in conns),
+            self.counters.bytes_received + sum(c.bytes_in for c in conns),
+            self.counters.bytes_sent + sum(c.bytes_out for c in conns),
         )
 
     def stats(self) -> dict[str, Any]:
@@ -759,8 +827,8 @@ class EchoService:
         bytes_in, bytes_out = self._byte_totals()
         return {
             "connections": self._conn_count,
-            "accepted": self._accepted,
-            "refused": self._refused,
+            "accepted": self.counters.accepted,
+            "refused": sum(self.counters.refused.values()),
             "bytes_in": bytes_in,
             "bytes_out": bytes_out,
             "uptime_s": round(self.reactor.now - self._started_at, 1),

@@ -17,6 +17,7 @@ import yaml
 
 from tests.conftest import StartDaemon
 from tests.epolld_process import Daemon
+from tests.test_metrics_endpoint import metrics_port, scrape
 from tests.test_proxy_parser import inet4, inet6, tlv, v2
 from tests.traffic import connect, recv_exactly, recv_until_eof, roundtrip
 
@@ -347,3 +348,27 @@ def test_socket_activation_takes_headers_on_a_proxy_address(tmp_path: Any) -> No
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(10)
         proc.stdout.close()
+
+
+def test_metrics_export_header_errors_by_reason(start_daemon: StartDaemon) -> None:
+    """The metrics endpoint exports epolld_proxy_header_errors_total per reason, every
+    reason present (0 until it happens)."""
+    daemon = start_daemon(proxied({"metrics": {"listen": "127.0.0.1:0"}}))
+    proxy_port, _ = ports(daemon)
+    for _ in range(2):
+        with connect(proxy_port) as sock:
+            sock.sendall(b"PROXY TCP4 1.2.3.4 5.6.7.8 1 99999\r\n")
+            assert_closed_unechoed(sock)
+    with connect(proxy_port) as sock:
+        sock.sendall(V1)
+        roundtrip(sock, b"a good one")
+    daemon.wait_for("connection_closed", count=2, reason="proxy_header")
+    samples = scrape(metrics_port(daemon))
+    errors = {
+        dict(labels)["reason"]: value
+        for (name, labels), value in samples.items()
+        if name == "epolld_proxy_header_errors_total"
+    }
+    assert errors["v1_malformed"] == 2
+    assert errors["untrusted_source"] == errors["timeout"] == 0
+    assert len(errors) == 11
