@@ -168,7 +168,8 @@ def bind_listeners(config: Config) -> list[listeners.Listener]:
             reason="sockets come from systemd socket activation",
             listen=[str(a) for a in config.listen],
         )
-        return [listeners.adopt(sock) for _, sock in inherited]
+        proxied = frozenset(str(a) for a in config.listen if a.proxy_protocol)
+        return [listeners.adopt(sock, proxied) for _, sock in inherited]
     bound: list[listeners.Listener] = []
     try:
         for address in config.listen:
