@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import mmap
 import os
 import resource
 import select
@@ -147,7 +148,9 @@ class EchoService:
         nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self._pipe_budget = max(0, (nofile - self._base_fds - config.limits.max_connections) // 2)
         if len(self._read_buf) != config.buffers.read_size_bytes:
-            self._read_buf = memoryview(bytearray(config.buffers.read_size_bytes))
+            # Anonymous mmap, not bytearray: its pages are resident only once a read
+            # reaches them (bytearray() zero-fills, 256 KiB resident from the start).
+            self._read_buf = memoryview(mmap.mmap(-1, config.buffers.read_size_bytes))
         # Decided once per configuration, not per connection: the log call or None.
         if config.logging.connections:
             self._conn_log: Callable[..., Any] | None = log.info
