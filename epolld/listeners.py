@@ -30,6 +30,10 @@ class Listener:
     address: ListenAddress | None  # None: inherited from systemd, not from the config
     name: str  # what logs and STATUS show: "127.0.0.1:7080", "[::1]:7080", "unix:/path"
     inherited: bool = False
+    # Served by several worker processes from this one socket: registered with
+    # EPOLLEXCLUSIVE, so that a connection wakes one worker, not all (see supervisor.py).
+    shared: bool = False
+    keep_path: bool = False  # a worker's copy: the supervisor removes the Unix socket file
     fd: int = field(init=False)
     mask: int = 0  # set by the owner before registering (level or edge)
     active_at: float = 0.0
@@ -61,8 +65,10 @@ def describe_socket(sock: socket.socket) -> str:
     return f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}"
 
 
-def bind(address: ListenAddress, backlog: int) -> Listener:
+def bind(address: ListenAddress, backlog: int, reuseport: bool = False) -> Listener:
     """Create a non-blocking, close-on-exec listening socket for address.
+
+    reuseport (TCP only): SO_REUSEPORT, for one socket per worker on the same address.
 
     Raises:
         BindError: the address is in use, not permitted or does not exist here.
@@ -74,6 +80,8 @@ def bind(address: ListenAddress, backlog: int) -> Listener:
     try:
         # A restart must not wait for TIME_WAIT connections of the previous run to expire.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             # "[::]:7080" means IPv6 only; "0.0.0.0:7080" is listed separately if wanted.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -141,6 +149,7 @@ def close(listener: Listener) -> None:
         listener.address is not None
         and listener.address.family == "unix"
         and not listener.inherited
+        and not listener.keep_path
     ):
         with contextlib.suppress(OSError):
             os.unlink(listener.address.path)

@@ -61,6 +61,8 @@ def configure(
     if fmt == "auto":
         fmt = "console" if stream.isatty() else "json"
     processors: list[Any] = [
+        # A worker process binds worker=N here (supervisor.py); nothing otherwise.
+        structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
