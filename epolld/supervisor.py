@@ -260,6 +260,10 @@ class Supervisor:
         # Until the worker's reactor installs its own: a signal must not be written to the
         # supervisor's wakeup socket (it would read it as its own), and a stop is a stop.
         signal.set_wakeup_fd(-1)
+        # A process group of its own: Ctrl-C, or a kill of the supervisor's group, reaches
+        # the supervisor only, which stops the workers in order (a worker that stopped on
+        # its own first would be replaced). Under systemd, KillMode=mixed does the same.
+        os.setpgid(0, 0)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
             signal.signal(signum, signal.SIG_DFL)
         for signum in (signal.SIGHUP, signal.SIGUSR1):
