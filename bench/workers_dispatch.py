@@ -119,7 +119,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--connections", type=int, default=1000)
-    parser.add_argument("--modes", nargs="+", default=["exclusive", "reuseport", "reuseport-unheld"])
+    modes = ["exclusive", "reuseport", "reuseport-unheld"]
+    parser.add_argument("--modes", nargs="+", default=modes)
     args = parser.parse_args()
     for mode in args.modes:
         measure(mode, args.workers, args.connections)
