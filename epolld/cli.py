@@ -223,7 +223,9 @@ def bind_worker_listeners(config: Config, workers: int) -> list[list[listeners.L
             # Port 0: the others join the port the kernel chose for the first.
             same = dataclasses.replace(address, port=first.sock.getsockname()[1])
             for slot in slots[1:]:
-                slot.append(listeners.bind(same, config.backlog, reuseport=True))
+                listener = listeners.bind(same, config.backlog, reuseport=True)
+                listener.address = address  # as configured: a reload compares with it
+                slot.append(listener)
     except EpolldError:
         for listener in _unique(slots):
             listeners.close(listener)
