@@ -92,7 +92,8 @@ def test_connections_spread_within_20_percent(start_workers: Any, count: int) ->
     share = 1000 / count
     assert all(abs(n - share) <= 0.2 * share for n in accepted.values()), accepted
     pids = {e["pid"] for e in stats["workers"]}
-    assert len(pids) == count and w.daemon.pid not in pids
+    assert len(pids) == count
+    assert w.daemon.pid not in pids
 
 
 @pytest.mark.parametrize("count", WORKER_COUNTS)
