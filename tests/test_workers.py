@@ -34,7 +34,8 @@ class Workers:
         """Fresh summed statistics: SIGUSR1, then the supervisor's stats line."""
         before = len(self.supervisor_events("stats"))
         self.daemon.signal(signal.SIGUSR1)
-        self.daemon.wait_for("stats", count=before + 1, **{"worker": None})
+        supervisor_only: dict[str, Any] = {"worker": None}  # a worker's lines name it
+        self.daemon.wait_for("stats", count=before + 1, **supervisor_only)
         return self.supervisor_events("stats")[-1]
 
     def supervisor_events(self, event: str) -> list[dict[str, Any]]:
