@@ -220,8 +220,9 @@ class Supervisor:
         if self._notifier.enabled:
             every(lambda: STATUS_EVERY_S, self._send_status)
         if self._watchdog_s:
-            watchdog_s = self._watchdog_s
-            every(lambda: watchdog_s, self._watchdog_ping)
+            # Every worker_timeout_s (a quarter of WatchdogSec), not every half: a ping held
+            # back while a stuck worker is replaced leaves three more before the deadline.
+            every(lambda: self.worker_timeout_s, self._watchdog_ping)
 
     def _finish(self) -> None:
         self.reactor.stop()
