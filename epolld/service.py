@@ -34,6 +34,7 @@ from epolld.listeners import Listener
 from epolld.loop import Reactor
 from epolld.splice import SpliceConnection, connection_class, make_pipe
 from epolld.systemd import Notifier
+from epolld.udp import UdpEndpoints
 
 if TYPE_CHECKING:  # epolld.metrics loads prometheus_client: imported only when metrics are on
     from epolld.metrics import MetricsApp, MetricsEndpoint
@@ -112,8 +113,12 @@ class EchoService:
             make_pipe=self._make_pipe,
         )
         self._apply_settings(config)
+        self._udp = UdpEndpoints(self.reactor, config.udp, edge=self._edge)
         for listener in listeners:
-            self._add_listener(listener)
+            if listener.is_udp:
+                self._udp.add(listener)
+            else:
+                self._add_listener(listener)
         self._metrics_app: MetricsApp | None = None
         self._metrics: MetricsEndpoint | None = None
         if metrics_listener is not None:
@@ -163,13 +168,13 @@ class EchoService:
     def _started(self) -> None:
         """Signals are handled from here on: tell the world we serve."""
         self._start_timers()
-        for listener in self.listeners:
+        for listener in [*self.listeners, *self._udp.listeners]:
             log.info(
                 "listening",
                 address=listener.name,
                 fd=listener.fd,
                 trigger=self._config.trigger,
-                io=self._config.io,
+                io="copy" if listener.is_udp else self._config.io,  # no splice for UDP
                 inherited=listener.inherited,
             )
         if self._metrics is not None:
@@ -416,6 +421,7 @@ class EchoService:
             self.reactor.close(listener)
         self._listeners.clear()
         self._paused.clear()
+        self._udp.close_all()
         self.reactor.release()
 
     # -- timers --------------------------------------------------------------------
@@ -480,6 +486,7 @@ class EchoService:
             self.reactor.close(listener)
         self._listeners.clear()
         self._paused.clear()
+        self._udp.close_all()  # nothing to drain: a datagram is answered at once or never
         self._stop_metrics()
         for conn in self._connections():
             self.reactor.set_mask(conn, conn.begin_shutdown())
@@ -534,7 +541,7 @@ class EchoService:
         # Bound first, like new echo addresses: a failure changes nothing.
         metrics_listener = self._bind_metrics(new) if metrics_moved else None
         try:
-            if not any(lst.inherited for lst in self.listeners):
+            if not any(lst.inherited for lst in [*self.listeners, *self._udp.listeners]):
                 self._reconcile_listeners(old, new)
             elif new.listen != old.listen:
                 log.warning("listen_ignored", reason="sockets come from systemd socket activation")
@@ -558,6 +565,7 @@ class EchoService:
         if new.logging != old.logging:
             logsetup.configure(new.logging.level, new.logging.format)
         self._apply_settings(new)
+        self._udp.configure(new.udp, edge=self._edge)
         if new.trigger != old.trigger:
             # Open connections keep the mode they were registered in; listeners switch,
             # or an edge-triggered listener could sit on a backlog the level code leaves.
@@ -586,7 +594,11 @@ class EchoService:
         Raises:
             BindError: nothing was changed.
         """
-        current = {lst.address: lst for lst in self.listeners if lst.address is not None}
+        current = {
+            lst.address: lst
+            for lst in [*self.listeners, *self._udp.listeners]
+            if lst.address is not None
+        }
         added: list[Listener] = []
         try:
             for address in new.listen:
@@ -598,14 +610,20 @@ class EchoService:
             raise
         for address, listener in current.items():
             if address not in new.listen:
-                self._listeners.pop(listener.fd, None)
-                self._paused.pop(listener.fd, None)
-                self.reactor.close(listener)
+                if listener.is_udp:
+                    self._udp.remove(listener)
+                else:
+                    self._listeners.pop(listener.fd, None)
+                    self._paused.pop(listener.fd, None)
+                    self.reactor.close(listener)
                 log.info("listener_closed", address=listener.name)
-            elif new.backlog != old.backlog:
+            elif new.backlog != old.backlog and not listener.is_udp:
                 listener.sock.listen(new.backlog)
         for listener in added:
-            self._add_listener(listener)
+            if listener.is_udp:
+                self._udp.add(listener)
+            else:
+                self._add_listener(listener)
             log.info("listening", address=listener.name, fd=listener.fd, trigger=new.trigger)
 
     def _bind_beside(
@@ -620,7 +638,9 @@ class EchoService:
                 ours = [
                     lst.name
                     for lst in current.values()
-                    if lst.is_tcp and lst.sock.getsockname()[1] == address.port
+                    if lst.sock.family != socket.AF_UNIX
+                    and lst.is_udp == address.is_udp
+                    and lst.sock.getsockname()[1] == address.port
                 ]
                 if ours:
                     raise BindError(
@@ -663,6 +683,8 @@ class EchoService:
             bytes_sent=bytes_out,
             listeners=len(self._listeners),
             accept_paused=bool(self._paused),
+            # Once UDP has served, its series stay (counters must not vanish on a reload).
+            udp=self._udp.stats if len(self._udp) or self._udp.stats.received else None,
         )
 
     # -- reporting -----------------------------------------------------------------
@@ -688,6 +710,7 @@ class EchoService:
             "listeners": len(self._listeners),
             "accept_paused": bool(self._paused),
             "splice_connections": self._pipes,
+            **self._udp.counters(),
         }
 
     def _on_stats_signal(self, signum: int) -> None:
@@ -697,13 +720,18 @@ class EchoService:
         log.info("stats", **self.stats())
 
     def _status_line(self) -> str:
-        names = " ".join(lst.name for lst in self.listeners)
+        names = " ".join(lst.name for lst in [*self.listeners, *self._udp.listeners])
         now = time.monotonic()
         total = self._byte_totals()[1]
         then, before = self._status_bytes
         self._status_bytes = (now, total)
         rate = (total - before) / (now - then) / 1e6 if now > then else 0.0
-        return f"echoing on {names}; {self._conn_count} connections; {rate:.1f} MB/s"
+        line = f"echoing on {names}; {self._conn_count} connections; {rate:.1f} MB/s"
+        if len(self._udp):
+            counts = self._udp.stats
+            dropped = sum(counts.dropped.values())
+            line += f"; {counts.echoed} datagrams echoed, {dropped} dropped"
+        return line
 
     def _send_status(self) -> None:
         self._notifier.status(self._status_line())

@@ -62,6 +62,7 @@ KILL_AFTER_DRAIN_S = 5.0  # past shutdown_timeout_s, a worker still alive gets S
 QUICK_DEATH_S = 10.0  # a worker that dies younger than this adds to its slot's back-off
 BACKOFF_MAX_S = 30.0
 MESSAGES_PER_EVENT = 64
+NOT_SUMMED = frozenset({"listeners", "udp_listeners", "uptime_s"})
 # Changing these needs new sockets in every worker (or other workers): a restart.
 RESTART_ONLY = ("listen", "metrics.listen", "workers")
 
@@ -82,6 +83,15 @@ class Slot:
     respawn: Timer | None = None
     stats: dict[str, Any] = field(default_factory=dict)
     counters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class UdpSums:
+    """The workers' UDP counters summed (counters.UdpTotals), for the metrics endpoint."""
+
+    received: int
+    echoed: int
+    dropped: dict[str, int]
 
 
 class WorkerLink:
@@ -368,8 +378,11 @@ class Supervisor:
 
     def _retire(self, slot: Slot) -> None:
         """Keep what an exiting worker counted, so that the totals never go back."""
-        for key in self._retired_stats:
-            self._retired_stats[key] += int(slot.stats.get(key, 0))
+        for key, value in slot.stats.items():
+            if type(value) is int and key not in NOT_SUMMED and key != "connections":
+                self._retired_stats[key] = self._retired_stats.get(key, 0) + value
+        self._retired_stats.pop("splice_connections", None)
+        self._retired_stats.pop("udp_sources", None)
         if slot.counters:
             _add_counters(self._retired, slot.counters)
 
@@ -502,16 +515,17 @@ class Supervisor:
     def stats(self) -> dict[str, Any]:
         """The workers' statistics summed (as last reported), and one line per worker."""
         live = self._live()
-        total = {key: value for key, value in self._retired_stats.items()}
-        total["connections"] = 0
-        total["splice_connections"] = 0
-        for slot in live:
-            for key in total:
-                total[key] += int(slot.stats.get(key, 0))
+        total: dict[str, Any] = dict(self._retired_stats)
+        total.update(connections=0, splice_connections=0)
+        for slot in live:  # every count a worker reports (udp_* too), summed
+            for key, value in slot.stats.items():
+                if type(value) is int and key not in NOT_SUMMED:
+                    total[key] = total.get(key, 0) + value
+        for key in ("listeners", "udp_listeners"):  # every worker serves every address
+            total[key] = max((int(s.stats.get(key, 0)) for s in live), default=0)
         return {
             **total,
             "uptime_s": round(self.reactor.now - self._started_at, 1),
-            "listeners": max((int(s.stats.get("listeners", 0)) for s in live), default=0),
             "accept_paused": any(s.stats.get("accept_paused") for s in live),
             "workers": [
                 {
@@ -539,6 +553,17 @@ class Supervisor:
         counters.reloads = dict(self.counters.reloads)
         counters.last_reload_ok = self.counters.last_reload_ok
         stats = self.stats()
+        udp = None
+        if stats.get("udp_listeners") or stats.get("udp_received"):
+            udp = UdpSums(
+                received=stats.get("udp_received", 0),
+                echoed=stats.get("udp_echoed", 0),
+                dropped={
+                    key[len("udp_dropped_") :]: value
+                    for key, value in stats.items()
+                    if key.startswith("udp_dropped_")
+                },
+            )
         return Snapshot(
             counters=counters,
             connections=stats["connections"],
@@ -546,6 +571,7 @@ class Supervisor:
             bytes_sent=stats["bytes_out"],
             listeners=stats["listeners"],
             accept_paused=stats["accept_paused"],
+            udp=udp,
         )
 
     def _status_line(self) -> str:

@@ -284,3 +284,22 @@ def test_unix_listener_is_shared_by_every_worker(start_workers: Any, tmp_path: P
     w.daemon.signal(signal.SIGTERM)
     assert w.daemon.wait() == 0
     assert not path.exists()
+
+
+def test_udp_has_a_socket_per_worker_and_counts_are_summed(start_workers: Any) -> None:
+    """A UDP address gets one SO_REUSEPORT socket per worker: both workers listen on the
+    same port, every datagram is echoed, and SIGUSR1's stats add up both workers' counts."""
+    w = start_workers(2, {"listen": ["udp:127.0.0.1:0"]})
+    listening = w.daemon.wait_for("listening", count=2)
+    assert {e["worker"] for e in listening} == {1, 2}
+    assert len({e["address"] for e in listening}) == 1
+    port = int(listening[0]["address"].rsplit(":", 1)[1])
+    for i in range(60):  # a source port each: the kernel hashes them over both sockets
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(WAIT_S)
+            sock.sendto(b"datagram %d" % i, ("127.0.0.1", port))
+            assert sock.recv(100) == b"datagram %d" % i
+    stats = w.stats()
+    assert stats["udp_received"] == 60
+    assert stats["udp_echoed"] == 60
+    assert stats["udp_listeners"] == 1
