@@ -189,8 +189,8 @@ def bind_listeners(config: Config) -> list[listeners.Listener]:
 
 
 def bind_worker_listeners(config: Config, workers: int) -> list[list[listeners.Listener]]:
-    """The listeners of each of `workers` worker processes (see supervisor.py): a TCP
-    address gets one SO_REUSEPORT socket per worker; a Unix socket, and each socket from
+    """The listeners of each of `workers` worker processes (see supervisor.py): a TCP or
+    UDP address gets one SO_REUSEPORT socket per worker; a Unix socket, and each socket from
     systemd, is one socket that every worker serves (shared, EPOLLEXCLUSIVE).
 
     Raises:

@@ -120,6 +120,7 @@ def run_once(server: Server, workload: Workload, rep: int, opts: argparse.Namesp
             extra["server_pss_mib"] = round(sum(pss) / 1024, 2)
             extra["server_max_process_pss_mib"] = round(max(pss) / 1024, 2)
             extra["server_processes"] = len(pss)
+            extra["server_pss_mib_each"] = [round(kib / 1024, 2) for kib in pss]
             if server.io == "splice":
                 pipes = processes.count_pipes(proc.pid)
         before = processes.cpu_jiffies()
