@@ -192,6 +192,7 @@ class Supervisor:
             signal.SIGHUP: self._on_reload_signal,
             signal.SIGUSR1: self._on_stats_signal,
             signal.SIGCHLD: self._reap,
+            signal.SIGUSR2: self._on_handoff_signal,
         }.items():
             self.reactor.on_signal(signum, fn)
         self._metrics: MetricsEndpoint | None = None
@@ -445,6 +446,13 @@ class Supervisor:
         self.reactor.call_later(timeout_s + KILL_AFTER_DRAIN_S, self._kill_remaining)
         if not self._live():
             self._finish()
+
+    def _on_handoff_signal(self, signum: int) -> None:
+        """SIGUSR2 asks for a restart handoff (issue 13), which does not yet carry workers'
+        connections: drain and stop as on SIGTERM, rather than die of the signal's default
+        action with every worker's connections cut."""
+        log.warning("handoff_unsupported", reason="workers > 1: stopping with a drain instead")
+        self._on_stop_signal(signal.SIGTERM)
 
     def _kill_remaining(self) -> None:
         for slot in self._live():
