@@ -176,7 +176,8 @@ def bind_listeners(config: Config) -> list[listeners.Listener]:
             reason="sockets come from systemd socket activation",
             listen=[str(a) for a in config.listen],
         )
-        return [listeners.adopt(sock) for _, sock in inherited]
+        proxied = frozenset(str(a) for a in config.listen if a.proxy_protocol)
+        return [listeners.adopt(sock, proxied) for _, sock in inherited]
     bound: list[listeners.Listener] = []
     try:
         for address in config.listen:
@@ -204,8 +205,9 @@ def bind_worker_listeners(config: Config, workers: int) -> list[list[listeners.L
             reason="sockets come from systemd socket activation",
             listen=[str(a) for a in config.listen],
         )
+        proxied = frozenset(str(a) for a in config.listen if a.proxy_protocol)
         for _, sock in inherited:
-            listener = listeners.adopt(sock)
+            listener = listeners.adopt(sock, proxied)
             listener.shared = True
             for slot in slots:
                 slot.append(listener)

@@ -529,6 +529,10 @@ class Supervisor:
             for key, value in slot.stats.items():
                 if type(value) is int and key not in NOT_SUMMED:
                     total[key] = total.get(key, 0) + value
+                elif isinstance(value, dict):  # by reason: proxy_header_errors
+                    part = total.setdefault(key, {})
+                    for reason, n in value.items():
+                        part[reason] = part.get(reason, 0) + int(n)
         for key in ("listeners", "udp_listeners"):  # every worker serves every address
             total[key] = max((int(s.stats.get(key, 0)) for s in live), default=0)
         return {
@@ -580,6 +584,9 @@ class Supervisor:
             listeners=stats["listeners"],
             accept_paused=stats["accept_paused"],
             udp=udp,
+            proxy_header_errors=stats.get("proxy_header_errors")
+            if any(lst.proxy_protocol for lst in self._slots[0].listeners)
+            else None,
         )
 
     def _status_line(self) -> str:

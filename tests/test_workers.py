@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,12 +42,20 @@ class Workers:
     def supervisor_events(self, event: str) -> list[dict[str, Any]]:
         return [e for e in self.daemon.events(event) if "worker" not in e]
 
-    def worker_of(self, sock: socket.socket) -> int:
-        """Which worker accepted sock (logging.connections names it)."""
+    def opened(self) -> int:
+        """How many connection_opened lines so far: pass it to worker_of() as `after`."""
+        return len(self.daemon.events("connection_opened"))
+
+    def worker_of(self, sock: socket.socket, after: int = 0) -> int:
+        """Which worker accepted sock (logging.connections names it): the newest
+        connection_opened for its local port past the first `after` (ports are reused)."""
         port = sock.getsockname()[1]
-        for e in self.daemon.events("connection_opened"):
-            if e["peer"].endswith(f":{port}"):
-                return int(e["worker"])
+        deadline = time.monotonic() + WAIT_S  # the log line may still be on its way
+        while time.monotonic() < deadline:
+            for e in reversed(self.daemon.events("connection_opened")[after:]):
+                if e["peer"].endswith(f":{port}"):
+                    return int(e["worker"])
+            time.sleep(0.02)
         raise AssertionError(f"no connection_opened for local port {port}")
 
 
@@ -164,9 +173,10 @@ def test_killed_worker_is_replaced_and_the_others_keep_echoing(
     # The new worker serves its slot.
     new_pid_served = False
     for _ in range(400):
+        after = w.opened()
         with connect(port) as sock:
             roundtrip(sock, b"new")
-            if w.worker_of(sock) == victim:
+            if w.worker_of(sock, after) == victim:
                 new_pid_served = True
                 break
     assert new_pid_served
@@ -192,9 +202,10 @@ def test_reload_reaches_every_worker(start_workers: Any, count: int, tmp_path: P
     for _ in range(400):
         if len(seen) == count:
             break
+        after = w.opened()
         with connect(port) as sock:
             roundtrip(sock, b"x")
-            seen.add(w.worker_of(sock))
+            seen.add(w.worker_of(sock, after))
     assert seen == set(range(1, count + 1))
 
 
