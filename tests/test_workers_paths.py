@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -63,3 +64,28 @@ def test_daemon_mode_pidfile_holds_the_supervisor(daemons: Daemons, tmp_path: Pa
     _wait_for("the supervisor and workers to exit", lambda: all(map(_is_gone, daemons.pids)))
     assert not pidfile.exists()
     assert len(_logged(log, "worker_exited", count=2)) == 2
+
+
+def test_proxy_listener_with_workers(start_workers: Any) -> None:
+    """A PROXY protocol listener works in every worker, and the supervisor's stats add up
+    the workers' header errors."""
+    w = start_workers(2, {"listen": [{"address": "127.0.0.1:0", "proxy_protocol": True}]})
+    port = w.daemon.port
+    workers = set()
+    for _ in range(200):
+        after = w.opened()
+        with connect(port) as sock:
+            local_port = sock.getsockname()[1]  # as the header's source: worker_of() finds it
+            sock.sendall(b"PROXY TCP4 192.0.2.1 192.0.2.2 %d 7080\r\n" % local_port)
+            roundtrip(sock, b"behind a proxy")
+            workers.add(w.worker_of(sock, after))
+        if workers == {1, 2}:
+            break
+    assert workers == {1, 2}
+    for _ in range(20):
+        with connect(port) as sock:
+            sock.sendall(b"NOT A PROXY HEADER\r\n")
+            with contextlib.suppress(ConnectionResetError):  # closed unread: RST or FIN
+                assert sock.recv(100) == b""
+    stats = w.stats()
+    assert sum(stats["proxy_header_errors"].values()) == 20
