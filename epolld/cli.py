@@ -124,7 +124,9 @@ def serve(args: argparse.Namespace, config: Config, notifier: Notifier) -> int:
     # Configured before binding in daemon mode too: what is logged before the fork reaches
     # the terminal in the chosen format; the daemon configures again on its log file.
     logsetup.configure(config.logging.level, config.logging.format)
-    bound = bind_listeners(config)
+    workers = config_mod.worker_count(config)
+    slots = bind_worker_listeners(config, workers) if workers > 1 else None
+    bound = _unique(slots) if slots else bind_listeners(config)
     try:
         metrics_listener = bind_metrics(config)
     except BaseException:
@@ -132,7 +134,7 @@ def serve(args: argparse.Namespace, config: Config, notifier: Notifier) -> int:
             listeners.close(listener)
         raise
     if not args.daemon:
-        return run_loop(args, config, bound, notifier, metrics_listener)
+        return run_loop(args, config, bound, notifier, metrics_listener, slots=slots)
     from epolld.daemonize import daemon_context
 
     owned = [*bound, *([metrics_listener] if metrics_listener else [])]
@@ -147,7 +149,13 @@ def serve(args: argparse.Namespace, config: Config, notifier: Notifier) -> int:
         )
         with context as reopen_log:
             return run_loop(
-                args, config, bound, notifier, metrics_listener, before_reload=reopen_log
+                args,
+                config,
+                bound,
+                notifier,
+                metrics_listener,
+                before_reload=reopen_log,
+                slots=slots,
             )
     except BaseException:
         for listener in owned:
@@ -181,6 +189,57 @@ def bind_listeners(config: Config) -> list[listeners.Listener]:
     return bound
 
 
+def bind_worker_listeners(config: Config, workers: int) -> list[list[listeners.Listener]]:
+    """The listeners of each of `workers` worker processes (see supervisor.py): a TCP or
+    UDP address gets one SO_REUSEPORT socket per worker; a Unix socket, and each socket from
+    systemd, is one socket that every worker serves (shared, EPOLLEXCLUSIVE).
+
+    Raises:
+        BindError: an address could not be bound; none stays bound.
+    """
+    slots: list[list[listeners.Listener]] = [[] for _ in range(workers)]
+    inherited = activation.inherited_sockets()
+    if inherited:
+        log.info(
+            "listen_ignored",
+            reason="sockets come from systemd socket activation",
+            listen=[str(a) for a in config.listen],
+        )
+        proxied = frozenset(str(a) for a in config.listen if a.proxy_protocol)
+        for _, sock in inherited:
+            listener = listeners.adopt(sock, proxied)
+            listener.shared = True
+            for slot in slots:
+                slot.append(listener)
+        return slots
+    try:
+        for address in config.listen:
+            if address.family == "unix":
+                listener = listeners.bind(address, config.backlog)
+                listener.shared = True
+                for slot in slots:
+                    slot.append(listener)
+                continue
+            first = listeners.bind(address, config.backlog, reuseport=True)
+            slots[0].append(first)
+            # Port 0: the others join the port the kernel chose for the first.
+            same = dataclasses.replace(address, port=first.sock.getsockname()[1])
+            for slot in slots[1:]:
+                listener = listeners.bind(same, config.backlog, reuseport=True)
+                listener.address = address  # as configured: a reload compares with it
+                slot.append(listener)
+    except EpolldError:
+        for listener in _unique(slots):
+            listeners.close(listener)
+        raise
+    return slots
+
+
+def _unique(slots: list[list[listeners.Listener]]) -> list[listeners.Listener]:
+    """Every listener once (a shared one is in every slot)."""
+    return list({id(item): item for slot in slots for item in slot}.values())
+
+
 def bind_metrics(config: Config) -> listeners.Listener | None:
     """Bind metrics.listen, if set (before daemonizing, like the echo listeners).
 
@@ -201,12 +260,25 @@ def run_loop(
     notifier: Notifier,
     metrics_listener: listeners.Listener | None = None,
     before_reload: Callable[[], None] = lambda: None,
+    slots: list[list[listeners.Listener]] | None = None,
 ) -> int:
     def reload() -> Config:
         # First, so that a rotated log file is let go even when the new config is invalid.
         before_reload()
         return load(args)
 
+    if slots is not None:
+        from epolld.supervisor import Supervisor
+
+        supervisor = Supervisor(
+            config, slots, notifier, reload, metrics_listener, before_reload=before_reload
+        )
+        try:
+            return supervisor.run()
+        except Exception:
+            log.exception("loop_crashed")
+            notifier.fatal("crashed: see the journal")
+            return os.EX_SOFTWARE
     service = EchoService(config, bound, notifier, reload=reload, metrics_listener=metrics_listener)
     try:
         return service.run()

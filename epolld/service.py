@@ -198,10 +198,15 @@ class EchoService:
     # -- accepting -----------------------------------------------------------------
 
     def _add_listener(self, listener: Listener) -> None:
-        listener.mask = self._listen_mask
+        listener.mask = self._listener_mask(listener)
         listener.on_ready = self._listener_ready
         self._listeners[listener.fd] = listener
         self.reactor.add(listener)
+
+    def _listener_mask(self, listener: Listener) -> int:
+        """A listener that worker processes share wakes one of them per connection
+        (EPOLLEXCLUSIVE), not every worker, of which all but one would find nothing."""
+        return self._listen_mask | select.EPOLLEXCLUSIVE if listener.shared else self._listen_mask
 
     def _listener_ready(self, listener: Listener) -> None:
         """Accept after the batch (see loop.py on fd reuse), once per listener."""
@@ -662,8 +667,17 @@ class EchoService:
         self._finish()
 
     def _on_reload_signal(self, signum: int) -> None:
+        self.reload()
+
+    def reload(self) -> str | None:
+        """Load the configuration from the reload source and apply it, or keep the old one
+        (SIGHUP; a worker process calls it when its supervisor sends a configuration).
+
+        Returns:
+            None when applied (or nothing to do), else why the old configuration stays.
+        """
         if self._stopping or self._reload_source is None:
-            return
+            return None
         self._notifier.reloading()
         try:
             self.apply(self._reload_source())
@@ -671,9 +685,10 @@ class EchoService:
             self.counters.count_reload(ok=False)
             log.error("config_reload_failed", error=str(e))
             self._notifier.ready(f"reload failed, running on the previous configuration: {e}")
-            return
+            return str(e)
         self.counters.count_reload(ok=True)
         self._notifier.ready(self._status_line())
+        return None
 
     def apply(self, new: Config) -> None:
         """Switch to a new configuration as one step, or raise and change nothing.
@@ -715,9 +730,14 @@ class EchoService:
             # Open connections keep the mode they were registered in; listeners switch,
             # or an edge-triggered listener could sit on a backlog the level code leaves.
             for listener in self._listeners.values():
-                self.reactor.set_mask(listener, self._listen_mask)
+                if listener.shared:  # epoll_ctl(MOD) refuses EPOLLEXCLUSIVE: register anew
+                    self.reactor.remove(listener)
+                    listener.mask = self._listener_mask(listener)
+                    self.reactor.add(listener)
+                else:
+                    self.reactor.set_mask(listener, self._listen_mask)
             for listener in self._paused.values():
-                listener.mask = self._listen_mask
+                listener.mask = self._listener_mask(listener)
         if new.buffers.read_size_bytes != old.buffers.read_size_bytes:
             for conn in self._connections():
                 conn.buf = self._read_buf
