@@ -210,7 +210,8 @@ class HeaderParser:
             )
         # A CR anywhere but right before the LF is a lone CR: refused as the spec asks.
         cr = line.find(b"\r", max(0, start - 1))  # a CR that ended the last chunk too
-        if cr >= 0 and cr != len(line) - 2 and not (end < 0 and cr == len(line) - 1):
+        # Allowed: the CR right before the LF, or (no LF yet) one that ends this chunk.
+        if cr >= 0 and cr != (len(line) - 2 if end >= 0 else len(line) - 1):
             raise ProxyHeaderError("v1_malformed", "a CR that does not end the line")
         if end < 0:
             if self._seen >= V1_MAX_BYTES:

@@ -487,3 +487,19 @@ def test_fuzz_generated_headers_parse_exactly(
     result, rest = feed_in_chunks(data + payload, sizes)
     assert result is not None
     assert (result.header, rest) == (header, payload)
+
+
+def test_lone_cr_is_refused_at_every_split() -> None:
+    """A lone CR inside a v1 line is refused however the bytes are split, also when it is
+    the second-to-last byte of a chunk without the LF (hypothesis found that split)."""
+    data = b"PROXY UNKNOWN anyth\ring \xff goes\r\n" + PAYLOAD
+    for i in range(1, len(data)):
+        with pytest.raises(ProxyHeaderError, match="a CR that does not end the line"):
+            feed_split(data, i)
+
+
+def feed_split(data: bytes, at: int) -> None:
+    """Feed data to a new parser in two chunks, split at `at`."""
+    parser = HeaderParser()
+    for chunk in (data[:at], data[at:]):
+        parser.feed(chunk)
