@@ -7,14 +7,17 @@ import dataclasses
 import faulthandler
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import structlog
 
-from epolld import __version__, activation, journald, listeners, logsetup
+from epolld import __version__, activation, handoff, journald, listeners, logsetup
 from epolld import config as config_mod
 from epolld.config import Config
-from epolld.errors import EpolldError
+from epolld.errors import ConfigError, EpolldError
+from epolld.pidfile import PidFile
 from epolld.service import EchoService
 from epolld.systemd import Notifier
 
@@ -28,7 +31,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="epolld",
         description="An RFC 862 echo daemon on select.epoll.",
         epilog="Signals: SIGTERM/SIGINT stop gracefully (a second SIGINT at once), "
-        "SIGHUP reloads the configuration, SIGUSR1 logs statistics. "
+        "SIGHUP reloads the configuration, SIGUSR1 logs statistics, SIGUSR2 hands every "
+        "connection to a new process (systemd: the restart; else re-executes in place). "
         "Exit codes: 0 stopped cleanly, 69 cannot listen, 71 daemon mode failed, "
         "78 invalid configuration.",
     )
@@ -83,20 +87,27 @@ def load(args: argparse.Namespace) -> Config:
 def main(argv: Sequence[str] | None = None) -> int:
     # A watchdog kill (SIGABRT) then leaves the stuck loop's traceback in the journal.
     faulthandler.enable()
+    started_at = time.monotonic()
     args = parse_args(argv)
+    config: Config | None
+    config_error: EpolldError | None = None
     try:
         config = load(args)
     except EpolldError as e:
-        return report(e, None if args.check_config or args.print_config else Notifier())
-    if args.check_config:
+        # A restart handoff in progress keeps its connections on the previous configuration
+        # (serve() decides once it has read the state); anything else stops here.
+        if args.check_config or args.print_config or not handoff.pending(os.environ):
+            return report(e, None if args.check_config or args.print_config else Notifier())
+        config, config_error = None, e
+    if args.check_config and config is not None:
         print(f"configuration OK: {config_mod.describe(config)}")
         return 0
-    if args.print_config:
+    if args.print_config and config is not None:
         print(config_mod.render_config(config), end="")
         return 0
     notifier = Notifier()
     try:
-        return serve(args, config, notifier)
+        return serve(args, config, notifier, config_error=config_error, started_at=started_at)
     except EpolldError as e:
         return report(e, notifier)
 
@@ -119,16 +130,54 @@ def report(error: EpolldError, notifier: Notifier | None) -> int:
     return error.exit_code
 
 
-def serve(args: argparse.Namespace, config: Config, notifier: Notifier) -> int:
-    """Bind (or adopt) the listeners, then run the loop in the foreground or as a daemon."""
+def serve(
+    args: argparse.Namespace,
+    config: Config | None,
+    notifier: Notifier,
+    *,
+    config_error: EpolldError | None = None,
+    started_at: float | None = None,
+) -> int:
+    """Bind (or adopt, or take over from the previous process) the listeners, then run the
+    loop in the foreground or as a daemon."""
+    passed = activation.passed_fds()
+    received_at = time.monotonic()
+    state, passed = handoff.take_state(passed)
+    received_s = time.monotonic() - received_at
+    previous = _previous_config(state, config)
+    if config is None:
+        if previous is None:  # nothing to fall back on: refuse as a fresh start would
+            assert config_error is not None
+            raise config_error
+        config = previous
     # Configured before binding in daemon mode too: what is logged before the fork reaches
     # the terminal in the chosen format; the daemon configures again on its log file.
     logsetup.configure(config.logging.level, config.logging.format)
-    bound = bind_listeners(config)
+    if state is not None and state.problem is not None:
+        log.warning("handoff_unreadable", reason=state.problem, closed=state.closed)
+    if config_error is not None:
+        log.error(
+            "config_invalid",
+            error=str(config_error),
+            action="kept the connections handed over; running the previous configuration",
+        )
+    takeover = None
+    if state is not None and state.records:
+        takeover = _Takeover(state, previous, config_error, started_at, received_s)
+    bound = bind_listeners(config, passed, takeover is not None)
     if not args.daemon:
-        return run_loop(args, config, bound, notifier)
+        return run_loop(args, config, bound, notifier, takeover=takeover)
+    if takeover is not None:  # re-executed in place: a daemon already, same PID
+        from epolld.daemonize import continued_daemon
+
+        with continued_daemon(config.daemon.log_file) as (reopen_log, held):
+            takeover.pidfiles = held
+            return run_loop(
+                args, config, bound, notifier, before_reload=reopen_log, takeover=takeover
+            )
     from epolld.daemonize import daemon_context
 
+    pidfiles: list[PidFile] = []
     try:
         context = daemon_context(
             config.daemon.pidfile,
@@ -137,22 +186,63 @@ def serve(args: argparse.Namespace, config: Config, notifier: Notifier) -> int:
             configure_logging=lambda: logsetup.configure(
                 config.logging.level, config.logging.format
             ),
+            on_pidfile=pidfiles.append,
         )
         with context as reopen_log:
-            return run_loop(args, config, bound, notifier, before_reload=reopen_log)
+            return run_loop(
+                args, config, bound, notifier, before_reload=reopen_log, pidfiles=pidfiles
+            )
     except BaseException:
         for listener in bound:
             listener.sock.close()
         raise
 
 
-def bind_listeners(config: Config) -> list[listeners.Listener]:
-    """Adopt systemd's sockets if it passed any (they replace `listen`), else bind `listen`.
+class _Takeover:
+    """What a process started by a restart handoff carries into its service."""
+
+    def __init__(
+        self,
+        state: handoff.State,
+        previous: Config | None,
+        config_error: EpolldError | None,
+        started_at: float | None,
+        received_s: float,
+    ) -> None:
+        self.state = state
+        self.previous = previous
+        self.config_error = config_error
+        self.started_at = started_at
+        self.received_s = received_s
+        self.pidfiles: list[PidFile] = []
+
+    def restore_pidfile(self, record: dict[str, Any], state: handoff.State) -> None:
+        lock = PidFile(str(record["path"]))
+        lock.adopt(state.take_fd(record["fd"]))
+        self.pidfiles.append(lock)
+
+
+def _previous_config(state: handoff.State | None, current: Config | None) -> Config | None:
+    """The configuration the previous process ran, from its handoff state (or None)."""
+    if state is None or "config" not in state.document:
+        return None
+    source = state.document.get("config_source") or (current.source if current else "")
+    try:
+        return config_mod.parse_config(str(state.document["config"]), str(source))
+    except ConfigError:
+        return None  # written by another version: the current file must do
+
+
+def bind_listeners(
+    config: Config, passed: list[tuple[str, int]] | None = None, taking_over: bool = False
+) -> list[listeners.Listener]:
+    """Adopt systemd's sockets if it passed any (they replace `listen`), else bind `listen`
+    (unless a restart handoff brings the listeners: the service reconciles them).
 
     Raises:
         BindError: an address could not be bound; none stays bound.
     """
-    inherited = activation.inherited_sockets()
+    inherited = activation.adopt_sockets(activation.passed_fds() if passed is None else passed)
     if inherited:
         log.info(
             "listen_ignored",
@@ -160,6 +250,8 @@ def bind_listeners(config: Config) -> list[listeners.Listener]:
             listen=[str(a) for a in config.listen],
         )
         return [listeners.adopt(sock) for _, sock in inherited]
+    if taking_over:
+        return []
     bound: list[listeners.Listener] = []
     try:
         for address in config.listen:
@@ -177,6 +269,9 @@ def run_loop(
     bound: list[listeners.Listener],
     notifier: Notifier,
     before_reload: Callable[[], None] = lambda: None,
+    *,
+    takeover: _Takeover | None = None,
+    pidfiles: list[PidFile] | None = None,
 ) -> int:
     def reload() -> Config:
         # First, so that a rotated log file is let go even when the new config is invalid.
@@ -185,8 +280,32 @@ def run_loop(
 
     service = EchoService(config, bound, notifier, reload=reload)
     try:
+        if takeover is not None:
+            _take_over(service, takeover, config, notifier)
+        for lock in takeover.pidfiles if takeover is not None else pidfiles or []:
+            service.add_handoff_source(lock)
         return service.run()
     except Exception:
         log.exception("loop_crashed")
         notifier.fatal("crashed: see the journal")
         return os.EX_SOFTWARE
+
+
+def _take_over(
+    service: EchoService, takeover: _Takeover, config: Config, notifier: Notifier
+) -> None:
+    """Restore what the previous process handed over, clear the store of it, and bring
+    the listeners in line with the configuration now in force."""
+    service.restore_handoff(
+        takeover.state,
+        {"pidfile": takeover.restore_pidfile},
+        started_at=takeover.started_at,
+        received_s=takeover.received_s,
+    )
+    for name in takeover.state.transport:
+        notifier.remove_fd(name)  # consumed: the store must not hand it over again
+    if takeover.config_error is None:
+        try:
+            service.reconcile_after_handoff(takeover.previous or config)
+        except EpolldError as e:
+            log.error("handoff_listeners_kept", error=str(e))

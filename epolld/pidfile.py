@@ -93,6 +93,26 @@ class PidFile:
             os.close(fd)
         raise DaemonError(f"cannot lock pidfile {self.path}: it keeps being replaced")
 
+    def handoff_state(self, out: object) -> dict[str, object] | None:
+        """For a re-exec in place: the locked descriptor travels, so the lock is held
+        throughout and the file keeps naming this PID."""
+        if self._fd is None:
+            return None
+        return {"kind": "pidfile", "fd": out.fd(self._fd), "path": self.path}  # type: ignore[attr-defined]
+
+    def adopt(self, fd: int) -> None:
+        """Hold the pidfile through a descriptor handed over by a re-exec (same PID).
+
+        Raises:
+            DaemonError: it no longer names the file at path, or the lock was lost.
+        """
+        if not _names(self.path, fd) or not _try_lock(fd, fcntl.LOCK_EX):
+            os.close(fd)
+            raise DaemonError(f"pidfile {self.path}: the handed-over lock is not the file's")
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+        self._fd = fd
+
     def release(self) -> None:
         """Remove the pidfile if it is still ours, then drop the lock. Idempotent."""
         fd, self._fd = self._fd, None

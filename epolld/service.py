@@ -22,9 +22,9 @@ from typing import Any
 
 import structlog
 
+from epolld import __version__, handoff, logsetup
 from epolld import config as config_mod
 from epolld import listeners as listeners_mod
-from epolld import logsetup
 from epolld.config import Config, ListenAddress
 from epolld.connection import EPOLLIN, Connection, SharedSettings, format_peer
 from epolld.errors import BindError, EpolldError
@@ -39,6 +39,8 @@ log = structlog.get_logger("epolld")
 ACCEPT_RETRY_S = 0.5  # pause after EMFILE & co. before accepting again
 REFUSED_WARNING_EVERY_S = 10.0  # at most one "connection_refused" warning per this
 STATUS_EVERY_S = 5.0  # STATUS= refresh for systemctl status
+HANDOFF_SIGNAL = signal.SIGUSR2  # the unit's RestartKillSignal=; re-exec without systemd
+BARRIER_TIMEOUT_S = 10.0  # for systemd to take the handoff's descriptors into its store
 IDLE_CLOSES_PER_TURN = 500  # ~5-10 ms of closing between two polls
 RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # The peer went away between the handshake and accept(); nothing to do (accept(2)).
@@ -87,6 +89,7 @@ class EchoService:
             signal.SIGINT: self._on_stop_signal,
             signal.SIGHUP: self._on_reload_signal,
             signal.SIGUSR1: self._on_stats_signal,
+            HANDOFF_SIGNAL: self._on_handoff_signal,
         }.items():
             self.reactor.on_signal(signum, fn)
         # Totals of closed connections; live ones are added when reporting.
@@ -110,6 +113,13 @@ class EchoService:
         self._apply_settings(config)
         for listener in listeners:
             self._add_listener(listener)
+        # The restart handoff: what else contributes a record (the daemon's pidfile), and,
+        # in the next process, the handoff it was restored from.
+        self._handoff_sources: list[handoff.HandoffSource] = []
+        self._handoff_pending = False
+        self.handed_over = False
+        self._restored: dict[str, Any] | None = None
+        self._restored_at = 0.0
 
     # -- settings ----------------------------------------------------------------
 
@@ -147,9 +157,13 @@ class EchoService:
         """Report readiness and serve until stopped. Returns 0."""
         try:
             self.reactor.run(started=self._started)
-            log.info("shutdown_complete", **self.stats())
+            if not self.handed_over:
+                log.info("shutdown_complete", **self.stats())
         finally:
-            self._close_everything()
+            if self.handed_over:
+                self._let_go()
+            else:
+                self._close_everything()
         return 0
 
     def _started(self) -> None:
@@ -165,6 +179,8 @@ class EchoService:
                 inherited=listener.inherited,
             )
         self._notifier.ready(self._status_line())
+        if self._restored is not None:
+            self._log_handoff_complete(self._restored)
 
     def _finish(self) -> None:
         self._done = True
@@ -478,6 +494,231 @@ class EchoService:
                 log.warning("shutdown_forced", reason=reason, signal=signal_name, connections=left)
         self._finish()
 
+    # -- the restart handoff (epolld/handoff.py) ---------------------------------
+
+    def add_handoff_source(self, source: handoff.HandoffSource) -> None:
+        """Something outside the reactor whose record travels too (the daemon's pidfile)."""
+        self._handoff_sources.append(source)
+
+    def _on_handoff_signal(self, signum: int) -> None:
+        if self._stopping:
+            log.warning("handoff_refused", reason="stopping already")
+            return
+        if not self._handoff_pending:  # after this batch: the state is then consistent
+            self._handoff_pending = True
+            self.reactor.call_soon(self._hand_over)
+
+    def _hand_over(self) -> None:
+        """Stop accepting, write every handler's record and send every descriptor, then
+        give the transport to systemd's store (a restart) or re-execute (no systemd).
+
+        Until the point of no return nothing is closed: a failure logs handoff_failed and
+        the service goes on as before.
+        """
+        self._handoff_pending = False
+        signal_at = handoff.now_monotonic()
+        steps: dict[str, float] = {}
+        mark = signal_at
+        under_systemd = self._notifier.enabled
+        try:
+            target = None if under_systemd else handoff.reexec_command()
+        except handoff.HandoffError as e:
+            log.error("handoff_failed", reason=str(e))
+            return
+        for listener in self.listeners:  # accept no more: the backlog waits for the next
+            self.reactor.remove(listener)
+        out = handoff.StateWriter(systemd_keeps_inherited=under_systemd)
+        left_behind: dict[str, int] = {}
+        for source in [*self.listeners, *self.reactor.handlers(), *self._handoff_sources]:
+            contribute = getattr(source, "handoff_state", None)
+            if contribute is not None:
+                out.add(contribute(out))
+            else:
+                kind = type(source).__name__
+                left_behind[kind] = left_behind.get(kind, 0) + 1
+        counts = out.counts()
+        log.info(
+            "handoff_started",
+            connections=counts.get("connection", 0),
+            listeners=counts.get("listener", 0),
+            records=counts,
+            descriptors=len(out.fds),
+            route="fd store" if under_systemd else "re-exec",
+        )
+        if left_behind:
+            log.warning("handoff_left_behind", kinds=left_behind, reason="no handoff_state()")
+        self._notifier.status(f"handing over {self._conn_count} connections")
+        mark = _step(steps, "collect", mark)
+        bytes_in, bytes_out = self._bytes_in, self._bytes_out
+        meta = {
+            "epolld": __version__,
+            "pid": os.getpid(),
+            "signal_at": signal_at,
+            "config": config_mod.render_config(self._config),
+            "config_source": self._config.source,
+            "service": {
+                "started_at": self._started_at,
+                "accepted": self._accepted,
+                "refused": self._refused,
+                "bytes_in": bytes_in,
+                "bytes_out": bytes_out,
+            },
+        }
+        transport: handoff.Transport | None = None
+        try:
+            pairs = handoff.send_descriptors(out.fds)
+            mark = _step(steps, "send", mark)
+            meta["steps"] = steps
+            transport = handoff.Transport(out.to_memfd(meta), pairs)
+            mark = _step(steps, "state", mark)
+            if target is None:
+                self._store(transport)
+                _step(steps, "store", mark)
+                # Stored before the steps were final: the memfd is shared with systemd's
+                # copy, so rewriting it now still reaches the next process.
+                out.rewrite(transport.memfd, meta)
+            else:
+                log.info("handoff_reexec", command=target[1], steps=steps)
+                handoff.reexec(transport.named(), *target)
+        except (handoff.HandoffError, OSError) as e:
+            if transport is not None:
+                transport.close()
+            log.error("handoff_failed", reason=str(e), steps=steps)
+            self._notifier.status(f"handoff failed, still serving: {e}")
+            for listener in self.listeners:
+                self._add_listener_again(listener)
+            return
+        # systemd holds everything now: exit without a FIN or an unlinked socket file.
+        self.handed_over = True
+        self.reactor.stop()
+
+    def _store(self, transport: handoff.Transport) -> None:
+        """Each transport descriptor into systemd's store (one FDNAME per message), then
+        wait until it has processed them (BARRIER=1).
+
+        Raises:
+            HandoffError: systemd did not acknowledge; what was stored is removed again.
+        """
+        names = transport.named()
+        for name, fd in names:
+            self._notifier.store_fd(name, fd)
+        if not self._notifier.barrier(BARRIER_TIMEOUT_S):
+            for name, _ in names:
+                self._notifier.remove_fd(name)
+            raise handoff.HandoffError(f"systemd did not acknowledge in {BARRIER_TIMEOUT_S} s")
+
+    def _add_listener_again(self, listener: Listener) -> None:
+        if listener.fd in self._paused:
+            return  # its EMFILE timer re-adds it
+        self.reactor.add(listener)
+
+    def _let_go(self) -> None:
+        """After a handoff: close our copies only. Every socket lives on in the store or
+        in flight, so no FIN is sent and no Unix socket file is removed."""
+        for handler in self.reactor.handlers():
+            self.reactor.remove(handler)
+            if isinstance(handler, SpliceConnection) and handler.pipe_r >= 0:
+                os.close(handler.pipe_r)
+                os.close(handler.pipe_w)
+            sock = getattr(handler, "sock", None)
+            if isinstance(sock, socket.socket):
+                sock.close()
+        for listener in self.listeners:
+            listener.sock.close()
+        self._listeners.clear()
+        self._paused.clear()
+        self.reactor.release()
+
+    def restore_handoff(
+        self,
+        state: handoff.State,
+        more: dict[str, handoff.Restorer] | None = None,
+        *,
+        started_at: float | None = None,
+        received_s: float = 0.0,
+    ) -> dict[str, int]:
+        """Take over what the previous process handed over: listeners, connections (with
+        their counters and pending output), the global counters. Returns the counts."""
+        restore_at = handoff.now_monotonic()
+        document = state.document
+        totals = document.get("service", {})
+        if totals:
+            self._started_at = float(totals["started_at"])
+            self._accepted = int(totals["accepted"])
+            self._refused = int(totals["refused"])
+            self._bytes_in = int(totals["bytes_in"])
+            self._bytes_out = int(totals["bytes_out"])
+        restorers: dict[str, handoff.Restorer] = {
+            "listener": self._restore_listener,
+            "connection": self._restore_connection,
+            **(more or {}),
+        }
+        counts = handoff.restore(state, restorers)
+        steps = dict(document.get("steps", {}))
+        signal_at = document.get("signal_at")
+        if started_at is not None and isinstance(signal_at, float):
+            # The old process's exit (or execv) and this one's interpreter start-up.
+            steps["startup"] = round(started_at - signal_at - sum(steps.values()), 4)
+        steps["receive"] = round(received_s, 4)
+        self._restored_at = handoff.now_monotonic()
+        steps["restore"] = round(self._restored_at - restore_at, 4)
+        self._restored = {
+            "counts": counts,
+            "old_version": document.get("epolld"),
+            "old_pid": document.get("pid"),
+            "signal_at": document.get("signal_at"),
+            "steps": steps,
+        }
+        return counts
+
+    def reconcile_after_handoff(self, previous: Config) -> None:
+        """Bind what the configuration now lists and the old process did not, and close
+        the handed-over listeners it no longer lists (a reload's rules).
+
+        Raises:
+            BindError: a new address could not be bound; the handed-over listeners stay.
+        """
+        if not any(lst.inherited for lst in self.listeners):
+            self._reconcile_listeners(previous, self._config)
+
+    def _restore_listener(self, record: dict[str, Any], state: handoff.State) -> None:
+        self._add_listener(Listener.from_handoff(record, state))
+
+    def _restore_connection(self, record: dict[str, Any], state: handoff.State) -> None:
+        splice = record.get("io") == "splice"
+        cls = connection_class(bool(record["edge"]), splice)
+        conn = cls.from_handoff(record, state, buf=self._read_buf, shared=self._shared)
+        if conn.ip:
+            conn.ip = sys.intern(conn.ip)
+            self._per_ip[conn.ip] = self._per_ip.get(conn.ip, 0) + 1
+        self._conn_count += 1
+        if splice:
+            self._pipes += 1
+        self.reactor.add(conn)
+        self._idle.add(conn)
+
+    def _log_handoff_complete(self, restored: dict[str, Any]) -> None:
+        now = handoff.now_monotonic()
+        signal_at = restored.get("signal_at")
+        steps = restored["steps"]
+        steps["ready"] = round(now - self._restored_at, 4)
+        counts = restored["counts"]
+        log.info(
+            "handoff_complete",
+            connections=counts.get("connection", 0),
+            listeners=counts.get("listener", 0),
+            records=counts,
+            old_version=restored["old_version"],
+            new_version=__version__,
+            old_pid=restored["old_pid"],
+            duration_s=round(now - signal_at, 4) if isinstance(signal_at, float) else None,
+            steps=steps,
+        )
+        self._notifier.status(
+            f"{self._status_line()}; took over {counts.get('connection', 0)} connections "
+            f"from {restored['old_version']}"
+        )
+
     def _on_reload_signal(self, signum: int) -> None:
         if self._stopping or self._reload_source is None:
             return
@@ -622,6 +863,12 @@ class EchoService:
 
     def _send_status(self) -> None:
         self._notifier.status(self._status_line())
+
+
+def _step(steps: dict[str, float], name: str, since: float) -> float:
+    now = handoff.now_monotonic()
+    steps[name] = round(now - since, 4)
+    return now
 
 
 def _jsonable(value: object) -> object:
