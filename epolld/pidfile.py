@@ -110,7 +110,7 @@ class PidFile:
             os.close(fd)
             raise DaemonError(f"pidfile {self.path}: the handed-over lock is not the file's")
         os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
         self._fd = fd
 
     def release(self) -> None:

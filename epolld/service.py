@@ -9,6 +9,7 @@ waits 500 ms, asyncio 1 s; bpo-27906).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import resource
@@ -537,10 +538,14 @@ class EchoService:
                 kind = type(source).__name__
                 left_behind[kind] = left_behind.get(kind, 0) + 1
         counts = out.counts()
+        conns = self._connections()
         log.info(
             "handoff_started",
             connections=counts.get("connection", 0),
             listeners=counts.get("listener", 0),
+            paused=sum(1 for c in conns if not c.reading and not c.eof),
+            half_closed=sum(1 for c in conns if c.eof),
+            pending_bytes=sum(c.pending() for c in conns),
             records=counts,
             descriptors=len(out.fds),
             route="fd store" if under_systemd else "re-exec",
@@ -678,8 +683,18 @@ class EchoService:
         Raises:
             BindError: a new address could not be bound; the handed-over listeners stay.
         """
-        if not any(lst.inherited for lst in self.listeners):
-            self._reconcile_listeners(previous, self._config)
+        if any(lst.inherited for lst in self.listeners):
+            return
+        for listener in self.listeners:
+            address = listener.address
+            if address is None or address.port or not listener.is_tcp:
+                continue
+            # Configured as port 0: the port it got is the one to match ("127.0.0.1:0"
+            # then "127.0.0.1:46145" keeps the socket and its connections' listener).
+            bound = dataclasses.replace(address, port=listener.sock.getsockname()[1])
+            if bound in self._config.listen:
+                listener.address = bound
+        self._reconcile_listeners(previous, self._config)
 
     def _restore_listener(self, record: dict[str, Any], state: handoff.State) -> None:
         self._add_listener(Listener.from_handoff(record, state))
