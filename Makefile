@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 CONSTRAINTS := tests/constraints-debian12.txt
 PYTEST_ARGS ?=
 
-.PHONY: run test test-fast check lint bench bench-quick deb clean
+.PHONY: run test test-fast check lint bench bench-quick soak deb clean
 
 run: $(STAMP)
 	$(BIN)/epolld --config etc/epolld.yaml
@@ -36,6 +36,11 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	bench/run --quick
+
+# One daemon under mixed traffic, reloads and signals; fails on any error or leak.
+SOAK_S ?= 600
+soak: $(STAMP)
+	$(BIN)/python -m tests.soak --seconds $(SOAK_S)
 
 deb:
 	@packaging/dev/build-deb

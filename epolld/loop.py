@@ -243,9 +243,10 @@ class Reactor:
                     else:
                         self.close(handler)
             if soon:
-                for fn in soon[:]:
-                    fn()
+                batch = soon[:]  # what these queue runs next turn, after a poll
                 del soon[:]
+                for fn in batch:
+                    fn()
             if timers and timers[0][0] <= now:
                 self._run_timers(now)
 

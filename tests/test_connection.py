@@ -191,3 +191,49 @@ def test_edge_event_handles_at_most_the_budget(
             while client.recv(1 << 20):
                 pass
     assert conn.bytes_in == sent
+
+
+@pytest.mark.parametrize("trigger", ["level", "edge"])
+def test_splice_with_small_segments_never_stalls(trigger: str) -> None:
+    """A peer writing many small segments into a small pipe gets every byte back: a short
+    splice(2) is limited by the pipe's slots (one per segment), not a sign the socket is
+    drained, and a pipe out of slots must not stop reading for good (edge) or spin."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    server.setblocking(False)
+    shared = SharedSettings(
+        high_water=1 << 20,
+        low_water=1 << 18,
+        reschedule=lambda event: None,
+        owner=Owner(),
+        make_pipe=lambda: make_pipe(16 * 1024),  # 4 slots
+    )
+    cls = connection_class(edge=trigger == "edge", splice=True)
+    conn = cls(server, "127.0.0.1", buf=memoryview(bytearray(16 * 1024)), shared=shared, now=0)
+    data = os.urandom(400_000)
+    received = bytearray()
+
+    def writer() -> None:
+        for i in range(0, len(data), 1000):
+            client.sendall(data[i : i + 1000])
+
+    def reader() -> None:
+        while len(received) < len(data):
+            chunk = client.recv(65536)
+            if not chunk:
+                return
+            received.extend(chunk)
+
+    threads = [threading.Thread(target=writer), threading.Thread(target=reader)]
+    for t in threads:
+        t.start()
+    try:
+        drive(conn, lambda: len(received) >= len(data))
+    finally:
+        for t in threads:
+            t.join(WAIT_S)
+        conn.close()
+        client.close()
+    assert bytes(received) == data

@@ -141,6 +141,21 @@ def test_call_soon_runs_after_the_whole_batch(reactor: Reactor) -> None:
     assert order.index("soon") == 3, order
 
 
+def test_call_soon_from_call_soon_runs_next_turn(reactor: Reactor) -> None:
+    """Work that queues more work with call_soon() (closing in batches, say) gets it run on
+    the following turns, not dropped."""
+    turns: list[int] = []
+
+    def again() -> None:
+        turns.append(len(turns))
+        if len(turns) < 5:
+            reactor.call_soon(again)
+
+    reactor.call_soon(again)
+    run_for(reactor, 0.1)
+    assert turns == [0, 1, 2, 3, 4]
+
+
 def test_reschedule_delivers_a_synthetic_event_next_turn(
     pair: tuple[socket.socket, socket.socket], reactor: Reactor
 ) -> None:

@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 from conftest import GUEST_REPO
-from nspawn import Container, loopback_address, wait_until
+from nspawn import Container, wait_until
 
 pytestmark = pytest.mark.system
 
-HOST = loopback_address(1)  # not test_service.py's: the two modules may share a run
+HOST = "127.0.0.1"  # inside the container's own network namespace (the c fixture)
 PORT = 7080
 WAIT_S = 30.0
 IO_TIMEOUT_S = 10.0
@@ -127,13 +127,15 @@ def reload_with_broken_config(c: Container) -> None:
 
 @pytest.fixture
 def c(epolld_container: Container) -> Iterator[Container]:
-    """The module's container with epolld stopped and no drop-ins."""
+    """The module's container with epolld stopped and no drop-ins; the test's sockets are
+    created in the container's network namespace."""
     container = epolld_container
     container.systemctl("stop", "epolld.socket", "epolld.service")
     container.systemctl("reset-failed", check=False)
     container.sh(f"rm -f {DROP_IN}")
     container.systemctl("daemon-reload")
-    yield container
+    with container.network():
+        yield container
     container.systemctl("stop", "epolld.service", check=False)
     container.sh(f"rm -f {DROP_IN}")
     container.systemctl("daemon-reload")
