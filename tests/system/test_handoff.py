@@ -1,0 +1,269 @@
+"""The restart handoff under a real systemd 252, with the installed Debian package (issue 13).
+
+`systemctl restart` and an upgrade to a newer package send RestartKillSignal=SIGUSR2: the
+old process hands its listeners and 1,000 connections of mixed kinds through the file
+descriptor store, and the next process serves them on; the clients verify every byte
+and see no reset. `systemctl stop` still drains with a FIN, and the store is empty
+whenever no restart is under way. A SIGKILL restart (a crash) closes the connections
+(the kernel does, as the process dies) and starts afresh with an empty store.
+
+The clients run in the container's network namespace (the container fixture enters it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import socket
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from nspawn import Container, wait_until
+from test_deb import UPGRADE_VERSION, _install, container, debs
+
+from tests.traffic import recv_exactly, recv_until_eof
+
+pytestmark = pytest.mark.system
+__all__ = ["container", "debs"]  # fixtures shared with test_deb
+
+WAIT_S = 30.0
+IO_TIMEOUT_S = 30.0
+PINGPONG = 300  # per io mode: half over IPv4, half over IPv6
+STREAMS = 100  # per io mode
+HALF_CLOSED = 96  # per io mode
+PAUSED = 2  # per io mode, each sending PAUSED_BYTES without reading
+PAUSED_BYTES = 24 * 1024 * 1024
+STREAM_BYTES = 64 * 1024  # each way before the restart, again after it
+HALF_CLOSED_BYTES = 32 * 1024
+TIGHT_LOOP_MAX = 5_000
+
+CONFIG = """\
+listen: ["127.0.0.1:7080", "[::1]:7080"]
+io: {io}
+buffers: {{high_water: 1MiB, low_water: 256KiB}}
+logging: {{connections: false}}
+"""
+
+
+def _connect(host: str, small_rcvbuf: bool = False) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    if small_rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(IO_TIMEOUT_S)
+    sock.connect((host, 7080))
+    return sock
+
+
+class _Sender(threading.Thread):
+    def __init__(self, sock: socket.socket, payload: bytes) -> None:
+        super().__init__(daemon=True)
+        self.sock, self.payload = sock, payload
+        self.errors: list[BaseException] = []
+
+    def run(self) -> None:
+        try:
+            self.sock.sendall(self.payload)
+            self.sock.shutdown(socket.SHUT_WR)
+        except BaseException as e:  # reported by the test
+            self.errors.append(e)
+
+
+class _TightLoop(threading.Thread):
+    """Connect, echo a line, close; again and again until told to stop."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.done = threading.Event()
+        self.count = 0
+        self.failures: list[BaseException] = []
+
+    def run(self) -> None:
+        while not self.done.is_set() and self.count < TIGHT_LOOP_MAX:
+            line = f"tight {self.count}\n".encode()
+            try:
+                with _connect("127.0.0.1") as sock:
+                    sock.sendall(line)
+                    assert recv_exactly(sock, len(line), IO_TIMEOUT_S) == line
+            except BaseException as e:  # reported by the test
+                self.failures.append(e)
+                return
+            self.count += 1
+
+
+class _Clients:
+    """1,000 connections of every kind, half copying and half splicing."""
+
+    def __init__(self, c: Container) -> None:
+        self.c = c
+        self.rng = random.Random(13)
+        self.pingpong: list[socket.socket] = []
+        self.streams: list[tuple[socket.socket, bytes]] = []
+        self.half_closed: list[tuple[socket.socket, bytes]] = []
+        self.paused: list[tuple[socket.socket, bytes, _Sender]] = []
+
+    def open(self) -> None:
+        for io in ("copy", "splice"):
+            self.c.write_file("/etc/epolld.yaml", CONFIG.format(io=io))
+            cursor = self.c.journal_cursor()
+            self.c.systemctl("reload", "epolld")
+            wait_until(
+                lambda cursor=cursor: self.c.journal(
+                    f"--after-cursor={cursor}", "EPOLLD_EVENT=config_reloaded"
+                ) or None,
+                WAIT_S,
+                "the reload",
+            )  # fmt: skip
+            self._open_some()
+
+    def _open_some(self) -> None:
+        for i in range(PINGPONG):
+            sock = _connect("::1" if i % 2 else "127.0.0.1")
+            sock.sendall(b"before\n")
+            assert recv_exactly(sock, 7, IO_TIMEOUT_S) == b"before\n"
+            self.pingpong.append(sock)
+        for _ in range(STREAMS):
+            payload = self.rng.randbytes(2 * STREAM_BYTES)
+            sock = _connect("127.0.0.1")
+            sock.sendall(payload[:STREAM_BYTES])  # its echo waits, unread, through the restart
+            self.streams.append((sock, payload))
+        for i in range(HALF_CLOSED):
+            payload = self.rng.randbytes(HALF_CLOSED_BYTES)
+            sock = _connect("::1" if i % 2 else "127.0.0.1", small_rcvbuf=True)
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+            self.half_closed.append((sock, payload))
+        for _ in range(PAUSED):
+            payload = self.rng.randbytes(PAUSED_BYTES)
+            sock = _connect("127.0.0.1", small_rcvbuf=True)
+            sender = _Sender(sock, payload)
+            sender.start()
+            self.paused.append((sock, payload, sender))
+
+    @property
+    def count(self) -> int:
+        return len(self.pingpong) + len(self.streams) + len(self.half_closed) + len(self.paused)
+
+    def pingpong_again(self, word: bytes) -> None:
+        for sock in self.pingpong:
+            sock.sendall(word)
+            assert recv_exactly(sock, len(word), IO_TIMEOUT_S) == word
+
+    def finish_all_but_pingpong(self) -> None:
+        """Every echo, to the last byte, then the daemon's FIN after the client's."""
+        for sock, payload in self.streams:
+            sock.sendall(payload[STREAM_BYTES:])
+            sock.shutdown(socket.SHUT_WR)
+            assert recv_until_eof(sock, IO_TIMEOUT_S) == payload
+        for sock, payload in self.half_closed:
+            assert recv_until_eof(sock, IO_TIMEOUT_S) == payload
+        for sock, payload, sender in self.paused:
+            assert recv_until_eof(sock, IO_TIMEOUT_S) == payload
+            sender.join(IO_TIMEOUT_S)
+            assert not sender.errors
+        self.pingpong_again(b"after\n")
+
+    def close(self) -> None:
+        for sock in [*self.pingpong, *(s for s, *_ in self.streams)]:
+            sock.close()
+        for sock, *_ in [*self.half_closed, *self.paused]:
+            sock.close()
+
+
+def _store_size(c: Container) -> int:
+    return int(c.show("epolld", "NFileDescriptorStore") or 0)
+
+
+def _events(c: Container, event: str, cursor: str) -> list[dict[str, Any]]:
+    return c.journal("-u", "epolld", f"--after-cursor={cursor}", f"EPOLLD_EVENT={event}")
+
+
+def _through(c: Container, clients: _Clients, action: Callable[[], None]) -> dict[str, Any]:
+    """Run action (a restart, an upgrade) with a tight-loop client beside the open
+    connections; return the new process's handoff_complete entry."""
+    cursor = c.journal_cursor()
+    tight = _TightLoop()
+    tight.start()
+    action()
+    complete = wait_until(
+        lambda: _events(c, "handoff_complete", cursor) or None, WAIT_S, "handoff_complete"
+    )[0]
+    clients.pingpong_again(b"during\n")
+    tight.done.set()
+    tight.join(IO_TIMEOUT_S)
+    assert not tight.failures, tight.failures[:1]
+    assert tight.count > 0
+    started = _events(c, "handoff_started", cursor)[0]
+    assert int(started["EPOLLD_CONNECTIONS"]) >= clients.count
+    assert int(complete["EPOLLD_CONNECTIONS"]) == int(started["EPOLLD_CONNECTIONS"])
+    assert c.show("epolld", "ActiveState") == "active"
+    # The transport was taken out of the store: nothing there to be handed over twice.
+    wait_until(lambda: _store_size(c) == 0 or None, WAIT_S, "an empty fd store")
+    return complete
+
+
+def test_restart_and_upgrade_keep_every_connection(
+    container: Container, debs: dict[str, Path]
+) -> None:
+    """1,000 connections of every kind live through `systemctl restart` and an upgrade to
+    a newer package byte-exact, a client connecting throughout is always served, and
+    `systemctl stop` afterwards still drains them with a FIN and empties the store."""
+    c = container
+    _install(c, debs["current"])
+    c.wait_for_state("epolld", ["active"], WAIT_S)
+    clients = _Clients(c)
+    clients.open()
+    assert clients.count >= 1000
+    pid = int(c.show("epolld", "MainPID"))
+
+    complete = _through(c, clients, lambda: c.systemctl("restart", "epolld"))
+    assert complete["EPOLLD_OLD_PID"] == str(pid)
+    assert int(c.show("epolld", "MainPID")) != pid
+    duration = float(complete["EPOLLD_DURATION_S"])
+    assert duration > 0
+
+    pid = int(c.show("epolld", "MainPID"))
+    complete = _through(c, clients, lambda: _install(c, debs["newer"]))
+    assert c.run("dpkg-query", "-W", "-f=${Version}", "epolld").stdout == UPGRADE_VERSION
+    assert complete["EPOLLD_OLD_PID"] == str(pid)
+    clients.finish_all_but_pingpong()
+
+    # Stop: the ping-pong connections, idle and open, are drained with a FIN (no reset).
+    c.systemctl("stop", "epolld")
+    for sock in clients.pingpong:
+        assert recv_until_eof(sock, IO_TIMEOUT_S) == b""
+    clients.close()
+    assert c.show("epolld", "ActiveState") == "inactive"
+    assert _store_size(c) == 0
+
+
+def test_sigkill_restart_starts_afresh(container: Container, debs: dict[str, Path]) -> None:
+    """A SIGKILL (a crash; the watchdog's SIGABRT alike) hands nothing over: the kernel
+    closes the connections as the process dies, systemd restarts the service with an empty
+    store, and it serves new connections."""
+    c = container
+    _install(c, debs["current"])
+    c.wait_for_state("epolld", ["active"], WAIT_S)
+    sock = _connect("127.0.0.1")
+    sock.sendall(b"x\n")
+    assert recv_exactly(sock, 2, IO_TIMEOUT_S) == b"x\n"
+    pid = int(c.show("epolld", "MainPID"))
+    c.systemctl("kill", "--signal=SIGKILL", "epolld")
+    # The FIN the kernel sent for the dead process (a reset is as good: closed, not hung).
+    with contextlib.suppress(ConnectionResetError):
+        assert sock.recv(10) == b""
+    sock.close()
+    wait_until(
+        lambda: int(c.show("epolld", "MainPID") or 0) not in (0, pid) or None,
+        WAIT_S,
+        "the restarted process",
+    )
+    c.wait_for_state("epolld", ["active"], WAIT_S)
+    assert c.show("epolld", "NRestarts") == "1"
+    assert _store_size(c) == 0
+    with _connect("127.0.0.1") as fresh:
+        fresh.sendall(b"again\n")
+        assert recv_exactly(fresh, 6, IO_TIMEOUT_S) == b"again\n"
