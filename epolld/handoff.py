@@ -4,7 +4,8 @@ dropping a connection.
 What travels, and how:
 
 - **The state** is one memfd: a fixed header (magic, format version, lengths), then JSON,
-  then a blob of raw bytes (pending output) that JSON records point into. Each kind of
+  then a blob of raw bytes (pending output) that JSON records point into, then an
+  optional JSON trailer (the steps' times, written last). Each kind of
   handler contributes its own record through ``handoff_state(out)`` and is rebuilt by
   the restorer its owner registers for that kind; this module knows no handler class.
   A reader that does not know the format version closes what it received and says why.
@@ -140,6 +141,20 @@ class StateWriter:
             _write_all(fd, HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(text), len(self._blob)))
             _write_all(fd, text)
             _write_all(fd, self._blob)
+        except OSError as e:
+            raise HandoffError(f"writing the state: {e.strerror}") from None
+
+
+    def append_trailer(self, fd: int, trailer: Mapping[str, Any]) -> None:
+        """Add a JSON object after the blob (the steps' times, known only once the state
+        was written and stored): cheaper than writing the records again.
+
+        Raises:
+            HandoffError: the write failed.
+        """
+        try:
+            os.lseek(fd, 0, os.SEEK_END)
+            _write_all(fd, json.dumps(trailer, separators=(",", ":")).encode("utf-8"))
         except OSError as e:
             raise HandoffError(f"writing the state: {e.strerror}") from None
 
@@ -352,10 +367,13 @@ def read_state(memfd: int) -> tuple[dict[str, Any], bytes]:
         raise HandoffError("the state is truncated")
     try:
         document = json.loads(raw[HEADER.size : end])
+        trailer = json.loads(raw[end + blob_len :] or b"{}")
     except ValueError as e:
         raise HandoffError(f"the state's JSON does not parse: {e}") from None
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise HandoffError("the state's document is not a handoff")
+    if isinstance(trailer, dict):
+        document.update(trailer)  # written after the records: it wins
     return document, raw[end : end + blob_len]
 
 

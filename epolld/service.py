@@ -573,16 +573,16 @@ class EchoService:
         try:
             pairs = handoff.send_descriptors(out.fds)
             mark = _step(steps, "send", mark)
-            meta["steps"] = steps
             transport = handoff.Transport(out.to_memfd(meta), pairs)
             mark = _step(steps, "state", mark)
             if target is None:
                 self._store(transport)
                 _step(steps, "store", mark)
-                # Stored before the steps were final: the memfd is shared with systemd's
-                # copy, so rewriting it now still reaches the next process.
-                out.rewrite(transport.memfd, meta)
+                # The memfd is shared with systemd's stored copy: what is appended now
+                # still reaches the next process.
+                out.append_trailer(transport.memfd, {"steps": steps})
             else:
+                out.append_trailer(transport.memfd, {"steps": steps})
                 log.info("handoff_reexec", command=target[1], steps=steps)
                 handoff.reexec(transport.named(), *target)
         except (handoff.HandoffError, OSError) as e:

@@ -110,13 +110,14 @@ class _Clients:
             self.c.write_file("/etc/epolld.yaml", CONFIG.format(io=io))
             cursor = self.c.journal_cursor()
             self.c.systemctl("reload", "epolld")
-            wait_until(
-                lambda cursor=cursor: self.c.journal(
-                    f"--after-cursor={cursor}", "EPOLLD_EVENT=config_reloaded"
-                ) or None,
-                WAIT_S,
-                "the reload",
-            )  # fmt: skip
+            try:
+                wait_until(
+                    lambda cursor=cursor: _events(self.c, "config_reloaded", cursor) or None,
+                    WAIT_S,
+                    "the reload",
+                )
+            except TimeoutError:
+                raise AssertionError(_journal_tail(self.c)) from None
             self._open_some()
 
     def _open_some(self) -> None:
@@ -171,6 +172,10 @@ class _Clients:
             sock.close()
         for sock, *_ in [*self.half_closed, *self.paused]:
             sock.close()
+
+
+def _journal_tail(c: Container) -> str:
+    return c.run("journalctl", "--no-pager", "-u", "epolld", "-n", "40").stdout
 
 
 def _store_size(c: Container) -> int:
