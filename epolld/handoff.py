@@ -144,7 +144,6 @@ class StateWriter:
         except OSError as e:
             raise HandoffError(f"writing the state: {e.strerror}") from None
 
-
     def append_trailer(self, fd: int, trailer: Mapping[str, Any]) -> None:
         """Add a JSON object after the blob (the steps' times, known only once the state
         was written and stored): cheaper than writing the records again.
