@@ -282,7 +282,8 @@ def test_daemon_mode_keeps_pid_and_pidfile(tmp_path: Path, daemons: list[Daemon]
     launcher = Daemon(config_path, args=("--daemon",))
     assert launcher.wait() == 0
     launcher.stop()
-    pid = int(pidfile.read_text())
+    # The daemon writes its PID after the launcher has exited.
+    pid = _wait_for_pid(pidfile)
     try:
         tail = _LogFile(log_file)
         v4 = int(tail.wait_for("listening")[0]["address"].rsplit(":", 1)[1])
@@ -330,6 +331,15 @@ class _LogFile:
                 return found
             time.sleep(0.05)
         raise AssertionError(f"no {event} in {self.path}")
+
+
+def _wait_for_pid(pidfile: Path) -> int:
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError):
+            return int(pidfile.read_text())
+        time.sleep(0.05)
+    raise AssertionError(f"no PID in {pidfile}")
 
 
 def _wait_gone(pid: int) -> None:
