@@ -14,8 +14,12 @@ from __future__ import annotations
 import fcntl
 import os
 import stat
+from typing import TYPE_CHECKING
 
 from epolld.errors import DaemonError
+
+if TYPE_CHECKING:
+    from epolld.handoff import StateWriter
 
 # Rounds of open-and-lock before giving up on a pidfile that keeps being replaced under us.
 _ACQUIRE_ATTEMPTS = 3
@@ -93,12 +97,12 @@ class PidFile:
             os.close(fd)
         raise DaemonError(f"cannot lock pidfile {self.path}: it keeps being replaced")
 
-    def handoff_state(self, out: object) -> dict[str, object] | None:
+    def handoff_state(self, out: StateWriter) -> dict[str, object] | None:
         """For a re-exec in place: the locked descriptor travels, so the lock is held
         throughout and the file keeps naming this PID."""
         if self._fd is None:
             return None
-        return {"kind": "pidfile", "fd": out.fd(self._fd), "path": self.path}  # type: ignore[attr-defined]
+        return {"kind": "pidfile", "fd": out.fd(self._fd), "path": self.path}
 
     def adopt(self, fd: int) -> None:
         """Hold the pidfile through a descriptor handed over by a re-exec (same PID).

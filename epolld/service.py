@@ -524,7 +524,7 @@ class EchoService:
         try:
             target = None if under_systemd else handoff.reexec_command()
         except handoff.HandoffError as e:
-            log.error("handoff_failed", reason=str(e))
+            log.error("handoff_failed", reason=str(e), action="serve on")
             return
         for listener in self.listeners:  # accept no more: the backlog waits for the next
             self.reactor.remove(listener)
@@ -588,10 +588,16 @@ class EchoService:
         except (handoff.HandoffError, OSError) as e:
             if transport is not None:
                 transport.close()
-            log.error("handoff_failed", reason=str(e), steps=steps)
-            self._notifier.status(f"handoff failed, still serving: {e}")
             for listener in self.listeners:
                 self._add_listener_again(listener)
+            if under_systemd:
+                # systemd is stopping us either way (and kills at TimeoutStopSec): a
+                # graceful drain is the best left to offer the clients.
+                log.error("handoff_failed", reason=str(e), steps=steps, action="drain")
+                self.stop("SIGUSR2")
+            else:
+                log.error("handoff_failed", reason=str(e), steps=steps, action="serve on")
+                self._notifier.status(f"handoff failed, still serving: {e}")
             return
         # systemd holds everything now: exit without a FIN or an unlinked socket file.
         self.handed_over = True
