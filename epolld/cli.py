@@ -165,23 +165,31 @@ def serve(
     if state is not None and state.records:
         takeover = _Takeover(state, previous, config_error, started_at, received_s)
     bound = bind_listeners(config, passed, takeover is not None)
+    try:
+        # A takeover brings its metrics listener along; the service binds it if not.
+        metrics_listener = None if takeover is not None else bind_metrics(config)
+    except BaseException:
+        for listener in bound:
+            listeners.close(listener)
+        raise
     if not args.daemon:
-        return run_loop(args, config, bound, notifier, takeover=takeover)
+        return run_loop(args, config, bound, notifier, metrics_listener, takeover=takeover)
     if takeover is not None:  # re-executed in place: a daemon already, same PID
         from epolld.daemonize import continued_daemon
 
         with continued_daemon(config.daemon.log_file) as (reopen_log, held):
             takeover.pidfiles = held
             return run_loop(
-                args, config, bound, notifier, before_reload=reopen_log, takeover=takeover
+                args, config, bound, notifier, None, before_reload=reopen_log, takeover=takeover
             )
     from epolld.daemonize import daemon_context
 
     pidfiles: list[PidFile] = []
+    owned = [*bound, *([metrics_listener] if metrics_listener else [])]
     try:
         context = daemon_context(
             config.daemon.pidfile,
-            [lst.fd for lst in bound],
+            [lst.fd for lst in owned],
             config.daemon.log_file,
             configure_logging=lambda: logsetup.configure(
                 config.logging.level, config.logging.format
@@ -190,10 +198,16 @@ def serve(
         )
         with context as reopen_log:
             return run_loop(
-                args, config, bound, notifier, before_reload=reopen_log, pidfiles=pidfiles
+                args,
+                config,
+                bound,
+                notifier,
+                metrics_listener,
+                before_reload=reopen_log,
+                pidfiles=pidfiles,
             )
     except BaseException:
-        for listener in bound:
+        for listener in owned:
             listener.sock.close()
         raise
 
@@ -263,11 +277,25 @@ def bind_listeners(
     return bound
 
 
+def bind_metrics(config: Config) -> listeners.Listener | None:
+    """Bind metrics.listen, if set (before daemonizing, like the echo listeners).
+
+    Raises:
+        BindError: the address could not be bound.
+    """
+    if config.metrics.listen is None:
+        return None
+    from epolld import metrics  # prometheus_client: only loaded when metrics are on
+
+    return metrics.bind(config.metrics.listen)
+
+
 def run_loop(
     args: argparse.Namespace,
     config: Config,
     bound: list[listeners.Listener],
     notifier: Notifier,
+    metrics_listener: listeners.Listener | None = None,
     before_reload: Callable[[], None] = lambda: None,
     *,
     takeover: _Takeover | None = None,
@@ -278,7 +306,7 @@ def run_loop(
         before_reload()
         return load(args)
 
-    service = EchoService(config, bound, notifier, reload=reload)
+    service = EchoService(config, bound, notifier, reload=reload, metrics_listener=metrics_listener)
     try:
         if takeover is not None:
             _take_over(service, takeover, config, notifier)

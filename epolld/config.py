@@ -20,6 +20,8 @@ Decisions an operator can rely on (etc/epolld.yaml repeats them as comments):
   with 127.0.0.1:7080) are refused.
 - Nesting deeper than 16 levels is refused (PyYAML is slow on deep nesting).
 - pidfile and log_file are absolute paths (the daemon runs from /) or null.
+- metrics.listen is null (no metrics endpoint) or one address in the forms of listen; it
+  cannot share a socket or port with an echo address.
 """
 
 from __future__ import annotations
@@ -108,6 +110,13 @@ class DaemonConfig:
     log_file: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """The Prometheus endpoint (HTTP on the daemon's own loop); off while listen is None."""
+
+    listen: ListenAddress | None = None
+
+
 DEFAULT_LISTEN = (
     ListenAddress("ipv4", host="127.0.0.1", port=7080),
     ListenAddress("ipv6", host="::1", port=7080),
@@ -129,6 +138,7 @@ class Config:
     stats_interval_s: float = 60.0  # 0: no periodic stats line
     watchdog: bool = True
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: str = ""  # the file it came from, for messages
 
 
@@ -573,10 +583,59 @@ def _is_wildcard(a: ListenAddress) -> bool:
     return ipaddress.ip_address(a.host).is_unspecified
 
 
+def _write_address(a: ListenAddress) -> object:
+    return str(a) if a.mode is None else {"path": a.path, "mode": f"{a.mode:04o}"}
+
+
 def _write_listen(addresses: tuple[ListenAddress, ...]) -> list[object]:
-    return [
-        str(a) if a.mode is None else {"path": a.path, "mode": f"{a.mode:04o}"} for a in addresses
-    ]
+    return [_write_address(a) for a in addresses]
+
+
+def _read_optional_address(loader: _Loader, node: yaml.Node, name: str) -> ListenAddress | None:
+    """null, or one address as a listen entry is written."""
+    if not isinstance(node, yaml.MappingNode):
+        value = loader.scalar(node, name)
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise _NodeError(
+                node,
+                f'{name}: expected an address such as "127.0.0.1:9707", or null,'
+                f" got {_got(value, node)}",
+            )
+    return _read_address(loader, node, name)
+
+
+def _write_optional_address(address: ListenAddress | None) -> object:
+    return None if address is None else _write_address(address)
+
+
+def _check_metrics_apart(loader: _Loader, root: yaml.Node, config: Config) -> None:
+    """metrics.listen must be bindable beside every echo address, or binding fails later.
+
+    Raises:
+        _NodeError: at metrics.listen, naming the echo address it collides with.
+    """
+    metrics = config.metrics.listen
+    if metrics is None or (metrics.family != "unix" and metrics.port == 0):
+        return  # the kernel gives each port-0 socket a port of its own
+    top = loader.pairs(root, "")
+    listen_items = top["listen"][1].value if "listen" in top else []
+    node = loader.pairs(top["metrics"][1], "metrics")["listen"][1]
+    taken = set(_conflict_keys(metrics))
+    for index, address in enumerate(config.listen):
+        if taken.isdisjoint(_own_keys(address)):
+            continue
+        where = (
+            f"listen[{index}], line {_line(listen_items[index])}"
+            if listen_items
+            else "the default listen"
+        )
+        raise _NodeError(
+            node,
+            f"metrics.listen: {str(metrics)!r} and {str(address)!r} ({where}) cannot both be"
+            " bound: the metrics endpoint needs a socket of its own",
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -625,6 +684,9 @@ _SCHEMA: tuple[_Entry, ...] = (
     _Section("daemon", "daemon", DaemonConfig, (
         _Option("pidfile", "pidfile", _scalar(_optional_path), _same),
         _Option("log_file", "log_file", _scalar(_optional_path), _same),
+    )),
+    _Section("metrics", "metrics", MetricsConfig, (
+        _Option("listen", "listen", _read_optional_address, _write_optional_address),
     )),
 )  # fmt: skip
 
@@ -791,7 +853,9 @@ def parse_config(text: str, path: str) -> Config:
             return Config(source=path)
         if not isinstance(root, yaml.MappingNode):
             raise _NodeError(root, f"the top level must be a mapping of options, got {_kind(root)}")
-        return Config(**_read_entries(loader, root, _SCHEMA, ""), source=path)
+        config = Config(**_read_entries(loader, root, _SCHEMA, ""), source=path)
+        _check_metrics_apart(loader, root, config)
+        return config
     except yaml.YAMLError as e:
         raise _syntax_error(path, text, e) from None
     except _NodeError as e:
@@ -833,9 +897,12 @@ def render_config(config: Config) -> str:
 
 
 def describe(config: Config) -> str:
-    """One line for --check-config: the listeners, the trigger mode and the I/O mode."""
+    """One line for --check-config: listeners, trigger and I/O modes, the metrics endpoint."""
     listeners = " ".join(str(a) for a in config.listen)
-    return f"listeners: {listeners}; trigger: {config.trigger}; io: {config.io}"
+    text = f"listeners: {listeners}; trigger: {config.trigger}; io: {config.io}"
+    if config.metrics.listen is not None:
+        text += f"; metrics: {config.metrics.listen}"
+    return text
 
 
 def _flatten(obj: Any, entries: tuple[_Entry, ...], prefix: str = "") -> dict[str, object]:
@@ -844,8 +911,10 @@ def _flatten(obj: Any, entries: tuple[_Entry, ...], prefix: str = "") -> dict[st
         value = getattr(obj, e.attr)
         if isinstance(e, _Section):
             flat.update(_flatten(value, e.entries, f"{prefix}{e.key}."))
-        elif e.key == "listen":
+        elif e.key == "listen" and not prefix:
             flat[e.key] = [_address_text(a) for a in value]
+        elif isinstance(value, ListenAddress):
+            flat[prefix + e.key] = _address_text(value)
         else:
             flat[prefix + e.key] = value
     return flat

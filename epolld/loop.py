@@ -23,7 +23,8 @@ Some facts about epoll that shape this file:
   watches, and the numbers are read back from it in the loop.
 - Edge-triggered handlers that stop before EAGAIN (a per-event budget used up)
   get no new edge for what is left: they queue a synthetic event with
-  reschedule(), and the next turn polls without waiting.
+  reschedule(), and the next turn polls without waiting. A synthetic event is
+  merged with the kernel's for the same fd: one dispatch per fd per turn.
 - maxevents must be at least 1, and epoll's timeout is whole milliseconds:
   select.epoll.poll() rounds a float timeout up (bpo-20311), so a timer is
   never run early and the loop never wakes up just before it is due.
@@ -220,7 +221,7 @@ class Reactor:
             events = poll(timeout, MAX_EVENTS)
             now = self.now = monotonic()
             if ready:
-                events += ready
+                events = _merge(events, ready)
                 ready.clear()
             if self.trace:
                 _trace_batch(events)
@@ -293,6 +294,19 @@ class _SignalWakeup:
 
     def __repr__(self) -> str:
         return f"<SignalWakeup fd={self.fd}>"
+
+
+def _merge(events: list[tuple[int, int]], ready: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The kernel's events plus the synthetic ones, one entry per fd: a handler that used up
+    its budget and also got a new edge is dispatched once per turn, like in level mode,
+    not twice (which let edge-mode firehoses take twice their share)."""
+    extra: dict[int, int] = {}
+    for fd, ev in ready:
+        extra[fd] = extra.get(fd, 0) | ev
+    if events:
+        events = [(fd, ev | extra.pop(fd, 0)) for fd, ev in events]
+    events += extra.items()
+    return events
 
 
 def _trace_batch(events: list[tuple[int, int]]) -> None:

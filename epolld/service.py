@@ -19,7 +19,8 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -28,12 +29,16 @@ from epolld import config as config_mod
 from epolld import listeners as listeners_mod
 from epolld.config import Config, ListenAddress
 from epolld.connection import EPOLLIN, Connection, SharedSettings, format_peer
+from epolld.counters import Counters, DurationHistogram, Snapshot
 from epolld.errors import BindError, EpolldError
 from epolld.idle import IdleTimer
 from epolld.listeners import Listener
 from epolld.loop import Reactor
 from epolld.splice import SpliceConnection, connection_class, make_pipe
 from epolld.systemd import Notifier
+
+if TYPE_CHECKING:  # epolld.metrics loads prometheus_client: imported only when metrics are on
+    from epolld.metrics import MetricsApp, MetricsEndpoint
 
 log = structlog.get_logger("epolld")
 
@@ -56,6 +61,7 @@ class EchoService:
         listeners: bound (or inherited) listening sockets; the service owns them.
         notifier: sd_notify; a no-op outside systemd.
         reload: called on SIGHUP; returns the new Config or raises ConfigError.
+        metrics_listener: bound for metrics.listen, if set; the service owns it.
     """
 
     def __init__(
@@ -64,6 +70,7 @@ class EchoService:
         listeners: list[Listener],
         notifier: Notifier,
         reload: Callable[[], Config] | None = None,
+        metrics_listener: Listener | None = None,
     ) -> None:
         self._config = config
         self._notifier = notifier
@@ -93,13 +100,11 @@ class EchoService:
             HANDOFF_SIGNAL: self._on_handoff_signal,
         }.items():
             self.reactor.on_signal(signum, fn)
-        # Totals of closed connections; live ones are added when reporting.
-        self._accepted = 0
-        self._refused = 0
+        # Totals, updated at accept, close and reload only; live values are added when
+        # reporting (snapshot(), stats()). The metrics endpoint reads them at scrape time.
+        self.counters = Counters()
         self._refused_unlogged = 0
         self._refused_logged_at = -REFUSED_WARNING_EVERY_S
-        self._bytes_in = 0
-        self._bytes_out = 0
         self._status_bytes = (self.reactor.now, 0)
         self._idle = IdleTimer(config.limits.idle_timeout_s)
         self._expiring: list[Connection] = []  # idle, waiting for their turn to close
@@ -121,6 +126,10 @@ class EchoService:
         self.handed_over = False
         self._restored: dict[str, Any] | None = None
         self._restored_at = 0.0
+        self._metrics_app: MetricsApp | None = None
+        self._metrics: MetricsEndpoint | None = None
+        if metrics_listener is not None:
+            self._metrics = self._serve_metrics(metrics_listener)
 
     # -- settings ----------------------------------------------------------------
 
@@ -179,6 +188,8 @@ class EchoService:
                 io=self._config.io,
                 inherited=listener.inherited,
             )
+        if self._metrics is not None:
+            log.info("metrics_listening", address=self._metrics.listener.name)
         self._notifier.ready(self._status_line())
         if self._restored is not None:
             self._log_handoff_complete(self._restored)
@@ -268,7 +279,7 @@ class EchoService:
         self._conn_count += 1
         self.reactor.add(conn)
         self._idle.add(conn)
-        self._accepted += 1
+        self.counters.accepted += 1
         if self._conn_log is not None:
             self._conn_log(
                 "connection_opened",
@@ -333,7 +344,7 @@ class EchoService:
                 error=None,
             )
         sock.close()
-        self._refused += 1
+        self.counters.count_refused(limit)
         self._refused_unlogged += 1
         if now - self._refused_logged_at >= REFUSED_WARNING_EVERY_S:
             log.warning(
@@ -385,8 +396,12 @@ class EchoService:
                 self._per_ip[conn.ip] = left
             else:
                 del self._per_ip[conn.ip]
-        self._bytes_in += conn.bytes_in
-        self._bytes_out += conn.bytes_out
+        self.counters.count_close(
+            conn.reason or "error",
+            self.reactor.now - conn.opened_at,
+            conn.bytes_in,
+            conn.bytes_out,
+        )
         if self._conn_log is not None:
             self._conn_log(
                 "connection_closed",
@@ -409,6 +424,7 @@ class EchoService:
         for conn in self._connections():
             conn.discard_pending()
             self._close(conn, "shutdown")
+        self._stop_metrics()
         for listener in self.listeners:
             self.reactor.close(listener)
         self._listeners.clear()
@@ -477,6 +493,7 @@ class EchoService:
             self.reactor.close(listener)
         self._listeners.clear()
         self._paused.clear()
+        self._stop_metrics()
         for conn in self._connections():
             self.reactor.set_mask(conn, conn.begin_shutdown())
         self.reactor.call_later(timeout_s, self._force_stop)
@@ -530,9 +547,15 @@ class EchoService:
             self.reactor.remove(listener)
         out = handoff.StateWriter(systemd_keeps_inherited=under_systemd)
         left_behind: dict[str, int] = {}
+        metrics_listener = self._metrics.listener if self._metrics is not None else None
         for source in [*self.listeners, *self.reactor.handlers(), *self._handoff_sources]:
             contribute = getattr(source, "handoff_state", None)
-            if contribute is not None:
+            if metrics_listener is not None and source is metrics_listener:
+                # A Listener, but not one that accepts echo.
+                record = metrics_listener.handoff_state(out)
+                if record is not None:
+                    out.add({**record, "kind": "metrics_listener"})
+            elif contribute is not None:
                 out.add(contribute(out))
             else:
                 kind = type(source).__name__
@@ -554,20 +577,14 @@ class EchoService:
             log.warning("handoff_left_behind", kinds=left_behind, reason="no handoff_state()")
         self._notifier.status(f"handing over {self._conn_count} connections")
         mark = _step(steps, "collect", mark)
-        bytes_in, bytes_out = self._bytes_in, self._bytes_out
         meta = {
             "epolld": __version__,
             "pid": os.getpid(),
             "signal_at": signal_at,
             "config": config_mod.render_config(self._config),
             "config_source": self._config.source,
-            "service": {
-                "started_at": self._started_at,
-                "accepted": self._accepted,
-                "refused": self._refused,
-                "bytes_in": bytes_in,
-                "bytes_out": bytes_out,
-            },
+            # Totals travel, so that stats and metrics stay monotonic across restarts.
+            "service": {"started_at": self._started_at, "counters": asdict(self.counters)},
         }
         transport: handoff.Transport | None = None
         try:
@@ -655,13 +672,11 @@ class EchoService:
         totals = document.get("service", {})
         if totals:
             self._started_at = float(totals["started_at"])
-            self._accepted = int(totals["accepted"])
-            self._refused = int(totals["refused"])
-            self._bytes_in = int(totals["bytes_in"])
-            self._bytes_out = int(totals["bytes_out"])
+            self._restore_counters(totals.get("counters") or {})
         restorers: dict[str, handoff.Restorer] = {
             "listener": self._restore_listener,
             "connection": self._restore_connection,
+            "metrics_listener": self._restore_metrics_listener,
             **(more or {}),
         }
         counts = handoff.restore(state, restorers)
@@ -682,6 +697,16 @@ class EchoService:
         }
         return counts
 
+    def _restore_counters(self, saved: dict[str, Any]) -> None:
+        """Carry on from the previous process's totals (in place: the metrics endpoint
+        reads this very object). A field this version does not know is ignored."""
+        counters = self.counters
+        for name, value in saved.items():
+            if name == "durations" and isinstance(value, dict):
+                counters.durations = DurationHistogram(**value)
+            elif hasattr(counters, name):
+                setattr(counters, name, value)
+
     def reconcile_after_handoff(self, previous: Config) -> None:
         """Bind what the configuration now lists and the old process did not, and close
         the handed-over listeners it no longer lists (a reload's rules).
@@ -689,21 +714,38 @@ class EchoService:
         Raises:
             BindError: a new address could not be bound; the handed-over listeners stay.
         """
+        self._reconcile_metrics_after_handoff()
         if any(lst.inherited for lst in self.listeners):
             return
         for listener in self.listeners:
-            address = listener.address
-            if address is None or address.port or not listener.is_tcp:
-                continue
-            # Configured as port 0: the port it got is the one to match ("127.0.0.1:0"
-            # then "127.0.0.1:46145" keeps the socket and its connections' listener).
-            bound = dataclasses.replace(address, port=listener.sock.getsockname()[1])
-            if bound in self._config.listen:
-                listener.address = bound
+            _match_bound_port(listener, self._config.listen)
         self._reconcile_listeners(previous, self._config)
+
+    def _reconcile_metrics_after_handoff(self) -> None:
+        """Keep the handed-over metrics listener if the configuration still names it;
+        else bind what it names now (or nothing).
+
+        Raises:
+            BindError: the configured metrics address could not be bound.
+        """
+        wanted = self._config.metrics.listen
+        if self._metrics is not None:
+            listener = self._metrics.listener
+            _match_bound_port(listener, (wanted,) if wanted is not None else ())
+            if listener.address == wanted:
+                return
+        replacement = self._bind_metrics(self._config)
+        self._stop_metrics()
+        if replacement is not None:
+            self._metrics = self._serve_metrics(replacement)
 
     def _restore_listener(self, record: dict[str, Any], state: handoff.State) -> None:
         self._add_listener(Listener.from_handoff(record, state))
+
+    def _restore_metrics_listener(self, record: dict[str, Any], state: handoff.State) -> None:
+        listener = Listener.from_handoff(record, state)
+        self._stop_metrics()
+        self._metrics = self._serve_metrics(listener)
 
     def _restore_connection(self, record: dict[str, Any], state: handoff.State) -> None:
         splice = record.get("io") == "splice"
@@ -747,9 +789,11 @@ class EchoService:
         try:
             self.apply(self._reload_source())
         except EpolldError as e:  # the old configuration stays in force
+            self.counters.count_reload(ok=False)
             log.error("config_reload_failed", error=str(e))
             self._notifier.ready(f"reload failed, running on the previous configuration: {e}")
             return
+        self.counters.count_reload(ok=True)
         self._notifier.ready(self._status_line())
 
     def apply(self, new: Config) -> None:
@@ -759,10 +803,23 @@ class EchoService:
             BindError: a new address could not be bound; the old listeners stay.
         """
         old = self._config
-        if not any(lst.inherited for lst in self.listeners):
-            self._reconcile_listeners(old, new)
-        elif new.listen != old.listen:
-            log.warning("listen_ignored", reason="sockets come from systemd socket activation")
+        metrics_moved = new.metrics.listen != old.metrics.listen
+        # Bound first, like new echo addresses: a failure changes nothing.
+        metrics_listener = self._bind_metrics(new) if metrics_moved else None
+        try:
+            if not any(lst.inherited for lst in self.listeners):
+                self._reconcile_listeners(old, new)
+            elif new.listen != old.listen:
+                log.warning("listen_ignored", reason="sockets come from systemd socket activation")
+        except BaseException:
+            if metrics_listener is not None:
+                metrics_listener.close()
+            raise
+        if metrics_moved:
+            self._stop_metrics()
+            if metrics_listener is not None:
+                self._metrics = self._serve_metrics(metrics_listener)
+                log.info("metrics_listening", address=metrics_listener.name)
         # Logged before a new log level applies, so that it is the old level that decides.
         log.info(
             "config_reloaded",
@@ -842,14 +899,48 @@ class EchoService:
                     ) from None
             raise
 
+    # -- metrics -------------------------------------------------------------------
+
+    def _bind_metrics(self, config: Config) -> Listener | None:
+        if config.metrics.listen is None:
+            return None
+        from epolld import metrics  # prometheus_client: loaded only once metrics are on
+
+        return metrics.bind(config.metrics.listen)
+
+    def _serve_metrics(self, listener: Listener) -> MetricsEndpoint:
+        from epolld import metrics
+
+        if self._metrics_app is None:  # one registry for the process, across reloads
+            self._metrics_app = metrics.MetricsApp(self.snapshot)
+        return metrics.MetricsEndpoint(self.reactor, listener, self._metrics_app)
+
+    def _stop_metrics(self) -> None:
+        if self._metrics is not None:
+            log.info("metrics_closed", address=self._metrics.listener.name)
+            self._metrics.close()
+            self._metrics = None
+
+    def snapshot(self) -> Snapshot:
+        """The counters and the live values, for the metrics endpoint (once per scrape)."""
+        bytes_in, bytes_out = self._byte_totals()
+        return Snapshot(
+            counters=self.counters,
+            connections=self._conn_count,
+            bytes_received=bytes_in,
+            bytes_sent=bytes_out,
+            listeners=len(self._listeners),
+            accept_paused=bool(self._paused),
+        )
+
     # -- reporting -----------------------------------------------------------------
 
     def _byte_totals(self) -> tuple[int, int]:
         """Bytes in and out so far: closed connections' totals plus the open ones'."""
         conns = self._connections()
         return (
-            self._bytes_in + sum(c.bytes_in for c in conns),
-            self._bytes_out + sum(c.bytes_out for c in conns),
+            self.counters.bytes_received + sum(c.bytes_in for c in conns),
+            self.counters.bytes_sent + sum(c.bytes_out for c in conns),
         )
 
     def stats(self) -> dict[str, Any]:
@@ -857,8 +948,8 @@ class EchoService:
         bytes_in, bytes_out = self._byte_totals()
         return {
             "connections": self._conn_count,
-            "accepted": self._accepted,
-            "refused": self._refused,
+            "accepted": self.counters.accepted,
+            "refused": sum(self.counters.refused.values()),
             "bytes_in": bytes_in,
             "bytes_out": bytes_out,
             "uptime_s": round(self.reactor.now - self._started_at, 1),
@@ -884,6 +975,17 @@ class EchoService:
 
     def _send_status(self) -> None:
         self._notifier.status(self._status_line())
+
+
+def _match_bound_port(listener: Listener, addresses: tuple[ListenAddress, ...]) -> None:
+    """A listener configured with port 0 matches the address naming the port it got
+    ("127.0.0.1:0", then "127.0.0.1:46145" in the file, keeps the socket)."""
+    address = listener.address
+    if address is None or address.port or not listener.is_tcp:
+        return
+    bound = dataclasses.replace(address, port=listener.sock.getsockname()[1])
+    if bound in addresses:
+        listener.address = bound
 
 
 def _step(steps: dict[str, float], name: str, since: float) -> float:

@@ -176,6 +176,30 @@ def test_reschedule_delivers_a_synthetic_event_next_turn(
     assert budget[0] == 0  # one real edge, then two synthetic events
 
 
+def test_synthetic_and_kernel_events_for_one_fd_are_one_dispatch(
+    pair: tuple[socket.socket, socket.socket], reactor: Reactor
+) -> None:
+    """A handler with a rescheduled event that also gets a new edge in the same turn is
+    dispatched once with both masks merged, as level mode would dispatch it once."""
+    a, b = pair
+    calls: list[int] = []
+
+    def step(ev: int) -> int:
+        calls.append(ev)
+        if len(calls) == 1:
+            a.recv(10)
+            reactor.reschedule((a.fileno(), select.EPOLLIN))  # budget used up, say
+            b.send(b"more")  # and a new edge arrives before the next poll
+        return select.EPOLLIN | select.EPOLLOUT | select.EPOLLET
+
+    reactor.add(Recorder(a, select.EPOLLIN | select.EPOLLOUT | select.EPOLLET, step))
+    b.send(b"x")
+    reactor.call_later(0.05, reactor.stop)
+    reactor.run()
+    assert len(calls) == 2, calls  # the first event, then one merged dispatch
+    assert calls[1] & select.EPOLLIN
+
+
 def test_replace_hands_the_fd_to_a_new_handler(
     pair: tuple[socket.socket, socket.socket], reactor: Reactor
 ) -> None:

@@ -31,19 +31,21 @@ __all__ = ["container", "debs"]  # fixtures shared with test_deb
 
 WAIT_S = 30.0
 IO_TIMEOUT_S = 30.0
-PINGPONG = 300  # per io mode: half over IPv4, half over IPv6
-STREAMS = 100  # per io mode
-HALF_CLOSED = 98  # per io mode
-PAUSED = 2  # per io mode, each sending PAUSED_BYTES without reading
-PAUSED_BYTES = 24 * 1024 * 1024
+# Per io mode. Sizes against the buffers: high_water 8 MiB; on the way the kernel absorbs
+# up to ~4 MiB (the daemon's autotuned send buffer) beside a 4 KiB client receive buffer.
+PINGPONG = 395  # half over IPv4, half over IPv6
+STREAMS = 100
+HALF_CLOSED = 4  # read to EOF below high water, not all of the echo sent yet
+PAUSED = 1  # sending PAUSED_BYTES without reading: above high water, reading paused
+PAUSED_BYTES = 48 * 1024 * 1024
 STREAM_BYTES = 64 * 1024  # each way before the restart, again after it
-HALF_CLOSED_BYTES = 32 * 1024
+HALF_CLOSED_BYTES = 6 * 1024 * 1024
 TIGHT_LOOP_MAX = 5_000
 
 CONFIG = """\
 listen: ["127.0.0.1:7080", "[::1]:7080"]
 io: {io}
-buffers: {{high_water: 1MiB, low_water: 256KiB}}
+buffers: {{high_water: 8MiB, low_water: 1MiB}}
 logging: {{connections: false}}
 """
 
@@ -205,6 +207,8 @@ def _through(c: Container, clients: _Clients, action: Callable[[], None]) -> dic
     assert tight.count > 0
     started = _events(c, "handoff_started")[before]
     assert int(started["EPOLLD_CONNECTIONS"]) >= clients.count
+    assert int(started["EPOLLD_PAUSED"]) >= 1
+    assert int(started["EPOLLD_HALF_CLOSED"]) >= 1
     assert int(complete["EPOLLD_CONNECTIONS"]) == int(started["EPOLLD_CONNECTIONS"])
     assert c.show("epolld", "ActiveState") == "active"
     # The transport was taken out of the store: nothing there to be handed over twice.

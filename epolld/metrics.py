@@ -1,0 +1,431 @@
+"""The Prometheus endpoint: a collector over the service's counters, its pages, its handlers.
+
+Nothing here runs on the echo path. The collector reads the service's Counters and a
+Snapshot of its live values when a scrape asks (prometheus_client's "custom collector"),
+so no metric object is touched per event. HTTP is served on the daemon's own reactor:
+MetricsEndpoint accepts at most MAX_CLIENTS clients, each a MetricsClient that reads a
+bounded amount per event, answers through http11.HttpConversation, writes with
+backpressure (EPOLLOUT only while output waits) and is closed at its deadline.
+
+Importing this module loads prometheus_client (about 12 MiB with what it imports: ssl,
+http.server, threading), so the service imports it only when metrics.listen is set.
+"""
+
+from __future__ import annotations
+
+import errno
+import html
+import select
+import socket
+from collections.abc import Callable, Iterable, Iterator, Mapping
+
+import structlog
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from epolld import __version__
+from epolld import listeners as listeners_mod
+from epolld.config import ListenAddress
+from epolld.counters import DURATION_BUCKETS_S, Snapshot
+from epolld.errors import BindError
+from epolld.http11 import HttpConversation, Reply, Request
+from epolld.listeners import Listener
+from epolld.loop import CLOSE, Reactor, Timer
+
+log = structlog.get_logger("epolld")
+
+MAX_CLIENTS = 16  # metrics clients at once; more are accepted and closed at once
+REQUEST_TIMEOUT_S = 5.0  # to receive and answer a request, from connect or the last answer
+RECV_BYTES = 16 * 1024  # per event: above the 8 KiB head limit, so one read can show it
+ACCEPT_PER_EVENT = MAX_CLIENTS + 4  # bounded work per wakeup; the rest waits for the next
+LISTEN_BACKLOG = MAX_CLIENTS
+REFUSED_WARNING_EVERY_S = 10.0
+ACCEPT_RETRY_S = 0.5  # after EMFILE & co., as for the echo listeners
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+ACCEPT_IGNORED_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
+ALLOWED_METHODS = "GET, HEAD"
+EPOLLIN = select.EPOLLIN
+EPOLLOUT = select.EPOLLOUT
+
+Snapshotter = Callable[[], Snapshot]
+
+
+# --- what is measured -------------------------------------------------------------------
+
+
+class EchoCollector(Collector):
+    """The epolld_* metrics, built from one Snapshot per scrape.
+
+    Args:
+        snapshot: returns the service's counters and live values; called once per scrape.
+        version: the value of epolld_build_info's version label.
+    """
+
+    def __init__(self, snapshot: Snapshotter, version: str = __version__) -> None:
+        self._snapshot = snapshot
+        self._version = version
+
+    def collect(self) -> Iterable[Metric]:
+        return list(self._families(self._snapshot()))
+
+    def _families(self, s: Snapshot) -> Iterator[Metric]:
+        c = s.counters
+        info = GaugeMetricFamily(
+            "epolld_build_info", "The running epolld's version (always 1).", labels=["version"]
+        )
+        info.add_metric([self._version], 1)
+        yield info
+        yield GaugeMetricFamily(
+            "epolld_connections", "Client connections open now.", value=s.connections
+        )
+        yield CounterMetricFamily(
+            "epolld_connections_accepted_total",
+            "Client connections accepted and served.",
+            value=c.accepted,
+        )
+        yield _labelled(
+            CounterMetricFamily(
+                "epolld_connections_refused_total",
+                "Client connections closed at accept because a limit was reached.",
+                labels=["limit"],
+            ),
+            c.refused,
+        )
+        yield _labelled(
+            CounterMetricFamily(
+                "epolld_connections_closed_total",
+                "Served client connections closed, by reason.",
+                labels=["reason"],
+            ),
+            c.closed,
+        )
+        yield CounterMetricFamily(
+            "epolld_received_bytes_total",
+            "Bytes received from clients.",
+            value=s.bytes_received,
+            unit="bytes",
+        )
+        yield CounterMetricFamily(
+            "epolld_sent_bytes_total", "Bytes echoed to clients.", value=s.bytes_sent, unit="bytes"
+        )
+        yield _histogram(
+            HistogramMetricFamily(
+                "epolld_connection_duration_seconds",
+                "How long served client connections were open, observed at close.",
+                unit="seconds",
+            ),
+            c.durations.counts,
+            c.durations.sum_s,
+        )
+        yield GaugeMetricFamily(
+            "epolld_accept_paused",
+            "1 while accepting is paused for want of descriptors or memory.",
+            value=int(s.accept_paused),
+        )
+        yield GaugeMetricFamily(
+            "epolld_listeners", "Echo listeners accepting now.", value=s.listeners
+        )
+        yield _labelled(
+            CounterMetricFamily(
+                "epolld_config_reloads_total",
+                "Configuration reloads, by result.",
+                labels=["result"],
+            ),
+            c.reloads,
+        )
+        yield GaugeMetricFamily(
+            "epolld_config_last_reload_successful",
+            "0 if the last reload failed (the previous configuration runs), else 1.",
+            value=int(c.last_reload_ok),
+        )
+        if s.udp is not None:
+            yield CounterMetricFamily(
+                "epolld_udp_datagrams_received_total",
+                "UDP datagrams received.",
+                value=s.udp.received,
+            )
+            yield CounterMetricFamily(
+                "epolld_udp_datagrams_sent_total",
+                "UDP datagrams echoed.",
+                value=s.udp.echoed,
+            )
+            yield _labelled(
+                CounterMetricFamily(
+                    "epolld_udp_datagrams_dropped_total",
+                    "UDP datagrams not echoed, by reason.",
+                    labels=["reason"],
+                ),
+                s.udp.dropped,
+            )
+        if s.proxy_header_errors is not None:
+            yield _labelled(
+                CounterMetricFamily(
+                    "epolld_proxy_header_errors_total",
+                    "Connections closed for an invalid PROXY protocol header, by reason.",
+                    labels=["reason"],
+                ),
+                s.proxy_header_errors,
+            )
+
+
+def _labelled(family: CounterMetricFamily, values: Mapping[str, int]) -> CounterMetricFamily:
+    for label, value in values.items():
+        family.add_metric([label], value)
+    return family
+
+
+def _histogram(
+    family: HistogramMetricFamily, counts: list[int], sum_s: float
+) -> HistogramMetricFamily:
+    """Add the cumulative buckets Prometheus expects from per-bucket counts."""
+    buckets: list[tuple[str, float]] = []
+    total = 0
+    for bound, count in zip((*DURATION_BUCKETS_S, float("inf")), counts, strict=True):
+        total += count
+        buckets.append((floatToGoString(bound), total))  # type: ignore[no-untyped-call]
+    family.add_metric([], buckets, sum_s)
+    return family
+
+
+# --- what is served ---------------------------------------------------------------------
+
+
+def _index_page() -> bytes:
+    version = html.escape(__version__)
+    return (
+        '<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>epolld</title></head>\n'
+        f"<body><h1>epolld {version}</h1>\n"
+        '<p>An RFC 862 echo daemon. Prometheus metrics: <a href="/metrics">/metrics</a></p>\n'
+        "</body></html>\n"
+    ).encode()
+
+
+class MetricsApp:
+    """Routes requests: /metrics, the index page, 404 and 405.
+
+    Args:
+        snapshot: the service's Snapshot, read once per scrape.
+    """
+
+    def __init__(self, snapshot: Snapshotter) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(EchoCollector(snapshot))
+        ProcessCollector(registry=self.registry)
+        self._index = _index_page()
+
+    def respond(self, request: Request) -> Reply:
+        """The reply to one request; HEAD is answered as GET (the conversation drops the body)."""
+        if request.path not in ("/metrics", "/"):
+            return Reply(404, "text/plain; charset=utf-8", b"Not found: try /metrics\n")
+        if request.method not in ("GET", "HEAD"):
+            return Reply(
+                405,
+                "text/plain; charset=utf-8",
+                b"Method not allowed: GET or HEAD\n",
+                (("Allow", ALLOWED_METHODS),),
+            )
+        if request.path == "/":
+            return Reply(200, "text/html; charset=utf-8", self._index)
+        encode, content_type = choose_encoder(request.accept)
+        return Reply(200, content_type, encode(self.registry))
+
+
+# --- how it is served -------------------------------------------------------------------
+
+
+class MetricsEndpoint:
+    """The metrics listener and its clients, on the daemon's reactor.
+
+    The listener is a listeners.Listener handler; an event only queues an accept for after
+    the batch (see loop.py on fd reuse). At most MAX_CLIENTS clients are served at once;
+    one more is accepted and closed at once, so that it does not wait in the backlog.
+
+    Args:
+        reactor: the daemon's reactor; the endpoint registers its handlers there.
+        listener: the bound listening socket; the endpoint owns it from now on.
+        app: routes and renders requests.
+    """
+
+    def __init__(self, reactor: Reactor, listener: Listener, app: MetricsApp) -> None:
+        self.listener = listener
+        self._reactor = reactor
+        self._app = app
+        self._clients: set[MetricsClient] = set()
+        self._accept_pending = False
+        self._paused = False
+        self._closed = False
+        self._refused_unlogged = 0
+        self._refused_logged_at = -REFUSED_WARNING_EVERY_S
+        listener.mask = EPOLLIN  # level-triggered whatever `trigger` says: little traffic
+        listener.on_ready = self._ready
+        reactor.add(listener)
+
+    def __repr__(self) -> str:
+        return f"<MetricsEndpoint {self.listener.name} clients={len(self._clients)}>"
+
+    @property
+    def clients(self) -> int:
+        return len(self._clients)
+
+    def close(self) -> None:
+        """Close the listener and every client (a reload removed or moved the endpoint)."""
+        self._closed = True
+        for client in list(self._clients):
+            self._reactor.close(client)
+        self._reactor.close(self.listener)  # unregistered already if paused: closed all the same
+
+    def _ready(self, listener: Listener) -> None:
+        if not self._accept_pending:
+            self._accept_pending = True
+            self._reactor.call_soon(self._accept)
+
+    def _accept(self) -> None:
+        self._accept_pending = False
+        for _ in range(ACCEPT_PER_EVENT):
+            if self._closed or self._paused:
+                return
+            try:
+                sock, _ = self.listener.sock.accept()
+            except BlockingIOError:
+                return
+            except OSError as e:
+                if e.errno in RESOURCE_ERRNOS:
+                    self._pause(e)
+                    return
+                if e.errno not in ACCEPT_IGNORED_ERRNOS:
+                    log.warning("accept_failed", address=self.listener.name, error=str(e))
+                    return
+                continue
+            if len(self._clients) >= MAX_CLIENTS:
+                sock.close()
+                self._count_refused()
+                continue
+            client = MetricsClient(sock, self._reactor, self._app, self._clients.discard)
+            self._clients.add(client)
+            self._reactor.add(client)
+        # Level-triggered: connections still waiting are reported again next turn.
+
+    def _pause(self, e: OSError) -> None:
+        """Out of descriptors or memory: a level-triggered listener would spin; wait."""
+        self._paused = True
+        self._reactor.remove(self.listener)
+        log.warning(
+            "metrics_accept_paused",
+            address=self.listener.name,
+            error=errno.errorcode.get(e.errno or 0),
+            retry_s=ACCEPT_RETRY_S,
+        )
+        self._reactor.call_later(ACCEPT_RETRY_S, self._resume)
+
+    def _resume(self) -> None:
+        if self._paused and not self._closed:
+            self._paused = False
+            self._reactor.add(self.listener)
+
+    def _count_refused(self) -> None:
+        self._refused_unlogged += 1
+        now = self._reactor.now
+        if now - self._refused_logged_at >= REFUSED_WARNING_EVERY_S:
+            log.warning(
+                "metrics_client_refused",
+                address=self.listener.name,
+                limit=MAX_CLIENTS,
+                refused=self._refused_unlogged,
+            )
+            self._refused_unlogged = 0
+            self._refused_logged_at = now
+
+
+class MetricsClient:
+    """One HTTP client of the metrics endpoint, as a reactor handler.
+
+    Level-triggered: one recv() per event while a request is wanted, one send() per event
+    while a response waits (EPOLLOUT only then), so each event does bounded work. Each
+    request must arrive and be answered within REQUEST_TIMEOUT_S of the connection or of
+    the previous answer, or the client is closed.
+    """
+
+    __slots__ = ("_answered", "_conv", "_deadline", "_forget", "_reactor", "active_at", "fd",
+                 "mask", "sock")  # fmt: skip
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        reactor: Reactor,
+        app: MetricsApp,
+        forget: Callable[[MetricsClient], None],
+    ) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.mask = EPOLLIN
+        self.active_at = reactor.now
+        self._reactor = reactor
+        self._forget = forget
+        self._conv = HttpConversation(app.respond)
+        self._answered = 0
+        self._deadline: Timer | None = reactor.call_later(REQUEST_TIMEOUT_S, self._expire)
+
+    def __repr__(self) -> str:
+        return f"<MetricsClient fd={self.fd} {self._conv!r}>"
+
+    def on_event(self, events: int) -> int:
+        conv = self._conv
+        if conv.reading:
+            try:
+                data = self.sock.recv(RECV_BYTES)
+            except BlockingIOError:
+                return self.mask
+            except OSError:
+                return CLOSE
+            conv.receive(data)
+        if conv.output:
+            try:
+                conv.sent(self.sock.send(conv.output))
+            except BlockingIOError:
+                pass
+            except OSError:
+                return CLOSE
+        if conv.responses != self._answered and not conv.output:
+            self._answered = conv.responses
+            self._rearm()
+        if conv.output:
+            return EPOLLOUT
+        return CLOSE if conv.closing else EPOLLIN
+
+    def _rearm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._deadline = self._reactor.call_later(REQUEST_TIMEOUT_S, self._expire)
+
+    def _expire(self) -> None:
+        self._deadline = None
+        log.debug("metrics_client_timeout", fd=self.fd, timeout_s=REQUEST_TIMEOUT_S)
+        self._reactor.close(self)
+
+    def close(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        self.sock.close()
+        self._forget(self)
+
+
+def bind(address: ListenAddress) -> Listener:
+    """Bind the metrics endpoint's listening socket.
+
+    Raises:
+        BindError: the address cannot be bound; the message names it as the metrics one.
+    """
+    try:
+        return listeners_mod.bind(address, LISTEN_BACKLOG)
+    except BindError as e:
+        raise BindError(f"metrics.listen: {e}", errno=e.errno) from None
