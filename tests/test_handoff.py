@@ -351,3 +351,42 @@ def _wait_gone(pid: int) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(f"PID {pid} still runs")
+
+
+def _scrape(port: int) -> str:
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        return recv_until_eof(sock).decode()
+
+
+def _sample(text: str, name: str) -> float:
+    line = next(ln for ln in text.splitlines() if ln.startswith(name + " "))
+    return float(line.split()[1])
+
+
+def test_metrics_listener_travels_and_counters_stay_monotonic(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """The metrics listener keeps its port across the handoff, and the counters it
+    serves go on from where the old process left them."""
+    config_path = write_config(
+        tmp_path / "epolld.yaml", _config("level", "copy", metrics={"listen": "127.0.0.1:0"})
+    )
+    daemon = Daemon(config_path)
+    daemons.append(daemon)
+    metrics_port = int(daemon.wait_for("metrics_listening")[0]["address"].rsplit(":", 1)[1])
+    v4 = _ports(daemon)[0]
+    for _ in range(3):
+        with connect(v4) as sock:
+            sock.sendall(b"x\n")
+            assert recv_exactly(sock, 2) == b"x\n"
+    daemon.wait_for("connection_closed", count=3)
+    before = _sample(_scrape(metrics_port), "epolld_connections_accepted_total")
+    assert before == 3
+    daemon.signal(signal.SIGUSR2)
+    started = daemon.wait_for("handoff_started")[0]
+    assert started["records"]["metrics_listener"] == 1
+    daemon.wait_for("handoff_complete")
+    after = _scrape(metrics_port)
+    assert _sample(after, "epolld_connections_accepted_total") == before
+    assert _sample(after, 'epolld_connections_closed_total{reason="eof"}') == 3
