@@ -281,7 +281,7 @@ class Connection:
 
     def _resume_mask(self) -> int:
         """The mask a restored connection registers with: what it would have returned."""
-        if self.edge or self.INITIAL_MASK & EPOLLET:
+        if self.INITIAL_MASK & EPOLLET:
             return EDGE_MASK
         if self.pending():
             return LEVEL_READ_WRITE if self.reading else EPOLLOUT
