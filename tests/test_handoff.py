@@ -106,7 +106,9 @@ class TightLoop(threading.Thread):
             self.count += 1
 
 
-def _mixed_connections(daemon: Daemon, config_path: Path, trigger: str) -> dict[str, Any]:
+def _mixed_connections(
+    daemon: Daemon, config_path: Path, trigger: str, more: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Open connections of every kind, copying ones first, then (after a reload to
     io: splice) splicing ones: ping-pong over v4 and v6, streaming, half-closed with the
     echo unread, and paused by backpressure."""
@@ -115,7 +117,7 @@ def _mixed_connections(daemon: Daemon, config_path: Path, trigger: str) -> dict[
     kinds: dict[str, Any] = {"pingpong": [], "streams": [], "half_closed": [], "paused": []}
     for io in ("copy", "splice"):
         if io == "splice":
-            write_config(config_path, _config(trigger, "splice"))
+            write_config(config_path, _config(trigger, "splice", **(more or {})))
             daemon.signal(signal.SIGHUP)
             daemon.wait_for("config_reloaded")
         for host, port in (("127.0.0.1", v4), ("::1", v6)):
@@ -272,37 +274,40 @@ def test_new_config_applies_and_broken_config_keeps_the_previous(
 
 def test_daemon_mode_keeps_pid_and_pidfile(tmp_path: Path, daemons: list[Daemon]) -> None:
     """In --daemon mode SIGUSR2 re-executes the daemon in place: the PID, the pidfile and
-    its lock stay, the connections go on, and SIGTERM afterwards removes the pidfile."""
+    its lock stay, connections of every kind go on byte-exact while a tight-loop client is
+    always served, and SIGTERM afterwards removes the pidfile."""
     pidfile = tmp_path / "epolld.pid"
     log_file = tmp_path / "epolld.log"
-    config_path = write_config(
-        tmp_path / "epolld.yaml",
-        _config("edge", "splice", daemon={"pidfile": str(pidfile), "log_file": str(log_file)}),
-    )
+    files = {"daemon": {"pidfile": str(pidfile), "log_file": str(log_file)}}
+    config_path = write_config(tmp_path / "epolld.yaml", _config("edge", "copy", **files))
     launcher = Daemon(config_path, args=("--daemon",))
     assert launcher.wait() == 0
     launcher.stop()
     # The daemon writes its PID after the launcher has exited.
     pid = _wait_for_pid(pidfile)
     try:
-        tail = _LogFile(log_file)
-        v4 = int(tail.wait_for("listening")[0]["address"].rsplit(":", 1)[1])
-        with connect(v4) as sock:
-            sock.sendall(b"before\n")
-            assert recv_exactly(sock, 7) == b"before\n"
-            os.kill(pid, signal.SIGUSR2)
-            tail.wait_for("handoff_complete")
-            assert int(pidfile.read_text()) == pid
-            os.kill(pid, 0)  # still that process
-            sock.sendall(b"after\n")
-            assert recv_exactly(sock, 6) == b"after\n"
-            # The lock is held: a second daemon refuses to start.
-            second = Daemon(config_path, args=("--daemon",))
-            assert second.wait() == 71
-            second.stop()
+        daemon = _LogFile(log_file, pid)
+        kinds = _mixed_connections(daemon, config_path, "edge", files)  # type: ignore[arg-type]
+        tight = TightLoop(_ports(daemon)[0])  # type: ignore[arg-type]
+        tight.start()
+        daemon.signal(signal.SIGUSR2)
+        daemon.wait_for("handoff_complete")
+        _check_after(kinds)
+        tight.done.set()
+        tight.join(WAIT_S)
+        assert not tight.failures
+        assert int(pidfile.read_text()) == pid
+        os.kill(pid, 0)  # still that process
+        # The lock is held: a second daemon refuses to start.
+        second = Daemon(config_path, args=("--daemon",))
+        assert second.wait() == 71
+        second.stop()
+        with connect(_ports(daemon)[0]) as sock:  # type: ignore[arg-type]
+            sock.sendall(b"last\n")
+            assert recv_exactly(sock, 5) == b"last\n"
             os.kill(pid, signal.SIGTERM)
             assert recv_until_eof(sock) == b""
-        tail.wait_for("shutdown_complete")
+        daemon.wait_for("shutdown_complete")
         _wait_gone(pid)
         assert not pidfile.exists()
     finally:
@@ -311,26 +316,29 @@ def test_daemon_mode_keeps_pid_and_pidfile(tmp_path: Path, daemons: list[Daemon]
 
 
 class _LogFile:
-    """The daemon's log file, parsed on demand."""
+    """A daemon known by its PID and its log file (parsed on demand): what the helpers
+    above use of a Daemon."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, pid: int) -> None:
         self.path = path
+        self.pid = pid
 
-    def wait_for(self, event: str) -> list[dict[str, Any]]:
+    def signal(self, signum: int) -> None:
+        os.kill(self.pid, signum)
+
+    def wait_for(self, event: str, count: int = 1) -> list[dict[str, Any]]:
         deadline = time.monotonic() + WAIT_S
         while time.monotonic() < deadline:
             entries = []
             if self.path.exists():
                 for line in self.path.read_text().splitlines():
-                    try:
+                    with contextlib.suppress(ValueError):
                         entries.append(json.loads(line))
-                    except ValueError:
-                        continue
             found = [e for e in entries if e.get("event") == event]
-            if found:
+            if len(found) >= count:
                 return found
             time.sleep(0.05)
-        raise AssertionError(f"no {event} in {self.path}")
+        raise AssertionError(f"no {count}x {event} in {self.path}")
 
 
 def _wait_for_pid(pidfile: Path) -> int:
