@@ -43,8 +43,9 @@ def inherited_sockets(
         environ: where LISTEN_* are read and removed; os.environ when None.
 
     Raises:
-        BindError: LISTEN_FDS is not a number, or a passed fd is not a listening stream socket
-            (epolld only accepts connections: a datagram or connected socket is a unit error).
+        BindError: LISTEN_FDS is not a number, or a passed fd is neither a listening stream
+            socket nor an unconnected IPv4/IPv6 datagram socket (ListenDatagram=, served as
+            UDP echo); a connected socket is a unit error.
     """
     return adopt_sockets(passed_fds(environ))
 
@@ -97,18 +98,35 @@ def adopt_sockets(passed: list[tuple[str, int]]) -> list[tuple[str, socket.socke
 
 
 def _adopt(fd: int, name: str) -> socket.socket:
-    """Wrap fd without dup'ing it, check it is a listening stream socket, and set its flags."""
+    """Wrap fd without dup'ing it, check it is a socket we can serve, and set its flags."""
     try:
         sock = socket.socket(fileno=fd)
     except OSError as e:
         raise BindError(f"inherited fd {fd} ({name}): not a socket: {e.strerror}") from None
-    if sock.type != socket.SOCK_STREAM or not sock.getsockopt(
-        socket.SOL_SOCKET, socket.SO_ACCEPTCONN
-    ):
+    if not (_is_listening_stream(sock) or _is_udp_endpoint(sock)):
         sock.detach()  # not ours to close: leave the fd as systemd gave it
-        raise BindError(f"inherited fd {fd} ({name}): not a listening stream socket")
+        raise BindError(
+            f"inherited fd {fd} ({name}): neither a listening stream socket nor a UDP socket"
+        )
     # systemd passes them without O_NONBLOCK (unless NonBlocking=yes) and without FD_CLOEXEC.
     sock.setblocking(False)
     sock.set_inheritable(False)
     log.info("socket_inherited", fd=fd, name=name, address=describe_socket(sock))
     return sock
+
+
+def _is_listening_stream(sock: socket.socket) -> bool:
+    return sock.type == socket.SOCK_STREAM and bool(
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    )
+
+
+def _is_udp_endpoint(sock: socket.socket) -> bool:
+    """An unconnected IPv4/IPv6 datagram socket (ListenDatagram= in the .socket unit)."""
+    if sock.type != socket.SOCK_DGRAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    try:
+        sock.getpeername()
+    except OSError:
+        return True  # ENOTCONN: it takes datagrams from anyone, as a server's must
+    return False

@@ -14,10 +14,13 @@ Decisions an operator can rely on (etc/epolld.yaml repeats them as comments):
   ambiguous (1000 or 1024?) rather than guessed.
 - listen: a non-empty list of "IPV4:PORT", "[IPV6]:PORT" or "unix:/abs/path", or a
   mapping {path: /abs/path, mode: "0660"} for a Unix socket with a chmod mode (read as
-  octal as written, like chmod: 0660, "0660" and 660 are the same). Hosts are IP
-  literals: names are not resolved, so what is bound never depends on DNS. Entries
-  that cannot all be bound (the same socket twice; a wildcard such as 0.0.0.0:7080
-  with 127.0.0.1:7080) are refused.
+  octal as written, like chmod: 0660, "0660" and 660 are the same); "udp:IPV4:PORT" and
+  "udp:[IPV6]:PORT" for UDP echo (a UDP and a TCP listener may share a port number).
+  Hosts are IP literals: names are not resolved, so what is bound never depends on DNS.
+  Entries that cannot all be bound (the same socket twice; a wildcard such as
+  0.0.0.0:7080 with 127.0.0.1:7080) are refused.
+- udp: rates of 0 turn that limit off; max_datagram is at most 65507, the largest UDP
+  payload over IPv4.
 - Nesting deeper than 16 levels is refused (PyYAML is slow on deep nesting).
 - pidfile and log_file are absolute paths (the daemon runs from /) or null.
 - metrics.listen is null (no metrics endpoint) or one address in the forms of listen; it
@@ -55,24 +58,32 @@ MAX_FILE_BYTES = 1 * MiB  # a larger "config" is a mistake (--config /dev/zero, 
 MAX_DURATION_S = 7 * 86400.0
 MAX_NESTING = 16  # lists and mappings inside each other; the schema needs 4
 MAX_UNIX_PATH_BYTES = 107  # sun_path is 108 bytes including the final NUL (unix(7))
+MAX_UDP_PAYLOAD_BYTES = 65507  # 65535 - 8 (UDP header) - 20 (IPv4 header)
+MAX_RATE = 10_000_000  # datagrams per second; more is a typo, not a plan
 
 
 @dataclass(frozen=True, slots=True)
 class ListenAddress:
-    """One address to listen on: TCP over IPv4 or IPv6, or a Unix stream socket path."""
+    """One address to listen on: TCP or UDP over IPv4 or IPv6, or a Unix stream socket path."""
 
     family: Literal["ipv4", "ipv6", "unix"]
     host: str = ""  # ipv4/ipv6 only, without brackets
     port: int = 0  # ipv4/ipv6 only; 0 lets the kernel choose
     path: str = ""  # unix only
     mode: int | None = None  # unix only: chmod of the socket file, None keeps the umask's
+    transport: Literal["tcp", "udp"] = "tcp"  # udp: ipv4/ipv6 only
 
     def __str__(self) -> str:
         if self.family == "unix":
             return f"unix:{self.path}"
+        prefix = "udp:" if self.transport == "udp" else ""
         if self.family == "ipv6":
-            return f"[{self.host}]:{self.port}"
-        return f"{self.host}:{self.port}"
+            return f"{prefix}[{self.host}]:{self.port}"
+        return f"{prefix}{self.host}:{self.port}"
+
+    @property
+    def is_udp(self) -> bool:
+        return self.transport == "udp"
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +121,27 @@ class DaemonConfig:
     log_file: str | None = None
 
 
+# Source ports whose services answer any datagram: a reply to them could start a loop
+# between two such services (CVE-1999-0103, echo <-> chargen) or reflect a spoofed request
+# at them. FreeBSD inetd's check_loop() refuses the same small services; 0 is never a real
+# source port. 7 echo, 13 daytime, 17 qotd, 19 chargen, 37 time, 53 DNS, 111 portmapper,
+# 123 NTP, 161 SNMP, 389 CLDAP, 1900 SSDP, 11211 memcached.
+DEFAULT_REFUSED_SOURCE_PORTS = (0, 7, 13, 17, 19, 37, 53, 111, 123, 161, 389, 1900, 11211)
+
+
+@dataclass(frozen=True, slots=True)
+class UdpConfig:
+    """UDP echo limits: token buckets per source address and in total, and loop guards."""
+
+    rate: float = 100  # datagrams per second answered per source address; 0: no limit
+    burst: int = 200  # the per-source bucket: datagrams answered at once after a pause
+    byte_rate_bytes: int = 1 * MiB  # bytes per second answered per source; 0: no limit
+    total_rate: float = 10_000  # datagrams per second answered over all sources; 0: no limit
+    sources: int = 8192  # source addresses tracked at once (least recently seen forgotten)
+    refuse_source_ports: tuple[int, ...] = DEFAULT_REFUSED_SOURCE_PORTS
+    max_datagram_bytes: int = MAX_UDP_PAYLOAD_BYTES  # longer datagrams are dropped, not cut
+
+
 @dataclass(frozen=True, slots=True)
 class MetricsConfig:
     """The Prometheus endpoint (HTTP on the daemon's own loop); off while listen is None."""
@@ -138,6 +170,7 @@ class Config:
     stats_interval_s: float = 60.0  # 0: no periodic stats line
     watchdog: bool = True
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    udp: UdpConfig = field(default_factory=UdpConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: str = ""  # the file it came from, for messages
 
@@ -148,7 +181,7 @@ _PORT = re.compile(r"[0-9]{1,10}")  # more digits are no port; int() of them is 
 
 
 def parse_address(text: str) -> ListenAddress:
-    """Parse "127.0.0.1:7080", "[::1]:7080" or "unix:/path" into a ListenAddress.
+    """Parse "127.0.0.1:7080", "[::1]:7080", "unix:/path" or "udp:..." into a ListenAddress.
 
     Hosts must be IP literals; they are normalized ("[::0001]" becomes "[::1]").
 
@@ -157,9 +190,24 @@ def parse_address(text: str) -> ListenAddress:
     """
     if text.startswith("unix:"):
         return ListenAddress("unix", path=_check_unix_path(text[5:]))
+    if text.startswith("udp:"):
+        if text.startswith("udp:unix:"):
+            raise ValueError(f"UDP listens on IP addresses only, got {_show(text)}")
+        address = _parse_ip_address(text[4:], text, "udp:")
+        return dataclasses.replace(address, transport="udp")
+    return _parse_ip_address(text, text, "")
+
+
+def _parse_ip_address(text: str, written: str, prefix: str) -> ListenAddress:
+    """Parse "HOST:PORT" or "[HOST]:PORT"; messages quote written and use prefix in examples."""
     host, sep, port_text = text.rpartition(":")
     if not sep or not _PORT.fullmatch(port_text):
-        raise ValueError(f"expected HOST:PORT, [HOST]:PORT or unix:/PATH, got {_show(text)}")
+        expected = (
+            f"{prefix}HOST:PORT or {prefix}[HOST]:PORT"
+            if prefix
+            else "HOST:PORT, [HOST]:PORT or unix:/PATH"
+        )
+        raise ValueError(f"expected {expected}, got {_show(written)}")
     port = int(port_text)
     if port > 65535:
         raise ValueError(f"port must be 0-65535, got {port}")
@@ -167,16 +215,20 @@ def parse_address(text: str) -> ListenAddress:
         try:
             return ListenAddress("ipv6", host=str(ipaddress.IPv6Address(host[1:-1])), port=port)
         except ValueError:
-            raise ValueError(f"expected an IPv6 address in brackets, got {_show(text)}") from None
+            raise ValueError(
+                f"expected an IPv6 address in brackets, got {_show(written)}"
+            ) from None
     try:
         return ListenAddress("ipv4", host=str(ipaddress.IPv4Address(host)), port=port)
     except ValueError:
         pass
     if ":" in host:
-        raise ValueError(f"IPv6 addresses need brackets, as in [::1]:7080, got {_show(text)}")
+        raise ValueError(
+            f"IPv6 addresses need brackets, as in {prefix}[::1]:7080, got {_show(written)}"
+        )
     raise ValueError(
-        f"expected an IP address (host names are not resolved) such as 127.0.0.1:7080"
-        f" or [::1]:7080, got {_show(text)}"
+        f"expected an IP address (host names are not resolved) such as {prefix}127.0.0.1:7080"
+        f" or {prefix}[::1]:7080, got {_show(written)}"
     )
 
 
@@ -302,6 +354,19 @@ def _duration(value: object) -> float:
 def _write_duration(seconds: float) -> str:
     # repr() is the shortest text float() reads back exactly: round trips stay equal.
     return f"{int(seconds)}s" if seconds.is_integer() else f"{seconds!r}s"
+
+
+def _rate(value: object) -> float:
+    """A non-negative, finite number of events per second (ints stay ints for --print-config)."""
+    kind = "a number per second (0 turns the limit off)"
+    if type(value) is not int and type(value) is not float:  # type(): a bool is no number
+        raise _Invalid(f"expected {kind}")
+    assert isinstance(value, int | float)
+    if not math.isfinite(value) or value < 0:
+        raise _Invalid(f"expected {kind}")
+    if value > MAX_RATE:
+        raise _Invalid(f"must be at most {MAX_RATE}")
+    return value + 0.0 if type(value) is float else value  # + 0.0 turns -0.0 into 0.0
 
 
 def _choice(*choices: str) -> Convert:
@@ -558,29 +623,52 @@ def _read_listen(loader: _Loader, node: yaml.Node, name: str) -> tuple[ListenAdd
 # Two listen entries collide when they name the same socket (a mode does not make a second
 # one), or when one is the wildcard (0.0.0.0, [::]) of the other's family and port: bind(2)
 # then fails with EADDRINUSE. listeners.bind() sets IPV6_V6ONLY, so [::] and 0.0.0.0 do not
-# collide, and port 0 never does.
+# collide, and port 0 never does. TCP and UDP ports are separate name spaces.
 
 
 def _own_keys(a: ListenAddress) -> list[tuple[object, ...]]:
     """What a takes: its socket, and its port (as a wildcard or as a specific address)."""
-    keys: list[tuple[object, ...]] = [("socket", a.family, a.host, a.port, a.path)]
+    keys: list[tuple[object, ...]] = [("socket", a.transport, a.family, a.host, a.port, a.path)]
     if a.family != "unix" and a.port:
-        keys.append(("port", a.family, a.port, _is_wildcard(a)))
+        keys.append(("port", a.transport, a.family, a.port, _is_wildcard(a)))
     return keys
 
 
 def _conflict_keys(a: ListenAddress) -> list[tuple[object, ...]]:
     """What a cannot share: its socket; a port taken by a wildcard; any address, if a is one."""
-    keys: list[tuple[object, ...]] = [("socket", a.family, a.host, a.port, a.path)]
+    keys: list[tuple[object, ...]] = [("socket", a.transport, a.family, a.host, a.port, a.path)]
     if a.family != "unix" and a.port:
-        keys.append(("port", a.family, a.port, True))
+        keys.append(("port", a.transport, a.family, a.port, True))
         if _is_wildcard(a):
-            keys.append(("port", a.family, a.port, False))
+            keys.append(("port", a.transport, a.family, a.port, False))
     return keys
 
 
 def _is_wildcard(a: ListenAddress) -> bool:
     return ipaddress.ip_address(a.host).is_unspecified
+
+
+def _read_ports(loader: _Loader, node: yaml.Node, name: str) -> tuple[int, ...]:
+    """A list of distinct port numbers, each checked at its own line."""
+    if not isinstance(node, yaml.SequenceNode) or node.tag != _SEQ_TAG:
+        got = _got(loader.scalar(node, name), node)
+        raise _NodeError(
+            node, f"{name}: expected a list of port numbers such as [0, 7, 19], got {got}"
+        )
+    ports: list[int] = []
+    for index, item in enumerate(node.value):
+        number = loader.scalar(item, f"{name}[{index}]")
+        if type(number) is not int or not 0 <= number <= 65535:  # type(): a bool is no port
+            got = _got(number, item)
+            raise _NodeError(item, f"{name}[{index}]: expected a port number 0-65535, got {got}")
+        if number in ports:
+            raise _NodeError(item, f"{name}[{index}]: port {number} is listed twice")
+        ports.append(number)
+    return tuple(ports)
+
+
+def _write_ports(ports: tuple[int, ...]) -> list[int]:
+    return list(ports)
 
 
 def _write_address(a: ListenAddress) -> object:
@@ -603,7 +691,12 @@ def _read_optional_address(loader: _Loader, node: yaml.Node, name: str) -> Liste
                 f'{name}: expected an address such as "127.0.0.1:9707", or null,'
                 f" got {_got(value, node)}",
             )
-    return _read_address(loader, node, name)
+    address = _read_address(loader, node, name)
+    if address.is_udp:  # Prometheus scrapes over HTTP, which needs a stream
+        raise _NodeError(
+            node, f"{name}: the metrics endpoint is HTTP over TCP, got {str(address)!r}"
+        )
+    return address
 
 
 def _write_optional_address(address: ListenAddress | None) -> object:
@@ -684,6 +777,16 @@ _SCHEMA: tuple[_Entry, ...] = (
     _Section("daemon", "daemon", DaemonConfig, (
         _Option("pidfile", "pidfile", _scalar(_optional_path), _same),
         _Option("log_file", "log_file", _scalar(_optional_path), _same),
+    )),
+    _Section("udp", "udp", UdpConfig, (
+        _Option("rate", "rate", _scalar(_rate), _same),
+        _Option("burst", "burst", _scalar(_integer(1, MAX_RATE)), _same),
+        _Option("byte_rate", "byte_rate_bytes", _scalar(_size(0, 1 * GiB)), _write_size),
+        _Option("total_rate", "total_rate", _scalar(_rate), _same),
+        _Option("sources", "sources", _scalar(_integer(1, 1_000_000)), _same),
+        _Option("refuse_source_ports", "refuse_source_ports", _read_ports, _write_ports),
+        _Option("max_datagram", "max_datagram_bytes",
+                _scalar(_size(1, MAX_UDP_PAYLOAD_BYTES)), _write_size),
     )),
     _Section("metrics", "metrics", MetricsConfig, (
         _Option("listen", "listen", _read_optional_address, _write_optional_address),

@@ -1,7 +1,8 @@
-"""Bind, adopt and close listening sockets: TCP over IPv4/IPv6 and Unix stream sockets.
+"""Bind, adopt and close listening sockets: TCP and UDP over IPv4/IPv6, Unix stream sockets.
 
 A Listener is a reactor handler: an event only tells its owner (the service) that
-connections wait; accepting is the owner's policy.
+connections wait; accepting is the owner's policy. A UDP socket is bound here too, but
+served by udp.UdpEndpoint, not by a Listener's handler.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 from epolld.config import ListenAddress
 from epolld.errors import BindError
+
+# Python 3.11 has IPV6_RECVPKTINFO but not IP_PKTINFO (added in 3.12); 8 is Linux's value
+# (linux/in.h), the same on every architecture.
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 
 if TYPE_CHECKING:
     from epolld.handoff import State, StateWriter
@@ -78,7 +83,11 @@ class Listener:
 
     @property
     def is_tcp(self) -> bool:
-        return self.sock.family in (socket.AF_INET, socket.AF_INET6)
+        return self.sock.family in (socket.AF_INET, socket.AF_INET6) and not self.is_udp
+
+    @property
+    def is_udp(self) -> bool:
+        return self.sock.type == socket.SOCK_DGRAM
 
 
 def describe_socket(sock: socket.socket) -> str:
@@ -87,7 +96,10 @@ def describe_socket(sock: socket.socket) -> str:
         path = sock.getsockname()
         return f"unix:{path if isinstance(path, str) else path.decode(errors='replace')}"
     host, port = sock.getsockname()[:2]
-    return f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}"
+    prefix = "udp:" if sock.type == socket.SOCK_DGRAM else ""
+    return (
+        f"{prefix}[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{prefix}{host}:{port}"
+    )
 
 
 def bind(address: ListenAddress, backlog: int) -> Listener:
@@ -98,6 +110,8 @@ def bind(address: ListenAddress, backlog: int) -> Listener:
     """
     if address.family == "unix":
         return _bind_unix(address, backlog)
+    if address.is_udp:
+        return _bind_udp(address)
     family = socket.AF_INET6 if address.family == "ipv6" else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
     try:
@@ -112,6 +126,42 @@ def bind(address: ListenAddress, backlog: int) -> Listener:
         sock.close()
         raise BindError(_bind_message(str(address), e), errno=e.errno) from None
     return Listener(sock, address, describe_socket(sock))
+
+
+def _bind_udp(address: ListenAddress) -> Listener:
+    """A UDP socket; on a wildcard address it learns each datagram's destination address.
+
+    No SO_REUSEADDR: for UDP it would let a second socket bind the same port and take a
+    share of the datagrams, and there is no TIME_WAIT to wait out.
+    """
+    family = socket.AF_INET6 if address.family == "ipv6" else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((address.host, address.port))
+        enable_pktinfo(sock)
+    except OSError as e:
+        sock.close()
+        raise BindError(_bind_message(str(address), e), errno=e.errno) from None
+    return Listener(sock, address, describe_socket(sock))
+
+
+def enable_pktinfo(sock: socket.socket) -> bool:
+    """On a wildcard UDP socket, ask for IP_PKTINFO / IPV6_PKTINFO with each datagram.
+
+    A reply from a wildcard socket would otherwise leave from whatever address the route
+    picks, not the one the client sent to, and the client drops it (it is not the peer it
+    wrote to). Returns whether the socket is a wildcard one (and now gets the option).
+    """
+    host = sock.getsockname()[0]
+    if sock.family == socket.AF_INET6 and host == "::":
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+        return True
+    if sock.family == socket.AF_INET and host == "0.0.0.0":
+        sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+        return True
+    return False
 
 
 def _bind_unix(address: ListenAddress, backlog: int) -> Listener:

@@ -36,6 +36,7 @@ from epolld.listeners import Listener
 from epolld.loop import Reactor
 from epolld.splice import SpliceConnection, connection_class, make_pipe
 from epolld.systemd import Notifier
+from epolld.udp import UdpEndpoints
 
 if TYPE_CHECKING:  # epolld.metrics loads prometheus_client: imported only when metrics are on
     from epolld.metrics import MetricsApp, MetricsEndpoint
@@ -117,8 +118,12 @@ class EchoService:
             make_pipe=self._make_pipe,
         )
         self._apply_settings(config)
+        self._udp = UdpEndpoints(self.reactor, config.udp, edge=self._edge)
         for listener in listeners:
-            self._add_listener(listener)
+            if listener.is_udp:
+                self._udp.add(listener)
+            else:
+                self._add_listener(listener)
         # The restart handoff: what else contributes a record (the daemon's pidfile), and,
         # in the next process, the handoff it was restored from.
         self._handoff_sources: list[handoff.HandoffSource] = []
@@ -179,13 +184,13 @@ class EchoService:
     def _started(self) -> None:
         """Signals are handled from here on: tell the world we serve."""
         self._start_timers()
-        for listener in self.listeners:
+        for listener in [*self.listeners, *self._udp.listeners]:
             log.info(
                 "listening",
                 address=listener.name,
                 fd=listener.fd,
                 trigger=self._config.trigger,
-                io=self._config.io,
+                io="copy" if listener.is_udp else self._config.io,  # no splice for UDP
                 inherited=listener.inherited,
             )
         if self._metrics is not None:
@@ -429,6 +434,7 @@ class EchoService:
             self.reactor.close(listener)
         self._listeners.clear()
         self._paused.clear()
+        self._udp.close_all()
         self.reactor.release()
 
     # -- timers --------------------------------------------------------------------
@@ -493,6 +499,7 @@ class EchoService:
             self.reactor.close(listener)
         self._listeners.clear()
         self._paused.clear()
+        self._udp.close_all()  # nothing to drain: a datagram is answered at once or never
         self._stop_metrics()
         for conn in self._connections():
             self.reactor.set_mask(conn, conn.begin_shutdown())
@@ -584,7 +591,14 @@ class EchoService:
             "config": config_mod.render_config(self._config),
             "config_source": self._config.source,
             # Totals travel, so that stats and metrics stay monotonic across restarts.
-            "service": {"started_at": self._started_at, "counters": asdict(self.counters)},
+            "service": {
+                "started_at": self._started_at,
+                "counters": asdict(self.counters),
+                "udp": {
+                    name: getattr(self._udp.stats, name)
+                    for name in ("received", "echoed", "icmp_errors", "dropped")
+                },
+            },
         }
         transport: handoff.Transport | None = None
         try:
@@ -673,10 +687,14 @@ class EchoService:
         if totals:
             self._started_at = float(totals["started_at"])
             self._restore_counters(totals.get("counters") or {})
+            for name, value in (totals.get("udp") or {}).items():
+                if hasattr(self._udp.stats, name):
+                    setattr(self._udp.stats, name, value)
         restorers: dict[str, handoff.Restorer] = {
             "listener": self._restore_listener,
             "connection": self._restore_connection,
             "metrics_listener": self._restore_metrics_listener,
+            "udp": self._restore_udp,
             **(more or {}),
         }
         counts = handoff.restore(state, restorers)
@@ -715,9 +733,9 @@ class EchoService:
             BindError: a new address could not be bound; the handed-over listeners stay.
         """
         self._reconcile_metrics_after_handoff()
-        if any(lst.inherited for lst in self.listeners):
+        if any(lst.inherited for lst in [*self.listeners, *self._udp.listeners]):
             return
-        for listener in self.listeners:
+        for listener in [*self.listeners, *self._udp.listeners]:
             _match_bound_port(listener, self._config.listen)
         self._reconcile_listeners(previous, self._config)
 
@@ -741,6 +759,9 @@ class EchoService:
 
     def _restore_listener(self, record: dict[str, Any], state: handoff.State) -> None:
         self._add_listener(Listener.from_handoff(record, state))
+
+    def _restore_udp(self, record: dict[str, Any], state: handoff.State) -> None:
+        self._udp.add(Listener.from_handoff(record, state))
 
     def _restore_metrics_listener(self, record: dict[str, Any], state: handoff.State) -> None:
         listener = Listener.from_handoff(record, state)
@@ -807,7 +828,7 @@ class EchoService:
         # Bound first, like new echo addresses: a failure changes nothing.
         metrics_listener = self._bind_metrics(new) if metrics_moved else None
         try:
-            if not any(lst.inherited for lst in self.listeners):
+            if not any(lst.inherited for lst in [*self.listeners, *self._udp.listeners]):
                 self._reconcile_listeners(old, new)
             elif new.listen != old.listen:
                 log.warning("listen_ignored", reason="sockets come from systemd socket activation")
@@ -831,6 +852,7 @@ class EchoService:
         if new.logging != old.logging:
             logsetup.configure(new.logging.level, new.logging.format)
         self._apply_settings(new)
+        self._udp.configure(new.udp, edge=self._edge)
         if new.trigger != old.trigger:
             # Open connections keep the mode they were registered in; listeners switch,
             # or an edge-triggered listener could sit on a backlog the level code leaves.
@@ -854,7 +876,11 @@ class EchoService:
         Raises:
             BindError: nothing was changed.
         """
-        current = {lst.address: lst for lst in self.listeners if lst.address is not None}
+        current = {
+            lst.address: lst
+            for lst in [*self.listeners, *self._udp.listeners]
+            if lst.address is not None
+        }
         added: list[Listener] = []
         try:
             for address in new.listen:
@@ -866,14 +892,20 @@ class EchoService:
             raise
         for address, listener in current.items():
             if address not in new.listen:
-                self._listeners.pop(listener.fd, None)
-                self._paused.pop(listener.fd, None)
-                self.reactor.close(listener)
+                if listener.is_udp:
+                    self._udp.remove(listener)
+                else:
+                    self._listeners.pop(listener.fd, None)
+                    self._paused.pop(listener.fd, None)
+                    self.reactor.close(listener)
                 log.info("listener_closed", address=listener.name)
-            elif new.backlog != old.backlog:
+            elif new.backlog != old.backlog and not listener.is_udp:
                 listener.sock.listen(new.backlog)
         for listener in added:
-            self._add_listener(listener)
+            if listener.is_udp:
+                self._udp.add(listener)
+            else:
+                self._add_listener(listener)
             log.info("listening", address=listener.name, fd=listener.fd, trigger=new.trigger)
 
     def _bind_beside(
@@ -888,7 +920,9 @@ class EchoService:
                 ours = [
                     lst.name
                     for lst in current.values()
-                    if lst.is_tcp and lst.sock.getsockname()[1] == address.port
+                    if lst.sock.family != socket.AF_UNIX
+                    and lst.is_udp == address.is_udp
+                    and lst.sock.getsockname()[1] == address.port
                 ]
                 if ours:
                     raise BindError(
@@ -931,6 +965,8 @@ class EchoService:
             bytes_sent=bytes_out,
             listeners=len(self._listeners),
             accept_paused=bool(self._paused),
+            # Once UDP has served, its series stay (counters must not vanish on a reload).
+            udp=self._udp.stats if len(self._udp) or self._udp.stats.received else None,
         )
 
     # -- reporting -----------------------------------------------------------------
@@ -956,6 +992,7 @@ class EchoService:
             "listeners": len(self._listeners),
             "accept_paused": bool(self._paused),
             "splice_connections": self._pipes,
+            **self._udp.counters(),
         }
 
     def _on_stats_signal(self, signum: int) -> None:
@@ -965,13 +1002,18 @@ class EchoService:
         log.info("stats", **self.stats())
 
     def _status_line(self) -> str:
-        names = " ".join(lst.name for lst in self.listeners)
+        names = " ".join(lst.name for lst in [*self.listeners, *self._udp.listeners])
         now = time.monotonic()
         total = self._byte_totals()[1]
         then, before = self._status_bytes
         self._status_bytes = (now, total)
         rate = (total - before) / (now - then) / 1e6 if now > then else 0.0
-        return f"echoing on {names}; {self._conn_count} connections; {rate:.1f} MB/s"
+        line = f"echoing on {names}; {self._conn_count} connections; {rate:.1f} MB/s"
+        if len(self._udp):
+            counts = self._udp.stats
+            dropped = sum(counts.dropped.values())
+            line += f"; {counts.echoed} datagrams echoed, {dropped} dropped"
+        return line
 
     def _send_status(self) -> None:
         self._notifier.status(self._status_line())
@@ -981,7 +1023,7 @@ def _match_bound_port(listener: Listener, addresses: tuple[ListenAddress, ...]) 
     """A listener configured with port 0 matches the address naming the port it got
     ("127.0.0.1:0", then "127.0.0.1:46145" in the file, keeps the socket)."""
     address = listener.address
-    if address is None or address.port or not listener.is_tcp:
+    if address is None or address.port or address.family == "unix":
         return
     bound = dataclasses.replace(address, port=listener.sock.getsockname()[1])
     if bound in addresses:

@@ -30,6 +30,7 @@ class Daemon:
         args: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
         nofile: int | None = None,
+        prefix: tuple[str, ...] = (),
     ) -> None:
         self.config_path = config_path
         self.logs: list[dict[str, Any]] = []
@@ -43,6 +44,7 @@ class Daemon:
 
         self.proc = subprocess.Popen(
             [
+                *prefix,  # e.g. ("ip", "netns", "exec", NAME), which execs: the PID stays
                 sys.executable,
                 "-m",
                 "epolld",

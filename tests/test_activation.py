@@ -141,13 +141,15 @@ def test_missing_or_mismatched_names_are_unknown(
     assert finish(child) == 0
 
 
-def test_datagram_socket_is_refused() -> None:
-    """A passed socket that is not a listening stream socket is a BindError naming the fd."""
+def test_connected_datagram_socket_is_refused() -> None:
+    """A passed datagram socket connected to one peer cannot serve UDP echo: a BindError."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-        udp.bind(("127.0.0.1", 0))
+        udp.connect(("127.0.0.1", 9))
         child, report = run_child([udp], {"LISTEN_FDS": "1", "LISTEN_FDNAMES": "udp"})
     assert finish(child) == 69
-    assert report["error"] == "inherited fd 3 (udp): not a listening stream socket"
+    assert report["error"] == (
+        "inherited fd 3 (udp): neither a listening stream socket nor a UDP socket"
+    )
     assert report["fd3_open"], "a refused fd is left as systemd passed it"
 
 
@@ -157,7 +159,7 @@ def test_connected_socket_is_refused() -> None:
     with left, right:
         child, report = run_child([left], {"LISTEN_FDS": "1"})
     assert finish(child) == 69
-    assert "not a listening stream socket" in report["error"]
+    assert "neither a listening stream socket nor a UDP socket" in report["error"]
 
 
 def test_systemd_socket_activate_hands_over_a_unix_socket(tmp_path: Path) -> None:

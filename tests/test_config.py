@@ -20,6 +20,7 @@ from epolld.config import (
     LimitsConfig,
     ListenAddress,
     LoggingConfig,
+    UdpConfig,
     changes,
     describe,
     load_config,
@@ -400,6 +401,115 @@ SCHEMA_ERRORS = [
         ":2: daemon.log_file: a path must be valid Unicode text, got '/var/log/\\ud800'",
         id="surrogate-in-log-file",
     ),
+    # udp listen entries and the udp section
+    pytest.param(
+        "listen: ['udp:7080']\n",
+        ":1: listen[0]: expected udp:HOST:PORT or udp:[HOST]:PORT, got 'udp:7080'",
+        id="udp-no-host",
+    ),
+    pytest.param(
+        "listen: ['udp:::1:7']\n",
+        ":1: listen[0]: IPv6 addresses need brackets, as in udp:[::1]:7080, got 'udp:::1:7'",
+        id="udp-ipv6-without-brackets",
+    ),
+    pytest.param(
+        "listen: ['udp:localhost:7']\n",
+        ":1: listen[0]: expected an IP address (host names are not resolved) such as"
+        " udp:127.0.0.1:7080 or udp:[::1]:7080, got 'udp:localhost:7'",
+        id="udp-host-name",
+    ),
+    pytest.param(
+        "listen: ['udp:unix:/run/e.sock']\n",
+        ":1: listen[0]: UDP listens on IP addresses only, got 'udp:unix:/run/e.sock'",
+        id="udp-unix",
+    ),
+    pytest.param(
+        "listen: ['udp:127.0.0.1:65536']\n",
+        ":1: listen[0]: port must be 0-65535, got 65536",
+        id="udp-port-range",
+    ),
+    pytest.param(
+        "listen:\n  - udp:127.0.0.1:7\n  - 127.0.0.1:7\n  - udp:127.0.0.1:7\n",
+        ":4: listen[2]: duplicate address 'udp:127.0.0.1:7' (first listed on line 2)",
+        id="udp-duplicate",
+    ),
+    pytest.param(
+        "listen:\n  - udp:0.0.0.0:7\n  - udp:127.0.0.2:7\n",
+        ":3: listen[1]: 'udp:127.0.0.2:7' and 'udp:0.0.0.0:7' (line 2) cannot both be bound:"
+        " a wildcard address takes its port on every address",
+        id="udp-under-wildcard",
+    ),
+    pytest.param(
+        "udp:\n  rate: -1\n",
+        ":2: udp.rate: expected a number per second (0 turns the limit off), got -1",
+        id="udp-rate-negative",
+    ),
+    pytest.param(
+        "udp:\n  rate: .inf\n",
+        ":2: udp.rate: expected a number per second (0 turns the limit off), got inf",
+        id="udp-rate-infinite",
+    ),
+    pytest.param(
+        "udp:\n  total_rate: yes\n",
+        ":2: udp.total_rate: expected a number per second (0 turns the limit off),"
+        " got a boolean (yes)",
+        id="udp-total-rate-boolean",
+    ),
+    pytest.param(
+        "udp:\n  total_rate: 20000000\n",
+        ":2: udp.total_rate: must be at most 10000000, got 20000000",
+        id="udp-total-rate-too-large",
+    ),
+    pytest.param(
+        "udp:\n  burst: 0\n",
+        ":2: udp.burst: expected a positive integer, got 0",
+        id="udp-burst-zero",
+    ),
+    pytest.param(
+        "udp:\n  byte_rate: 1MB\n",
+        ":2: udp.byte_rate: ambiguous unit 'MB': write MiB (1024-based) or bytes, got '1MB'",
+        id="udp-byte-rate-ambiguous",
+    ),
+    pytest.param(
+        "udp:\n  sources: 0\n",
+        ":2: udp.sources: expected a positive integer, got 0",
+        id="udp-sources-zero",
+    ),
+    pytest.param(
+        "udp:\n  max_datagram: 64KiB\n",
+        ":2: udp.max_datagram: must be at most 65507, got '64KiB'",
+        id="udp-max-datagram-too-large",
+    ),
+    pytest.param(
+        "udp:\n  max_datagram: 0\n",
+        ":2: udp.max_datagram: must be more than 0 bytes, got 0",
+        id="udp-max-datagram-zero",
+    ),
+    pytest.param(
+        "udp:\n  refuse_source_ports: 19\n",
+        ":2: udp.refuse_source_ports: expected a list of port numbers such as [0, 7, 19], got 19",
+        id="udp-ports-not-a-list",
+    ),
+    pytest.param(
+        "udp:\n  refuse_source_ports:\n    - 7\n    - 70000\n",
+        ":4: udp.refuse_source_ports[1]: expected a port number 0-65535, got 70000",
+        id="udp-port-too-large",
+    ),
+    pytest.param(
+        "udp:\n  refuse_source_ports:\n    - 7\n    - true\n",
+        ":4: udp.refuse_source_ports[1]: expected a port number 0-65535, got a boolean (true)",
+        id="udp-port-boolean",
+    ),
+    pytest.param(
+        "udp:\n  refuse_source_ports: [7, 19, 7]\n",
+        ":2: udp.refuse_source_ports[2]: port 7 is listed twice",
+        id="udp-port-twice",
+    ),
+    pytest.param(
+        "udp:\n  rat: 5\n",
+        ":2: unknown option 'rat' in udp (did you mean 'rate'?)",
+        id="udp-typo",
+    ),
     # shapes
     pytest.param(
         "limits: 5\n", ":1: limits: expected a mapping of options, got 5", id="section-scalar"
@@ -559,7 +669,7 @@ def test_empty_file_is_all_defaults(tmp_path: pathlib.Path, text: str) -> None:
     assert load_config(path) == Config(source=path)
 
 
-@pytest.mark.parametrize("section", ["buffers", "limits", "logging", "daemon"])
+@pytest.mark.parametrize("section", ["buffers", "limits", "logging", "daemon", "udp"])
 def test_empty_section_is_defaults(tmp_path: pathlib.Path, section: str) -> None:
     """A section whose options are all commented out keeps its defaults."""
     path = write(tmp_path, f"{section}:\n  # nothing here\n")
@@ -627,6 +737,52 @@ def test_listen_wildcards_that_can_coexist(tmp_path: pathlib.Path) -> None:
     assert len(config.listen) == 6
 
 
+def test_udp_listen_forms(tmp_path: pathlib.Path) -> None:
+    """udp: entries parse for IPv4 and IPv6, and may share a port number with TCP entries."""
+    config = load_text(
+        tmp_path,
+        "listen:\n  - 127.0.0.1:7\n  - udp:127.0.0.1:7\n  - '[::]:7'\n  - 'udp:[::]:7'\n"
+        "  - udp:0.0.0.0:8\n",
+    )
+    assert config.listen == (
+        ListenAddress("ipv4", host="127.0.0.1", port=7),
+        ListenAddress("ipv4", host="127.0.0.1", port=7, transport="udp"),
+        ListenAddress("ipv6", host="::", port=7),
+        ListenAddress("ipv6", host="::", port=7, transport="udp"),
+        ListenAddress("ipv4", host="0.0.0.0", port=8, transport="udp"),
+    )
+    assert [str(a) for a in config.listen] == [
+        "127.0.0.1:7", "udp:127.0.0.1:7", "[::]:7", "udp:[::]:7", "udp:0.0.0.0:8",
+    ]  # fmt: skip
+    assert [a.is_udp for a in config.listen] == [False, True, False, True, True]
+
+
+def test_udp_defaults_are_the_issue_s() -> None:
+    """UDP is off by default, and its limits default to safe values with loop guards."""
+    config = Config()
+    assert not any(a.is_udp for a in config.listen)
+    assert config.udp == UdpConfig(
+        rate=100,
+        burst=200,
+        byte_rate_bytes=1024 * 1024,
+        total_rate=10_000,
+        sources=8192,
+        refuse_source_ports=(0, 7, 13, 17, 19, 37, 53, 111, 123, 161, 389, 1900, 11211),
+        max_datagram_bytes=65507,
+    )
+
+
+def test_udp_zero_rates_and_fractions(tmp_path: pathlib.Path) -> None:
+    """0 turns a rate off, a fractional rate is kept, and an empty port list refuses none."""
+    config = load_text(
+        tmp_path,
+        "udp:\n  rate: 0.5\n  byte_rate: 0\n  total_rate: 0\n  refuse_source_ports: []\n",
+    )
+    assert config.udp == UdpConfig(
+        rate=0.5, byte_rate_bytes=0, total_rate=0, refuse_source_ports=()
+    )
+
+
 def test_every_option_set(tmp_path: pathlib.Path) -> None:
     """A file setting every option yields exactly those values."""
     path = write(
@@ -643,6 +799,8 @@ logging: {level: trace, format: json, connections: yes}
 stats_interval: 0
 watchdog: false
 daemon: {pidfile: /run/epolld.pid, log_file: /var/log/epolld.log}
+udp: {rate: 5, burst: 7, byte_rate: 64KiB, total_rate: 1000, sources: 10,
+      refuse_source_ports: [19, 7], max_datagram: 1472}
 """,
     )
     assert load_config(path) == Config(
@@ -660,6 +818,7 @@ daemon: {pidfile: /run/epolld.pid, log_file: /var/log/epolld.log}
         stats_interval_s=0.0,
         watchdog=False,
         daemon=DaemonConfig("/run/epolld.pid", "/var/log/epolld.log"),
+        udp=UdpConfig(5, 7, 64 * 1024, 1000, 10, (19, 7), 1472),
         source=path,
     )
 
@@ -709,6 +868,15 @@ def test_shipped_config_explains_exposure() -> None:
         assert needed in text
 
 
+def test_shipped_config_shows_udp_off_with_an_example_and_the_reasons() -> None:
+    """UDP stays off in the shipped file; a commented example says how and why it is off."""
+    text = SHIPPED.read_text(encoding="utf-8")
+    assert not any(a.is_udp for a in load_config(str(SHIPPED)).listen)
+    assert '#   - "udp:127.0.0.1:7080"' in text
+    for needed in ("spoofed sources", "CVE-1999-0103", "chargen", "reflection"):
+        assert needed in text
+
+
 # --- render_config, describe, changes ------------------------------------------------
 
 
@@ -731,6 +899,7 @@ def test_render_round_trips_unusual_values(tmp_path: pathlib.Path) -> None:
         shutdown_timeout_s=1e-05,
         stats_interval_s=MAX_DURATION_S,
         daemon=DaemonConfig("/run/x\ny.pid", None),
+        udp=UdpConfig(0.001, 1, 1, 0, 1, (), 1),
     )
     path = write(tmp_path, render_config(config))
     assert load_config(path) == dataclasses.replace(config, source=path)
@@ -764,6 +933,7 @@ def test_changes_lists_each_changed_option() -> None:
         limits=dataclasses.replace(old.limits, idle_timeout_s=60.0),
         logging=dataclasses.replace(old.logging, level="debug"),
         watchdog=False,
+        udp=dataclasses.replace(old.udp, rate=5, refuse_source_ports=(19,)),
     )  # fmt: skip
     assert changes(old, new) == {
         "listen": (
@@ -773,4 +943,7 @@ def test_changes_lists_each_changed_option() -> None:
         "limits.idle_timeout": (300.0, 60.0),
         "logging.level": ("info", "debug"),
         "watchdog": (True, False),
-    }
+        "udp.rate": (100, 5),
+        "udp.refuse_source_ports": ((0, 7, 13, 17, 19, 37, 53, 111, 123, 161, 389, 1900, 11211),
+                                    (19,)),
+    }  # fmt: skip

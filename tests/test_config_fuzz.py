@@ -28,6 +28,7 @@ from epolld.config import (
     LimitsConfig,
     ListenAddress,
     LoggingConfig,
+    UdpConfig,
     load_config,
     render_config,
 )
@@ -48,7 +49,9 @@ SECTIONS = {
     "limits": ["max_connections", "max_connections_per_ip", "idle_timeout"],
     "logging": ["level", "format", "connections"],
     "daemon": ["pidfile", "log_file"],
-}
+    "udp": ["rate", "burst", "byte_rate", "total_rate", "sources", "refuse_source_ports",
+            "max_datagram"],
+}  # fmt: skip
 TOP_LEVEL = ["listen", "backlog", "trigger", "io", "shutdown_timeout", "stats_interval",
              "watchdog", *SECTIONS]  # fmt: skip
 KEYS = TOP_LEVEL + [k for keys in SECTIONS.values() for k in keys] + ["path", "mode", "<<"]
@@ -232,6 +235,13 @@ def test_mutations_reach_the_validator(tmp_path: pathlib.Path) -> None:
 # --- booleans are not numbers ------------------------------------------------------------
 
 NUMERIC_OPTIONS = [
+    "udp:\n  rate: {}",
+    "udp:\n  burst: {}",
+    "udp:\n  byte_rate: {}",
+    "udp:\n  total_rate: {}",
+    "udp:\n  sources: {}",
+    "udp:\n  max_datagram: {}",
+    "udp:\n  refuse_source_ports: [{}]",
     "backlog: {}",
     "shutdown_timeout: {}",
     "stats_interval: {}",
@@ -275,11 +285,18 @@ addresses = st.one_of(
               st.ip_addresses(v=6), ports),
     st.builds(lambda path, mode: ListenAddress("unix", path=path, mode=mode),
               unix_paths, st.none() | st.integers(0, 0o777)),
+    st.builds(lambda ip, port: ListenAddress("ipv4", host=str(ip), port=port, transport="udp"),
+              st.ip_addresses(v=4), ports),
+    st.builds(lambda ip, port: ListenAddress("ipv6", host=str(ip), port=port, transport="udp"),
+              st.ip_addresses(v=6), ports),
 )  # fmt: skip
+rates = st.integers(0, 10_000_000) | st.floats(0.0, 10_000_000.0, allow_nan=False)
 
 
 def collide(a: ListenAddress, b: ListenAddress) -> bool:
     """Whether bind(2) of both fails: the same socket, or a wildcard and its port."""
+    if a.transport != b.transport:
+        return False
     if (a.family, a.host, a.port, a.path) == (b.family, b.host, b.port, b.path):
         return True
     if a.family == "unix" or a.family != b.family or a.port != b.port or a.port == 0:
@@ -319,6 +336,10 @@ valid_configs = st.builds(
     stats_interval_s=durations,
     watchdog=st.booleans(),
     daemon=st.builds(DaemonConfig, st.none() | paths, st.none() | paths),
+    udp=st.builds(UdpConfig, rates, st.integers(1, 10_000_000), st.integers(0, 2**30), rates,
+                  st.integers(1, 1_000_000),
+                  st.lists(st.integers(0, 65535), unique=True, max_size=5).map(tuple),
+                  st.integers(1, 65507)),
 )  # fmt: skip
 
 

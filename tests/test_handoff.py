@@ -398,3 +398,32 @@ def test_metrics_listener_travels_and_counters_stay_monotonic(
     after = _scrape(metrics_port)
     assert _sample(after, "epolld_connections_accepted_total") == before
     assert _sample(after, 'epolld_connections_closed_total{reason="eof"}') == 3
+
+
+def test_udp_socket_travels_and_queued_datagrams_are_echoed(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """A UDP socket keeps its port across the handoff: a datagram sent while no process
+    reads waits in the socket and is echoed by the new process."""
+    config_path = write_config(
+        tmp_path / "epolld.yaml",
+        _config("level", "copy", listen=["127.0.0.1:0", "udp:127.0.0.1:0"]),
+    )
+    daemon = Daemon(config_path)
+    daemons.append(daemon)
+    address = next(
+        e["address"] for e in daemon.wait_for("listening", count=2) if e["address"][:4] == "udp:"
+    )
+    port = int(address.rsplit(":", 1)[1])
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(WAIT_S)
+        sock.sendto(b"before", ("127.0.0.1", port))
+        assert sock.recv(100) == b"before"
+        daemon.signal(signal.SIGUSR2)
+        started = daemon.wait_for("handoff_started")[0]
+        sock.sendto(b"during", ("127.0.0.1", port))  # the old process reads no more
+        assert started["records"]["udp"] == 1
+        daemon.wait_for("handoff_complete")
+        assert sock.recv(100) == b"during"
+        sock.sendto(b"after", ("127.0.0.1", port))
+        assert sock.recv(100) == b"after"

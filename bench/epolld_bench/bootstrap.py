@@ -12,7 +12,7 @@ from typing import Any
 
 from .paths import BENCH, BIN, ROOT, VENV, VENV_PY
 
-C_PROGRAMS = ("loadgen", "echo_server")
+C_PROGRAMS = ("loadgen", "echo_server", "udpgen", "udp_echo_server")
 
 
 def sh(argv: list[str], **kwargs: Any) -> None:

@@ -184,6 +184,19 @@ TABLES["handoff"] = [
     ("ping-pong max µs", col_range("max_us")),
     ("errors", col_errors),
 ]
+TABLES["udp"] = [
+    ("datagrams/s", col_range("round_trips_per_s")),
+    ("CPU s/M datagrams", col_range("cpu_s_per_m_rt", 2)),
+    ("user", col_share("user_share")),
+    ("vs C", col_vs("cpu_s_per_m_rt", "c")),
+    ("vs uvloop", col_vs("cpu_s_per_m_rt", "uv")),
+    ("loss", lambda e, _: fmt((med(e, "loss_ratio") or 0) * 100, 2) + "%"),
+    ("p50 µs", col_median("p50_us")),
+    ("p99 µs", col_median("p99_us")),
+    ("RSS MiB", col_median("peak_rss_mib", 1)),
+    ("other", col_other),
+    ("errors", col_errors),
+]
 TABLES["scale-expiry"] = [
     ("expired", col_median("expired")),
     ("wave (s)", col_range("wave_s", 3)),
@@ -289,11 +302,13 @@ def workload_tables(data: dict[str, Any], loadgen_args: dict[str, list[str]]) ->
         if not per:
             continue
         columns = TABLES.get(name) or TABLES[workload.table]
-        ctx = Context(workload, per.get("c-epoll", {}), per.get("uvloop-protocol", {}))
+        c, uv = ("c-udp", "uvloop-datagram") if workload.udp else ("c-epoll", "uvloop-protocol")
+        ctx = Context(workload, per.get(c, {}), per.get(uv, {}))
         title = data.get("titles", {}).get(name, workload.heading)
         out += [f"## {title}", ""]
         args = loadgen_args.get(name) or workload.load.args()
-        out += [f"`loadgen --port PORT --server-pid PID {' '.join(args)}`", ""]
+        program = "udpgen" if workload.udp else "loadgen"
+        out += [f"`{program} --port PORT --server-pid PID {' '.join(args)}`", ""]
         background = data.get("background", {}).get(name)
         if background:
             out += [f"beside: {background}", ""]

@@ -41,11 +41,17 @@ Result = dict[str, Any]
 
 
 def loadgen_argv(
-    args: list[str], port: int, pid: int, warmup: float, duration: float, hold: bool = False
+    args: list[str],
+    port: int,
+    pid: int,
+    warmup: float,
+    duration: float,
+    hold: bool = False,
+    program: str = "loadgen",  # or "udpgen" for UDP workloads
 ) -> list[str]:
     nice = processes.BACKGROUND_NICE_LEVEL if hold else processes.NICE_LEVEL
     argv = [
-        *processes.pinned(processes.CLIENT_CPU, nice), str(BIN / "loadgen"),
+        *processes.pinned(processes.CLIENT_CPU, nice), str(BIN / program),
         "--port", str(port), "--server-pid", str(pid),
         "--warmup", str(warmup), "--duration", str(duration),
         "--watch-cpu", str(processes.SERVER_CPU),
@@ -116,7 +122,10 @@ def run_once(server: Server, workload: Workload, rep: int, opts: argparse.Namesp
             if server.io == "splice":
                 pipes = processes.count_pipes(proc.pid)
         before = processes.cpu_jiffies()
-        argv = loadgen_argv(workload.load.args(), port, proc.pid, opts.warmup, duration)
+        program = "udpgen" if workload.udp else "loadgen"
+        argv = loadgen_argv(
+            workload.load.args(), port, proc.pid, opts.warmup, duration, program=program
+        )
         gen = processes.spawn(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )
@@ -370,6 +379,7 @@ METRICS: dict[str, Callable[[Result], Any]] = {  # summary key: how to get it fr
     "wave_s": _field("wave_s"),
     "server_pipes": _field("server_pipes"),
     "listen_drops": _field("listen_drops"),
+    "loss_ratio": _field("loss_ratio"),
     "client_busy": _field("client_share"),
     "server_cpu_busy": lambda r: (r.get("cpu_busy") or {}).get(f"cpu{processes.SERVER_CPU}"),
     "foreign_load": _field("foreign_load"),

@@ -51,6 +51,16 @@ class CServer(Server):
 
 
 @dataclasses.dataclass(frozen=True)
+class CUdpServer(Server):
+    """bench/udp_echo_server.c: recvfrom/sendto, or recvmmsg/sendmmsg with mmsg."""
+
+    mmsg: bool = False
+
+    def command(self, workload: Workload) -> list[str]:
+        return [str(BIN / "udp_echo_server"), "--port", "0", *(["--mmsg"] if self.mmsg else [])]
+
+
+@dataclasses.dataclass(frozen=True)
 class PythonServer(Server):
     """A script in bench/servers/, run with bench/.venv's Python (uvloop is there)."""
 
@@ -70,6 +80,9 @@ class EpolldServer(Server):
 
     def config(self, workload: Workload) -> str:
         lines = ['listen: ["127.0.0.1:0"]', f"trigger: {self.trigger}"]
+        if workload.udp:  # UDP only, its limits off: the C and Python servers have none
+            lines[0] = 'listen: ["udp:127.0.0.1:0"]'
+            lines.append("udp: {rate: 0, byte_rate: 0, total_rate: 0}")
         if self.io:
             lines.append(f"io: {self.io}")
         limits = workload.epolld_config()
@@ -103,19 +116,24 @@ SERVERS: list[Server] = [
     EpolldServer("epolld-edge", "epolld, trigger: edge", trigger="edge"),
     EpolldServer("epolld-splice", "epolld, io: splice (level)", io="splice", trigger="level"),
     EpolldServer("epolld-splice-edge", "epolld, io: splice (edge)", io="splice", trigger="edge"),
+    CUdpServer("c-udp", "C epoll UDP, recvfrom/sendto (bench/udp_echo_server.c)"),
+    CUdpServer("c-udp-mmsg", "C epoll UDP, recvmmsg/sendmmsg (64 per call)", mmsg=True),
+    PythonServer("asyncio-datagram", "asyncio DatagramProtocol", script="asyncio_datagram.py"),
+    PythonServer("uvloop-datagram", "uvloop DatagramProtocol", script="uvloop_datagram.py"),
 ]
 BY_NAME = {s.name: s for s in SERVERS}
 
 
 def listening_event(line: str) -> dict[str, Any] | None:
-    """The {"event": "listening", "address": "127.0.0.1:PORT"} log line, with "port" added."""
+    """The {"event": "listening", "address": "127.0.0.1:PORT"} log line (or "udp:..."),
+    with "port" added."""
     try:
         event = json.loads(line)
     except ValueError:
         return None
     if not isinstance(event, dict) or event.get("event") != "listening":
         return None
-    host, _, port = str(event.get("address", "")).rpartition(":")
+    host, _, port = str(event.get("address", "")).removeprefix("udp:").rpartition(":")
     if host != "127.0.0.1" or not port.isdigit():
         return None
     return {**event, "port": int(port)}

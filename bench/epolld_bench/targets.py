@@ -86,6 +86,15 @@ TARGETS: list[Target] = [
       "scale-expiry", "epolld-edge", "max", "<=", "", 100_000.0, 9),
     T("S6-splice", "10,000 connections, splice: all connected and echoing <= 1.1x C",
       "scale-10k", "epolld-splice", "echoing", "<=", "c-epoll", 1.1, 9),
+    # issue 10: UDP echo, against the plain C server and uvloop's DatagramProtocol
+    T("U1-64-c", "UDP 64 B, level: CPU/datagram <= 1.3x C (recvfrom/sendto)",
+      "udp-64", "epolld-level", "cpu", "<=", "c-udp", 1.3, 10),
+    T("U1-64-uv", "UDP 64 B, level: CPU/datagram < uvloop",
+      "udp-64", "epolld-level", "cpu", "<", "uvloop-datagram", 1.0, 10),
+    T("U1-1k-c", "UDP 1 KiB, level: CPU/datagram <= 1.3x C (recvfrom/sendto)",
+      "udp-1k", "epolld-level", "cpu", "<=", "c-udp", 1.3, 10),
+    T("U1-1k-uv", "UDP 1 KiB, level: CPU/datagram < uvloop",
+      "udp-1k", "epolld-level", "cpu", "<", "uvloop-datagram", 1.0, 10),
 ]  # fmt: skip
 METRIC_KEY = {
     "rtps": "round_trips_per_s",

@@ -25,6 +25,18 @@ CLASSIC = (
     "epolld-splice",
 )
 EPOLLD_BOTH = ("epolld-level", "epolld-edge")
+# The UDP rows (issue 10): C with recvfrom/sendto and with recvmmsg/sendmmsg, asyncio and
+# uvloop DatagramProtocol servers, epolld in both trigger modes (with its UDP limits off).
+UDP_SERVERS = (
+    "c-udp",
+    "c-udp-mmsg",
+    "asyncio-datagram",
+    "uvloop-datagram",
+    "epolld-level",
+    "epolld-edge",
+)
+UDP_SOCKETS = 4  # connected client sockets
+UDP_WINDOW = 16  # datagrams in flight per socket
 # Idle connections per holder process: two processes' worth fit under 20,000 descriptors.
 HOLDERS_PER_PROCESS = 10_000
 CONNS_PER_SOURCE_ADDRESS = 20_000  # of the 28,232 ephemeral ports (32768-60999)
@@ -36,7 +48,7 @@ FIREHOSE_WINDOW = 64 * 1024 * KIB  # beyond every buffer on the path: as fast as
 class Load:
     """One load generator process: its loadgen arguments."""
 
-    mode: str = "pingpong"  # pingpong | stream
+    mode: str = "pingpong"  # pingpong | stream | udp (bench/udpgen.c instead of loadgen)
     conns: int = 1  # active connections
     size: int = KIB  # message (pingpong) or chunk (stream) bytes
     window: int = 0  # stream: bytes in flight per connection
@@ -68,6 +80,11 @@ class Workload:
     epolld_limits: Mapping[str, str] = dataclasses.field(default_factory=dict)
     min_duration_s: float = 0.0  # measured at least this long (to cover an idle timeout)
     handoff: bool = False  # SIGUSR2 mid-run: the restart handoff (re-exec in place), timed
+
+    @property
+    def udp(self) -> bool:
+        """Datagrams, not connections: the servers listen on UDP and udpgen measures."""
+        return self.load.mode == "udp"
 
     @property
     def conns(self) -> int:
@@ -167,6 +184,23 @@ WORKLOADS = [
         quick=True,
         group="fairness",
         firehoses=2,
+    ),
+    Workload(
+        "udp-64",
+        f"UDP echo, 64 B datagrams, {UDP_SOCKETS} sockets x {UDP_WINDOW} in flight",
+        Load("udp", UDP_SOCKETS, 64, window=UDP_WINDOW),
+        table="udp",
+        servers=UDP_SERVERS,
+        quick=True,
+        group="udp",
+    ),
+    Workload(
+        "udp-1k",
+        f"UDP echo, 1 KiB datagrams, {UDP_SOCKETS} sockets x {UDP_WINDOW} in flight",
+        Load("udp", UDP_SOCKETS, KIB, window=UDP_WINDOW),
+        table="udp",
+        servers=UDP_SERVERS,
+        group="udp",
     ),
     scale(
         "scale",
