@@ -263,7 +263,8 @@ def bind_listeners(
             reason="sockets come from systemd socket activation",
             listen=[str(a) for a in config.listen],
         )
-        return [listeners.adopt(sock) for _, sock in inherited]
+        proxied = frozenset(str(a) for a in config.listen if a.proxy_protocol)
+        return [listeners.adopt(sock, proxied) for _, sock in inherited]
     if taking_over:
         return []
     bound: list[listeners.Listener] = []

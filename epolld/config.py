@@ -19,6 +19,9 @@ Decisions an operator can rely on (etc/epolld.yaml repeats them as comments):
   Hosts are IP literals: names are not resolved, so what is bound never depends on DNS.
   Entries that cannot all be bound (the same socket twice; a wildcard such as
   0.0.0.0:7080 with 127.0.0.1:7080) are refused.
+- A listen mapping may instead name {address: "0.0.0.0:7080"} (any address form), and
+  a TCP or unix: one may say proxy_protocol: true: its clients must start with a PROXY
+  header (proxy.py), sent by a proxy from proxy.trusted within proxy.timeout.
 - udp: rates of 0 turn that limit off; max_datagram is at most 65507, the largest UDP
   payload over IPv4.
 - Nesting deeper than 16 levels is refused (PyYAML is slow on deep nesting).
@@ -72,6 +75,7 @@ class ListenAddress:
     path: str = ""  # unix only
     mode: int | None = None  # unix only: chmod of the socket file, None keeps the umask's
     transport: Literal["tcp", "udp"] = "tcp"  # udp: ipv4/ipv6 only
+    proxy_protocol: bool = False  # clients must send a PROXY header first (proxy.py)
 
     def __str__(self) -> str:
         if self.family == "unix":
@@ -111,6 +115,21 @@ class LoggingConfig:
     level: LogLevel = "info"
     format: LogFormat = "auto"  # auto: journal entries under systemd, a TTY console, else JSON
     connections: bool = False  # log connection_opened/closed at info instead of debug
+
+
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+DEFAULT_TRUSTED: tuple[IpNetwork, ...] = (
+    ipaddress.IPv4Network("127.0.0.0/8"),
+    ipaddress.IPv6Network("::1/128"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    """Who may send a PROXY header on a proxy_protocol listener, and how long it may take."""
+
+    trusted: tuple[IpNetwork, ...] = DEFAULT_TRUSTED  # source networks of the proxies
+    timeout_s: float = 5.0  # the whole header must arrive within it
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +190,7 @@ class Config:
     watchdog: bool = True
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     udp: UdpConfig = field(default_factory=UdpConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: str = ""  # the file it came from, for messages
 
@@ -258,10 +278,13 @@ def _text_problem(text: str) -> str | None:
 
 
 def _address_text(address: ListenAddress) -> str:
-    """The address as changes() reports it: str(address), plus the mode if one is set."""
-    if address.mode is None:
-        return str(address)
-    return f"{address} mode={address.mode:04o}"
+    """The address as changes() reports it: str(address), plus its mode and PROXY flag."""
+    text = str(address)
+    if address.mode is not None:
+        text += f" mode={address.mode:04o}"
+    if address.proxy_protocol:
+        text += " proxy_protocol"
+    return text
 
 
 # --- converters: a YAML value to a field value, or _Invalid ------------------------------
@@ -550,36 +573,67 @@ def _scalar(convert: Convert) -> Read:
 _MODE = re.compile(r"0?[0-7]{3}")
 
 
+_ADDRESS_KEYS = ("address", "path", "mode", "proxy_protocol")
+
+
 def _read_address(loader: _Loader, node: yaml.Node, name: str) -> ListenAddress:
-    """One entry of listen: an address string, or a mapping {path, mode} for Unix sockets."""
-    if isinstance(node, yaml.MappingNode):
-        options = loader.pairs(node, name)
-        for key, (key_node, _) in options.items():
-            if key not in ("path", "mode"):
-                raise _NodeError(key_node, _unknown(key, name, ("path", "mode")))
-        if "path" not in options:
-            raise _NodeError(node, f"{name}: a unix socket mapping needs a path")
-        path_node = options["path"][1]
-        path = loader.scalar(path_node, f"{name}.path")
-        if not isinstance(path, str):
+    """One entry of listen: an address string, or a mapping {address|path, mode, proxy_protocol}."""
+    if not isinstance(node, yaml.MappingNode):
+        return _read_address_text(loader, node, name)
+    options = loader.pairs(node, name)
+    for key, (key_node, _) in options.items():
+        if key not in _ADDRESS_KEYS:
+            raise _NodeError(key_node, _unknown(key, name, _ADDRESS_KEYS))
+    if "address" in options and "path" in options:
+        raise _NodeError(
+            options["path"][0], f"{name}: give address or path, not both (path is for unix sockets)"
+        )
+    if "address" in options:
+        address = _read_address_text(loader, options["address"][1], f"{name}.address")
+    elif "path" in options:
+        address = _read_unix_path(loader, options["path"][1], name)
+    elif "mode" in options:
+        raise _NodeError(node, f"{name}: a unix socket mapping needs a path")
+    else:
+        raise _NodeError(node, f"{name}: a listen mapping needs an address (or a unix socket path)")
+    if "mode" in options:
+        if address.family != "unix":
+            raise _NodeError(options["mode"][0], f"{name}.mode: only unix sockets have a mode")
+        address = dataclasses.replace(address, mode=_read_mode(loader, options["mode"][1], name))
+    if "proxy_protocol" in options:
+        flag = _scalar(_boolean)(loader, options["proxy_protocol"][1], f"{name}.proxy_protocol")
+        if flag and address.is_udp:
             raise _NodeError(
-                path_node, f"{name}.path: expected a path, got {_got(path, path_node)}"
+                options["proxy_protocol"][0],
+                f"{name}.proxy_protocol: PROXY headers begin TCP streams; {str(address)!r} is UDP",
             )
-        try:
-            address = ListenAddress("unix", path=_check_unix_path(path))
-        except ValueError as e:
-            raise _NodeError(path_node, f"{name}.path: {e}") from None
-        if "mode" not in options:
-            return address
-        # The mode is read from the text as written, like chmod: 0660, "0660" and 660 all
-        # mean rw-rw----, although YAML alone would read 0660 as octal and 660 as decimal.
-        mode_node = options["mode"][1]
-        if not (isinstance(mode_node, yaml.ScalarNode) and _MODE.fullmatch(mode_node.value)):
-            got = _got(loader.scalar(mode_node, f"{name}.mode"), mode_node)
-            raise _NodeError(
-                mode_node, f'{name}.mode: expected an octal mode such as "0660", got {got}'
-            )
-        return dataclasses.replace(address, mode=int(mode_node.value, 8))
+        address = dataclasses.replace(address, proxy_protocol=flag)
+    return address
+
+
+def _read_unix_path(loader: _Loader, path_node: yaml.Node, name: str) -> ListenAddress:
+    """The path of a {path: ...} listen mapping as a unix ListenAddress."""
+    path = loader.scalar(path_node, f"{name}.path")
+    if not isinstance(path, str):
+        raise _NodeError(path_node, f"{name}.path: expected a path, got {_got(path, path_node)}")
+    try:
+        return ListenAddress("unix", path=_check_unix_path(path))
+    except ValueError as e:
+        raise _NodeError(path_node, f"{name}.path: {e}") from None
+
+
+def _read_mode(loader: _Loader, mode_node: yaml.Node, name: str) -> int:
+    # The mode is read from the text as written, like chmod: 0660, "0660" and 660 all
+    # mean rw-rw----, although YAML alone would read 0660 as octal and 660 as decimal.
+    if not (isinstance(mode_node, yaml.ScalarNode) and _MODE.fullmatch(mode_node.value)):
+        got = _got(loader.scalar(mode_node, f"{name}.mode"), mode_node)
+        raise _NodeError(
+            mode_node, f'{name}.mode: expected an octal mode such as "0660", got {got}'
+        )
+    return int(mode_node.value, 8)
+
+
+def _read_address_text(loader: _Loader, node: yaml.Node, name: str) -> ListenAddress:
     value = loader.scalar(node, name)
     if not isinstance(value, str):
         raise _NodeError(
@@ -672,11 +726,60 @@ def _write_ports(ports: tuple[int, ...]) -> list[int]:
 
 
 def _write_address(a: ListenAddress) -> object:
-    return str(a) if a.mode is None else {"path": a.path, "mode": f"{a.mode:04o}"}
+    if a.mode is None and not a.proxy_protocol:
+        return str(a)
+    entry: dict[str, object] = (
+        {"address": str(a)} if a.mode is None else {"path": a.path, "mode": f"{a.mode:04o}"}
+    )
+    if a.proxy_protocol:
+        entry["proxy_protocol"] = True
+    return entry
 
 
 def _write_listen(addresses: tuple[ListenAddress, ...]) -> list[object]:
     return [_write_address(a) for a in addresses]
+
+
+def _read_trusted(loader: _Loader, node: yaml.Node, name: str) -> tuple[IpNetwork, ...]:
+    """proxy.trusted: a non-empty list of networks in CIDR notation (an address is a /32)."""
+    if not isinstance(node, yaml.SequenceNode) or node.tag != _SEQ_TAG:
+        got = _got(loader.scalar(node, name), node)
+        raise _NodeError(
+            node, f'{name}: expected a list of networks such as ["10.0.0.0/8"], got {got}'
+        )
+    if not node.value:
+        raise _NodeError(
+            node, f"{name}: the list is empty; no proxy could send a header (list their networks)"
+        )
+    networks: list[IpNetwork] = []
+    for index, item in enumerate(node.value):
+        value = loader.scalar(item, f"{name}[{index}]")
+        if not isinstance(value, str):
+            got = _got(value, item)
+            raise _NodeError(
+                item, f'{name}[{index}]: expected a network such as "10.0.0.0/8", got {got}'
+            )
+        try:
+            networks.append(ipaddress.ip_network(value.strip()))
+        except ValueError as e:
+            if "has host bits set" not in str(e):
+                problem = f"expected an IPv4 or IPv6 network in CIDR notation, got {_show(value)}"
+            else:
+                meant = str(ipaddress.ip_network(value.strip(), strict=False))
+                problem = f"{_show(value)} has host bits set (did you mean {meant!r}?)"
+            raise _NodeError(item, f"{name}[{index}]: {problem}") from None
+    return tuple(networks)
+
+
+def _write_trusted(networks: tuple[IpNetwork, ...]) -> list[str]:
+    return [str(n) for n in networks]
+
+
+def _positive_duration(value: object) -> float:
+    seconds = _duration(value)
+    if seconds <= 0:
+        raise _Invalid("must be more than 0s (a header must arrive in bounded time)")
+    return seconds
 
 
 def _read_optional_address(loader: _Loader, node: yaml.Node, name: str) -> ListenAddress | None:
@@ -696,6 +799,9 @@ def _read_optional_address(loader: _Loader, node: yaml.Node, name: str) -> Liste
         raise _NodeError(
             node, f"{name}: the metrics endpoint is HTTP over TCP, got {str(address)!r}"
         )
+    if address.proxy_protocol:
+        flag = loader.pairs(node, name)["proxy_protocol"][0]
+        raise _NodeError(flag, f"{name}.proxy_protocol: only echo listeners take PROXY headers")
     return address
 
 
@@ -787,6 +893,10 @@ _SCHEMA: tuple[_Entry, ...] = (
         _Option("refuse_source_ports", "refuse_source_ports", _read_ports, _write_ports),
         _Option("max_datagram", "max_datagram_bytes",
                 _scalar(_size(1, MAX_UDP_PAYLOAD_BYTES)), _write_size),
+    )),
+    _Section("proxy", "proxy", ProxyConfig, (
+        _Option("trusted", "trusted", _read_trusted, _write_trusted),
+        _Option("timeout", "timeout_s", _scalar(_positive_duration), _write_duration),
     )),
     _Section("metrics", "metrics", MetricsConfig, (
         _Option("listen", "listen", _read_optional_address, _write_optional_address),
@@ -1001,7 +1111,7 @@ def render_config(config: Config) -> str:
 
 def describe(config: Config) -> str:
     """One line for --check-config: listeners, trigger and I/O modes, the metrics endpoint."""
-    listeners = " ".join(str(a) for a in config.listen)
+    listeners = " ".join(f"{a}{' (PROXY)' if a.proxy_protocol else ''}" for a in config.listen)
     text = f"listeners: {listeners}; trigger: {config.trigger}; io: {config.io}"
     if config.metrics.listen is not None:
         text += f"; metrics: {config.metrics.listen}"
@@ -1016,6 +1126,8 @@ def _flatten(obj: Any, entries: tuple[_Entry, ...], prefix: str = "") -> dict[st
             flat.update(_flatten(value, e.entries, f"{prefix}{e.key}."))
         elif e.key == "listen" and not prefix:
             flat[e.key] = [_address_text(a) for a in value]
+        elif e.key == "trusted":
+            flat[prefix + e.key] = [str(n) for n in value]
         elif isinstance(value, ListenAddress):
             flat[prefix + e.key] = _address_text(value)
         else:

@@ -70,6 +70,7 @@ _MESSAGES = {
     "connection_closed": "connection closed: {peer}, {bytes_in} bytes in, {bytes_out} out, "
     "{reason}",
     "connection_refused": "connection refused: over {limit} ({value}), {refused} refused",
+    "proxy_header_refused": "PROXY header refused from {proxy} ({reason}), {refused} refused",
     "accept_failed": "accept failed on {address}",
     "accept_paused": "accepting paused on {address} for {retry_s} s",
     "accept_resumed": "accepting resumed after {paused_s} s",

@@ -39,6 +39,7 @@ class Listener:
     address: ListenAddress | None  # None: inherited from systemd, not from the config
     name: str  # what logs and STATUS show: "127.0.0.1:7080", "[::1]:7080", "unix:/path"
     inherited: bool = False
+    proxy_protocol: bool = False  # clients start with a PROXY header (proxy.py)
     fd: int = field(init=False)
     mask: int = 0  # set by the owner before registering (level or edge)
     active_at: float = 0.0
@@ -125,7 +126,7 @@ def bind(address: ListenAddress, backlog: int) -> Listener:
     except OSError as e:
         sock.close()
         raise BindError(_bind_message(str(address), e), errno=e.errno) from None
-    return Listener(sock, address, describe_socket(sock))
+    return Listener(sock, address, describe_socket(sock), proxy_protocol=address.proxy_protocol)
 
 
 def _bind_udp(address: ListenAddress) -> Listener:
@@ -182,7 +183,7 @@ def _bind_unix(address: ListenAddress, backlog: int) -> Listener:
     except OSError as e:
         sock.close()
         raise BindError(_bind_message(str(address), e), errno=e.errno) from None
-    return Listener(sock, address, str(address))
+    return Listener(sock, address, str(address), proxy_protocol=address.proxy_protocol)
 
 
 def _unix_socket_alive(path: str) -> bool:
@@ -207,10 +208,17 @@ def _bind_message(name: str, e: OSError) -> str:
     return f"cannot listen on {name}: {e.strerror or e}"
 
 
-def adopt(sock: socket.socket) -> Listener:
-    """Wrap a socket inherited from systemd; it is made non-blocking and never closed on reload."""
+def adopt(sock: socket.socket, proxy_addresses: frozenset[str] = frozenset()) -> Listener:
+    """Wrap a socket inherited from systemd; it is made non-blocking and never closed on reload.
+
+    Args:
+        sock: the inherited socket.
+        proxy_addresses: the configured addresses marked proxy_protocol, as str(address):
+            an inherited socket bound to one of them takes PROXY headers too.
+    """
     sock.setblocking(False)
-    return Listener(sock, None, describe_socket(sock), inherited=True)
+    name = describe_socket(sock)
+    return Listener(sock, None, name, inherited=True, proxy_protocol=name in proxy_addresses)
 
 
 def close(listener: Listener) -> None:

@@ -33,7 +33,8 @@ from epolld.counters import Counters, DurationHistogram, Snapshot
 from epolld.errors import BindError, EpolldError
 from epolld.idle import IdleTimer
 from epolld.listeners import Listener
-from epolld.loop import Reactor
+from epolld.loop import CLOSE, Reactor
+from epolld.proxy import HeaderErrors, HeaderReader, ProxyHeader, is_trusted
 from epolld.splice import SpliceConnection, connection_class, make_pipe
 from epolld.systemd import Notifier
 from epolld.udp import UdpEndpoints
@@ -84,6 +85,11 @@ class EchoService:
         self._paused: dict[int, Listener] = {}  # listeners waiting out EMFILE & co.
         self._accept_queue: list[Listener] = []  # ready listeners, served after the batch
         self._per_ip: dict[str, int] = {}
+        self._readers: dict[int, HeaderReader] = {}  # PROXY headers still being read
+        self._proxies: dict[int, str] = {}  # fd -> the proxy's address, for proxied clients
+        self._header_errors = HeaderErrors()
+        self._headers_read = 0
+        self._sweep_armed = False  # a _sweep_readers call is scheduled
         self._started_at = self.reactor.now
         self._stopping = False
         self._done = False
@@ -244,8 +250,11 @@ class EchoService:
                 log.info("accept_resumed", paused_s=round(now - self._paused_since, 3))
                 self._paused_since = None
             ip = addr[0] if listener.is_tcp else ""
-            if self._conn_count >= limits.max_connections:
+            if self._conn_count + len(self._readers) >= limits.max_connections:
                 self._refuse(sock, addr, ip, "max_connections", limits.max_connections)
+                continue
+            if listener.proxy_protocol:  # per-IP limits wait for the client's address
+                self._read_header(sock, addr, ip, listener)
                 continue
             if ip and limits.max_connections_per_ip:
                 count = self._per_ip.get(ip, 0)
@@ -264,10 +273,18 @@ class EchoService:
         if ip:
             # Echo is request/response: Nagle would hold back the tail of every reply.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            ip = sys.intern(ip)  # one string per address, not one per connection
-            self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
             # Worked out now only if it will be logged; else on first use (repr).
             peer = format_peer(sock.family, addr) if self._conn_log is not None else None
+        self._start(sock, ip, peer, listener.name)
+
+    def _start(
+        self, sock: socket.socket, ip: str, peer: str | None, listener: str, proxy: str = ""
+    ) -> Connection:
+        """Make the Connection for an accepted socket; register it unless it takes over
+        from a PROXY header reader (proxy: that reader's peer), which the caller replaces."""
+        if ip:
+            ip = sys.intern(ip)  # one string per address, not one per connection
+            self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
         cls = self._conn_class
         if self._splice:
             # Pipes stay within a budget that leaves one descriptor for each of
@@ -282,7 +299,10 @@ class EchoService:
         now = self.reactor.now
         conn = cls(sock, ip, buf=self._read_buf, shared=self._shared, now=now, peer=peer)
         self._conn_count += 1
-        self.reactor.add(conn)
+        if proxy:
+            self._proxies[conn.fd] = proxy
+        else:
+            self.reactor.add(conn)
         self._idle.add(conn)
         self.counters.accepted += 1
         if self._conn_log is not None:
@@ -290,9 +310,139 @@ class EchoService:
                 "connection_opened",
                 peer=conn.peer,
                 fd=conn.fd,
-                listener=listener.name,
+                listener=listener,
                 io="splice" if isinstance(conn, SpliceConnection) else "copy",
+                **({"proxy": proxy} if proxy else {}),
             )
+        return conn
+
+    # -- the PROXY protocol: a HeaderReader first, then the Connection ------------------
+
+    def _read_header(self, sock: socket.socket, addr: Any, ip: str, listener: Listener) -> None:
+        """Start reading a PROXY header, if the peer is a trusted proxy."""
+        sock.setblocking(False)
+        proxy = format_peer(sock.family, addr) if ip else listener.name
+        now = self.reactor.now
+        if not is_trusted(ip, self._config.proxy.trusted):
+            sock.close()
+            self._header_errors.record("untrusted_source", now, log, proxy=proxy)
+            return
+        if ip:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # The Connection's own mask, so that replacing the reader needs no epoll_ctl.
+        mask = self._conn_class.INITIAL_MASK
+        reader = HeaderReader(
+            sock,
+            ip,
+            proxy,
+            listener=listener.name,
+            mask=mask,
+            now=now,
+            owner=self,
+            reschedule=self.reactor.reschedule,
+        )
+        self._readers[reader.fd] = reader  # in order of opened_at: see _sweep_readers
+        self.reactor.add(reader)
+        if not self._sweep_armed:
+            self._arm_sweep()
+
+    def _arm_sweep(self) -> None:
+        """Sweep for late headers while readers exist; no timer runs while none do."""
+        self._sweep_armed = True
+        # A header is closed within proxy.timeout plus a fifth of it (at most 1 s more).
+        self.reactor.call_later(min(1.0, self._config.proxy.timeout_s / 5), self._sweep_readers)
+
+    def header_read(self, reader: HeaderReader, header: ProxyHeader) -> int:
+        """The client's address is known: check its per-IP limit, then start echoing."""
+        self._headers_read += 1
+        if header.source is None:  # LOCAL, UNKNOWN: the proxy itself (a health check)
+            ip, peer = reader.ip, reader.peer
+        else:
+            ip, port = header.source
+            peer = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+        limit = self._config.limits.max_connections_per_ip
+        if ip and limit and self._per_ip.get(ip, 0) >= limit:
+            self._refuse_proxied(reader, peer, ip, limit)
+            return CLOSE  # the reactor closes the reader; reader_closed() forgets it
+        del self._readers[reader.fd]
+        conn = self._start(reader.sock, ip, peer, reader.listener, proxy=reader.peer)
+        self.reactor.replace(reader, conn)
+        if self._edge:  # bytes behind the header are queued, and no new edge will say so
+            self.reactor.reschedule((conn.fd, EPOLLIN))
+        return reader.mask
+
+    def _refuse_proxied(self, reader: HeaderReader, peer: str, ip: str, limit: int) -> None:
+        """A proxied client over max_connections_per_ip: counted and warned as at accept."""
+        now = self.reactor.now
+        if self._conn_log is not None:
+            self._conn_log(
+                "connection_closed",
+                peer=peer,
+                fd=reader.fd,
+                bytes_in=0,
+                bytes_out=0,
+                duration_s=round(now - reader.opened_at, 3),
+                reason="limit",
+                error=None,
+                proxy=reader.peer,
+            )
+        self.counters.count_refused("max_connections_per_ip")
+        self._refused_unlogged += 1
+        if now - self._refused_logged_at >= REFUSED_WARNING_EVERY_S:
+            log.warning(
+                "connection_refused",
+                limit="max_connections_per_ip",
+                value=limit,
+                peer_ip=ip,
+                proxy=reader.peer,
+                refused=self._refused_unlogged,
+            )
+            self._refused_unlogged = 0
+            self._refused_logged_at = now
+
+    def header_failed(self, reader: HeaderReader, reason: str, detail: str) -> None:
+        """No valid header: counted, warned of at a bounded rate; the reader closes next."""
+        self._header_errors.record(reason, self.reactor.now, log, proxy=reader.peer, detail=detail)
+        if self._conn_log is not None:
+            self._conn_log(
+                "connection_closed",
+                peer=reader.peer,
+                fd=reader.fd,
+                bytes_in=0,
+                bytes_out=0,
+                duration_s=round(self.reactor.now - reader.opened_at, 3),
+                reason="proxy_header",
+                error=reason,
+            )
+
+    def _sweep_readers(self) -> None:
+        """Close the readers older than proxy.timeout (a new timeout applies to all).
+
+        Readers are kept in the order they were accepted, so the sweep stops at the
+        first one still in time: it costs one look per expired reader, not one per reader,
+        and a finished header leaves nothing behind (a per-reader timer would stay in the
+        heap until due, holding the reader: at 50,000 accepts/s that is 250,000 of them).
+        """
+        self._sweep_armed = False
+        timeout_s = self._config.proxy.timeout_s
+        deadline = self.reactor.now - timeout_s
+        expired = []
+        for reader in self._readers.values():
+            if reader.opened_at > deadline:
+                break
+            expired.append(reader)
+        for reader in expired:
+            self.header_failed(reader, "timeout", f"no complete header within {timeout_s}s")
+            self.reactor.close(reader)
+        if self._readers and not self._stopping:
+            self._arm_sweep()
+
+    def reader_closed(self, reader: HeaderReader) -> None:
+        """Forget a reader whose socket was closed (failure, timeout, refusal, shutdown)."""
+        if self._readers.get(reader.fd) is reader:
+            del self._readers[reader.fd]
+        if self._stopping and not self._conn_count and not self._readers:
+            self._finish()
 
     def splice_failed(self, conn: Connection, events: int) -> None:
         """No pipe for a splice connection at its first read: a copying connection takes
@@ -392,6 +542,7 @@ class EchoService:
         """Account for a closed connection (Connection.close() calls this)."""
         fd = conn.fd
         self._conn_count -= 1
+        proxy = self._proxies.pop(fd, None)
         if isinstance(conn, SpliceConnection):
             self._pipes -= 1
         self._idle.remove(conn)
@@ -417,8 +568,9 @@ class EchoService:
                 duration_s=round(self.reactor.now - conn.opened_at, 3),
                 reason=conn.reason or "error",
                 error=conn.error or None,
+                **({"proxy": proxy} if proxy is not None else {}),
             )
-        if self._stopping and not self._conn_count:
+        if self._stopping and not self._conn_count and not self._readers:
             self._finish()
 
     def _close(self, conn: Connection, reason: str) -> None:
@@ -426,6 +578,8 @@ class EchoService:
         self.reactor.close(conn)
 
     def _close_everything(self) -> None:
+        for reader in list(self._readers.values()):
+            self.reactor.close(reader)
         for conn in self._connections():
             conn.discard_pending()
             self._close(conn, "shutdown")
@@ -500,6 +654,8 @@ class EchoService:
         self._listeners.clear()
         self._paused.clear()
         self._udp.close_all()  # nothing to drain: a datagram is answered at once or never
+        for reader in list(self._readers.values()):  # nothing to echo yet: nothing to drain
+            self.reactor.close(reader)
         self._stop_metrics()
         for conn in self._connections():
             self.reactor.set_mask(conn, conn.begin_shutdown())
@@ -563,7 +719,10 @@ class EchoService:
                 if record is not None:
                     out.add({**record, "kind": "metrics_listener"})
             elif contribute is not None:
-                out.add(contribute(out))
+                record = contribute(out)
+                fd = getattr(source, "fd", -1)
+                proxy = self._proxies.get(fd) if record is not None else None
+                out.add({**record, "proxy": proxy} if proxy and record is not None else record)
             else:
                 kind = type(source).__name__
                 left_behind[kind] = left_behind.get(kind, 0) + 1
@@ -695,6 +854,7 @@ class EchoService:
             "connection": self._restore_connection,
             "metrics_listener": self._restore_metrics_listener,
             "udp": self._restore_udp,
+            "proxy_header": self._restore_header_reader,
             **(more or {}),
         }
         counts = handoff.restore(state, restorers)
@@ -760,6 +920,31 @@ class EchoService:
     def _restore_listener(self, record: dict[str, Any], state: handoff.State) -> None:
         self._add_listener(Listener.from_handoff(record, state))
 
+    def _restore_header_reader(self, record: dict[str, Any], state: handoff.State) -> None:
+        """A PROXY header half read: the reader goes on (its timeout from the accept)."""
+        sock = socket.socket(fileno=state.take_fd(record["fd"]))
+        sock.setblocking(False)
+        reader = HeaderReader(
+            sock,
+            sys.intern(str(record["ip"])),
+            str(record["peer"]),
+            listener=str(record["listener"]),
+            mask=self._conn_class.INITIAL_MASK,
+            now=float(record["opened_at"]),
+            owner=self,
+            reschedule=self.reactor.reschedule,
+        )
+        reader.active_at = float(record["active_at"])
+        try:
+            reader.restore_parser(record["parser"], state)
+        except (KeyError, TypeError):
+            sock.close()
+            raise
+        self._readers[reader.fd] = reader
+        self.reactor.add(reader)
+        if not self._sweep_armed:
+            self._arm_sweep()
+
     def _restore_udp(self, record: dict[str, Any], state: handoff.State) -> None:
         self._udp.add(Listener.from_handoff(record, state))
 
@@ -772,6 +957,8 @@ class EchoService:
         splice = record.get("io") == "splice"
         cls = connection_class(bool(record["edge"]), splice)
         conn = cls.from_handoff(record, state, buf=self._read_buf, shared=self._shared)
+        if record.get("proxy"):
+            self._proxies[conn.fd] = str(record["proxy"])
         if conn.ip:
             conn.ip = sys.intern(conn.ip)
             self._per_ip[conn.ip] = self._per_ip.get(conn.ip, 0) + 1
@@ -876,22 +1063,24 @@ class EchoService:
         Raises:
             BindError: nothing was changed.
         """
+        # A listener is its socket: turning proxy_protocol on or off keeps the socket.
         current = {
-            lst.address: lst
+            _socket_of(lst.address): lst
             for lst in [*self.listeners, *self._udp.listeners]
             if lst.address is not None
         }
+        wanted = {_socket_of(a): a for a in new.listen}
         added: list[Listener] = []
         try:
-            for address in new.listen:
-                if address not in current:
+            for key, address in wanted.items():
+                if key not in current:
                     added.append(self._bind_beside(address, new.backlog, current))
         except Exception:
             for listener in added:
                 listener.close()
             raise
-        for address, listener in current.items():
-            if address not in new.listen:
+        for key, listener in current.items():
+            if key not in wanted:
                 if listener.is_udp:
                     self._udp.remove(listener)
                 else:
@@ -899,7 +1088,10 @@ class EchoService:
                     self._paused.pop(listener.fd, None)
                     self.reactor.close(listener)
                 log.info("listener_closed", address=listener.name)
-            elif new.backlog != old.backlog and not listener.is_udp:
+                continue
+            listener.address = wanted[key]
+            listener.proxy_protocol = wanted[key].proxy_protocol
+            if new.backlog != old.backlog and not listener.is_udp:
                 listener.sock.listen(new.backlog)
         for listener in added:
             if listener.is_udp:
@@ -967,6 +1159,9 @@ class EchoService:
             accept_paused=bool(self._paused),
             # Once UDP has served, its series stay (counters must not vanish on a reload).
             udp=self._udp.stats if len(self._udp) or self._udp.stats.received else None,
+            proxy_header_errors=dict(self._header_errors.counts)
+            if any(lst.proxy_protocol for lst in self.listeners)
+            else None,
         )
 
     # -- reporting -----------------------------------------------------------------
@@ -993,6 +1188,9 @@ class EchoService:
             "accept_paused": bool(self._paused),
             "splice_connections": self._pipes,
             **self._udp.counters(),
+            "proxy_reading": len(self._readers),
+            "proxy_headers_read": self._headers_read,
+            "proxy_header_errors": dict(self._header_errors.counts),
         }
 
     def _on_stats_signal(self, signum: int) -> None:
@@ -1034,6 +1232,11 @@ def _step(steps: dict[str, float], name: str, since: float) -> float:
     now = handoff.now_monotonic()
     steps[name] = round(now - since, 4)
     return now
+
+
+def _socket_of(address: ListenAddress) -> ListenAddress:
+    """The address without what does not change its socket (the PROXY flag)."""
+    return dataclasses.replace(address, proxy_protocol=False)
 
 
 def _jsonable(value: object) -> object:

@@ -28,6 +28,7 @@ from epolld.config import (
     LimitsConfig,
     ListenAddress,
     LoggingConfig,
+    ProxyConfig,
     UdpConfig,
     load_config,
     render_config,
@@ -51,10 +52,15 @@ SECTIONS = {
     "daemon": ["pidfile", "log_file"],
     "udp": ["rate", "burst", "byte_rate", "total_rate", "sources", "refuse_source_ports",
             "max_datagram"],
+    "proxy": ["trusted", "timeout"],
 }  # fmt: skip
 TOP_LEVEL = ["listen", "backlog", "trigger", "io", "shutdown_timeout", "stats_interval",
              "watchdog", *SECTIONS]  # fmt: skip
-KEYS = TOP_LEVEL + [k for keys in SECTIONS.values() for k in keys] + ["path", "mode", "<<"]
+KEYS = (
+    TOP_LEVEL
+    + [k for keys in SECTIONS.values() for k in keys]
+    + ["path", "mode", "address", "proxy_protocol", "<<"]
+)
 # Strings that are almost right for some option, so mutations reach the converters.
 NEAR_MISSES = ["64KiB", "1MB", "500ms", "2m", "-1s", "7d", "8d", "0660", "0999", "level", "edge",
                "splice", "[::1]:7080", "127.0.0.1:7080", "unix:/run/e.sock", "unix:rel", "/run/x",
@@ -279,18 +285,25 @@ paths = (
 unix_paths = paths.filter(lambda p: len(p.encode()) <= MAX_UNIX_PATH_BYTES)
 ports = st.integers(0, 65535)
 addresses = st.one_of(
-    st.builds(lambda ip, port: ListenAddress("ipv4", host=str(ip), port=port),
-              st.ip_addresses(v=4), ports),
-    st.builds(lambda ip, port: ListenAddress("ipv6", host=str(ip), port=port),
-              st.ip_addresses(v=6), ports),
-    st.builds(lambda path, mode: ListenAddress("unix", path=path, mode=mode),
-              unix_paths, st.none() | st.integers(0, 0o777)),
+    st.builds(lambda ip, port, pp: ListenAddress("ipv4", host=str(ip), port=port,
+                                                 proxy_protocol=pp),
+              st.ip_addresses(v=4), ports, st.booleans()),
+    st.builds(lambda ip, port, pp: ListenAddress("ipv6", host=str(ip), port=port,
+                                                 proxy_protocol=pp),
+              st.ip_addresses(v=6), ports, st.booleans()),
+    st.builds(lambda path, mode, pp: ListenAddress("unix", path=path, mode=mode,
+                                                   proxy_protocol=pp),
+              unix_paths, st.none() | st.integers(0, 0o777), st.booleans()),
     st.builds(lambda ip, port: ListenAddress("ipv4", host=str(ip), port=port, transport="udp"),
               st.ip_addresses(v=4), ports),
     st.builds(lambda ip, port: ListenAddress("ipv6", host=str(ip), port=port, transport="udp"),
               st.ip_addresses(v=6), ports),
 )  # fmt: skip
 rates = st.integers(0, 10_000_000) | st.floats(0.0, 10_000_000.0, allow_nan=False)
+networks = st.one_of(st.ip_addresses(v=4).map(lambda a: ipaddress.ip_network(f"{a}/32")),
+                     st.ip_addresses(v=6).map(lambda a: ipaddress.ip_network(f"{a}/128")),
+                     st.sampled_from([ipaddress.ip_network("10.0.0.0/8"),
+                                      ipaddress.ip_network("2001:db8::/32")]))  # fmt: skip
 
 
 def collide(a: ListenAddress, b: ListenAddress) -> bool:
@@ -340,6 +353,8 @@ valid_configs = st.builds(
                   st.integers(1, 1_000_000),
                   st.lists(st.integers(0, 65535), unique=True, max_size=5).map(tuple),
                   st.integers(1, 65507)),
+    proxy=st.builds(ProxyConfig, st.lists(networks, min_size=1, max_size=3).map(tuple),
+                    durations.filter(lambda d: d > 0)),
 )  # fmt: skip
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from tests.epolld_process import WAIT_S, Daemon, write_config
+from tests.test_proxy_parser import inet4, tlv, v2
 from tests.traffic import connect, recv_exactly, recv_until_eof
 
 pytestmark = pytest.mark.slow
@@ -427,3 +428,44 @@ def test_udp_socket_travels_and_queued_datagrams_are_echoed(
         assert sock.recv(100) == b"during"
         sock.sendto(b"after", ("127.0.0.1", port))
         assert sock.recv(100) == b"after"
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"PROXY TCP4 192.0.2.7 127.0.0.1 4242 7080\r\n",
+        v2(addresses=inet4("192.0.2.7", "127.0.0.1", 4242, 7080), tlvs=tlv(0xE0, b"z" * 300)),
+    ],
+    ids=["v1", "v2-with-tlv"],
+)
+def test_proxy_header_half_read_carries_on(
+    tmp_path: Path, daemons: list[Daemon], header: bytes
+) -> None:
+    """A PROXY header half sent before the handoff is completed afterwards and names the
+    client; a proxied connection already echoing keeps its client's address too."""
+    config_path = write_config(
+        tmp_path / "epolld.yaml",
+        _config("level", "copy", listen=[{"address": "127.0.0.1:0", "proxy_protocol": True}]),
+    )
+    daemon = Daemon(config_path)
+    daemons.append(daemon)
+    port = int(daemon.wait_for("listening")[0]["address"].rsplit(":", 1)[1])
+    with connect(port) as echoing, connect(port) as half:
+        echoing.sendall(b"PROXY TCP4 198.51.100.1 127.0.0.1 1111 7080\r\nping\n")
+        assert recv_exactly(echoing, 5) == b"ping\n"
+        cut = len(header) * 2 // 3  # v2: inside the TLV's value
+        half.sendall(header[:cut])
+        daemon.wait_for("connection_opened")  # the first; the second is still a header
+        daemon.signal(signal.SIGUSR2)
+        started = daemon.wait_for("handoff_started")[0]
+        assert started["records"].get("proxy_header") == 1
+        daemon.wait_for("handoff_complete")
+        half.sendall(header[cut:] + b"hello\n")
+        assert recv_exactly(half, 6) == b"hello\n"
+        echoing.sendall(b"pong\n")
+        assert recv_exactly(echoing, 5) == b"pong\n"
+        for sock in (echoing, half):
+            sock.shutdown(socket.SHUT_WR)
+            assert recv_until_eof(sock) == b""
+    closed = {e["peer"] for e in daemon.wait_for("connection_closed", count=2)}
+    assert closed == {"198.51.100.1:1111", "192.0.2.7:4242"}
