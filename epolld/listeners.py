@@ -67,6 +67,7 @@ class Listener:
             "address": asdict(self.address) if self.address is not None else None,
             "name": self.name,
             "inherited": self.inherited,
+            "proxy_protocol": self.proxy_protocol,
         }
 
     @classmethod
@@ -80,6 +81,7 @@ class Listener:
             ListenAddress(**address) if address is not None else None,
             str(record["name"]),
             inherited=bool(record["inherited"]),
+            proxy_protocol=bool(record.get("proxy_protocol", False)),
         )
 
     @property

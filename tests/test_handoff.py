@@ -469,3 +469,27 @@ def test_proxy_header_half_read_carries_on(
             assert recv_until_eof(sock) == b""
     closed = {e["peer"] for e in daemon.wait_for("connection_closed", count=2)}
     assert closed == {"198.51.100.1:1111", "192.0.2.7:4242"}
+
+
+def test_proxy_listener_keeps_its_flag_on_the_previous_configuration(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """With a broken file at the handoff, a PROXY listener still expects a header: the
+    flag travels with the socket, not only in the configuration."""
+    config_path = write_config(
+        tmp_path / "epolld.yaml",
+        _config("level", "copy", listen=[{"address": "127.0.0.1:0", "proxy_protocol": True}]),
+    )
+    daemon = Daemon(config_path)
+    daemons.append(daemon)
+    port = int(daemon.wait_for("listening")[0]["address"].rsplit(":", 1)[1])
+    config_path.write_text("listen: [\n")
+    daemon.signal(signal.SIGUSR2)
+    daemon.wait_for("config_invalid")
+    daemon.wait_for("handoff_complete")
+    with connect(port) as sock:
+        sock.sendall(b"PROXY TCP4 198.51.100.9 127.0.0.1 999 7080\r\nafter\n")
+        assert recv_exactly(sock, 6) == b"after\n"
+        sock.shutdown(socket.SHUT_WR)
+        assert recv_until_eof(sock) == b""
+    assert daemon.wait_for("connection_closed")[0]["peer"] == "198.51.100.9:999"
