@@ -1,7 +1,8 @@
 """The restart handoff under a real systemd 252, with the installed Debian package (issue 13).
 
 `systemctl restart` and an upgrade to a newer package send RestartKillSignal=SIGUSR2: the
-old process hands its listeners and 1,000 connections of mixed kinds through the file
+old process hands its listeners and 1,000 connections of mixed kinds (one in the middle of
+its PROXY header, in each io mode) through the file
 descriptor store, and the next process serves them on; the clients verify every byte
 and see no reset. `systemctl stop` still drains with a FIN, and the store is empty
 whenever no restart is under way. A SIGKILL restart (a crash) closes the connections
@@ -13,6 +14,7 @@ The clients run in the container's network namespace (the container fixture ente
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 import socket
 import threading
@@ -33,7 +35,7 @@ WAIT_S = 30.0
 IO_TIMEOUT_S = 30.0
 # Per io mode. Sizes against the buffers: high_water 8 MiB; on the way the kernel absorbs
 # up to ~4 MiB (the daemon's autotuned send buffer) beside a 4 KiB client receive buffer.
-PINGPONG = 395  # half over IPv4, half over IPv6
+PINGPONG = 394  # half over IPv4, half over IPv6
 STREAMS = 100
 HALF_CLOSED = 4  # read to EOF below high water, not all of the echo sent yet
 PAUSED = 1  # sending PAUSED_BYTES without reading: above high water, reading paused
@@ -42,8 +44,14 @@ STREAM_BYTES = 64 * 1024  # each way before the restart, again after it
 HALF_CLOSED_BYTES = 6 * 1024 * 1024
 TIGHT_LOOP_MAX = 5_000
 
+PROXY_PORT = 7081
+HALF_HEADER = b"PROXY TCP6 2001:db8::5 ::1 5555 7081\r\n"
 CONFIG = """\
-listen: ["127.0.0.1:7080", "[::1]:7080"]
+listen:
+  - "127.0.0.1:7080"
+  - "[::1]:7080"
+  - {{address: "[::1]:7081", proxy_protocol: true}}
+proxy: {{timeout: 120s}}
 io: {io}
 buffers: {{high_water: 8MiB, low_water: 1MiB}}
 logging: {{connections: false}}
@@ -106,6 +114,7 @@ class _Clients:
         self.streams: list[tuple[socket.socket, bytes]] = []
         self.half_closed: list[tuple[socket.socket, bytes]] = []
         self.paused: list[tuple[socket.socket, bytes, _Sender]] = []
+        self.mid_header: list[socket.socket] = []
 
     def open(self) -> None:
         for io in ("copy", "splice"):
@@ -123,6 +132,10 @@ class _Clients:
             self._open_some()
 
     def _open_some(self) -> None:
+        # A PROXY header half sent: completed only after the restart and the upgrade.
+        sock = socket.create_connection(("::1", PROXY_PORT), timeout=IO_TIMEOUT_S)
+        sock.sendall(HALF_HEADER[:20])
+        self.mid_header.append(sock)
         for i in range(PINGPONG):
             sock = _connect("::1" if i % 2 else "127.0.0.1")
             sock.sendall(b"before\n")
@@ -148,7 +161,13 @@ class _Clients:
 
     @property
     def count(self) -> int:
-        return len(self.pingpong) + len(self.streams) + len(self.half_closed) + len(self.paused)
+        return (
+            len(self.pingpong)
+            + len(self.streams)
+            + len(self.half_closed)
+            + len(self.paused)
+            + len(self.mid_header)
+        )
 
     def pingpong_again(self, word: bytes) -> None:
         for sock in self.pingpong:
@@ -168,11 +187,18 @@ class _Clients:
             sender.join(IO_TIMEOUT_S)
             assert not sender.errors
         self.pingpong_again(b"after\n")
+        for sock in self.mid_header:
+            sock.sendall(HALF_HEADER[20:] + b"behind the header\n")
+            assert recv_exactly(sock, 18, IO_TIMEOUT_S) == b"behind the header\n"
+            sock.shutdown(socket.SHUT_WR)
+            assert recv_until_eof(sock, IO_TIMEOUT_S) == b""
 
     def close(self) -> None:
         for sock in [*self.pingpong, *(s for s, *_ in self.streams)]:
             sock.close()
         for sock, *_ in [*self.half_closed, *self.paused]:
+            sock.close()
+        for sock in self.mid_header:
             sock.close()
 
 
@@ -206,7 +232,9 @@ def _through(c: Container, clients: _Clients, action: Callable[[], None]) -> dic
     assert not tight.failures, tight.failures[:1]
     assert tight.count > 0
     started = _events(c, "handoff_started")[before]
-    assert int(started["EPOLLD_CONNECTIONS"]) >= clients.count
+    records = json.loads(started["EPOLLD_RECORDS"])
+    assert int(started["EPOLLD_CONNECTIONS"]) + records["proxy_header"] >= clients.count
+    assert records["proxy_header"] == len(clients.mid_header)
     assert int(started["EPOLLD_PAUSED"]) >= 1
     assert int(started["EPOLLD_HALF_CLOSED"]) >= 1
     assert int(complete["EPOLLD_CONNECTIONS"]) == int(started["EPOLLD_CONNECTIONS"])
