@@ -315,7 +315,7 @@ static uint64_t outstanding(void) {
 }
 
 /* utime+stime of pid in clock ticks, or -1; *user gets utime alone. */
-static long long proc_cpu_ticks(int pid, long long *user) {
+static long long one_cpu_ticks(int pid, long long *user) {
     char path[64], buf[4096];
     snprintf(path, sizeof path, "/proc/%d/stat", pid);
     int fd = open(path, O_RDONLY);
@@ -332,6 +332,27 @@ static long long proc_cpu_ticks(int pid, long long *user) {
         return -1;
     *user = (long long)ut;
     return (long long)(ut + st);
+}
+
+/* The same for pid and its children (epolld's worker processes, workers: N > 1). */
+static long long proc_cpu_ticks(int pid, long long *user) {
+    long long total = one_cpu_ticks(pid, user);
+    if (total < 0) return -1;
+    char path[96], buf[4096];
+    snprintf(path, sizeof path, "/proc/%d/task/%d/children", pid, pid);
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) return total;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    buf[n > 0 ? n : 0] = 0;
+    for (char *tok = strtok(buf, " \n"); tok; tok = strtok(NULL, " \n")) {
+        long long u = 0, t = one_cpu_ticks(atoi(tok), &u);
+        if (t > 0) {
+            total += t;
+            *user += u;
+        }
+    }
+    return total;
 }
 
 /* Busy and total jiffies of CPU n from /proc/stat; 0 on failure. */

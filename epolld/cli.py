@@ -164,7 +164,17 @@ def serve(
     takeover = None
     if state is not None and state.records:
         takeover = _Takeover(state, previous, config_error, started_at, received_s)
-    bound = bind_listeners(config, passed, takeover is not None)
+    workers = config_mod.worker_count(config)
+    if takeover is not None and workers > 1:
+        # The connections come into one process; workers apply at the next stop and start.
+        log.warning(
+            "workers_ignored",
+            workers=workers,
+            reason="a restart handoff carries its connections into one process",
+        )
+        workers = 1
+    slots = bind_worker_listeners(config, workers, passed) if workers > 1 else None
+    bound = _unique(slots) if slots else bind_listeners(config, passed, takeover is not None)
     try:
         # A takeover brings its metrics listener along; the service binds it if not.
         metrics_listener = None if takeover is not None else bind_metrics(config)
@@ -173,7 +183,9 @@ def serve(
             listeners.close(listener)
         raise
     if not args.daemon:
-        return run_loop(args, config, bound, notifier, metrics_listener, takeover=takeover)
+        return run_loop(
+            args, config, bound, notifier, metrics_listener, slots=slots, takeover=takeover
+        )
     if takeover is not None:  # re-executed in place: a daemon already, same PID
         from epolld.daemonize import continued_daemon
 
@@ -205,6 +217,7 @@ def serve(
                 metrics_listener,
                 before_reload=reopen_log,
                 pidfiles=pidfiles,
+                slots=slots,
             )
     except BaseException:
         for listener in owned:
@@ -278,6 +291,59 @@ def bind_listeners(
     return bound
 
 
+def bind_worker_listeners(
+    config: Config, workers: int, passed: list[tuple[str, int]] | None = None
+) -> list[list[listeners.Listener]]:
+    """The listeners of each of `workers` worker processes (see supervisor.py): a TCP or
+    UDP address gets one SO_REUSEPORT socket per worker; a Unix socket, and each socket from
+    systemd, is one socket that every worker serves (shared, EPOLLEXCLUSIVE).
+
+    Raises:
+        BindError: an address could not be bound; none stays bound.
+    """
+    slots: list[list[listeners.Listener]] = [[] for _ in range(workers)]
+    inherited = activation.adopt_sockets(activation.passed_fds() if passed is None else passed)
+    if inherited:
+        log.info(
+            "listen_ignored",
+            reason="sockets come from systemd socket activation",
+            listen=[str(a) for a in config.listen],
+        )
+        proxied = frozenset(str(a) for a in config.listen if a.proxy_protocol)
+        for _, sock in inherited:
+            listener = listeners.adopt(sock, proxied)
+            listener.shared = True
+            for slot in slots:
+                slot.append(listener)
+        return slots
+    try:
+        for address in config.listen:
+            if address.family == "unix":
+                listener = listeners.bind(address, config.backlog)
+                listener.shared = True
+                for slot in slots:
+                    slot.append(listener)
+                continue
+            first = listeners.bind(address, config.backlog, reuseport=True)
+            slots[0].append(first)
+            # Port 0: the others join the port the kernel chose for the first.
+            same = dataclasses.replace(address, port=first.sock.getsockname()[1])
+            for slot in slots[1:]:
+                listener = listeners.bind(same, config.backlog, reuseport=True)
+                listener.address = address  # as configured: a reload compares with it
+                slot.append(listener)
+    except EpolldError:
+        for listener in _unique(slots):
+            listeners.close(listener)
+        raise
+    return slots
+
+
+def _unique(slots: list[list[listeners.Listener]]) -> list[listeners.Listener]:
+    """Every listener once (a shared one is in every slot)."""
+    return list({id(item): item for slot in slots for item in slot}.values())
+
+
 def bind_metrics(config: Config) -> listeners.Listener | None:
     """Bind metrics.listen, if set (before daemonizing, like the echo listeners).
 
@@ -298,6 +364,7 @@ def run_loop(
     notifier: Notifier,
     metrics_listener: listeners.Listener | None = None,
     before_reload: Callable[[], None] = lambda: None,
+    slots: list[list[listeners.Listener]] | None = None,
     *,
     takeover: _Takeover | None = None,
     pidfiles: list[PidFile] | None = None,
@@ -307,6 +374,18 @@ def run_loop(
         before_reload()
         return load(args)
 
+    if slots is not None:
+        from epolld.supervisor import Supervisor
+
+        supervisor = Supervisor(
+            config, slots, notifier, reload, metrics_listener, before_reload=before_reload
+        )
+        try:
+            return supervisor.run()
+        except Exception:
+            log.exception("loop_crashed")
+            notifier.fatal("crashed: see the journal")
+            return os.EX_SOFTWARE
     service = EchoService(config, bound, notifier, reload=reload, metrics_listener=metrics_listener)
     try:
         if takeover is not None:

@@ -192,6 +192,7 @@ class Config:
     udp: UdpConfig = field(default_factory=UdpConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    workers: int | Literal["auto"] = 1  # worker processes; see worker_count()
     source: str = ""  # the file it came from, for messages
 
 
@@ -415,6 +416,26 @@ def _optional_path(value: object) -> str | None:
     if problem := _text_problem(value):
         raise _Invalid(problem)
     return value
+
+
+MAX_WORKERS = 1024
+
+
+def _workers(value: object) -> int | str:
+    if value == "auto":
+        return "auto"
+    if type(value) is not int or value < 1:  # type(): a bool is not an int here
+        raise _Invalid("expected a positive integer or auto")
+    if value > MAX_WORKERS:
+        raise _Invalid(f"must be at most {MAX_WORKERS}")
+    return value
+
+
+def worker_count(config: Config) -> int:
+    """How many worker processes: `auto` is one per CPU this process may run on."""
+    if config.workers == "auto":
+        return max(1, len(os.sched_getaffinity(0)))
+    return config.workers
 
 
 def _same(value: Any) -> Any:
@@ -901,6 +922,7 @@ _SCHEMA: tuple[_Entry, ...] = (
     _Section("metrics", "metrics", MetricsConfig, (
         _Option("listen", "listen", _read_optional_address, _write_optional_address),
     )),
+    _Option("workers", "workers", _scalar(_workers), _same),
 )  # fmt: skip
 
 
@@ -1115,6 +1137,8 @@ def describe(config: Config) -> str:
     text = f"listeners: {listeners}; trigger: {config.trigger}; io: {config.io}"
     if config.metrics.listen is not None:
         text += f"; metrics: {config.metrics.listen}"
+    if config.workers != 1:
+        text += f"; workers: {config.workers}"
     return text
 
 

@@ -39,6 +39,10 @@ class Listener:
     address: ListenAddress | None  # None: inherited from systemd, not from the config
     name: str  # what logs and STATUS show: "127.0.0.1:7080", "[::1]:7080", "unix:/path"
     inherited: bool = False
+    # Served by several worker processes from this one socket: registered with
+    # EPOLLEXCLUSIVE, so that a connection wakes one worker, not all (see supervisor.py).
+    shared: bool = False
+    keep_path: bool = False  # a worker's copy: the supervisor removes the Unix socket file
     proxy_protocol: bool = False  # clients start with a PROXY header (proxy.py)
     fd: int = field(init=False)
     mask: int = 0  # set by the owner before registering (level or edge)
@@ -105,8 +109,10 @@ def describe_socket(sock: socket.socket) -> str:
     )
 
 
-def bind(address: ListenAddress, backlog: int) -> Listener:
+def bind(address: ListenAddress, backlog: int, reuseport: bool = False) -> Listener:
     """Create a non-blocking, close-on-exec listening socket for address.
+
+    reuseport (TCP and UDP): SO_REUSEPORT, for one socket per worker on the same address.
 
     Raises:
         BindError: the address is in use, not permitted or does not exist here.
@@ -114,12 +120,14 @@ def bind(address: ListenAddress, backlog: int) -> Listener:
     if address.family == "unix":
         return _bind_unix(address, backlog)
     if address.is_udp:
-        return _bind_udp(address)
+        return _bind_udp(address, reuseport)
     family = socket.AF_INET6 if address.family == "ipv6" else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
     try:
         # A restart must not wait for TIME_WAIT connections of the previous run to expire.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             # "[::]:7080" means IPv6 only; "0.0.0.0:7080" is listed separately if wanted.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -131,15 +139,18 @@ def bind(address: ListenAddress, backlog: int) -> Listener:
     return Listener(sock, address, describe_socket(sock), proxy_protocol=address.proxy_protocol)
 
 
-def _bind_udp(address: ListenAddress) -> Listener:
+def _bind_udp(address: ListenAddress, reuseport: bool = False) -> Listener:
     """A UDP socket; on a wildcard address it learns each datagram's destination address.
 
     No SO_REUSEADDR: for UDP it would let a second socket bind the same port and take a
-    share of the datagrams, and there is no TIME_WAIT to wait out.
+    share of the datagrams, and there is no TIME_WAIT to wait out. SO_REUSEPORT does
+    that on purpose, for workers (one socket each), and only when asked.
     """
     family = socket.AF_INET6 if address.family == "ipv6" else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
     try:
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((address.host, address.port))
@@ -230,6 +241,7 @@ def close(listener: Listener) -> None:
         listener.address is not None
         and listener.address.family == "unix"
         and not listener.inherited
+        and not listener.keep_path
     ):
         with contextlib.suppress(OSError):
             os.unlink(listener.address.path)

@@ -61,10 +61,14 @@ def configure(
     if fmt == "auto":
         fmt = "console" if stream.isatty() else "json"
     processors: list[Any] = [
+        # A worker process binds worker=N here (supervisor.py); nothing otherwise.
+        structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
-    logger_factory: Any = structlog.PrintLoggerFactory(stream)
+    # One write() per line (print() makes two when unbuffered): worker processes share
+    # stdout, and a line written in one piece of at most PIPE_BUF bytes is never torn.
+    logger_factory: Any = structlog.WriteLoggerFactory(stream)
     if _journal is not None:
         processors += [structlog.processors.format_exc_info, journald.to_journal]
         logger = journald.JournalLogger(_journal, stream, _fallback_line)

@@ -258,6 +258,14 @@ class Reactor:
         self._wakeup.close()
         self._ep.close()
 
+    def abandon(self) -> None:
+        """In a forked child that builds its own reactor: close this one's epoll fd and
+        wakeup pair, and leave its handlers' descriptors to the caller (the parent still
+        uses them)."""
+        self._handlers.clear()
+        self._wakeup.close()
+        self._ep.close()
+
 
 class _SignalWakeup:
     """The socketpair that signal.set_wakeup_fd() writes signal numbers to."""

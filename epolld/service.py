@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import mmap
 import os
 import resource
 import select
@@ -158,7 +159,9 @@ class EchoService:
         nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self._pipe_budget = max(0, (nofile - self._base_fds - config.limits.max_connections) // 2)
         if len(self._read_buf) != config.buffers.read_size_bytes:
-            self._read_buf = memoryview(bytearray(config.buffers.read_size_bytes))
+            # Anonymous mmap, not bytearray: its pages are resident only once a read
+            # reaches them (bytearray() zero-fills, 256 KiB resident from the start).
+            self._read_buf = memoryview(mmap.mmap(-1, config.buffers.read_size_bytes))
         # Decided once per configuration, not per connection: the log call or None.
         if config.logging.connections:
             self._conn_log: Callable[..., Any] | None = log.info
@@ -212,10 +215,15 @@ class EchoService:
     # -- accepting -----------------------------------------------------------------
 
     def _add_listener(self, listener: Listener) -> None:
-        listener.mask = self._listen_mask
+        listener.mask = self._listener_mask(listener)
         listener.on_ready = self._listener_ready
         self._listeners[listener.fd] = listener
         self.reactor.add(listener)
+
+    def _listener_mask(self, listener: Listener) -> int:
+        """A listener that worker processes share wakes one of them per connection
+        (EPOLLEXCLUSIVE), not every worker, of which all but one would find nothing."""
+        return self._listen_mask | select.EPOLLEXCLUSIVE if listener.shared else self._listen_mask
 
     def _listener_ready(self, listener: Listener) -> None:
         """Accept after the batch (see loop.py on fd reuse), once per listener."""
@@ -991,8 +999,17 @@ class EchoService:
         )
 
     def _on_reload_signal(self, signum: int) -> None:
+        self.reload()
+
+    def reload(self) -> str | None:
+        """Load the configuration from the reload source and apply it, or keep the old one
+        (SIGHUP; a worker process calls it when its supervisor sends a configuration).
+
+        Returns:
+            None when applied (or nothing to do), else why the old configuration stays.
+        """
         if self._stopping or self._reload_source is None:
-            return
+            return None
         self._notifier.reloading()
         try:
             self.apply(self._reload_source())
@@ -1000,9 +1017,10 @@ class EchoService:
             self.counters.count_reload(ok=False)
             log.error("config_reload_failed", error=str(e))
             self._notifier.ready(f"reload failed, running on the previous configuration: {e}")
-            return
+            return str(e)
         self.counters.count_reload(ok=True)
         self._notifier.ready(self._status_line())
+        return None
 
     def apply(self, new: Config) -> None:
         """Switch to a new configuration as one step, or raise and change nothing.
@@ -1044,9 +1062,14 @@ class EchoService:
             # Open connections keep the mode they were registered in; listeners switch,
             # or an edge-triggered listener could sit on a backlog the level code leaves.
             for listener in self._listeners.values():
-                self.reactor.set_mask(listener, self._listen_mask)
+                if listener.shared:  # epoll_ctl(MOD) refuses EPOLLEXCLUSIVE: register anew
+                    self.reactor.remove(listener)
+                    listener.mask = self._listener_mask(listener)
+                    self.reactor.add(listener)
+                else:
+                    self.reactor.set_mask(listener, self._listen_mask)
             for listener in self._paused.values():
-                listener.mask = self._listen_mask
+                listener.mask = self._listener_mask(listener)
         if new.buffers.read_size_bytes != old.buffers.read_size_bytes:
             for conn in self._connections():
                 conn.buf = self._read_buf

@@ -77,6 +77,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="repeat runs disturbed by other load (default: in --full only)",
     )
     p.add_argument("--output", help="base path for .md and .json (default by preset)")
+    p.add_argument(
+        "--server-cpus",
+        default="0",
+        help="taskset list the servers run on (default 0; e.g. 0-7 for workers: auto)",
+    )
+    p.add_argument(
+        "--client-cpus", default="1", help="taskset list the load generators run on (default 1)"
+    )
     p.add_argument("--profile-seconds", type=int, default=10)
     p.add_argument("--native", action="store_true", help="py-spy --native (C frames too)")
     p.add_argument(
@@ -114,6 +122,7 @@ def _main(opts: argparse.Namespace) -> int:
         Path(opts.report).with_suffix(".md").write_text(render_markdown(data))
         return 0
     bootstrap()
+    processes.use_cpus(opts.server_cpus, opts.client_cpus)
     os.sched_setaffinity(0, {processes.CLIENT_CPU})  # keep the runner off the server's core
     if opts.profile:
         profile(opts.profile.split(","), opts)

@@ -15,6 +15,10 @@ from typing import Any
 
 SERVER_CPU = 0  # the server under test
 CLIENT_CPU = 1  # the load generators (and the runner, which sleeps meanwhile)
+# taskset lists (--server-cpus, --client-cpus): more than one core for `workers:` runs on
+# a larger machine. SERVER_CPU and CLIENT_CPU are the first of each (watched for foreign load).
+SERVER_CPUS = str(SERVER_CPU)
+CLIENT_CPUS = str(CLIENT_CPU)
 STOP_TIMEOUT_S = 5.0  # SIGTERM to SIGKILL
 # Server and client run at a raised priority, so that other work on a shared machine takes
 # less of their cores (CFS weight 9,548 against 1,024 for nice 0). With autogroup scheduling
@@ -30,8 +34,44 @@ BACKGROUND_NICE_LEVEL = 0
 _children: dict[int, subprocess.Popen[bytes]] = {}  # pid -> process, all started by us
 
 
-def pinned(cpu: int, nice: int = NICE_LEVEL) -> list[str]:
-    """The prefix that runs a command niced and pinned to one CPU."""
+def parse_cpus(text: str) -> list[int]:
+    """A taskset list ("0", "0-3", "0,2,4-7") as CPU numbers."""
+    cpus: list[int] = []
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        cpus += range(int(first), int(last or first) + 1)
+    return cpus
+
+
+def use_cpus(server: str, client: str) -> None:
+    """Pin servers to the CPUs listed in server, load generators to those in client."""
+    global SERVER_CPUS, CLIENT_CPUS, SERVER_CPU, CLIENT_CPU
+    SERVER_CPUS, CLIENT_CPUS = server, client
+    SERVER_CPU, CLIENT_CPU = parse_cpus(server)[0], parse_cpus(client)[0]
+
+
+def tree_pids(pid: int) -> list[int]:
+    """pid and its children (epolld's workers)."""
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return [pid]
+    return [pid, *map(int, text.split())]
+
+
+def pss_kib(pid: int) -> int | None:
+    """Proportional set size: shared pages (a worker's, after fork) counted by share."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def pinned(cpu: int | str, nice: int = NICE_LEVEL) -> list[str]:
+    """The prefix that runs a command niced and pinned to a CPU (or a taskset list)."""
     return ["nice", "-n", str(nice), "taskset", "-c", str(cpu)]
 
 

@@ -184,6 +184,16 @@ TABLES["handoff"] = [
     ("ping-pong max µs", col_range("max_us")),
     ("errors", col_errors),
 ]
+TABLES["workers-scale-10k"] = [
+    ("all echoing (s)", col_range("all_echoing_s", 3)),
+    ("Pss MiB, all processes", col_range("pss_mib", 1)),
+    ("Pss MiB, largest process", col_range("max_process_pss_mib", 1)),
+    ("peak RSS MiB (main)", col_range("peak_rss_mib", 1)),
+    ("ping-pong p50 µs", col_median("p50_us")),
+    ("p99 µs", col_range("p99_us")),
+    ("other", col_other),
+    ("errors", col_errors),
+]
 TABLES["udp"] = [
     ("datagrams/s", col_range("round_trips_per_s")),
     ("CPU s/M datagrams", col_range("cpu_s_per_m_rt", 2)),

@@ -51,7 +51,7 @@ def loadgen_argv(
 ) -> list[str]:
     nice = processes.BACKGROUND_NICE_LEVEL if hold else processes.NICE_LEVEL
     argv = [
-        *processes.pinned(processes.CLIENT_CPU, nice), str(BIN / program),
+        *processes.pinned(processes.CLIENT_CPUS, nice), str(BIN / program),
         "--port", str(port), "--server-pid", str(pid),
         "--warmup", str(warmup), "--duration", str(duration),
         "--watch-cpu", str(processes.SERVER_CPU),
@@ -119,6 +119,13 @@ def run_once(server: Server, workload: Workload, rep: int, opts: argparse.Namesp
             if drops is not None and drops_before is not None:
                 extra["listen_drops"] = drops - drops_before
             extra["server_established_rss_kib"] = processes.status_kib(proc.pid, "VmRSS")
+            # Every process of the server (epolld's supervisor and workers), by Pss: pages
+            # the workers share after fork are counted once in the total.
+            pss = [processes.pss_kib(pid) or 0 for pid in processes.tree_pids(proc.pid)]
+            extra["server_pss_mib"] = round(sum(pss) / 1024, 2)
+            extra["server_max_process_pss_mib"] = round(max(pss) / 1024, 2)
+            extra["server_processes"] = len(pss)
+            extra["server_pss_mib_each"] = [round(kib / 1024, 2) for kib in pss]
             if server.io == "splice":
                 pipes = processes.count_pipes(proc.pid)
         before = processes.cpu_jiffies()
@@ -370,6 +377,8 @@ METRICS: dict[str, Callable[[Result], Any]] = {  # summary key: how to get it fr
     "peak_rss_mib": _field("server_peak_rss_mib"),
     "start_rss_mib": _field("server_start_rss_mib"),
     "rss_per_conn_kib": _field("rss_per_conn_kib"),
+    "pss_mib": _field("server_pss_mib"),
+    "max_process_pss_mib": _field("server_max_process_pss_mib"),
     "connect_all_s": _field("connect_all_s"),
     "probe_all_s": _field("probe_all_s"),
     "all_connected_s": _field("all_connected_s"),

@@ -39,7 +39,7 @@ class Server:
         raise NotImplementedError
 
     def argv(self, workload: Workload) -> list[str]:
-        return [*processes.pinned(processes.SERVER_CPU), *self.command(workload)]
+        return [*processes.pinned(processes.SERVER_CPUS), *self.command(workload)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,9 +77,12 @@ class EpolldServer(Server):
     workload's limits."""
 
     trigger: str = "level"
+    workers: int | str = 1  # "auto": one per CPU of --server-cpus
 
     def config(self, workload: Workload) -> str:
         lines = ['listen: ["127.0.0.1:0"]', f"trigger: {self.trigger}"]
+        if self.workers != 1:
+            lines.append(f"workers: {self.workers}")
         if workload.udp:  # UDP only, its limits off: the C and Python servers have none
             lines[0] = 'listen: ["udp:127.0.0.1:0"]'
             lines.append("udp: {rate: 0, byte_rate: 0, total_rate: 0}")
@@ -116,6 +119,8 @@ SERVERS: list[Server] = [
     EpolldServer("epolld-edge", "epolld, trigger: edge", trigger="edge"),
     EpolldServer("epolld-splice", "epolld, io: splice (level)", io="splice", trigger="level"),
     EpolldServer("epolld-splice-edge", "epolld, io: splice (edge)", io="splice", trigger="edge"),
+    EpolldServer("epolld-workers-2", "epolld, workers: 2 (level)", workers=2),
+    EpolldServer("epolld-workers-auto", "epolld, workers: auto (level)", workers="auto"),
     CUdpServer("c-udp", "C epoll UDP, recvfrom/sendto (bench/udp_echo_server.c)"),
     CUdpServer("c-udp-mmsg", "C epoll UDP, recvmmsg/sendmmsg (64 per call)", mmsg=True),
     PythonServer("asyncio-datagram", "asyncio DatagramProtocol", script="asyncio_datagram.py"),
@@ -169,5 +174,5 @@ def display_argv(server: Server, workload: Workload) -> list[str]:
     try:
         argv = server.argv(workload)
     except Unavailable:
-        argv = [*processes.pinned(processes.SERVER_CPU), *server.command(workload)]
+        argv = [*processes.pinned(processes.SERVER_CPUS), *server.command(workload)]
     return [relative(a) for a in argv]

@@ -133,14 +133,15 @@ def scale(name: str, conns: int, title: str, **kwargs: object) -> Workload:
         title,
         Load(conns=1, size=KIB),
         table="scale",
-        group="scale",
         holders=conns - 1,
-        **kwargs,  # type: ignore[arg-type]
+        **{"group": "scale", **kwargs},  # type: ignore[arg-type]
     )
 
 
 SCALE_CONNS = 19_900  # this machine's RLIMIT_NOFILE is 20,000 per process
 IDLE_TIMEOUT_S = 8  # the expiry wave: a tick of 1 s collects the connections in one or two sweeps
+
+WORKERS = ("epolld-level", "epolld-workers-2")
 
 WORKLOADS = [
     Workload("pp-1k-c1", "ping-pong 1 KiB, 1 connection", Load(conns=1)),
@@ -241,6 +242,22 @@ WORKLOADS = [
             min_duration_s=3.0,
         )
         for conns in (1_000, 10_000)
+    ),
+    # workers: the same load on 1 and on N processes. On this 2-core machine (server on
+    # one core) they show the cost per round trip; with --server-cpus 0-7 the scaling.
+    Workload(
+        "workers-pp-1k-c100",
+        "workers: ping-pong 1 KiB, 100 connections",
+        Load(conns=100),
+        servers=(*WORKERS, "epolld-workers-auto"),
+        group="workers",
+    ),
+    scale(
+        "workers-scale-10k",
+        10_000,
+        "workers: {conns:,} connections, then 1 KiB ping-pong on one (Pss of all processes)",
+        servers=WORKERS,
+        group="workers",
     ),
 ]
 BY_NAME = {w.name: w for w in WORKLOADS}

@@ -1,0 +1,91 @@
+"""workers: N > 1 on the other paths: the metrics endpoint (totals) and daemon mode."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.test_daemon_mode import Daemons, _is_gone, _listening_port, _logged, _wait_for
+from tests.test_daemon_mode import daemons as daemons
+from tests.test_metrics_endpoint import metrics_port, scrape
+from tests.test_workers import start_workers as start_workers
+from tests.traffic import connect, echo_until_eof, roundtrip
+
+WAIT_S = 15.0
+
+
+def test_metrics_endpoint_shows_totals_over_workers(start_workers: Any) -> None:
+    """The supervisor serves /metrics, and its numbers are the sums over every worker."""
+    w = start_workers(2, {"metrics": {"listen": "127.0.0.1:0"}})
+    assert "worker" not in w.daemon.wait_for("metrics_listening")[0]
+    port = metrics_port(w.daemon)
+    socks = [connect(w.daemon.port) for _ in range(20)]
+    try:
+        for sock in socks:
+            roundtrip(sock, b"0123456789")
+        assert {w.worker_of(s) for s in socks} == {1, 2}
+        deadline = time.monotonic() + WAIT_S  # the workers report once a heartbeat
+        while (samples := scrape(port))[("epolld_connections", ())] != 20:
+            assert time.monotonic() < deadline, samples[("epolld_connections", ())]
+            time.sleep(0.1)
+        assert samples[("epolld_connections_accepted_total", ())] == 20
+        assert samples[("epolld_received_bytes_total", ())] == 200
+        assert samples[("epolld_sent_bytes_total", ())] == 200
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_daemon_mode_pidfile_holds_the_supervisor(daemons: Daemons, tmp_path: Path) -> None:
+    """--daemon with workers: the pidfile names the supervisor, whose children are the
+    workers; SIGTERM stops them all and removes the pidfile."""
+    pidfile, log = tmp_path / "epolld.pid", tmp_path / "epolld.log"
+    settings: dict[str, Any] = {
+        "listen": ["127.0.0.1:0"],
+        "workers": 2,
+        "daemon": {"pidfile": str(pidfile), "log_file": str(log)},
+    }
+    result = daemons.start_epolld(settings)
+    assert result.returncode == 0, result.stderr
+    supervisor = daemons.pids[0]
+    started = _logged(log, "worker_started", count=2)
+    workers = [e["pid"] for e in started]
+    daemons.pids += workers
+    _logged(log, "workers_ready")
+    children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
+    assert sorted(map(int, children)) == sorted(workers)
+    assert _logged(log, "supervisor_started")[0].get("worker") is None
+    assert echo_until_eof(_listening_port(log), b"daemon workers\n") == b"daemon workers\n"
+    os.kill(supervisor, signal.SIGTERM)
+    _wait_for("the supervisor and workers to exit", lambda: all(map(_is_gone, daemons.pids)))
+    assert not pidfile.exists()
+    assert len(_logged(log, "worker_exited", count=2)) == 2
+
+
+def test_proxy_listener_with_workers(start_workers: Any) -> None:
+    """A PROXY protocol listener works in every worker, and the supervisor's stats add up
+    the workers' header errors."""
+    w = start_workers(2, {"listen": [{"address": "127.0.0.1:0", "proxy_protocol": True}]})
+    port = w.daemon.port
+    workers = set()
+    for _ in range(200):
+        after = w.opened()
+        with connect(port) as sock:
+            local_port = sock.getsockname()[1]  # as the header's source: worker_of() finds it
+            sock.sendall(b"PROXY TCP4 192.0.2.1 192.0.2.2 %d 7080\r\n" % local_port)
+            roundtrip(sock, b"behind a proxy")
+            workers.add(w.worker_of(sock, after))
+        if workers == {1, 2}:
+            break
+    assert workers == {1, 2}
+    for _ in range(20):
+        with connect(port) as sock:
+            sock.sendall(b"NOT A PROXY HEADER\r\n")
+            with contextlib.suppress(ConnectionResetError):  # closed unread: RST or FIN
+                assert sock.recv(100) == b""
+    stats = w.stats()
+    assert sum(stats["proxy_header_errors"].values()) == 20
