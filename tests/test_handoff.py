@@ -493,3 +493,20 @@ def test_proxy_listener_keeps_its_flag_on_the_previous_configuration(
         sock.shutdown(socket.SHUT_WR)
         assert recv_until_eof(sock) == b""
     assert daemon.wait_for("connection_closed")[0]["peer"] == "198.51.100.9:999"
+
+
+def test_workers_in_the_new_file_wait_for_a_stop_and_start(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """A handoff brings its connections into one process: `workers` set in the file
+    meanwhile is logged as ignored, and the connection goes on."""
+    config_path = write_config(tmp_path / "epolld.yaml", _config("level", "copy"))
+    daemon = Daemon(config_path)
+    daemons.append(daemon)
+    with connect(_ports(daemon)[0]) as sock:
+        write_config(config_path, _config("level", "copy", workers=2))
+        daemon.signal(signal.SIGUSR2)
+        assert daemon.wait_for("workers_ignored")[0]["workers"] == 2
+        daemon.wait_for("handoff_complete")
+        sock.sendall(b"one process\n")
+        assert recv_exactly(sock, 12) == b"one process\n"
