@@ -233,6 +233,10 @@ class EchoService:
 
     def _accept_queued(self) -> None:
         queue, self._accept_queue = self._accept_queue, []
+        if self.handed_over:
+            # Queued in the batch that also handed over: the next process accepts these.
+            # Accepted here, they would be left behind and reset at our exit.
+            return
         for listener in queue:
             if listener.fd in self._listeners:  # not paused or closed meanwhile
                 self._accept(listener)
@@ -432,6 +436,8 @@ class EchoService:
         heap until due, holding the reader: at 50,000 accepts/s that is 250,000 of them).
         """
         self._sweep_armed = False
+        if self.handed_over:  # the next process times the headers out
+            return
         timeout_s = self._config.proxy.timeout_s
         deadline = self.reactor.now - timeout_s
         expired = []
@@ -628,6 +634,8 @@ class EchoService:
     def _close_expired(self) -> None:
         """Close idle connections IDLE_CLOSES_PER_TURN at a time, polling in between: 20,000
         expiring at once held the loop for 175-360 ms when closed in one go."""
+        if self.handed_over:  # the next process runs the idle timeout on
+            return
         batch = self._expiring[-IDLE_CLOSES_PER_TURN:]
         del self._expiring[-IDLE_CLOSES_PER_TURN:]
         now = self.reactor.now
