@@ -47,6 +47,17 @@ def inherited_sockets(
             socket nor an unconnected IPv4/IPv6 datagram socket (ListenDatagram=, served as
             UDP echo); a connected socket is a unit error.
     """
+    return adopt_sockets(passed_fds(environ))
+
+
+def passed_fds(environ: MutableMapping[str, str] | None = None) -> list[tuple[str, int]]:
+    """(name, fd) for each descriptor passed in LISTEN_FDS, not yet looked at; removes
+    LISTEN_* from environ. The restart handoff (handoff.take_state) picks its own out
+    before the rest are adopted as listeners.
+
+    Raises:
+        BindError: LISTEN_FDS is not a number.
+    """
     environ = os.environ if environ is None else environ
     pid = environ.get("LISTEN_PID")
     count_text = environ.get("LISTEN_FDS")
@@ -66,10 +77,18 @@ def inherited_sockets(
     names = names_text.split(":") if names_text else []
     if len(names) != count:
         names = ["unknown"] * count
+    return [(name, SD_LISTEN_FDS_START + offset) for offset, name in enumerate(names)]
+
+
+def adopt_sockets(passed: list[tuple[str, int]]) -> list[tuple[str, socket.socket]]:
+    """Adopt each passed fd as a listening socket.
+
+    Raises:
+        BindError: a passed fd is not a listening stream socket.
+    """
     adopted: list[tuple[str, socket.socket]] = []
     try:
-        for offset, name in enumerate(names):
-            fd = SD_LISTEN_FDS_START + offset
+        for name, fd in passed:
             adopted.append((name, _adopt(fd, name)))
     except BindError:
         for _, sock in adopted:

@@ -7,14 +7,17 @@ import dataclasses
 import faulthandler
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import structlog
 
-from epolld import __version__, activation, journald, listeners, logsetup
+from epolld import __version__, activation, handoff, journald, listeners, logsetup
 from epolld import config as config_mod
 from epolld.config import Config
-from epolld.errors import EpolldError
+from epolld.errors import ConfigError, EpolldError
+from epolld.pidfile import PidFile
 from epolld.service import EchoService
 from epolld.systemd import Notifier
 
@@ -28,7 +31,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="epolld",
         description="An RFC 862 echo daemon on select.epoll.",
         epilog="Signals: SIGTERM/SIGINT stop gracefully (a second SIGINT at once), "
-        "SIGHUP reloads the configuration, SIGUSR1 logs statistics. "
+        "SIGHUP reloads the configuration, SIGUSR1 logs statistics, SIGUSR2 hands every "
+        "connection to a new process (systemd: the restart; else re-executes in place). "
         "Exit codes: 0 stopped cleanly, 69 cannot listen, 71 daemon mode failed, "
         "78 invalid configuration.",
     )
@@ -83,20 +87,27 @@ def load(args: argparse.Namespace) -> Config:
 def main(argv: Sequence[str] | None = None) -> int:
     # A watchdog kill (SIGABRT) then leaves the stuck loop's traceback in the journal.
     faulthandler.enable()
+    started_at = time.monotonic()
     args = parse_args(argv)
+    config: Config | None
+    config_error: EpolldError | None = None
     try:
         config = load(args)
     except EpolldError as e:
-        return report(e, None if args.check_config or args.print_config else Notifier())
-    if args.check_config:
+        # A restart handoff in progress keeps its connections on the previous configuration
+        # (serve() decides once it has read the state); anything else stops here.
+        if args.check_config or args.print_config or not handoff.pending(os.environ):
+            return report(e, None if args.check_config or args.print_config else Notifier())
+        config, config_error = None, e
+    if args.check_config and config is not None:
         print(f"configuration OK: {config_mod.describe(config)}")
         return 0
-    if args.print_config:
+    if args.print_config and config is not None:
         print(config_mod.render_config(config), end="")
         return 0
     notifier = Notifier()
     try:
-        return serve(args, config, notifier)
+        return serve(args, config, notifier, config_error=config_error, started_at=started_at)
     except EpolldError as e:
         return report(e, notifier)
 
@@ -119,24 +130,73 @@ def report(error: EpolldError, notifier: Notifier | None) -> int:
     return error.exit_code
 
 
-def serve(args: argparse.Namespace, config: Config, notifier: Notifier) -> int:
-    """Bind (or adopt) the listeners, then run the loop in the foreground or as a daemon."""
+def serve(
+    args: argparse.Namespace,
+    config: Config | None,
+    notifier: Notifier,
+    *,
+    config_error: EpolldError | None = None,
+    started_at: float | None = None,
+) -> int:
+    """Bind (or adopt, or take over from the previous process) the listeners, then run the
+    loop in the foreground or as a daemon."""
+    passed = activation.passed_fds()
+    received_at = time.monotonic()
+    state, passed = handoff.take_state(passed)
+    received_s = time.monotonic() - received_at
+    previous = _previous_config(state, config)
+    if config is None:
+        if previous is None:  # nothing to fall back on: refuse as a fresh start would
+            assert config_error is not None
+            raise config_error
+        config = previous
     # Configured before binding in daemon mode too: what is logged before the fork reaches
     # the terminal in the chosen format; the daemon configures again on its log file.
     logsetup.configure(config.logging.level, config.logging.format)
+    if state is not None and state.problem is not None:
+        log.warning("handoff_unreadable", reason=state.problem, closed=state.closed)
+    if config_error is not None:
+        log.error(
+            "config_invalid",
+            error=str(config_error),
+            action="kept the connections handed over; running the previous configuration",
+        )
+    takeover = None
+    if state is not None and state.records:
+        takeover = _Takeover(state, previous, config_error, started_at, received_s)
     workers = config_mod.worker_count(config)
-    slots = bind_worker_listeners(config, workers) if workers > 1 else None
-    bound = _unique(slots) if slots else bind_listeners(config)
+    if takeover is not None and workers > 1:
+        # The connections come into one process; workers apply at the next stop and start.
+        log.warning(
+            "workers_ignored",
+            workers=workers,
+            reason="a restart handoff carries its connections into one process",
+        )
+        workers = 1
+    slots = bind_worker_listeners(config, workers, passed) if workers > 1 else None
+    bound = _unique(slots) if slots else bind_listeners(config, passed, takeover is not None)
     try:
-        metrics_listener = bind_metrics(config)
+        # A takeover brings its metrics listener along; the service binds it if not.
+        metrics_listener = None if takeover is not None else bind_metrics(config)
     except BaseException:
         for listener in bound:
             listeners.close(listener)
         raise
     if not args.daemon:
-        return run_loop(args, config, bound, notifier, metrics_listener, slots=slots)
+        return run_loop(
+            args, config, bound, notifier, metrics_listener, slots=slots, takeover=takeover
+        )
+    if takeover is not None:  # re-executed in place: a daemon already, same PID
+        from epolld.daemonize import continued_daemon
+
+        with continued_daemon(config.daemon.log_file) as (reopen_log, held):
+            takeover.pidfiles = held
+            return run_loop(
+                args, config, bound, notifier, None, before_reload=reopen_log, takeover=takeover
+            )
     from epolld.daemonize import daemon_context
 
+    pidfiles: list[PidFile] = []
     owned = [*bound, *([metrics_listener] if metrics_listener else [])]
     try:
         context = daemon_context(
@@ -146,6 +206,7 @@ def serve(args: argparse.Namespace, config: Config, notifier: Notifier) -> int:
             configure_logging=lambda: logsetup.configure(
                 config.logging.level, config.logging.format
             ),
+            on_pidfile=pidfiles.append,
         )
         with context as reopen_log:
             return run_loop(
@@ -155,6 +216,7 @@ def serve(args: argparse.Namespace, config: Config, notifier: Notifier) -> int:
                 notifier,
                 metrics_listener,
                 before_reload=reopen_log,
+                pidfiles=pidfiles,
                 slots=slots,
             )
     except BaseException:
@@ -163,13 +225,51 @@ def serve(args: argparse.Namespace, config: Config, notifier: Notifier) -> int:
         raise
 
 
-def bind_listeners(config: Config) -> list[listeners.Listener]:
-    """Adopt systemd's sockets if it passed any (they replace `listen`), else bind `listen`.
+class _Takeover:
+    """What a process started by a restart handoff carries into its service."""
+
+    def __init__(
+        self,
+        state: handoff.State,
+        previous: Config | None,
+        config_error: EpolldError | None,
+        started_at: float | None,
+        received_s: float,
+    ) -> None:
+        self.state = state
+        self.previous = previous
+        self.config_error = config_error
+        self.started_at = started_at
+        self.received_s = received_s
+        self.pidfiles: list[PidFile] = []
+
+    def restore_pidfile(self, record: dict[str, Any], state: handoff.State) -> None:
+        lock = PidFile(str(record["path"]))
+        lock.adopt(state.take_fd(record["fd"]))
+        self.pidfiles.append(lock)
+
+
+def _previous_config(state: handoff.State | None, current: Config | None) -> Config | None:
+    """The configuration the previous process ran, from its handoff state (or None)."""
+    if state is None or "config" not in state.document:
+        return None
+    source = state.document.get("config_source") or (current.source if current else "")
+    try:
+        return config_mod.parse_config(str(state.document["config"]), str(source))
+    except ConfigError:
+        return None  # written by another version: the current file must do
+
+
+def bind_listeners(
+    config: Config, passed: list[tuple[str, int]] | None = None, taking_over: bool = False
+) -> list[listeners.Listener]:
+    """Adopt systemd's sockets if it passed any (they replace `listen`), else bind `listen`
+    (unless a restart handoff brings the listeners: the service reconciles them).
 
     Raises:
         BindError: an address could not be bound; none stays bound.
     """
-    inherited = activation.inherited_sockets()
+    inherited = activation.adopt_sockets(activation.passed_fds() if passed is None else passed)
     if inherited:
         log.info(
             "listen_ignored",
@@ -178,6 +278,8 @@ def bind_listeners(config: Config) -> list[listeners.Listener]:
         )
         proxied = frozenset(str(a) for a in config.listen if a.proxy_protocol)
         return [listeners.adopt(sock, proxied) for _, sock in inherited]
+    if taking_over:
+        return []
     bound: list[listeners.Listener] = []
     try:
         for address in config.listen:
@@ -189,7 +291,9 @@ def bind_listeners(config: Config) -> list[listeners.Listener]:
     return bound
 
 
-def bind_worker_listeners(config: Config, workers: int) -> list[list[listeners.Listener]]:
+def bind_worker_listeners(
+    config: Config, workers: int, passed: list[tuple[str, int]] | None = None
+) -> list[list[listeners.Listener]]:
     """The listeners of each of `workers` worker processes (see supervisor.py): a TCP or
     UDP address gets one SO_REUSEPORT socket per worker; a Unix socket, and each socket from
     systemd, is one socket that every worker serves (shared, EPOLLEXCLUSIVE).
@@ -198,7 +302,7 @@ def bind_worker_listeners(config: Config, workers: int) -> list[list[listeners.L
         BindError: an address could not be bound; none stays bound.
     """
     slots: list[list[listeners.Listener]] = [[] for _ in range(workers)]
-    inherited = activation.inherited_sockets()
+    inherited = activation.adopt_sockets(activation.passed_fds() if passed is None else passed)
     if inherited:
         log.info(
             "listen_ignored",
@@ -261,6 +365,9 @@ def run_loop(
     metrics_listener: listeners.Listener | None = None,
     before_reload: Callable[[], None] = lambda: None,
     slots: list[list[listeners.Listener]] | None = None,
+    *,
+    takeover: _Takeover | None = None,
+    pidfiles: list[PidFile] | None = None,
 ) -> int:
     def reload() -> Config:
         # First, so that a rotated log file is let go even when the new config is invalid.
@@ -281,8 +388,32 @@ def run_loop(
             return os.EX_SOFTWARE
     service = EchoService(config, bound, notifier, reload=reload, metrics_listener=metrics_listener)
     try:
+        if takeover is not None:
+            _take_over(service, takeover, config, notifier)
+        for lock in takeover.pidfiles if takeover is not None else pidfiles or []:
+            service.add_handoff_source(lock)
         return service.run()
     except Exception:
         log.exception("loop_crashed")
         notifier.fatal("crashed: see the journal")
         return os.EX_SOFTWARE
+
+
+def _take_over(
+    service: EchoService, takeover: _Takeover, config: Config, notifier: Notifier
+) -> None:
+    """Restore what the previous process handed over, clear the store of it, and bring
+    the listeners in line with the configuration now in force."""
+    service.restore_handoff(
+        takeover.state,
+        {"pidfile": takeover.restore_pidfile},
+        started_at=takeover.started_at,
+        received_s=takeover.received_s,
+    )
+    for name in takeover.state.transport:
+        notifier.remove_fd(name)  # consumed: the store must not hand it over again
+    if takeover.config_error is None:
+        try:
+            service.reconcile_after_handoff(takeover.previous or config)
+        except EpolldError as e:
+            log.error("handoff_listeners_kept", error=str(e))

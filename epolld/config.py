@@ -1068,7 +1068,16 @@ def load_config(path: str) -> Config:
         ConfigError: the file is missing, unreadable or invalid; str() is the whole message,
             starting with the path and, when there is one, the line.
     """
-    text = _read_text(path)
+    return parse_config(_read_text(path), path)
+
+
+def parse_config(text: str, path: str) -> Config:
+    """Validate configuration text as if read from path (a restart handoff carries the
+    previous process's configuration as text, see epolld/handoff.py).
+
+    Raises:
+        ConfigError: as load_config.
+    """
     try:
         loader = _Loader(text)
     except yaml.YAMLError as e:  # the reader checks every character up front

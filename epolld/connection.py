@@ -14,9 +14,12 @@ import errno
 import select
 import socket
 from collections.abc import Callable
-from typing import Any, ClassVar, Final, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol
 
 from epolld.loop import CLOSE
+
+if TYPE_CHECKING:
+    from epolld.handoff import State, StateWriter
 
 EPOLLIN: Final = select.EPOLLIN
 EPOLLOUT: Final = select.EPOLLOUT
@@ -217,6 +220,74 @@ class Connection:
         state = "eof" if self.eof else "reading" if self.reading else "paused"
         kind = type(self).__name__
         return f"<{kind} fd={self.fd} peer={self.peer} {state} pending={self.pending()}>"
+
+    # -- handoff (restart without dropping it; epolld/handoff.py) ----------------
+
+    HANDOFF_KIND: ClassVar[str] = "connection"
+
+    def handoff_state(self, out: StateWriter) -> dict[str, Any]:
+        """This connection's record: the socket, pending output, flags, counters, times."""
+        return {
+            "kind": self.HANDOFF_KIND,
+            "fd": out.fd(self.fd),
+            "edge": self.edge,
+            "io": "copy",
+            "ip": self.ip,
+            "peer": self._peer,
+            "reading": self.reading,
+            "eof": self.eof,
+            "reason": self.reason,
+            "bytes_in": self.bytes_in,
+            "dropped": self.dropped,
+            # CLOCK_MONOTONIC is one clock for every process of a boot.
+            "opened_at": self.opened_at,
+            "active_at": self.active_at,
+            "out": out.data(self.out) if self.out else None,
+        }
+
+    @classmethod
+    def from_handoff(
+        cls, record: dict[str, Any], state: State, *, buf: memoryview, shared: SharedSettings
+    ) -> Connection:
+        """Rebuild a connection from its record (cls: the class for its trigger and io).
+
+        Raises:
+            HandoffError: its socket did not arrive. KeyError, TypeError: a bad record.
+        """
+        sock = socket.socket(fileno=state.take_fd(record["fd"]))
+        sock.setblocking(False)
+        conn = cls(
+            sock,
+            record["ip"],
+            buf=buf,
+            shared=shared,
+            now=float(record["opened_at"]),
+            peer=record["peer"],
+        )
+        conn.active_at = float(record["active_at"])
+        conn.reading = bool(record["reading"])
+        conn.eof = bool(record["eof"])
+        conn.reason = str(record["reason"])
+        conn.bytes_in = int(record["bytes_in"])
+        conn.dropped = int(record["dropped"])
+        conn._restore_pending(record, state)
+        conn.mask = conn._resume_mask()
+        return conn
+
+    def _restore_pending(self, record: dict[str, Any], state: State) -> None:
+        pending = state.data(record["out"])
+        if pending:
+            self.out = bytearray(pending)
+
+    def _resume_mask(self) -> int:
+        """The mask a restored connection registers with: what it would have returned."""
+        if self.INITIAL_MASK & EPOLLET:
+            return EDGE_MASK
+        if self.pending():
+            return LEVEL_READ_WRITE if self.reading else EPOLLOUT
+        # Not reading with nothing to send is a close about to happen: EPOLLOUT fires at
+        # once and on_event returns CLOSE.
+        return LEVEL_READ if self.reading else EPOLLOUT
 
     # -- echoing ---------------------------------------------------------------
 

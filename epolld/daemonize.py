@@ -106,6 +106,7 @@ def daemon_context(
     files_preserve: list[int],
     log_file: str | None,
     configure_logging: Callable[[], None],
+    on_pidfile: Callable[[PidFile], None] | None = None,
 ) -> Iterator[Callable[[], None]]:
     """Become a classic Unix daemon for the duration of the with-block.
 
@@ -119,6 +120,7 @@ def daemon_context(
         log_file: file that receives stdout and stderr, or None.
         configure_logging: sets up logging for the daemon's stdout; called in the daemon
             before anything is logged there.
+        on_pidfile: given the held pidfile (a restart handoff passes its lock on).
 
     Yields:
         reopen_log for log_file (a no-op without one): call it on SIGHUP.
@@ -153,6 +155,8 @@ def daemon_context(
             lock.acquire()  # the race-free guard behind the foreground check
             if stale is not None:
                 log.warning("pidfile_stale_replaced", pidfile=lock.path, reason=stale)
+            if on_pidfile is not None:
+                on_pidfile(lock)
         try:
             yield (lambda: reopen_log(log_file)) if log_file else _keep_log
         finally:
@@ -160,3 +164,21 @@ def daemon_context(
                 lock.release()
     finally:
         context.close()
+
+
+@contextlib.contextmanager
+def continued_daemon(log_file: str | None) -> Iterator[tuple[Callable[[], None], list[PidFile]]]:
+    """A daemon re-executed in place by a restart handoff: it is one already (same PID,
+    session, stdout on the log file), so nothing forks. The pidfile's lock arrives with
+    the handoff: whoever restores it appends the PidFile to the list yielded, and it is
+    released (and the file removed) when the daemon finally stops.
+
+    Yields:
+        (reopen_log for log_file, the list that receives the held pidfile)
+    """
+    held: list[PidFile] = []
+    try:
+        yield ((lambda: reopen_log(log_file)) if log_file else _keep_log), held
+    finally:
+        for lock in held:
+            lock.release()

@@ -85,6 +85,11 @@ _MESSAGES = {
     "stats": "stats: {connections} open, {accepted} accepted, {bytes_in} bytes in, {bytes_out} out",
     "loop_crashed": "event loop crashed",
     "handler_bug": "internal error, closing {handler}",
+    "handoff_started": "handing over {connections} connections and {listeners} listeners ({route})",
+    "handoff_complete": "took over {connections} connections from PID {old_pid} "
+    "({old_version} -> {new_version}) in {duration_s} s",
+    "handoff_failed": "handoff failed ({reason}): {action}",
+    "config_invalid": "configuration invalid, {action}: {error}",
 }
 # Not fields of their own: PRIORITY carries the level, journald stamps every entry itself,
 # and the traceback gets a name that says what it is.

@@ -13,7 +13,8 @@ import os
 import socket
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from epolld.config import ListenAddress
 from epolld.errors import BindError
@@ -21,6 +22,9 @@ from epolld.errors import BindError
 # Python 3.11 has IPV6_RECVPKTINFO but not IP_PKTINFO (added in 3.12); 8 is Linux's value
 # (linux/in.h), the same on every architecture.
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+
+if TYPE_CHECKING:
+    from epolld.handoff import State, StateWriter
 
 
 def _not_served(listener: Listener) -> None:
@@ -56,6 +60,33 @@ class Listener:
         """Close the socket and remove its Unix socket file (an inherited one belongs to
         systemd)."""
         close(self)
+
+    def handoff_state(self, out: StateWriter) -> dict[str, Any] | None:
+        """Its record for a restart; None for a socket systemd passes again itself."""
+        if self.inherited and out.systemd_keeps_inherited:
+            return None
+        return {
+            "kind": "listener",
+            "fd": out.fd(self.fd),
+            "address": asdict(self.address) if self.address is not None else None,
+            "name": self.name,
+            "inherited": self.inherited,
+            "proxy_protocol": self.proxy_protocol,
+        }
+
+    @classmethod
+    def from_handoff(cls, record: dict[str, Any], state: State) -> Listener:
+        """The listener again, its backlog intact (it listened all along)."""
+        sock = socket.socket(fileno=state.take_fd(record["fd"]))
+        sock.setblocking(False)
+        address = record["address"]
+        return cls(
+            sock,
+            ListenAddress(**address) if address is not None else None,
+            str(record["name"]),
+            inherited=bool(record["inherited"]),
+            proxy_protocol=bool(record.get("proxy_protocol", False)),
+        )
 
     @property
     def is_tcp(self) -> bool:

@@ -297,6 +297,9 @@ class _SignalWakeup:
         self._r.close()
         self._w.close()
 
+    def handoff_state(self, out: object) -> None:
+        """Nothing travels at a restart handoff: the next process makes its own."""
+
     def __repr__(self) -> str:
         return f"<SignalWakeup fd={self.fd}>"
 

@@ -14,8 +14,12 @@ from __future__ import annotations
 import fcntl
 import os
 import stat
+from typing import TYPE_CHECKING
 
 from epolld.errors import DaemonError
+
+if TYPE_CHECKING:
+    from epolld.handoff import StateWriter
 
 # Rounds of open-and-lock before giving up on a pidfile that keeps being replaced under us.
 _ACQUIRE_ATTEMPTS = 3
@@ -92,6 +96,26 @@ class PidFile:
                 return
             os.close(fd)
         raise DaemonError(f"cannot lock pidfile {self.path}: it keeps being replaced")
+
+    def handoff_state(self, out: StateWriter) -> dict[str, object] | None:
+        """For a re-exec in place: the locked descriptor travels, so the lock is held
+        throughout and the file keeps naming this PID."""
+        if self._fd is None:
+            return None
+        return {"kind": "pidfile", "fd": out.fd(self._fd), "path": self.path}
+
+    def adopt(self, fd: int) -> None:
+        """Hold the pidfile through a descriptor handed over by a re-exec (same PID).
+
+        Raises:
+            DaemonError: it no longer names the file at path, or the lock was lost.
+        """
+        if not _names(self.path, fd) or not _try_lock(fd, fcntl.LOCK_EX):
+            os.close(fd)
+            raise DaemonError(f"pidfile {self.path}: the handed-over lock is not the file's")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        self._fd = fd
 
     def release(self) -> None:
         """Remove the pidfile if it is still ours, then drop the lock. Idempotent."""

@@ -35,9 +35,12 @@ import select
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
 
 from epolld.loop import CLOSE
+
+if TYPE_CHECKING:
+    from epolld.handoff import State, StateWriter
 
 V1_MAX_BYTES = 107  # "PROXY UNKNOWN <two IPv6> 65535 65535\r\n", the spec's worst case
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -506,6 +509,36 @@ class HeaderReader:
         """Release the socket (the reactor has unregistered it), then tell the owner."""
         self.sock.close()
         self.owner.reader_closed(self)
+
+    def handoff_state(self, out: StateWriter) -> dict[str, Any]:
+        """At a restart: the socket, the proxy's address, the listener, the accept time
+        (the timeout runs on) and the parser's state; bytes not yet taken stay queued in
+        the socket."""
+        parser = {name: getattr(self.parser, name) for name in HeaderParser.__slots__}
+        for name in ("_kept", "_tlv_head"):
+            parser[name] = out.data(parser[name])
+        return {
+            "kind": "proxy_header",
+            "fd": out.fd(self.fd),
+            "ip": self.ip,
+            "peer": self.peer,
+            "listener": self.listener,
+            "opened_at": self.opened_at,
+            "active_at": self.active_at,
+            "parser": parser,
+        }
+
+    def restore_parser(self, saved: dict[str, Any], state: State) -> None:
+        """Continue the header where the previous process left it.
+
+        Raises:
+            KeyError, TypeError: a record from a parser with other fields.
+        """
+        for name in HeaderParser.__slots__:
+            value = saved[name]
+            if name in ("_kept", "_tlv_head"):
+                value = bytearray(state.data(value))
+            setattr(self.parser, name, value)
 
     def __repr__(self) -> str:
         return (

@@ -20,16 +20,17 @@ import socket
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from epolld import __version__, handoff, logsetup
 from epolld import config as config_mod
 from epolld import listeners as listeners_mod
-from epolld import logsetup
 from epolld.config import Config, ListenAddress
 from epolld.connection import EPOLLIN, Connection, SharedSettings, format_peer
-from epolld.counters import Counters, Snapshot
+from epolld.counters import Counters, DurationHistogram, Snapshot
 from epolld.errors import BindError, EpolldError
 from epolld.idle import IdleTimer
 from epolld.listeners import Listener
@@ -47,6 +48,8 @@ log = structlog.get_logger("epolld")
 ACCEPT_RETRY_S = 0.5  # pause after EMFILE & co. before accepting again
 REFUSED_WARNING_EVERY_S = 10.0  # at most one "connection_refused" warning per this
 STATUS_EVERY_S = 5.0  # STATUS= refresh for systemctl status
+HANDOFF_SIGNAL = signal.SIGUSR2  # the unit's RestartKillSignal=; re-exec without systemd
+BARRIER_TIMEOUT_S = 10.0  # for systemd to take the handoff's descriptors into its store
 IDLE_CLOSES_PER_TURN = 500  # ~5-10 ms of closing between two polls
 RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # The peer went away between the handshake and accept(); nothing to do (accept(2)).
@@ -102,6 +105,7 @@ class EchoService:
             signal.SIGINT: self._on_stop_signal,
             signal.SIGHUP: self._on_reload_signal,
             signal.SIGUSR1: self._on_stats_signal,
+            HANDOFF_SIGNAL: self._on_handoff_signal,
         }.items():
             self.reactor.on_signal(signum, fn)
         # Totals, updated at accept, close and reload only; live values are added when
@@ -127,6 +131,13 @@ class EchoService:
                 self._udp.add(listener)
             else:
                 self._add_listener(listener)
+        # The restart handoff: what else contributes a record (the daemon's pidfile), and,
+        # in the next process, the handoff it was restored from.
+        self._handoff_sources: list[handoff.HandoffSource] = []
+        self._handoff_pending = False
+        self.handed_over = False
+        self._restored: dict[str, Any] | None = None
+        self._restored_at = 0.0
         self._metrics_app: MetricsApp | None = None
         self._metrics: MetricsEndpoint | None = None
         if metrics_listener is not None:
@@ -170,9 +181,13 @@ class EchoService:
         """Report readiness and serve until stopped. Returns 0."""
         try:
             self.reactor.run(started=self._started)
-            log.info("shutdown_complete", **self.stats())
+            if not self.handed_over:
+                log.info("shutdown_complete", **self.stats())
         finally:
-            self._close_everything()
+            if self.handed_over:
+                self._let_go()
+            else:
+                self._close_everything()
         return 0
 
     def _started(self) -> None:
@@ -190,6 +205,8 @@ class EchoService:
         if self._metrics is not None:
             log.info("metrics_listening", address=self._metrics.listener.name)
         self._notifier.ready(self._status_line())
+        if self._restored is not None:
+            self._log_handoff_complete(self._restored)
 
     def _finish(self) -> None:
         self._done = True
@@ -216,6 +233,10 @@ class EchoService:
 
     def _accept_queued(self) -> None:
         queue, self._accept_queue = self._accept_queue, []
+        if self.handed_over:
+            # Queued in the batch that also handed over: the next process accepts these.
+            # Accepted here, they would be left behind and reset at our exit.
+            return
         for listener in queue:
             if listener.fd in self._listeners:  # not paused or closed meanwhile
                 self._accept(listener)
@@ -415,6 +436,8 @@ class EchoService:
         heap until due, holding the reader: at 50,000 accepts/s that is 250,000 of them).
         """
         self._sweep_armed = False
+        if self.handed_over:  # the next process times the headers out
+            return
         timeout_s = self._config.proxy.timeout_s
         deadline = self.reactor.now - timeout_s
         expired = []
@@ -611,6 +634,8 @@ class EchoService:
     def _close_expired(self) -> None:
         """Close idle connections IDLE_CLOSES_PER_TURN at a time, polling in between: 20,000
         expiring at once held the loop for 175-360 ms when closed in one go."""
+        if self.handed_over:  # the next process runs the idle timeout on
+            return
         batch = self._expiring[-IDLE_CLOSES_PER_TURN:]
         del self._expiring[-IDLE_CLOSES_PER_TURN:]
         now = self.reactor.now
@@ -665,6 +690,321 @@ class EchoService:
                 reason = "second_signal" if signal_name else "shutdown_timeout"
                 log.warning("shutdown_forced", reason=reason, signal=signal_name, connections=left)
         self._finish()
+
+    # -- the restart handoff (epolld/handoff.py) ---------------------------------
+
+    def add_handoff_source(self, source: handoff.HandoffSource) -> None:
+        """Something outside the reactor whose record travels too (the daemon's pidfile)."""
+        self._handoff_sources.append(source)
+
+    def _on_handoff_signal(self, signum: int) -> None:
+        if self._stopping:
+            log.warning("handoff_refused", reason="stopping already")
+            return
+        if not self._handoff_pending:  # after this batch: the state is then consistent
+            self._handoff_pending = True
+            self.reactor.call_soon(self._hand_over)
+
+    def _hand_over(self) -> None:
+        """Stop accepting, write every handler's record and send every descriptor, then
+        give the transport to systemd's store (a restart) or re-execute (no systemd).
+
+        Until the point of no return nothing is closed: a failure logs handoff_failed and
+        the service goes on as before.
+        """
+        self._handoff_pending = False
+        signal_at = handoff.now_monotonic()
+        steps: dict[str, float] = {}
+        mark = signal_at
+        under_systemd = self._notifier.enabled
+        try:
+            target = None if under_systemd else handoff.reexec_command()
+        except handoff.HandoffError as e:
+            log.error("handoff_failed", reason=str(e), action="serve on")
+            return
+        for listener in self.listeners:  # accept no more: the backlog waits for the next
+            self.reactor.remove(listener)
+        out = handoff.StateWriter(systemd_keeps_inherited=under_systemd)
+        left_behind: dict[str, int] = {}
+        metrics_listener = self._metrics.listener if self._metrics is not None else None
+        for source in [*self.listeners, *self.reactor.handlers(), *self._handoff_sources]:
+            contribute = getattr(source, "handoff_state", None)
+            if metrics_listener is not None and source is metrics_listener:
+                # A Listener, but not one that accepts echo.
+                record = metrics_listener.handoff_state(out)
+                if record is not None:
+                    out.add({**record, "kind": "metrics_listener"})
+            elif contribute is not None:
+                record = contribute(out)
+                fd = getattr(source, "fd", -1)
+                proxy = self._proxies.get(fd) if record is not None else None
+                out.add({**record, "proxy": proxy} if proxy and record is not None else record)
+            else:
+                kind = type(source).__name__
+                left_behind[kind] = left_behind.get(kind, 0) + 1
+        counts = out.counts()
+        conns = self._connections()
+        log.info(
+            "handoff_started",
+            connections=counts.get("connection", 0),
+            listeners=counts.get("listener", 0),
+            paused=sum(1 for c in conns if not c.reading and not c.eof),
+            half_closed=sum(1 for c in conns if c.eof),
+            pending_bytes=sum(c.pending() for c in conns),
+            records=counts,
+            descriptors=len(out.fds),
+            route="fd store" if under_systemd else "re-exec",
+        )
+        if left_behind:
+            log.warning("handoff_left_behind", kinds=left_behind, reason="no handoff_state()")
+        self._notifier.status(f"handing over {self._conn_count} connections")
+        mark = _step(steps, "collect", mark)
+        meta = {
+            "epolld": __version__,
+            "pid": os.getpid(),
+            "signal_at": signal_at,
+            "config": config_mod.render_config(self._config),
+            "config_source": self._config.source,
+            # Totals travel, so that stats and metrics stay monotonic across restarts.
+            "service": {
+                "started_at": self._started_at,
+                "counters": asdict(self.counters),
+                "udp": {
+                    name: getattr(self._udp.stats, name)
+                    for name in ("received", "echoed", "icmp_errors", "dropped")
+                },
+            },
+        }
+        transport: handoff.Transport | None = None
+        try:
+            pairs = handoff.send_descriptors(out.fds)
+            mark = _step(steps, "send", mark)
+            transport = handoff.Transport(out.to_memfd(meta), pairs)
+            mark = _step(steps, "state", mark)
+            if target is None:
+                self._store(transport)
+                _step(steps, "store", mark)
+                # The memfd is shared with systemd's stored copy: what is appended now
+                # still reaches the next process.
+                out.append_trailer(transport.memfd, {"steps": steps})
+            else:
+                out.append_trailer(transport.memfd, {"steps": steps})
+                log.info("handoff_reexec", command=target[1], steps=steps)
+                handoff.reexec(transport.named(), *target)
+        except (handoff.HandoffError, OSError) as e:
+            if transport is not None:
+                transport.close()
+            for listener in self.listeners:
+                self._add_listener_again(listener)
+            if under_systemd:
+                # systemd is stopping us either way (and kills at TimeoutStopSec): a
+                # graceful drain is the best left to offer the clients.
+                log.error("handoff_failed", reason=str(e), steps=steps, action="drain")
+                self.stop("SIGUSR2")
+            else:
+                log.error("handoff_failed", reason=str(e), steps=steps, action="serve on")
+                self._notifier.status(f"handoff failed, still serving: {e}")
+            return
+        # systemd holds everything now: exit without a FIN or an unlinked socket file.
+        self.handed_over = True
+        self.reactor.stop()
+
+    def _store(self, transport: handoff.Transport) -> None:
+        """Each transport descriptor into systemd's store (one FDNAME per message), then
+        wait until it has processed them (BARRIER=1).
+
+        Raises:
+            HandoffError: systemd did not acknowledge; what was stored is removed again.
+        """
+        names = transport.named()
+        for name, fd in names:
+            self._notifier.store_fd(name, fd)
+        if not self._notifier.barrier(BARRIER_TIMEOUT_S):
+            for name, _ in names:
+                self._notifier.remove_fd(name)
+            raise handoff.HandoffError(f"systemd did not acknowledge in {BARRIER_TIMEOUT_S} s")
+
+    def _add_listener_again(self, listener: Listener) -> None:
+        if listener.fd in self._paused:
+            return  # its EMFILE timer re-adds it
+        self.reactor.add(listener)
+
+    def _let_go(self) -> None:
+        """After a handoff: close our copies only. Every socket lives on in the store or
+        in flight, so no FIN is sent and no Unix socket file is removed."""
+        for handler in self.reactor.handlers():
+            self.reactor.remove(handler)
+            if isinstance(handler, SpliceConnection) and handler.pipe_r >= 0:
+                os.close(handler.pipe_r)
+                os.close(handler.pipe_w)
+            sock = getattr(handler, "sock", None)
+            if isinstance(sock, socket.socket):
+                sock.close()
+        for listener in self.listeners:
+            listener.sock.close()
+        self._listeners.clear()
+        self._paused.clear()
+        self.reactor.release()
+
+    def restore_handoff(
+        self,
+        state: handoff.State,
+        more: dict[str, handoff.Restorer] | None = None,
+        *,
+        started_at: float | None = None,
+        received_s: float = 0.0,
+    ) -> dict[str, int]:
+        """Take over what the previous process handed over: listeners, connections (with
+        their counters and pending output), the global counters. Returns the counts."""
+        restore_at = handoff.now_monotonic()
+        document = state.document
+        totals = document.get("service", {})
+        if totals:
+            self._started_at = float(totals["started_at"])
+            self._restore_counters(totals.get("counters") or {})
+            for name, value in (totals.get("udp") or {}).items():
+                if hasattr(self._udp.stats, name):
+                    setattr(self._udp.stats, name, value)
+        restorers: dict[str, handoff.Restorer] = {
+            "listener": self._restore_listener,
+            "connection": self._restore_connection,
+            "metrics_listener": self._restore_metrics_listener,
+            "udp": self._restore_udp,
+            "proxy_header": self._restore_header_reader,
+            **(more or {}),
+        }
+        counts = handoff.restore(state, restorers)
+        steps = dict(document.get("steps", {}))
+        signal_at = document.get("signal_at")
+        if started_at is not None and isinstance(signal_at, float):
+            # The old process's exit (or execv) and this one's interpreter start-up.
+            steps["startup"] = round(started_at - signal_at - sum(steps.values()), 4)
+        steps["receive"] = round(received_s, 4)
+        self._restored_at = handoff.now_monotonic()
+        steps["restore"] = round(self._restored_at - restore_at, 4)
+        self._restored = {
+            "counts": counts,
+            "old_version": document.get("epolld"),
+            "old_pid": document.get("pid"),
+            "signal_at": document.get("signal_at"),
+            "steps": steps,
+        }
+        return counts
+
+    def _restore_counters(self, saved: dict[str, Any]) -> None:
+        """Carry on from the previous process's totals (in place: the metrics endpoint
+        reads this very object). A field this version does not know is ignored."""
+        counters = self.counters
+        for name, value in saved.items():
+            if name == "durations" and isinstance(value, dict):
+                counters.durations = DurationHistogram(**value)
+            elif hasattr(counters, name):
+                setattr(counters, name, value)
+
+    def reconcile_after_handoff(self, previous: Config) -> None:
+        """Bind what the configuration now lists and the old process did not, and close
+        the handed-over listeners it no longer lists (a reload's rules).
+
+        Raises:
+            BindError: a new address could not be bound; the handed-over listeners stay.
+        """
+        self._reconcile_metrics_after_handoff()
+        if any(lst.inherited for lst in [*self.listeners, *self._udp.listeners]):
+            return
+        for listener in [*self.listeners, *self._udp.listeners]:
+            _match_bound_port(listener, self._config.listen)
+        self._reconcile_listeners(previous, self._config)
+
+    def _reconcile_metrics_after_handoff(self) -> None:
+        """Keep the handed-over metrics listener if the configuration still names it;
+        else bind what it names now (or nothing).
+
+        Raises:
+            BindError: the configured metrics address could not be bound.
+        """
+        wanted = self._config.metrics.listen
+        if self._metrics is not None:
+            listener = self._metrics.listener
+            _match_bound_port(listener, (wanted,) if wanted is not None else ())
+            if listener.address == wanted:
+                return
+        replacement = self._bind_metrics(self._config)
+        self._stop_metrics()
+        if replacement is not None:
+            self._metrics = self._serve_metrics(replacement)
+
+    def _restore_listener(self, record: dict[str, Any], state: handoff.State) -> None:
+        self._add_listener(Listener.from_handoff(record, state))
+
+    def _restore_header_reader(self, record: dict[str, Any], state: handoff.State) -> None:
+        """A PROXY header half read: the reader goes on (its timeout from the accept)."""
+        sock = socket.socket(fileno=state.take_fd(record["fd"]))
+        sock.setblocking(False)
+        reader = HeaderReader(
+            sock,
+            sys.intern(str(record["ip"])),
+            str(record["peer"]),
+            listener=str(record["listener"]),
+            mask=self._conn_class.INITIAL_MASK,
+            now=float(record["opened_at"]),
+            owner=self,
+            reschedule=self.reactor.reschedule,
+        )
+        reader.active_at = float(record["active_at"])
+        try:
+            reader.restore_parser(record["parser"], state)
+        except (KeyError, TypeError):
+            sock.close()
+            raise
+        self._readers[reader.fd] = reader
+        self.reactor.add(reader)
+        if not self._sweep_armed:
+            self._arm_sweep()
+
+    def _restore_udp(self, record: dict[str, Any], state: handoff.State) -> None:
+        self._udp.add(Listener.from_handoff(record, state))
+
+    def _restore_metrics_listener(self, record: dict[str, Any], state: handoff.State) -> None:
+        listener = Listener.from_handoff(record, state)
+        self._stop_metrics()
+        self._metrics = self._serve_metrics(listener)
+
+    def _restore_connection(self, record: dict[str, Any], state: handoff.State) -> None:
+        splice = record.get("io") == "splice"
+        cls = connection_class(bool(record["edge"]), splice)
+        conn = cls.from_handoff(record, state, buf=self._read_buf, shared=self._shared)
+        if record.get("proxy"):
+            self._proxies[conn.fd] = str(record["proxy"])
+        if conn.ip:
+            conn.ip = sys.intern(conn.ip)
+            self._per_ip[conn.ip] = self._per_ip.get(conn.ip, 0) + 1
+        self._conn_count += 1
+        if splice:
+            self._pipes += 1
+        self.reactor.add(conn)
+        self._idle.add(conn)
+
+    def _log_handoff_complete(self, restored: dict[str, Any]) -> None:
+        now = handoff.now_monotonic()
+        signal_at = restored.get("signal_at")
+        steps = restored["steps"]
+        steps["ready"] = round(now - self._restored_at, 4)
+        counts = restored["counts"]
+        log.info(
+            "handoff_complete",
+            connections=counts.get("connection", 0),
+            listeners=counts.get("listener", 0),
+            records=counts,
+            old_version=restored["old_version"],
+            new_version=__version__,
+            old_pid=restored["old_pid"],
+            duration_s=round(now - signal_at, 4) if isinstance(signal_at, float) else None,
+            steps=steps,
+        )
+        self._notifier.status(
+            f"{self._status_line()}; took over {counts.get('connection', 0)} connections "
+            f"from {restored['old_version']}"
+        )
 
     def _on_reload_signal(self, signum: int) -> None:
         self.reload()
@@ -906,6 +1246,23 @@ class EchoService:
 
     def _send_status(self) -> None:
         self._notifier.status(self._status_line())
+
+
+def _match_bound_port(listener: Listener, addresses: tuple[ListenAddress, ...]) -> None:
+    """A listener configured with port 0 matches the address naming the port it got
+    ("127.0.0.1:0", then "127.0.0.1:46145" in the file, keeps the socket)."""
+    address = listener.address
+    if address is None or address.port or address.family == "unix":
+        return
+    bound = dataclasses.replace(address, port=listener.sock.getsockname()[1])
+    if bound in addresses:
+        listener.address = bound
+
+
+def _step(steps: dict[str, float], name: str, since: float) -> float:
+    now = handoff.now_monotonic()
+    steps[name] = round(now - since, 4)
+    return now
 
 
 def _socket_of(address: ListenAddress) -> ListenAddress:

@@ -14,7 +14,7 @@ import os
 import socket
 import sys
 import termios
-from typing import Final
+from typing import TYPE_CHECKING, Any, Final
 
 from epolld.connection import (
     EDGE_BYTES_PER_EVENT,
@@ -31,6 +31,9 @@ from epolld.connection import (
     SharedSettings,
 )
 from epolld.loop import CLOSE
+
+if TYPE_CHECKING:
+    from epolld.handoff import State, StateWriter
 
 SPLICE_FLAGS: Final = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 F_SETPIPE_SZ: Final = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -98,6 +101,24 @@ class SpliceConnection(Connection):
     def discard_pending(self) -> None:
         self.dropped += self.piped
         self.piped = 0
+
+    def handoff_state(self, out: StateWriter) -> dict[str, Any]:
+        """The copy record, plus the pipe itself: its bytes travel in the kernel."""
+        record = super().handoff_state(out)
+        record["io"] = "splice"
+        if self.pipe_r >= 0:
+            record["pipe"] = [out.fd(self.pipe_r), out.fd(self.pipe_w)]
+            record["capacity"] = self.capacity
+            record["piped"] = self.piped
+        return record
+
+    def _restore_pending(self, record: dict[str, Any], state: State) -> None:
+        pipe = record.get("pipe")
+        if pipe:
+            self.pipe_r = state.take_fd(pipe[0])
+            self.pipe_w = state.take_fd(pipe[1])
+            self.capacity = int(record["capacity"])
+            self.piped = int(record["piped"])
 
     def _has_pipe(self, ev: int) -> bool:
         """Make the pipe at the first read. False: none could be had, and the owner has

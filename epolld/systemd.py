@@ -19,8 +19,10 @@ Why sdnotify is wrapped rather than called directly (sdnotify 0.3.1, Debian 12):
 
 from __future__ import annotations
 
+import array
 import os
 import re
+import select
 import socket
 import time
 from collections.abc import Mapping
@@ -139,6 +141,56 @@ class Notifier:
         """WATCHDOG=1, only when the watchdog is ours (see watchdog_interval_s)."""
         if self.watchdog_interval_s() is not None:
             self._send("WATCHDOG=1")
+
+    # -- the file descriptor store (restart handoff; epolld/handoff.py) ----------------
+
+    def store_fd(self, name: str, fd: int) -> None:
+        """FDSTORE=1 with FDNAME=name: systemd keeps fd and passes it to the next process
+        as LISTEN_FDS (one name per message, so one message per descriptor).
+
+        Raises:
+            OSError: the message could not be sent (this one must not fail silently).
+        """
+        self._sendmsg(f"FDSTORE=1\nFDNAME={name}", [fd])
+
+    def remove_fd(self, name: str) -> None:
+        """FDSTOREREMOVE=1 with FDNAME=name: systemd closes its copies of that name (else a
+        descriptor we consumed would be passed again at the next restart)."""
+        try:
+            self._sendmsg(f"FDSTOREREMOVE=1\nFDNAME={name}", [])
+        except OSError as e:
+            self._log_failure(f"FDSTOREREMOVE {name}", e)
+
+    def barrier(self, timeout_s: float) -> bool:
+        """BARRIER=1 (sd_notify_barrier(3)): True once systemd has processed every message
+        sent before, i.e. it closed its copy of our pipe's write end; False on timeout.
+
+        Raises:
+            OSError: the message could not be sent.
+        """
+        r, w = os.pipe2(os.O_CLOEXEC)
+        try:
+            try:
+                self._sendmsg("BARRIER=1", [w])
+            finally:
+                os.close(w)
+            poller = select.poll()
+            poller.register(r, 0)  # POLLHUP is always reported
+            return bool(poller.poll(max(0, round(timeout_s * 1000))))
+        finally:
+            os.close(r)
+
+    def _sendmsg(self, message: str, fds: list[int]) -> None:
+        """One datagram with SCM_RIGHTS. socket.send_fds() ignores its address on 3.11
+        (ENOTCONN), hence sendmsg with the address."""
+        address = self._environ.get("NOTIFY_SOCKET")
+        if not address:
+            raise OSError(f"NOTIFY_SOCKET is not set: cannot send {message.splitlines()[0]}")
+        if address[0] == "@":
+            address = "\0" + address[1:]
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendmsg([message.encode("utf-8")], rights, 0, address)
 
     def _send(self, *fields: str) -> None:
         address = self._environ.get("NOTIFY_SOCKET")

@@ -31,7 +31,7 @@ from __future__ import annotations
 import errno
 import select
 import socket
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import structlog
 
@@ -40,6 +40,9 @@ from epolld.config import UdpConfig
 from epolld.listeners import Listener
 from epolld.loop import Reactor
 from epolld.ratelimit import BYTE_RATE, RATE, SOURCE_PORT, TOTAL_RATE, UdpLimiter
+
+if TYPE_CHECKING:
+    from epolld.handoff import StateWriter
 
 log = structlog.get_logger("epolld")
 
@@ -285,6 +288,12 @@ class UdpEndpoint:
     def close(self) -> None:
         """Close the socket (the reactor has unregistered it)."""
         listeners_mod.close(self.listener)
+
+    def handoff_state(self, out: StateWriter) -> dict[str, Any] | None:
+        """At a restart the socket travels (datagrams queue in it meanwhile); the rate
+        limiter's per-source state starts afresh in the next process."""
+        record = self.listener.handoff_state(out)
+        return None if record is None else {**record, "kind": "udp"}
 
 
 class UdpEndpoints:

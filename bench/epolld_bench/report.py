@@ -93,6 +93,19 @@ def col_cpu_per_gb(e: Entry, ctx: Context) -> str:
     return fmt(cpu * 1e-6 / (ctx.workload.load.size / 1e9) if cpu is not None else None, 3)
 
 
+def _col_step(step: str) -> Cell:
+    """A handoff step's median in ms, and per connection in µs (the projection's input)."""
+
+    def cell(e: Entry, _: Context) -> str:
+        seconds = med(e, f"handoff_{step}_s")
+        per_conn = med(e, f"handoff_{step}_us_per_conn")
+        if seconds is None:
+            return DASH
+        return f"{fmt(seconds * 1000, 1)} ({fmt(per_conn, 1)})"
+
+    return cell
+
+
 Column = tuple[str, Cell]
 CPU: list[Column] = [
     ("CPU/Mrt", col_range("cpu_s_per_m_rt", 2)),
@@ -161,6 +174,16 @@ TABLES: dict[str, list[Column]] = {
         ("errors", col_errors),
     ],
 }
+TABLES["handoff"] = [
+    ("handed over", col_median("handoff_conns")),
+    ("signal to READY=1 (s)", col_range("handoff_s", 3)),
+    *(
+        (f"{step} ms (µs/conn)", _col_step(step))
+        for step in ("collect", "send", "state", "startup", "receive", "restore", "ready")
+    ),
+    ("ping-pong max µs", col_range("max_us")),
+    ("errors", col_errors),
+]
 TABLES["workers-scale-10k"] = [
     ("all echoing (s)", col_range("all_echoing_s", 3)),
     ("Pss MiB, all processes", col_range("pss_mib", 1)),

@@ -14,16 +14,21 @@ import contextlib
 import json
 import os
 import select
+import signal
 import statistics
 import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from . import processes
 from .paths import BIN, OUT
 from .servers import Server, Unavailable, start
 from .workloads import Workload
+
+# The steps of a handoff as handoff_complete reports them (epolld/service.py).
+HANDOFF_STEPS = ("collect", "send", "state", "startup", "receive", "restore", "ready")
 
 ESTABLISH_TIMEOUT_S = 40.0  # for the background clients to connect and echo once
 # A run whose server core was busier than that with other work is repeated. About 0.1 of it is
@@ -132,6 +137,8 @@ def run_once(server: Server, workload: Workload, rep: int, opts: argparse.Namesp
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )
         limit = opts.warmup + duration + 40  # connect 10 + drain 3 + stall 5 + slack
+        if workload.handoff:
+            _signal_handoff(proc, opts.warmup + duration / 3)
         try:
             if server.io == "splice" and pipes is None and "io" not in listening:
                 # The daemon does not say which io mode it runs: look for its pipes mid-run.
@@ -179,7 +186,38 @@ def run_once(server: Server, workload: Workload, rep: int, opts: argparse.Namesp
         result["io"] = "splice" if pipes >= want else "copy"
     result["server_pipes"] = pipes
     result["server_pid"], result["port"] = proc.pid, port
+    if workload.handoff:
+        _handoff_figures(result, log, workload.conns)
     return result
+
+
+def _signal_handoff(proc: subprocess.Popen[bytes], after_s: float) -> None:
+    """SIGUSR2 once the measured client has run for after_s (its pause shows as max_us)."""
+    time.sleep(after_s)
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGUSR2)
+
+
+def _handoff_figures(result: Result, log: Path, conns: int) -> None:
+    """handoff_complete from the server's log: the whole time and each step, per run and
+    per connection (for the projection to more connections)."""
+    complete = None
+    for line in log.read_text(errors="replace").splitlines():
+        with contextlib.suppress(ValueError):
+            entry = json.loads(line)
+            if isinstance(entry, dict) and entry.get("event") == "handoff_complete":
+                complete = entry
+    if complete is None:
+        result["error_total"] = result.get("error_total", 0) + 1
+        result.setdefault("errors", {})["no_handoff"] = 1
+        return
+    result["handoff_s"] = complete["duration_s"]
+    result["handoff_conns"] = complete["connections"]
+    steps = complete.get("steps", {})
+    for step in HANDOFF_STEPS:
+        if step in steps:
+            result[f"handoff_{step}_s"] = steps[step]
+            result[f"handoff_{step}_us_per_conn"] = round(steps[step] / max(1, conns) * 1e6, 2)
 
 
 def _derive(result: Result, before: dict[str, list[int]], after: dict[str, list[int]]) -> None:
@@ -355,6 +393,13 @@ METRICS: dict[str, Callable[[Result], Any]] = {  # summary key: how to get it fr
     "server_cpu_busy": lambda r: (r.get("cpu_busy") or {}).get(f"cpu{processes.SERVER_CPU}"),
     "foreign_load": _field("foreign_load"),
     "client_foreign_load": _field("client_foreign_load"),
+    "handoff_s": _field("handoff_s"),
+    "handoff_conns": _field("handoff_conns"),
+    **{
+        f"handoff_{step}_{unit}": _field(f"handoff_{step}_{unit}")
+        for step in HANDOFF_STEPS
+        for unit in ("s", "us_per_conn")
+    },
 }
 
 

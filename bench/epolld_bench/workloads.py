@@ -79,6 +79,7 @@ class Workload:
     scalable: bool = False  # --scale-conns sets its size
     epolld_limits: Mapping[str, str] = dataclasses.field(default_factory=dict)
     min_duration_s: float = 0.0  # measured at least this long (to cover an idle timeout)
+    handoff: bool = False  # SIGUSR2 mid-run: the restart handoff (re-exec in place), timed
 
     @property
     def udp(self) -> bool:
@@ -226,6 +227,21 @@ WORKLOADS = [
         holders_expire=True,
         epolld_limits={"idle_timeout": f"{IDLE_TIMEOUT_S}s"},
         min_duration_s=IDLE_TIMEOUT_S + 2.5,
+    ),
+    *(
+        Workload(
+            f"handoff-{conns // 1000}k",
+            "handoff: {conns:,} connections handed to a re-executed epolld (SIGUSR2) while "
+            "one ping-pong client (1 KiB) keeps going; time from the signal to READY=1",
+            Load(conns=1, size=KIB),
+            table="handoff",
+            group="handoff",
+            servers=("epolld-level", "epolld-splice"),
+            holders=conns - 1,
+            handoff=True,
+            min_duration_s=3.0,
+        )
+        for conns in (1_000, 10_000)
     ),
     # workers: the same load on 1 and on N processes. On this 2-core machine (server on
     # one core) they show the cost per round trip; with --server-cpus 0-7 the scaling.

@@ -1,0 +1,509 @@
+"""Hand every descriptor and its state to the next process: restart and upgrade without
+dropping a connection.
+
+What travels, and how:
+
+- **The state** is one memfd: a fixed header (magic, format version, lengths), then JSON,
+  then a blob of raw bytes (pending output) that JSON records point into, then an
+  optional JSON trailer (the steps' times, written last). Each kind of
+  handler contributes its own record through ``handoff_state(out)`` and is rebuilt by
+  the restorer its owner registers for that kind; this module knows no handler class.
+  A reader that does not know the format version closes what it received and says why.
+- **The descriptors** (listeners, connections, splice pipes, a pidfile's lock) are sent
+  with SCM_RIGHTS into one end of an AF_UNIX SOCK_SEQPACKET pair, 253 per message
+  (SCM_MAX_FD). In flight inside the pair's queue they stay open, listening sockets keep
+  their backlog, and a flock(2) lock stays held. When a pair's send buffer is full,
+  another pair takes the rest. Records name descriptors by their index in that stream.
+- **The transport** (the memfd and both ends of each pair: a handful of descriptors) is
+  named ``epolld-handoff-*`` and goes either into systemd's file descriptor store (a
+  restart: the next process gets it as LISTEN_FDS) or, without systemd, stays open across
+  execv() of the same command line (re-exec in place, same PID). Storing every
+  connection in systemd's store instead costs PID 1 time that grows faster than linearly
+  (58 s for 9,900, ../NOTES.md): a few descriptors keep its share constant.
+
+The sending side is failure-atomic up to the point of no return (the store acknowledged,
+or execv): until then it only *copies* descriptors into the pair, so a failure closes the
+pair and the service goes on serving as before.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import struct
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol
+
+import structlog
+
+log = structlog.get_logger("epolld")
+
+FORMAT: Final = "epolld-handoff"
+FORMAT_VERSION: Final = 1
+MAGIC: Final = b"EPOLLDHO"
+# magic, format version, flags (none yet), JSON bytes, blob bytes
+HEADER: Final = struct.Struct("<8sIIQQ")
+NAME_PREFIX: Final = "epolld-handoff-"
+STATE_NAME: Final = NAME_PREFIX + "state"
+SCM_MAX_FD: Final = 253  # descriptors per SCM_RIGHTS message (Linux's SCM_MAX_FD)
+BATCH: Final = struct.Struct("<II")  # index of the first descriptor, how many
+PAIR_SNDBUF_BYTES: Final = 4 * 1024 * 1024  # asked for; the kernel caps it at wmem_max
+MAX_PAIRS: Final = 16  # 70,000 descriptors each at the default 208 KiB send buffer
+
+
+class HandoffError(Exception):
+    """The state could not be written, sent or read; str() says why."""
+
+
+def pair_names(index: int) -> tuple[str, str]:
+    return f"{NAME_PREFIX}pair{index}-a", f"{NAME_PREFIX}pair{index}-b"
+
+
+def is_handoff_name(name: str) -> bool:
+    return name.startswith(NAME_PREFIX)
+
+
+class StateWriter:
+    """What a handler's ``handoff_state(out)`` writes to.
+
+    ``fd(n)`` hands a descriptor over and returns the index its record keeps; ``data(b)``
+    stores bytes and returns [offset, length] into the blob. ``systemd_keeps_inherited``
+    is True when the service manager will pass socket-activated listeners again itself.
+    """
+
+    def __init__(self, *, systemd_keeps_inherited: bool) -> None:
+        self.systemd_keeps_inherited = systemd_keeps_inherited
+        self.fds: list[int] = []
+        self.records: list[dict[str, Any]] = []
+        self._blob = bytearray()
+
+    def fd(self, fd: int) -> int:
+        self.fds.append(fd)
+        return len(self.fds) - 1
+
+    def data(self, data: bytes | bytearray | memoryview) -> list[int]:
+        offset = len(self._blob)
+        self._blob += data
+        return [offset, len(data)]
+
+    def add(self, record: Mapping[str, Any] | None) -> None:
+        if record is not None:
+            self.records.append(dict(record))
+
+    def counts(self) -> dict[str, int]:
+        """How many records of each kind (for the log lines)."""
+        counts: dict[str, int] = {}
+        for record in self.records:
+            counts[record["kind"]] = counts.get(record["kind"], 0) + 1
+        return counts
+
+    def to_memfd(self, meta: Mapping[str, Any]) -> int:
+        """Write header, JSON and blob into a new memfd; returns its descriptor (CLOEXEC).
+
+        Raises:
+            HandoffError: memfd_create or the write failed.
+        """
+        try:
+            fd = os.memfd_create("epolld-handoff", os.MFD_CLOEXEC)
+        except OSError as e:
+            raise HandoffError(f"memfd_create: {e.strerror}") from None
+        try:
+            self.rewrite(fd, meta)
+        except HandoffError:
+            os.close(fd)
+            raise
+        return fd
+
+    def rewrite(self, fd: int, meta: Mapping[str, Any]) -> None:
+        """Replace the memfd's content (it is shared with systemd's stored copy).
+
+        Raises:
+            HandoffError: the write failed.
+        """
+        document = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            **meta,
+            "descriptors": len(self.fds),
+            "records": self.records,
+        }
+        text = json.dumps(document, separators=(",", ":")).encode("utf-8")
+        try:
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            _write_all(fd, HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(text), len(self._blob)))
+            _write_all(fd, text)
+            _write_all(fd, self._blob)
+        except OSError as e:
+            raise HandoffError(f"writing the state: {e.strerror}") from None
+
+    def append_trailer(self, fd: int, trailer: Mapping[str, Any]) -> None:
+        """Add a JSON object after the blob (the steps' times, known only once the state
+        was written and stored): cheaper than writing the records again.
+
+        Raises:
+            HandoffError: the write failed.
+        """
+        try:
+            os.lseek(fd, 0, os.SEEK_END)
+            _write_all(fd, json.dumps(trailer, separators=(",", ":")).encode("utf-8"))
+        except OSError as e:
+            raise HandoffError(f"writing the state: {e.strerror}") from None
+
+
+def _write_all(fd: int, data: bytes | bytearray) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+@dataclass
+class State:
+    """A handoff as the next process reads it: the document, the blob, the descriptors."""
+
+    document: dict[str, Any]
+    blob: bytes
+    fds: dict[int, int]  # index in the stream -> the descriptor received
+    transport: list[str] = field(default_factory=list)  # names to remove from the store
+    used: set[int] = field(default_factory=set)
+    problem: str | None = None  # why the state could not be read (its fds are closed)
+    closed: int = 0  # descriptors closed for that reason
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        records: list[dict[str, Any]] = self.document.get("records", [])
+        return records
+
+    def take_fd(self, index: int) -> int:
+        """The descriptor a record names; it is the caller's from now on.
+
+        Raises:
+            HandoffError: it did not arrive (a pair emptied by a process that died).
+        """
+        fd = self.fds.pop(index, None)
+        if fd is None:
+            raise HandoffError(f"descriptor {index} did not arrive")
+        self.used.add(index)
+        return fd
+
+    def data(self, ref: list[int] | None) -> bytes:
+        if not ref:
+            return b""
+        offset, length = ref
+        return self.blob[offset : offset + length]
+
+    def close_unused(self) -> int:
+        """Close what no record took (unknown kinds, a state that could not be read)."""
+        left = len(self.fds)
+        for fd in self.fds.values():
+            _close_gracefully(fd)
+        self.fds.clear()
+        return left
+
+
+def _close_gracefully(fd: int) -> None:
+    """Close a descriptor nobody can serve: a FIN for a connection rather than nothing."""
+    with contextlib.suppress(OSError):
+        sock = socket.socket(fileno=fd)
+        try:
+            if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                sock.shutdown(socket.SHUT_RDWR)
+        finally:
+            sock.close()
+        return
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+# -- sending -------------------------------------------------------------------------
+
+
+@dataclass
+class Transport:
+    """The descriptors that carry a handoff: the state memfd and the pairs."""
+
+    memfd: int
+    pairs: list[tuple[socket.socket, socket.socket]]
+
+    def named(self) -> list[tuple[str, int]]:
+        """(FDNAME, fd) in the order they are stored: pairs first, the state last, so that
+        a store that overflowed loses the state (the next process then starts fresh and
+        closes what it received) rather than one end of a pair."""
+        named: list[tuple[str, int]] = []
+        for index, (a, b) in enumerate(self.pairs):
+            name_a, name_b = pair_names(index)
+            named += [(name_a, a.fileno()), (name_b, b.fileno())]
+        named.append((STATE_NAME, self.memfd))
+        return named
+
+    def close(self) -> None:
+        """Close the transport; what is in flight inside a pair is dropped with it."""
+        for a, b in self.pairs:
+            a.close()
+            b.close()
+        with contextlib.suppress(OSError):
+            os.close(self.memfd)
+
+
+def _new_pair() -> tuple[socket.socket, socket.socket]:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    with contextlib.suppress(OSError):
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, PAIR_SNDBUF_BYTES)
+    a.setblocking(False)
+    b.setblocking(False)
+    return a, b
+
+
+def send_descriptors(fds: list[int]) -> list[tuple[socket.socket, socket.socket]]:
+    """Copy fds into socket pairs, SCM_MAX_FD per message; a full pair gets a successor.
+
+    Raises:
+        HandoffError: a send failed (ETOOMANYREFS: more in flight than RLIMIT_NOFILE
+            allows a user without CAP_SYS_RESOURCE); nothing is kept in flight then.
+    """
+    pairs = [_new_pair()]
+    try:
+        for start in range(0, len(fds), SCM_MAX_FD):
+            batch = fds[start : start + SCM_MAX_FD]
+            message = [BATCH.pack(start, len(batch))]
+            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", batch))]
+            while True:
+                try:
+                    pairs[-1][0].sendmsg(message, rights)
+                    break
+                except BlockingIOError:
+                    if len(pairs) >= MAX_PAIRS:
+                        raise HandoffError(
+                            f"more than {MAX_PAIRS} pairs would be needed for {len(fds)} "
+                            "descriptors"
+                        ) from None
+                    pairs.append(_new_pair())
+    except OSError as e:
+        for a, b in pairs:
+            a.close()
+            b.close()
+        raise HandoffError(f"sending descriptors: {e.strerror or e}") from None
+    except HandoffError:
+        for a, b in pairs:
+            a.close()
+            b.close()
+        raise
+    return pairs
+
+
+def receive_descriptors(pair_fds: Iterable[int]) -> dict[int, int]:
+    """Read every batch waiting in the pairs' receiving ends; returns index -> fd.
+
+    The fds arrive close-on-exec (MSG_CMSG_CLOEXEC). A batch that does not parse is
+    closed (and counted as missing by its records).
+    """
+    received: dict[int, int] = {}
+    ancillary = socket.CMSG_SPACE(SCM_MAX_FD * 4)
+    for fd in pair_fds:
+        sock = socket.socket(fileno=os.dup(fd))
+        sock.setblocking(False)
+        try:
+            while True:
+                try:
+                    data, cmsgs, _flags, _ = sock.recvmsg(
+                        BATCH.size, ancillary, socket.MSG_CMSG_CLOEXEC
+                    )
+                except BlockingIOError:
+                    break
+                if not data and not cmsgs:
+                    break  # the other end is gone and the queue is empty
+                got = array.array("i")
+                for level, kind, payload in cmsgs:
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                        got.frombytes(payload[: len(payload) - len(payload) % got.itemsize])
+                if len(data) != BATCH.size:
+                    for extra in got:
+                        os.close(extra)
+                    continue
+                start, count = BATCH.unpack(data)
+                for offset, extra in enumerate(got):
+                    if offset < count and start + offset not in received:
+                        received[start + offset] = extra
+                    else:
+                        os.close(extra)
+        finally:
+            sock.close()
+    return received
+
+
+# -- reading -------------------------------------------------------------------------
+
+
+def read_state(memfd: int) -> tuple[dict[str, Any], bytes]:
+    """Parse the memfd from its start.
+
+    Raises:
+        HandoffError: not a handoff state, or a format version this code cannot read.
+    """
+    try:
+        size = os.fstat(memfd).st_size
+        raw = os.pread(memfd, size, 0)
+    except OSError as e:
+        raise HandoffError(f"reading the state: {e.strerror}") from None
+    if len(raw) < HEADER.size:
+        raise HandoffError("the state is shorter than its header")
+    magic, version, _flags, text_len, blob_len = HEADER.unpack_from(raw)
+    if magic != MAGIC:
+        raise HandoffError("the state does not start with the handoff magic")
+    if version != FORMAT_VERSION:
+        raise HandoffError(
+            f"state format version {version}; this epolld reads version {FORMAT_VERSION}"
+        )
+    end = HEADER.size + text_len
+    if end + blob_len > len(raw):
+        raise HandoffError("the state is truncated")
+    try:
+        document = json.loads(raw[HEADER.size : end])
+        trailer = json.loads(raw[end + blob_len :] or b"{}")
+    except ValueError as e:
+        raise HandoffError(f"the state's JSON does not parse: {e}") from None
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        raise HandoffError("the state's document is not a handoff")
+    if isinstance(trailer, dict):
+        document.update(trailer)  # written after the records: it wins
+    return document, raw[end : end + blob_len]
+
+
+def take_state(passed: list[tuple[str, int]]) -> tuple[State | None, list[tuple[str, int]]]:
+    """Split what LISTEN_FDS passed into a handoff (if any) and everything else.
+
+    Returns (state or None, the descriptors that are not the handoff's). A transport
+    without a readable state still has its descriptors received and then closed, and
+    State.problem says why (logged by the caller once logging is set up): the
+    connections get a FIN instead of hanging in limbo.
+    """
+    ours = {name: fd for name, fd in passed if is_handoff_name(name)}
+    rest = [(name, fd) for name, fd in passed if not is_handoff_name(name)]
+    if not ours:
+        return None, rest
+    pair_fds = [fd for name, fd in sorted(ours.items()) if name != STATE_NAME]
+    fds = receive_descriptors(pair_fds)
+    memfd = ours.get(STATE_NAME)
+    problem = "the state memfd is missing" if memfd is None else None
+    document: dict[str, Any] = {}
+    blob = b""
+    if memfd is not None:
+        try:
+            document, blob = read_state(memfd)
+        except HandoffError as e:
+            problem = str(e)
+    for fd in ours.values():
+        os.close(fd)
+    state = State(document, blob, fds, transport=sorted(ours))
+    if problem is not None:
+        state.problem = problem
+        state.closed = state.close_unused()
+        state.document = {"records": []}
+    return state, rest
+
+
+def pending(environ: Mapping[str, str]) -> bool:
+    """Whether LISTEN_FDNAMES (meant for this process) carries a handoff."""
+    return environ.get("LISTEN_PID") == str(os.getpid()) and any(
+        is_handoff_name(name) for name in environ.get("LISTEN_FDNAMES", "").split(":")
+    )
+
+
+# -- restoring -----------------------------------------------------------------------
+
+Restorer = Callable[[dict[str, Any], State], None]
+
+
+def restore(state: State, restorers: Mapping[str, Restorer]) -> dict[str, int]:
+    """Give each record to its kind's restorer; returns the counts restored per kind.
+
+    A record of an unknown kind, or one whose restorer fails, is logged; its
+    descriptors are closed with the rest of what nobody took.
+    """
+    counts: dict[str, int] = {}
+    unknown: dict[str, int] = {}
+    for record in state.records:
+        kind = str(record.get("kind"))
+        restorer = restorers.get(kind)
+        if restorer is None:
+            unknown[kind] = unknown.get(kind, 0) + 1
+            continue
+        try:
+            restorer(record, state)
+        except (HandoffError, OSError, KeyError, TypeError, ValueError) as e:
+            log.warning("handoff_record_dropped", kind=kind, error=str(e))
+            continue
+        counts[kind] = counts.get(kind, 0) + 1
+    if unknown:
+        log.warning("handoff_kinds_unknown", kinds=unknown, reason="closed: no restorer")
+    closed = state.close_unused()
+    if closed:
+        log.warning("handoff_descriptors_closed", count=closed)
+    return counts
+
+
+# -- re-exec in place ----------------------------------------------------------------
+
+
+def reexec_command() -> tuple[str, list[str]]:
+    """The interpreter and the command line this process was started with.
+
+    Raises:
+        HandoffError: the interpreter or the script is no longer there (checked before
+            anything is handed over: after execv() fails there is no way back).
+    """
+    argv = list(sys.orig_argv)
+    executable = sys.executable
+    if not executable or not os.access(executable, os.X_OK):
+        raise HandoffError(f"cannot re-execute: interpreter {executable!r} is not executable")
+    script = next((a for a in argv[1:] if not a.startswith("-")), None)
+    if "-m" not in argv[1:3] and script is not None and not os.path.exists(script):
+        raise HandoffError(f"cannot re-execute: {script} is gone")
+    return executable, argv
+
+
+def reexec(
+    named: list[tuple[str, int]],
+    executable: str,
+    argv: list[str],
+    environ: MutableMapping[str, str] | None = None,
+) -> None:
+    """execv() the same command line with named as LISTEN_FDS (from fd 3, inheritable).
+
+    Everything else is close-on-exec and vanishes with the old image. Never returns.
+
+    Raises:
+        OSError: execv failed (after the checks of reexec_command, only a race).
+    """
+    environ = os.environ if environ is None else environ
+    first = 3
+    # Via fresh high numbers first: a target may be another one's source.
+    top = max([first + len(named), *(fd for _, fd in named)]) + 1
+    high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, top) for _, fd in named]
+    for offset, fd in enumerate(high):
+        os.dup2(fd, first + offset, inheritable=True)
+    environ["LISTEN_FDS"] = str(len(named))
+    environ["LISTEN_PID"] = str(os.getpid())
+    environ["LISTEN_FDNAMES"] = ":".join(name for name, _ in named)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(executable, argv, dict(environ))
+
+
+class HandoffSource(Protocol):
+    """Anything that contributes a record to the state."""
+
+    def handoff_state(self, out: StateWriter) -> dict[str, Any] | None: ...
+
+
+def now_monotonic() -> float:
+    """CLOCK_MONOTONIC is one clock for every process of a boot: durations and start
+    times carry over from the old process to the new one."""
+    return time.monotonic()

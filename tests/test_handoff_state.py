@@ -1,0 +1,137 @@
+"""The handoff's state format and descriptor transport, in-process on real sockets."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from collections.abc import Iterator
+
+import pytest
+from structlog.testing import capture_logs
+
+from epolld import handoff
+
+
+@pytest.fixture
+def tcp_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A connected loopback TCP pair: (client, server side)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+    yield client, server
+    client.close()
+    server.close()
+
+
+def _named(transport: handoff.Transport) -> list[tuple[str, int]]:
+    """What LISTEN_FDS would pass: dups, as the next process gets its own descriptors."""
+    return [(name, os.dup(fd)) for name, fd in transport.named()]
+
+
+def test_state_round_trip_with_blob_and_trailer() -> None:
+    """Records, the bytes they point at and a trailer written afterwards all come back."""
+    out = handoff.StateWriter(systemd_keeps_inherited=False)
+    ref = out.data(b"pending \x00 bytes")
+    out.add({"kind": "thing", "out": ref})
+    fd = out.to_memfd({"epolld": "9.9"})
+    try:
+        out.append_trailer(fd, {"steps": {"send": 0.25}})
+        document, blob = handoff.read_state(fd)
+    finally:
+        os.close(fd)
+    assert document["version"] == handoff.FORMAT_VERSION
+    assert document["epolld"] == "9.9"
+    assert document["steps"] == {"send": 0.25}
+    (record,) = document["records"]
+    assert blob[record["out"][0] : record["out"][0] + record["out"][1]] == b"pending \x00 bytes"
+
+
+def test_unknown_version_is_refused_with_the_reason() -> None:
+    """A state written in another format version is not guessed at."""
+    fd = os.memfd_create("test", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, handoff.HEADER.pack(handoff.MAGIC, 99, 0, 2, 0) + b"{}")
+        with pytest.raises(handoff.HandoffError, match="format version 99"):
+            handoff.read_state(fd)
+    finally:
+        os.close(fd)
+
+
+def test_descriptors_overflow_into_more_pairs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """More batches than one pair's send buffer holds go on in further pairs, and every
+    descriptor comes back under its index."""
+    monkeypatch.setattr(handoff, "PAIR_SNDBUF_BYTES", 1)  # the kernel's minimum
+    files = [os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC) for _ in range(3000)]
+    try:
+        pairs = handoff.send_descriptors(files)
+        assert len(pairs) > 1
+        received = handoff.receive_descriptors([b.fileno() for _, b in pairs])
+        for a, b in pairs:
+            a.close()
+            b.close()
+        assert sorted(received) == list(range(len(files)))
+        for index, fd in received.items():
+            assert os.path.samestat(os.fstat(fd), os.fstat(files[index]))
+            os.close(fd)
+    finally:
+        for fd in files:
+            os.close(fd)
+
+
+def test_unreadable_state_closes_the_connections_with_a_fin(
+    tcp_pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """A next process that cannot read the state closes what it received: the client gets
+    a FIN, not a connection left hanging, and the reason is kept for the log."""
+    client, server = tcp_pair
+    out = handoff.StateWriter(systemd_keeps_inherited=False)
+    out.add({"kind": "connection", "fd": out.fd(server.fileno())})
+    pairs = handoff.send_descriptors(out.fds)
+    transport = handoff.Transport(out.to_memfd({}), pairs)
+    os.pwrite(transport.memfd, struct.pack("<I", 2), 8)  # a version from the future
+    passed = _named(transport)
+    transport.close()
+    server.close()  # the old process's copy: the one in flight keeps the connection open
+    state, rest = handoff.take_state([*passed, ("epolld.socket", 99)])
+    assert rest == [("epolld.socket", 99)]
+    assert state is not None
+    assert state.problem is not None
+    assert "format version 2" in state.problem
+    assert state.closed == 1
+    client.settimeout(5)
+    assert client.recv(10) == b""
+
+
+def test_restore_hands_each_kind_to_its_restorer(
+    tcp_pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """Each record reaches the restorer of its kind with its descriptor; a kind nobody
+    restores is logged and its descriptor closed."""
+    client, server = tcp_pair
+    out = handoff.StateWriter(systemd_keeps_inherited=False)
+    out.add({"kind": "known", "fd": out.fd(server.fileno())})
+    other = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+    out.add({"kind": "from-the-future", "fd": out.fd(other)})
+    transport = handoff.Transport(out.to_memfd({}), handoff.send_descriptors(out.fds))
+    passed = _named(transport)
+    transport.close()
+    server.close()
+    os.close(other)
+    state, _ = handoff.take_state(passed)
+    assert state is not None
+    assert state.problem is None
+    taken: list[socket.socket] = []
+
+    def restore_known(record: dict[str, object], state: handoff.State) -> None:
+        taken.append(socket.socket(fileno=state.take_fd(int(str(record["fd"])))))
+
+    with capture_logs() as logs:
+        counts = handoff.restore(state, {"known": restore_known})
+    assert counts == {"known": 1}
+    assert [e["event"] for e in logs] == ["handoff_kinds_unknown", "handoff_descriptors_closed"]
+    (sock,) = taken
+    with sock:
+        client.sendall(b"still there")
+        sock.settimeout(5)
+        assert sock.recv(100) == b"still there"
