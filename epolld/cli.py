@@ -269,15 +269,9 @@ def bind_listeners(
     Raises:
         BindError: an address could not be bound; none stays bound.
     """
-    inherited = activation.adopt_sockets(activation.passed_fds() if passed is None else passed)
+    inherited = adopt_inherited(config, passed)
     if inherited:
-        log.info(
-            "listen_ignored",
-            reason="sockets come from systemd socket activation",
-            listen=[str(a) for a in config.listen],
-        )
-        proxied = frozenset(str(a) for a in config.listen if a.proxy_protocol)
-        return [listeners.adopt(sock, proxied) for _, sock in inherited]
+        return inherited
     if taking_over:
         return []
     bound: list[listeners.Listener] = []
@@ -291,6 +285,21 @@ def bind_listeners(
     return bound
 
 
+def adopt_inherited(
+    config: Config, passed: list[tuple[str, int]] | None
+) -> list[listeners.Listener]:
+    """systemd's sockets (socket activation), which replace `listen`; [] if none came."""
+    inherited = activation.adopt_sockets(activation.passed_fds() if passed is None else passed)
+    if inherited:
+        log.info(
+            "listen_ignored",
+            reason="sockets come from systemd socket activation",
+            listen=[str(a) for a in config.listen],
+        )
+    proxied = frozenset(str(a) for a in config.listen if a.proxy_protocol)
+    return [listeners.adopt(sock, proxied) for _, sock in inherited]
+
+
 def bind_worker_listeners(
     config: Config, workers: int, passed: list[tuple[str, int]] | None = None
 ) -> list[list[listeners.Listener]]:
@@ -302,16 +311,9 @@ def bind_worker_listeners(
         BindError: an address could not be bound; none stays bound.
     """
     slots: list[list[listeners.Listener]] = [[] for _ in range(workers)]
-    inherited = activation.adopt_sockets(activation.passed_fds() if passed is None else passed)
+    inherited = adopt_inherited(config, passed)
     if inherited:
-        log.info(
-            "listen_ignored",
-            reason="sockets come from systemd socket activation",
-            listen=[str(a) for a in config.listen],
-        )
-        proxied = frozenset(str(a) for a in config.listen if a.proxy_protocol)
-        for _, sock in inherited:
-            listener = listeners.adopt(sock, proxied)
+        for listener in inherited:
             listener.shared = True
             for slot in slots:
                 slot.append(listener)
