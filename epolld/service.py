@@ -371,7 +371,7 @@ class EchoService:
             ip, peer = reader.ip, reader.peer
         else:
             ip, port = header.source
-            peer = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+            peer = format_peer(socket.AF_INET6 if ":" in ip else socket.AF_INET, (ip, port))
         limit = self._config.limits.max_connections_per_ip
         if ip and limit and self._per_ip.get(ip, 0) >= limit:
             self._refuse_proxied(reader, peer, ip, limit)
@@ -398,19 +398,7 @@ class EchoService:
                 error=None,
                 proxy=reader.peer,
             )
-        self.counters.count_refused("max_connections_per_ip")
-        self._refused_unlogged += 1
-        if now - self._refused_logged_at >= REFUSED_WARNING_EVERY_S:
-            log.warning(
-                "connection_refused",
-                limit="max_connections_per_ip",
-                value=limit,
-                peer_ip=ip,
-                proxy=reader.peer,
-                refused=self._refused_unlogged,
-            )
-            self._refused_unlogged = 0
-            self._refused_logged_at = now
+        self._count_refused("max_connections_per_ip", limit, ip, proxy=reader.peer)
 
     def header_failed(self, reader: HeaderReader, reason: str, detail: str) -> None:
         """No valid header: counted, warned of at a bounded rate; the reader closes next."""
@@ -500,7 +488,6 @@ class EchoService:
 
     def _refuse(self, sock: socket.socket, addr: Any, ip: str, limit: str, value: int) -> None:
         """Close a peer over a limit at once; warn at most every REFUSED_WARNING_EVERY_S."""
-        now = self.reactor.now
         if self._conn_log is not None:
             self._conn_log(
                 "connection_closed",
@@ -513,6 +500,11 @@ class EchoService:
                 error=None,
             )
         sock.close()
+        self._count_refused(limit, value, ip or None)
+
+    def _count_refused(self, limit: str, value: int, peer_ip: str | None, **fields: Any) -> None:
+        """Count a refusal; warn at most every REFUSED_WARNING_EVERY_S, with how many."""
+        now = self.reactor.now
         self.counters.count_refused(limit)
         self._refused_unlogged += 1
         if now - self._refused_logged_at >= REFUSED_WARNING_EVERY_S:
@@ -520,7 +512,8 @@ class EchoService:
                 "connection_refused",
                 limit=limit,
                 value=value,
-                peer_ip=ip or None,
+                peer_ip=peer_ip,
+                **fields,
                 refused=self._refused_unlogged,
             )
             self._refused_unlogged = 0
