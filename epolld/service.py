@@ -385,35 +385,13 @@ class EchoService:
 
     def _refuse_proxied(self, reader: HeaderReader, peer: str, ip: str, limit: int) -> None:
         """A proxied client over max_connections_per_ip: counted and warned as at accept."""
-        now = self.reactor.now
-        if self._conn_log is not None:
-            self._conn_log(
-                "connection_closed",
-                peer=peer,
-                fd=reader.fd,
-                bytes_in=0,
-                bytes_out=0,
-                duration_s=round(now - reader.opened_at, 3),
-                reason="limit",
-                error=None,
-                proxy=reader.peer,
-            )
+        self._log_unserved(peer, reader.fd, reader.opened_at, "limit", proxy=reader.peer)
         self._count_refused("max_connections_per_ip", limit, ip, proxy=reader.peer)
 
     def header_failed(self, reader: HeaderReader, reason: str, detail: str) -> None:
         """No valid header: counted, warned of at a bounded rate; the reader closes next."""
         self._header_errors.record(reason, self.reactor.now, log, proxy=reader.peer, detail=detail)
-        if self._conn_log is not None:
-            self._conn_log(
-                "connection_closed",
-                peer=reader.peer,
-                fd=reader.fd,
-                bytes_in=0,
-                bytes_out=0,
-                duration_s=round(self.reactor.now - reader.opened_at, 3),
-                reason="proxy_header",
-                error=reason,
-            )
+        self._log_unserved(reader.peer, reader.fd, reader.opened_at, "proxy_header", reason)
 
     def _sweep_readers(self) -> None:
         """Close the readers older than proxy.timeout (a new timeout applies to all).
@@ -488,19 +466,33 @@ class EchoService:
 
     def _refuse(self, sock: socket.socket, addr: Any, ip: str, limit: str, value: int) -> None:
         """Close a peer over a limit at once; warn at most every REFUSED_WARNING_EVERY_S."""
+        self._log_unserved(format_peer(sock.family, addr), sock.fileno(), None, "limit")
+        sock.close()
+        self._count_refused(limit, value, ip or None)
+
+    def _log_unserved(
+        self,
+        peer: str,
+        fd: int,
+        opened_at: float | None,
+        reason: str,
+        error: str | None = None,
+        **fields: Any,
+    ) -> None:
+        """The connection_closed line of a peer closed before it was echoed to (refused
+        at accept: opened_at None, or refused or failed while its PROXY header was read)."""
         if self._conn_log is not None:
             self._conn_log(
                 "connection_closed",
-                peer=format_peer(sock.family, addr),
-                fd=sock.fileno(),
+                peer=peer,
+                fd=fd,
                 bytes_in=0,
                 bytes_out=0,
-                duration_s=0.0,
-                reason="limit",
-                error=None,
+                duration_s=0.0 if opened_at is None else round(self.reactor.now - opened_at, 3),
+                reason=reason,
+                error=error,
+                **fields,
             )
-        sock.close()
-        self._count_refused(limit, value, ip or None)
 
     def _count_refused(self, limit: str, value: int, peer_ip: str | None, **fields: Any) -> None:
         """Count a refusal; warn at most every REFUSED_WARNING_EVERY_S, with how many."""
