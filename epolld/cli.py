@@ -13,7 +13,7 @@ from typing import Any
 
 import structlog
 
-from epolld import __version__, activation, handoff, journald, listeners, logsetup
+from epolld import __version__, activation, handoff, handoff_workers, journald, listeners, logsetup
 from epolld import config as config_mod
 from epolld.config import Config
 from epolld.errors import ConfigError, EpolldError
@@ -165,6 +165,8 @@ def serve(
     if state is not None and state.records:
         takeover = _Takeover(state, previous, config_error, started_at, received_s)
     workers = config_mod.worker_count(config)
+    if takeover is not None and handoff_workers.is_supervisor_state(takeover.state):
+        return _resume_workers(args, config, notifier, passed, takeover)
     if takeover is not None and workers > 1:
         # The connections come into one process; workers apply at the next stop and start.
         log.warning(
@@ -223,6 +225,66 @@ def serve(
         for listener in owned:
             listener.sock.close()
         raise
+
+
+def _resume_workers(
+    args: argparse.Namespace,
+    config: Config,
+    notifier: Notifier,
+    passed: list[tuple[str, int]],
+    takeover: _Takeover,
+) -> int:
+    """A supervisor's restart handoff: the same slots, sockets and number of workers, each
+    worker taking over its predecessor's connections."""
+    from epolld.supervisor import RESTART_ONLY
+
+    state = takeover.state
+    resumed = handoff_workers.resume(
+        state,
+        adopt_inherited(config, passed),
+        {"pidfile": takeover.restore_pidfile},
+        received_s=takeover.received_s,
+    )
+    for name in state.transport:
+        notifier.remove_fd(name)  # consumed: the store must not hand it over again
+    previous = takeover.previous or config
+    kept = [key for key in config_mod.changes(previous, config) if key in RESTART_ONLY]
+    if config_mod.worker_count(config) != len(resumed.slots) and "workers" not in kept:
+        kept.append("workers")
+    if kept:
+        log.warning(
+            "handoff_kept",
+            settings=kept,
+            workers=len(resumed.slots),
+            reason="a restart handoff keeps its workers and sockets; stop and start epolld "
+            "to apply these",
+        )
+    bound = _unique(resumed.slots)
+    if not args.daemon:
+        return run_loop(
+            args,
+            config,
+            bound,
+            notifier,
+            resumed.metrics_listener,
+            slots=resumed.slots,
+            resumed=resumed,
+        )
+    from epolld.daemonize import continued_daemon  # re-executed in place: a daemon already
+
+    with continued_daemon(config.daemon.log_file) as (reopen_log, held):
+        held += takeover.pidfiles  # released when the daemon finally stops
+        return run_loop(
+            args,
+            config,
+            bound,
+            notifier,
+            resumed.metrics_listener,
+            before_reload=reopen_log,
+            slots=resumed.slots,
+            resumed=resumed,
+            pidfiles=held,
+        )
 
 
 class _Takeover:
@@ -369,6 +431,7 @@ def run_loop(
     slots: list[list[listeners.Listener]] | None = None,
     *,
     takeover: _Takeover | None = None,
+    resumed: handoff_workers.Resumed | None = None,
     pidfiles: list[PidFile] | None = None,
 ) -> int:
     def reload() -> Config:
@@ -380,7 +443,14 @@ def run_loop(
         from epolld.supervisor import Supervisor
 
         supervisor = Supervisor(
-            config, slots, notifier, reload, metrics_listener, before_reload=before_reload
+            config,
+            slots,
+            notifier,
+            reload,
+            metrics_listener,
+            before_reload=before_reload,
+            resumed=resumed,
+            handoff_sources=list(pidfiles or []),
         )
         try:
             return supervisor.run()

@@ -497,6 +497,108 @@ def reexec(
     os.execve(executable, argv, dict(environ))
 
 
+# -- where a handoff goes --------------------------------------------------------------
+
+
+class Destination(Protocol):
+    """Where a written state and its descriptors go: systemd's store, a re-exec of this
+    program, or (a worker) the supervisor. ``deliver`` is the point of no return; it
+    raises HandoffError (and nothing is lost) if it cannot take the transport."""
+
+    keeps_inherited: bool  # the next process gets socket-activated listeners from systemd
+
+    def deliver(self, transport: Transport, out: StateWriter, steps: dict[str, float]) -> None: ...
+
+
+class Notify(Protocol):
+    """What FdStore needs of systemd.Notifier."""
+
+    def store_fd(self, name: str, fd: int) -> None: ...
+    def remove_fd(self, name: str) -> None: ...
+    def barrier(self, timeout_s: float) -> bool: ...
+
+
+class FdStore:
+    """A restart under systemd: the transport goes into the service's fd store."""
+
+    keeps_inherited = True
+
+    def __init__(self, notifier: Notify, barrier_timeout_s: float) -> None:
+        self._notifier = notifier
+        self._timeout_s = barrier_timeout_s
+
+    def deliver(self, transport: Transport, out: StateWriter, steps: dict[str, float]) -> None:
+        """Each descriptor under its FDNAME (one per message), then BARRIER=1: stored.
+
+        Raises:
+            HandoffError: systemd did not acknowledge; what was stored is removed again.
+        """
+        mark = now_monotonic()
+        names = transport.named()
+        for name, fd in names:
+            self._notifier.store_fd(name, fd)
+        if not self._notifier.barrier(self._timeout_s):
+            for name, _ in names:
+                self._notifier.remove_fd(name)
+            raise HandoffError(f"systemd did not acknowledge in {self._timeout_s} s")
+        steps["store"] = round(now_monotonic() - mark, 4)
+        # The memfd is shared with systemd's stored copy: what is appended now still
+        # reaches the next process.
+        out.append_trailer(transport.memfd, {"steps": steps})
+
+
+class Reexec:
+    """No systemd: execv() the same command line, the transport as LISTEN_FDS.
+
+    Raises (at construction, before anything is handed over):
+        HandoffError: the interpreter or the script is gone.
+    """
+
+    keeps_inherited = False
+
+    def __init__(self) -> None:
+        self.executable, self.argv = reexec_command()
+
+    def deliver(self, transport: Transport, out: StateWriter, steps: dict[str, float]) -> None:
+        out.append_trailer(transport.memfd, {"steps": steps})
+        log.info("handoff_reexec", command=self.argv, steps=steps)
+        try:
+            reexec(transport.named(), self.executable, self.argv)
+        except OSError as e:
+            raise HandoffError(f"execv: {e.strerror}") from None
+
+
+def send(
+    out: StateWriter, meta: Mapping[str, Any], destination: Destination, steps: dict[str, float]
+) -> Transport:
+    """Copy out's descriptors into pairs, write the state, deliver both.
+
+    Raises:
+        HandoffError: any step failed; the transport is closed, and since only copies
+            were sent, the sender still holds everything and can serve on.
+    """
+    mark = now_monotonic()
+    pairs = send_descriptors(out.fds)
+    steps["send"] = round(now_monotonic() - mark, 4)
+    mark = now_monotonic()
+    transport: Transport | None = None
+    try:
+        transport = Transport(out.to_memfd(meta), pairs)
+        steps["state"] = round(now_monotonic() - mark, 4)
+        destination.deliver(transport, out, steps)
+    except (HandoffError, OSError) as e:
+        if transport is not None:
+            transport.close()
+        else:
+            for a, b in pairs:
+                a.close()
+                b.close()
+        if isinstance(e, HandoffError):
+            raise
+        raise HandoffError(str(e.strerror or e)) from None
+    return transport
+
+
 class HandoffSource(Protocol):
     """Anything that contributes a record to the state."""
 

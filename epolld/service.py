@@ -65,6 +65,8 @@ class EchoService:
         notifier: sd_notify; a no-op outside systemd.
         reload: called on SIGHUP; returns the new Config or raises ConfigError.
         metrics_listener: bound for metrics.listen, if set; the service owns it.
+        handoff_signal: SIGUSR2 starts a restart handoff (a worker's comes from its
+            supervisor instead, which calls hand_over()).
     """
 
     def __init__(
@@ -74,6 +76,8 @@ class EchoService:
         notifier: Notifier,
         reload: Callable[[], Config] | None = None,
         metrics_listener: Listener | None = None,
+        *,
+        handoff_signal: bool = True,
     ) -> None:
         self._config = config
         self._notifier = notifier
@@ -105,7 +109,7 @@ class EchoService:
             signal.SIGINT: self._on_stop_signal,
             signal.SIGHUP: self._on_reload_signal,
             signal.SIGUSR1: self._on_stats_signal,
-            HANDOFF_SIGNAL: self._on_handoff_signal,
+            **({HANDOFF_SIGNAL: self._on_handoff_signal} if handoff_signal else {}),
         }.items():
             self.reactor.on_signal(signum, fn)
         # Totals, updated at accept, close and reload only; live values are added when
@@ -170,6 +174,10 @@ class EchoService:
         else:
             self._conn_log = None
         self._shared.name_peers = self._conn_log is not None
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
 
     @property
     def listeners(self) -> list[Listener]:
@@ -688,32 +696,46 @@ class EchoService:
             return
         if not self._handoff_pending:  # after this batch: the state is then consistent
             self._handoff_pending = True
-            self.reactor.call_soon(self._hand_over)
+            self.reactor.call_soon(self._hand_over_on_signal)
 
-    def _hand_over(self) -> None:
-        """Stop accepting, write every handler's record and send every descriptor, then
-        give the transport to systemd's store (a restart) or re-execute (no systemd).
-
-        Until the point of no return nothing is closed: a failure logs handoff_failed and
-        the service goes on as before.
-        """
+    def _hand_over_on_signal(self) -> None:
         self._handoff_pending = False
-        signal_at = handoff.now_monotonic()
-        steps: dict[str, float] = {}
-        mark = signal_at
         under_systemd = self._notifier.enabled
         try:
-            target = None if under_systemd else handoff.reexec_command()
+            destination: handoff.Destination = (
+                handoff.FdStore(self._notifier, BARRIER_TIMEOUT_S)
+                if under_systemd
+                else handoff.Reexec()
+            )
         except handoff.HandoffError as e:
             log.error("handoff_failed", reason=str(e), action="serve on")
             return
+        if not self.hand_over(destination, listeners_travel=True) and under_systemd:
+            # systemd is stopping us either way (and kills at TimeoutStopSec): a
+            # graceful drain is the best left to offer the clients.
+            self.stop("SIGUSR2")
+
+    def hand_over(self, destination: handoff.Destination, *, listeners_travel: bool) -> bool:
+        """Stop accepting, write every handler's record and send every descriptor to
+        destination (systemd's store, a re-exec, a worker's supervisor). True once
+        delivered: the loop then stops and lets go of its copies.
+
+        Until the point of no return nothing is closed: a failure logs handoff_failed and
+        the service goes on as before (False). Listeners stay behind when they are not
+        this process's to hand over (a worker's belong to its supervisor).
+        """
+        signal_at = handoff.now_monotonic()
+        steps: dict[str, float] = {}
         for listener in self.listeners:  # accept no more: the backlog waits for the next
             self.reactor.remove(listener)
-        out = handoff.StateWriter(systemd_keeps_inherited=under_systemd)
+        out = handoff.StateWriter(systemd_keeps_inherited=destination.keeps_inherited)
         left_behind: dict[str, int] = {}
         metrics_listener = self._metrics.listener if self._metrics is not None else None
+        staying = set() if listeners_travel else {id(x) for x in self._listener_handlers()}
         for source in [*self.listeners, *self.reactor.handlers(), *self._handoff_sources]:
             contribute = getattr(source, "handoff_state", None)
+            if id(source) in staying:
+                continue
             if metrics_listener is not None and source is metrics_listener:
                 # A Listener, but not one that accepts echo.
                 record = metrics_listener.handoff_state(out)
@@ -738,12 +760,12 @@ class EchoService:
             pending_bytes=sum(c.pending() for c in conns),
             records=counts,
             descriptors=len(out.fds),
-            route="fd store" if under_systemd else "re-exec",
+            route=type(destination).__name__,
         )
         if left_behind:
             log.warning("handoff_left_behind", kinds=left_behind, reason="no handoff_state()")
         self._notifier.status(f"handing over {self._conn_count} connections")
-        mark = _step(steps, "collect", mark)
+        _step(steps, "collect", signal_at)
         meta = {
             "epolld": __version__,
             "pid": os.getpid(),
@@ -760,54 +782,28 @@ class EchoService:
                 },
             },
         }
-        transport: handoff.Transport | None = None
         try:
-            pairs = handoff.send_descriptors(out.fds)
-            mark = _step(steps, "send", mark)
-            transport = handoff.Transport(out.to_memfd(meta), pairs)
-            mark = _step(steps, "state", mark)
-            if target is None:
-                self._store(transport)
-                _step(steps, "store", mark)
-                # The memfd is shared with systemd's stored copy: what is appended now
-                # still reaches the next process.
-                out.append_trailer(transport.memfd, {"steps": steps})
-            else:
-                out.append_trailer(transport.memfd, {"steps": steps})
-                log.info("handoff_reexec", command=target[1], steps=steps)
-                handoff.reexec(transport.named(), *target)
-        except (handoff.HandoffError, OSError) as e:
-            if transport is not None:
-                transport.close()
+            handoff.send(out, meta, destination, steps)
+        except handoff.HandoffError as e:
             for listener in self.listeners:
                 self._add_listener_again(listener)
-            if under_systemd:
-                # systemd is stopping us either way (and kills at TimeoutStopSec): a
-                # graceful drain is the best left to offer the clients.
-                log.error("handoff_failed", reason=str(e), steps=steps, action="drain")
-                self.stop("SIGUSR2")
-            else:
-                log.error("handoff_failed", reason=str(e), steps=steps, action="serve on")
+            action = "drain" if self._notifier.enabled else "serve on"
+            log.error("handoff_failed", reason=str(e), steps=steps, action=action)
+            if not self._notifier.enabled:
                 self._notifier.status(f"handoff failed, still serving: {e}")
-            return
-        # systemd holds everything now: exit without a FIN or an unlinked socket file.
+            return False
+        # The next process holds everything now: exit without a FIN or an unlinked
+        # socket file.
         self.handed_over = True
         self.reactor.stop()
+        return True
 
-    def _store(self, transport: handoff.Transport) -> None:
-        """Each transport descriptor into systemd's store (one FDNAME per message), then
-        wait until it has processed them (BARRIER=1).
-
-        Raises:
-            HandoffError: systemd did not acknowledge; what was stored is removed again.
-        """
-        names = transport.named()
-        for name, fd in names:
-            self._notifier.store_fd(name, fd)
-        if not self._notifier.barrier(BARRIER_TIMEOUT_S):
-            for name, _ in names:
-                self._notifier.remove_fd(name)
-            raise handoff.HandoffError(f"systemd did not acknowledge in {BARRIER_TIMEOUT_S} s")
+    def _listener_handlers(self) -> list[object]:
+        """The handlers that are listening sockets (TCP and Unix, UDP, metrics)."""
+        handlers: list[object] = [*self.listeners, *self._udp.endpoints()]
+        if self._metrics is not None:
+            handlers.append(self._metrics.listener)
+        return handlers
 
     def _add_listener_again(self, listener: Listener) -> None:
         if listener.fd in self._paused:

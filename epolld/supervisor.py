@@ -16,6 +16,13 @@ How connections reach workers (measured: bench/workers_dispatch.py):
   connection, and a stopping worker loses nothing, the others accept from the same queue.
 - UDP sockets (udp.py) fit the TCP shape: one SO_REUSEPORT socket per slot.
 
+The restart handoff (SIGUSR2; systemd's RestartKillSignal): every worker hands its
+connections up its socketpair (worker.py) and exits; the supervisor writes a state of its
+own (each slot's listeners, each worker's transport: handoff_workers.py) and stores it or
+re-executes, as a single process does. The next supervisor starts each slot's worker with
+its predecessor's transport. Without systemd, a worker that cannot hand over aborts the
+whole handoff: the workers that did are replaced by ones that take their connections back.
+
 Health: each worker's loop sends a heartbeat every heartbeat_s. A worker silent for
 worker_timeout_s (a quarter of WatchdogSec, or WORKER_TIMEOUT_S) is killed (SIGKILL) and
 replaced; WATCHDOG=1 is sent only while every worker has checked in within that time,
@@ -25,6 +32,8 @@ The supervisor holds no connection and does no echo; a worker never sends sd_not
 
 from __future__ import annotations
 
+import array
+import contextlib
 import dataclasses
 import errno
 import json
@@ -40,8 +49,8 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from epolld import __version__, handoff, handoff_workers, logsetup, worker
 from epolld import config as config_mod
-from epolld import logsetup, worker
 from epolld.config import Config
 from epolld.counters import Counters, DurationHistogram, Snapshot
 from epolld.errors import ConfigError, EpolldError
@@ -62,6 +71,9 @@ KILL_AFTER_DRAIN_S = 5.0  # past shutdown_timeout_s, a worker still alive gets S
 QUICK_DEATH_S = 10.0  # a worker that dies younger than this adds to its slot's back-off
 BACKOFF_MAX_S = 30.0
 MESSAGES_PER_EVENT = 64
+HANDOFF_WAIT_S = 10.0  # for every worker to hand over and exit
+BARRIER_TIMEOUT_S = 10.0  # for systemd to take the handoff's descriptors into its store
+MAX_FDS_PER_MESSAGE = 2 * handoff.MAX_PAIRS + 1  # a worker's transport: pairs and memfd
 NOT_SUMMED = frozenset({"listeners", "udp_listeners", "uptime_s"})
 # Changing these needs new sockets in every worker (or other workers): a restart.
 RESTART_ONLY = ("listen", "metrics.listen", "workers")
@@ -83,6 +95,27 @@ class Slot:
     respawn: Timer | None = None
     stats: dict[str, Any] = field(default_factory=dict)
     counters: dict[str, Any] = field(default_factory=dict)
+    # A worker's handoff transport, (FDNAME, fd): held for the slot's next worker, which
+    # takes over its connections (or written into the supervisor's own handoff).
+    handoff: list[tuple[str, int]] | None = None
+    restored: int = 0  # connections the current worker took over at its start
+
+    def drop_handoff(self) -> None:
+        for _, fd in self.handoff or ():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.handoff = None
+
+
+@dataclass(eq=False)
+class HandoffRound:
+    """A restart handoff in progress: who has yet to answer, who failed."""
+
+    destination: handoff.Destination
+    signal_at: float
+    waiting: set[Slot]
+    failed: dict[int, str] = field(default_factory=dict)
+    timer: Timer | None = None
 
 
 @dataclass
@@ -100,7 +133,10 @@ class WorkerLink:
     __slots__ = ("_on_message", "active_at", "fd", "mask", "slot", "sock")
 
     def __init__(
-        self, sock: socket.socket, slot: Slot, on_message: Callable[[Slot, dict[str, Any]], None]
+        self,
+        sock: socket.socket,
+        slot: Slot,
+        on_message: Callable[[Slot, dict[str, Any], list[int]], None],
     ) -> None:
         sock.setblocking(False)
         self.sock = sock
@@ -111,21 +147,30 @@ class WorkerLink:
         self._on_message = on_message
 
     def on_event(self, events: int) -> int:
+        ancillary = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * 4)
         for _ in range(MESSAGES_PER_EVENT):
             try:
-                packet = self.sock.recv(worker.MAX_PACKET)
+                packet, cmsgs, _flags, _ = self.sock.recvmsg(
+                    worker.MAX_PACKET, ancillary, socket.MSG_CMSG_CLOEXEC
+                )
             except BlockingIOError:
                 return self.mask
             except OSError:
-                packet = b""
+                packet, cmsgs = b"", []
+            fds = array.array("i")
+            for level, kind, payload in cmsgs:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
             if not packet:  # the worker exited; SIGCHLD tells the rest
+                _close_all(fds)
                 return CLOSE
             try:
                 message = json.loads(packet)
             except ValueError:
                 log.warning("worker_message_invalid", worker=self.slot.index)
+                _close_all(fds)
                 continue
-            self._on_message(self.slot, message)
+            self._on_message(self.slot, message, list(fds))
         return self.mask
 
     def send(self, packet: bytes) -> bool:
@@ -154,6 +199,9 @@ class Supervisor:
         metrics_listener: bound for metrics.listen, if set: served here, from the sums.
         before_reload: what a worker runs before applying a reload (daemon mode: reopen
             its log file).
+        resumed: what a restart handoff brought (each slot's predecessor's transport,
+            the totals), if this supervisor was started by one.
+        handoff_sources: more records for the handoff (the daemon's pidfile).
     """
 
     def __init__(
@@ -164,6 +212,9 @@ class Supervisor:
         reload: Callable[[], Config],
         metrics_listener: Listener | None = None,
         before_reload: Callable[[], None] = lambda: None,
+        *,
+        resumed: handoff_workers.Resumed | None = None,
+        handoff_sources: list[handoff.HandoffSource] | None = None,
     ) -> None:
         self._config = config
         self._notifier = notifier
@@ -197,6 +248,21 @@ class Supervisor:
             self.reactor.on_signal(signum, fn)
         self._metrics: MetricsEndpoint | None = None
         self._metrics_listener = metrics_listener
+        self._handoff: HandoffRound | None = None
+        self._handoff_sources = handoff_sources or []
+        self.handed_over = False
+        self._resumed = resumed
+        if resumed is not None:
+            for slot in self._slots:
+                slot.handoff = resumed.transports.pop(slot.index, None)
+            for transport in resumed.transports.values():  # slots this run does not have
+                Slot(0, [], handoff=transport).drop_handoff()
+            totals = resumed.totals
+            self._started_at = float(totals.get("started_at", self._started_at))
+            self.counters.reloads = dict(totals.get("reloads") or {})
+            _add_counters(self._retired, totals.get("retired") or {})
+            for key, value in (totals.get("retired_stats") or {}).items():
+                self._retired_stats[key] = int(value)
 
     # -- running -------------------------------------------------------------------
 
@@ -204,9 +270,13 @@ class Supervisor:
         """Start the workers and supervise them until stopped. Returns 0."""
         try:
             self.reactor.run(started=self._started)
-            log.info("shutdown_complete", **self.stats())
+            if not self.handed_over:
+                log.info("shutdown_complete", **self.stats())
         finally:
-            self._close_everything()
+            if self.handed_over:
+                self._let_go()
+            else:
+                self._close_everything()
         return 0
 
     def _started(self) -> None:
@@ -248,7 +318,12 @@ class Supervisor:
         ours, theirs = socket.socketpair(
             socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
         )
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            ours.close()
+            theirs.close()
+            raise
         if pid == 0:  # the worker: never returns
             code = os.EX_SOFTWARE
             try:
@@ -259,6 +334,7 @@ class Supervisor:
             finally:
                 os._exit(code)
         theirs.close()
+        slot.drop_handoff()  # the worker has its own copies now
         now = self.reactor.now
         slot.pid, slot.started_at, slot.heard_at = pid, now, now
         slot.ready, slot.killed_for, slot.stats, slot.counters = False, None, {}, {}
@@ -292,6 +368,9 @@ class Supervisor:
             for listener in other.listeners:
                 if id(listener) not in mine:
                     listener.sock.close()
+            if other is not slot:
+                other.drop_handoff()
+        inherited, slot.handoff = slot.handoff, None
         return worker.run(
             slot.index,
             self._config,
@@ -299,11 +378,16 @@ class Supervisor:
             sock,
             self.heartbeat_s,
             self._before_reload,
+            inherited=inherited,
         )
 
-    def _on_message(self, slot: Slot, message: dict[str, Any]) -> None:
+    def _on_message(self, slot: Slot, message: dict[str, Any], fds: list[int]) -> None:
         slot.heard_at = self.reactor.now
         kind = message.get("kind")
+        if kind == "handed_over":
+            self._handed_over(slot, message, fds)
+            return
+        _close_all(fds)  # no other message carries descriptors
         if kind in ("heartbeat", "stats"):
             slot.stats = message.get("stats") or {}
             slot.counters = message.get("counters") or {}
@@ -313,11 +397,19 @@ class Supervisor:
                     self._log_stats()
         elif kind == "ready":
             slot.ready = True
+            slot.restored = int(message.get("restored") or 0)
             log.info("worker_ready", worker=slot.index, pid=slot.pid)
+            if self._stopping:  # it started during a stop (its handlers are in place now)
+                _kill(slot.pid, signal.SIGTERM)
+                return
             if not self._announced and all(s.ready for s in self._slots):
                 self._announced = True
                 log.info("workers_ready", workers=len(self._slots))
                 self._notifier.ready(self._status_line())
+                if self._resumed is not None:
+                    self._log_handoff_complete(self._resumed)
+        elif kind == "handoff_failed":
+            self._handoff_failed(slot, str(message.get("error")))
         elif kind == "reloaded":
             if message.get("error"):
                 log.error("worker_reload_failed", worker=slot.index, error=message["error"])
@@ -355,6 +447,7 @@ class Supervisor:
             **how,
         }
         if slot.link is not None:
+            slot.link.on_event(select.EPOLLIN)  # what it sent last (a handoff) comes first
             self.reactor.close(slot.link)
             slot.link = None
         slot.pid = None
@@ -368,6 +461,14 @@ class Supervisor:
             log.info("worker_exited", **fields)
             if not self._live():
                 self._finish()
+            return
+        if self._handoff is not None:
+            if slot.handoff is not None:  # handed over: nothing went with it
+                log.info("worker_exited", **fields, handed_over=True)
+            else:  # died before it could answer: what it held is gone
+                log.warning("worker_exited", **fields)
+                self._handoff_failed(slot, "exited without handing over")
+            self._handoff_progress()
             return
         # Connections it held are gone with it; those queued on its socket wait for the
         # replacement (the socket is ours, and stays open).
@@ -422,6 +523,8 @@ class Supervisor:
                 for slot in self._live():
                     _kill(slot.pid, signal.SIGINT)
             return
+        if self._handoff is not None:  # the workers that handed over take it all back
+            self._give_back()
         self._stopping = True
         timeout_s = self._config.shutdown_timeout_s
         stats = self.stats()
@@ -442,17 +545,180 @@ class Supervisor:
         self._close_listeners()
         self._stop_metrics()
         for slot in self._live():
-            _kill(slot.pid, signal.SIGTERM)
+            if slot.ready:  # one still starting is told once it says it is ready
+                _kill(slot.pid, signal.SIGTERM)
         self.reactor.call_later(timeout_s + KILL_AFTER_DRAIN_S, self._kill_remaining)
         if not self._live():
             self._finish()
 
+    # -- the restart handoff ------------------------------------------------------
+
     def _on_handoff_signal(self, signum: int) -> None:
-        """SIGUSR2 asks for a restart handoff (issue 13), which does not yet carry workers'
-        connections: drain and stop as on SIGTERM, rather than die of the signal's default
-        action with every worker's connections cut."""
-        log.warning("handoff_unsupported", reason="workers > 1: stopping with a drain instead")
-        self._on_stop_signal(signal.SIGTERM)
+        """SIGUSR2: ask every worker for its connections; once all have handed over and
+        exited, _complete_handoff() passes everything on."""
+        if self._stopping or self._handoff is not None:
+            log.warning(
+                "handoff_refused", reason="stopping already" if self._stopping else "in progress"
+            )
+            return
+        try:
+            destination: handoff.Destination = (
+                handoff.FdStore(self._notifier, BARRIER_TIMEOUT_S)
+                if self._notifier.enabled
+                else handoff.Reexec()
+            )
+        except handoff.HandoffError as e:
+            log.error("handoff_failed", reason=str(e), action="serve on")
+            return
+        for slot in self._slots:  # a slot in back-off starts afresh in the next process
+            if slot.respawn is not None:
+                slot.respawn.cancel()
+                slot.respawn = None
+        asked = {s for s in self._live() if s.link is not None and s.link.send(b"H")}
+        self._handoff = HandoffRound(destination, handoff.now_monotonic(), asked)
+        log.info("handoff_started", workers=len(asked), route=type(destination).__name__)
+        self._notifier.status(f"handing over: {len(asked)} workers")
+        self._handoff.timer = self.reactor.call_later(HANDOFF_WAIT_S, self._handoff_timeout)
+        self._handoff_progress()
+
+    def _handed_over(self, slot: Slot, message: dict[str, Any], fds: list[int]) -> None:
+        names = [str(n) for n in message.get("names") or []]
+        round_ = self._handoff
+        if round_ is None or slot not in round_.waiting or len(names) != len(fds):
+            log.warning("worker_handoff_unexpected", worker=slot.index)
+            _close_all(fds)
+            return
+        round_.waiting.discard(slot)
+        slot.handoff = list(zip(names, fds, strict=True))
+        log.info("worker_handed_over", worker=slot.index, pid=slot.pid)
+        self._handoff_progress()
+
+    def _handoff_failed(self, slot: Slot, error: str) -> None:
+        round_ = self._handoff
+        if round_ is None:
+            return
+        round_.waiting.discard(slot)
+        round_.failed[slot.index] = error
+        log.error("worker_handoff_failed", worker=slot.index, error=error)
+        self._handoff_progress()
+
+    def _handoff_timeout(self) -> None:
+        round_ = self._handoff
+        if round_ is None:
+            return
+        round_.timer = None
+        for slot in list(round_.waiting):
+            self._handoff_failed(slot, f"no answer in {HANDOFF_WAIT_S} s")
+        for slot in self._slots:  # handed over but still alive: its descriptors are ours
+            if slot.handoff is not None and slot.pid is not None:
+                _kill(slot.pid, signal.SIGKILL)
+
+    def _handoff_progress(self) -> None:
+        """Go on once every worker answered and those that handed over have exited."""
+        round_ = self._handoff
+        if round_ is None or round_.waiting:
+            return
+        if any(slot.handoff is not None and slot.pid is not None for slot in self._slots):
+            return
+        if round_.timer is not None:
+            round_.timer.cancel()
+        self._complete_handoff(round_)
+
+    def _complete_handoff(self, round_: HandoffRound) -> None:
+        under_systemd = isinstance(round_.destination, handoff.FdStore)
+        if round_.failed and not under_systemd:
+            self._abort_handoff(f"workers {sorted(round_.failed)} could not hand over")
+            return
+        steps = {"workers": round(handoff.now_monotonic() - round_.signal_at, 4)}
+        out = handoff.StateWriter(systemd_keeps_inherited=round_.destination.keeps_inherited)
+        handoff_workers.write_records(out, self._slots, self._metrics_listener)
+        for source in self._handoff_sources:
+            out.add(source.handoff_state(out))
+        meta = {
+            "epolld": __version__,
+            "pid": os.getpid(),
+            "signal_at": round_.signal_at,
+            "config": config_mod.render_config(self._config),
+            "config_source": self._config.source,
+            "workers": len(self._slots),
+            "supervisor": {
+                "started_at": self._started_at,
+                "reloads": self.counters.reloads,
+                "retired": dataclasses.asdict(self._retired),
+                "retired_stats": self._retired_stats,
+            },
+        }
+        try:
+            handoff.send(out, meta, round_.destination, steps)
+        except handoff.HandoffError as e:
+            self._abort_handoff(str(e))
+            return
+        self._handoff = None
+        self.handed_over = True
+        serving = self._live()
+        if serving:  # under systemd, and they could not hand over: they drain, then we go
+            log.warning("handoff_partial", draining=[s.index for s in serving])
+            self._stopping = True
+            for slot in serving:
+                _kill(slot.pid, signal.SIGTERM)
+            self.reactor.call_later(
+                self._config.shutdown_timeout_s + KILL_AFTER_DRAIN_S, self._kill_remaining
+            )
+        else:
+            self._finish()
+
+    def _abort_handoff(self, reason: str) -> None:
+        """Serve on: each worker that handed over is replaced by one that takes its
+        connections back (no systemd), or the service drains (systemd stops it anyway)."""
+        under_systemd = self._notifier.enabled
+        action = "drain" if under_systemd else "serve on"
+        log.error("handoff_failed", reason=reason, action=action)
+        self._give_back()
+        if under_systemd:
+            self._on_stop_signal(signal.SIGTERM)
+        else:
+            self._notifier.status(f"handoff failed, still serving: {reason}")
+
+    def _give_back(self) -> None:
+        """End the handoff round: every slot without a worker gets one, which takes back
+        the connections its predecessor handed over (slot.handoff), if it did."""
+        round_, self._handoff = self._handoff, None
+        if round_ is not None and round_.timer is not None:
+            round_.timer.cancel()
+        for slot in self._slots:
+            if slot.pid is None and slot.respawn is None:
+                self._spawn(slot)
+
+    def _log_handoff_complete(self, resumed: handoff_workers.Resumed) -> None:
+        signal_at = resumed.signal_at
+        now = handoff.now_monotonic()
+        log.info(
+            "handoff_complete",
+            connections=sum(slot.restored for slot in self._slots),
+            workers=len(self._slots),
+            old_version=resumed.old_version,
+            new_version=__version__,
+            old_pid=resumed.old_pid,
+            duration_s=round(now - signal_at, 4) if signal_at is not None else None,
+            steps=resumed.steps,
+        )
+        self._resumed = None
+
+    def _let_go(self) -> None:
+        """After a handoff: close our copies only (every socket lives on in the store or in
+        flight), so that no Unix socket file is removed."""
+        for handler in self.reactor.handlers():
+            self.reactor.remove(handler)
+            handler_sock = getattr(handler, "sock", None)
+            if isinstance(handler_sock, socket.socket):
+                handler_sock.close()
+        for listener in _unique_listeners(self._slots):
+            listener.sock.close()
+        if self._metrics_listener is not None:
+            self._metrics_listener.sock.close()
+        for slot in self._slots:
+            slot.drop_handoff()
+        self.reactor.release()
 
     def _kill_remaining(self) -> None:
         for slot in self._live():
@@ -630,6 +896,17 @@ class Supervisor:
         self._close_listeners()
         self._stop_metrics()
         self.reactor.release()
+
+
+def _close_all(fds: Any) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _unique_listeners(slots: list[Slot]) -> list[Listener]:
+    """Every slot's listeners, each once (a shared one is in every slot)."""
+    return list({id(x): x for slot in slots for x in slot.listeners}.values())
 
 
 def _kill(pid: int | None, signum: int) -> None:

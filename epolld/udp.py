@@ -320,6 +320,9 @@ class UdpEndpoints:
     def listeners(self) -> list[Listener]:
         return [e.listener for e in self._endpoints.values()]
 
+    def endpoints(self) -> list[UdpEndpoint]:
+        return list(self._endpoints.values())
+
     def add(self, listener: Listener) -> None:
         """Serve a bound (or inherited) UDP socket."""
         endpoint = UdpEndpoint(

@@ -3,11 +3,20 @@ bound, reporting to the supervisor over a SOCK_SEQPACKET socketpair.
 
 A packet is one message, so there is no framing to get wrong:
 
-- worker -> supervisor, JSON: {"kind": "ready"}, {"kind": "heartbeat" | "stats",
-  "stats": ..., "counters": ...}, {"kind": "reloaded", "error": null | "why"}.
+- worker -> supervisor, JSON: {"kind": "ready", "restored": connections}, {"kind":
+  "heartbeat" | "stats", "stats": ..., "counters": ...}, {"kind": "reloaded", "error":
+  null | "why"}, {"kind": "handed_over", "names": [...]} with the handoff's transport as
+  SCM_RIGHTS, {"kind": "handoff_failed", "error": "why"}.
 - supervisor -> worker: b"C" + pickle(Config) (apply it, as SIGHUP would), b"S" (report
-  the statistics now). The supervisor is the same program in the parent process: the
-  pickle never crosses a trust boundary.
+  the statistics now), b"H" (hand every connection over, to the supervisor, and exit).
+  The supervisor is the same program in the parent process: the pickle never crosses a
+  trust boundary.
+
+The restart handoff with workers: each worker writes its state and sends its descriptors
+into pairs as a single process would (handoff.py), then passes that transport (the memfd
+and the pairs: a handful of descriptors) up the socketpair. The supervisor stores it with
+its own listeners; the next supervisor gives it to the slot's first worker, which restores
+it as a single process restores its own.
 
 A worker never talks to systemd (its Notifier has an empty environment): the supervisor
 is the service's main process and the only one systemd accepts messages from.
@@ -15,6 +24,7 @@ is the service's main process and the only one systemd accepts messages from.
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import json
 import os
@@ -26,6 +36,7 @@ from typing import Any
 
 import structlog
 
+from epolld import handoff
 from epolld.config import Config
 from epolld.listeners import Listener
 from epolld.loop import CLOSE
@@ -36,12 +47,22 @@ log = structlog.get_logger("epolld")
 
 MESSAGES_PER_EVENT = 16  # the supervisor sends a few a minute; bound the work anyway
 MAX_PACKET = 1 << 20  # a pickled Config is a few KiB
+HANDOFF_SEND_TIMEOUT_S = 5.0  # for room in the socketpair (the supervisor reads it)
 
 
 class SupervisorLink:
     """The worker's end of the socketpair, as a reactor handler."""
 
-    __slots__ = ("_config", "_ready_sent", "_service", "active_at", "fd", "mask", "sock")
+    __slots__ = (
+        "_config",
+        "_handing_over",
+        "_ready_sent",
+        "_service",
+        "active_at",
+        "fd",
+        "mask",
+        "sock",
+    )
 
     def __init__(self, sock: socket.socket, config: Config) -> None:
         sock.setblocking(False)
@@ -51,6 +72,7 @@ class SupervisorLink:
         self.active_at = 0.0
         self._config = config
         self._ready_sent = False
+        self._handing_over = False
         self._service: EchoService | None = None
 
     def serve(self, service: EchoService) -> None:
@@ -60,10 +82,10 @@ class SupervisorLink:
         """The reload source: the configuration the supervisor sent last."""
         return self._config
 
-    def ready(self) -> None:
+    def ready(self, restored: int = 0) -> None:
         if not self._ready_sent:
             self._ready_sent = True
-            self.send({"kind": "ready"})
+            self.send({"kind": "ready", "restored": restored})
 
     def heartbeat(self) -> None:
         """From the worker's own loop: a stuck loop stops checking in."""
@@ -100,13 +122,54 @@ class SupervisorLink:
                 self.send({"kind": "reloaded", "error": service.reload()})
             elif packet[:1] == b"S":
                 self._report("stats")
+            elif packet[:1] == b"H" and service is not None and not self._handing_over:
+                self._handing_over = True  # after this batch: the state is then consistent
+                service.reactor.call_soon(self._hand_over)
         return self.mask
+
+    def _hand_over(self) -> None:
+        self._handing_over = False
+        service = self._service
+        assert service is not None
+        if service.stopping:
+            self.send({"kind": "handoff_failed", "error": "stopping already"})
+        elif not service.hand_over(Upstream(self.sock), listeners_travel=False):
+            self.send({"kind": "handoff_failed", "error": "see this worker's handoff_failed"})
 
     def close(self) -> None:
         self.sock.close()
 
+    def handoff_state(self, out: handoff.StateWriter) -> None:
+        """Nothing travels: the next worker gets a socketpair of its own."""
+        return None
+
     def __repr__(self) -> str:
         return f"<SupervisorLink fd={self.fd}>"
+
+
+class Upstream:
+    """A worker's handoff destination: the transport goes up the socketpair."""
+
+    keeps_inherited = True  # the listeners do not travel from a worker at all
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def deliver(
+        self, transport: handoff.Transport, out: handoff.StateWriter, steps: dict[str, float]
+    ) -> None:
+        """Raises HandoffError if the supervisor cannot be reached (nothing is lost)."""
+        out.append_trailer(transport.memfd, {"steps": steps})
+        named = transport.named()
+        message = json.dumps({"kind": "handed_over", "names": [n for n, _ in named]})
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd for _, fd in named]))]
+        self._sock.settimeout(HANDOFF_SEND_TIMEOUT_S)
+        try:
+            self._sock.sendmsg([message.encode()], rights)
+        except OSError as e:
+            raise handoff.HandoffError(f"to the supervisor: {e.strerror or e}") from None
+        finally:
+            self._sock.setblocking(False)
 
 
 class WorkerNotifier(Notifier):
@@ -117,7 +180,9 @@ class WorkerNotifier(Notifier):
         self._link = link
 
     def ready(self, status: str) -> None:
-        self._link.ready()
+        self._link.ready(self.restored)
+
+    restored = 0  # connections this worker took over from its predecessor
 
 
 def run(
@@ -127,8 +192,11 @@ def run(
     sock: socket.socket,
     heartbeat_s: float,
     before_reload: Callable[[], None],
+    inherited: list[tuple[str, int]] | None = None,
 ) -> int:
-    """Serve as worker `index` until SIGTERM (or the supervisor goes away)."""
+    """Serve as worker `index` until SIGTERM (or the supervisor goes away, or it hands
+    over). inherited: the handoff transport of the slot's previous worker, restored
+    before the first event."""
     structlog.contextvars.bind_contextvars(worker=index)
     os.environ.pop("NOTIFY_SOCKET", None)  # only the supervisor talks to systemd
     for listener in listeners:
@@ -139,7 +207,18 @@ def run(
         before_reload()  # daemon mode: reopen the log file, as the supervisor did
         return link.config()
 
-    service = EchoService(config, listeners, WorkerNotifier(link), reload=reload_source)
+    notifier = WorkerNotifier(link)
+    service = EchoService(config, listeners, notifier, reload=reload_source, handoff_signal=False)
+    if inherited:
+        received_at = handoff.now_monotonic()
+        state, _ = handoff.take_state(inherited)
+        if state is not None and state.problem is not None:
+            log.warning("handoff_unreadable", reason=state.problem, closed=state.closed)
+        elif state is not None:
+            counts = service.restore_handoff(
+                state, received_s=handoff.now_monotonic() - received_at
+            )
+            notifier.restored = counts.get("connection", 0)
     link.serve(service)
     service.reactor.add(link)
     service.reactor.every(lambda: heartbeat_s, link.heartbeat)

@@ -314,16 +314,3 @@ def test_udp_has_a_socket_per_worker_and_counts_are_summed(start_workers: Any) -
     assert stats["udp_received"] == 60
     assert stats["udp_echoed"] == 60
     assert stats["udp_listeners"] == 1
-
-
-def test_handoff_signal_drains_instead_of_killing(start_workers: Any) -> None:
-    """SIGUSR2 (the restart handoff's signal, which does not carry workers yet) makes the
-    supervisor say so and stop with a drain: clients get their echo and a FIN, exit 0."""
-    w = start_workers(2)
-    with connect(w.daemon.port) as sock:
-        roundtrip(sock, b"before")
-        sock.sendall(b"at the handoff")
-        w.daemon.signal(signal.SIGUSR2)
-        w.daemon.wait_for("handoff_unsupported")
-        assert recv_until_eof(sock) == b"at the handoff"
-    assert w.daemon.wait() == 0

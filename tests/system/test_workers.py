@@ -1,9 +1,13 @@
 """workers: 2 under a real systemd 252: READY from the supervisor once every worker
 serves, no worker notifies, a SIGSTOPped worker is replaced (the service stays), a
-SIGSTOPped supervisor is restarted by the watchdog, reload and stop reach every worker."""
+SIGSTOPped supervisor is restarted by the watchdog, reload and stop reach every worker,
+and `systemctl restart` hands every worker's connections to the next supervisor's
+workers through the fd store (with bound and with socket-activated listeners)."""
 
 from __future__ import annotations
 
+import socket
+import threading
 from typing import Any
 
 import pytest
@@ -11,6 +15,7 @@ from nspawn import Container, wait_until
 from test_service import (
     HOST,
     PORT,
+    SOCKET_PORT,
     WAIT_S,
     drop_in,
     echo_once,
@@ -21,6 +26,8 @@ from test_service import (
 )
 from test_service import c as c  # the reset container (fixture)
 from test_service import cursor as cursor  # a journal cursor (fixture)
+
+from tests.traffic import recv_exactly, recv_until_eof
 
 pytestmark = pytest.mark.system
 
@@ -120,3 +127,95 @@ def test_reload_and_stop_reach_both_workers(c: Container, cursor: str) -> None:
         int(e["worker"]) for e in worker_events(c, cursor, "shutdown_started") if "worker" in e
     }
     assert started == {1, 2}
+
+
+RESTART_CONNECTIONS = 200  # spread over both workers by the kernel
+RESTART_STREAM_BYTES = 4 * 1024 * 1024
+
+
+def _open(port: int, count: int) -> list[socket.socket]:
+    socks = []
+    for i in range(count):
+        sock = socket.create_connection((HOST, port), timeout=WAIT_S)
+        line = b"before %d\n" % i
+        sock.sendall(line)
+        assert recv_exactly(sock, len(line), WAIT_S) == line
+        socks.append(sock)
+    return socks
+
+
+def _echo_each(socks: list[socket.socket], word: bytes) -> None:
+    for sock in socks:
+        sock.sendall(word)
+        assert recv_exactly(sock, len(word), WAIT_S) == word
+
+
+def _supervisor_events(c: Container, cursor: str, event: str) -> list[dict[str, Any]]:
+    return [e for e in worker_events(c, cursor, event) if "worker" not in e]
+
+
+def _restart_keeps_connections(c: Container, cursor: str, port: int) -> None:
+    """Open connections on both workers and a stream whose echo is unread, restart, and
+    check that every one goes on byte-exact under new workers of a new supervisor."""
+    socks = _open(port, RESTART_CONNECTIONS)
+    stream = socket.create_connection((HOST, port), timeout=WAIT_S)
+    stream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    payload = bytes(range(256)) * (RESTART_STREAM_BYTES // 256)
+    sender = threading.Thread(target=stream.sendall, args=(payload,), daemon=True)
+    sender.start()  # its echo waits, mostly unread, through the restart
+    pid = main_pid(c)
+    old_workers = set(children(c, pid))
+    assert len(old_workers) == 2
+
+    c.systemctl("restart", "epolld")
+    complete = wait_until(
+        lambda: _supervisor_events(c, cursor, "handoff_complete") or None,
+        WAIT_S,
+        "the new supervisor's handoff_complete",
+    )[0]
+
+    _echo_each(socks, b"after\n")
+    assert recv_exactly(stream, len(payload), WAIT_S) == payload
+    sender.join(WAIT_S)
+    stream.shutdown(socket.SHUT_WR)
+    assert recv_until_eof(stream, WAIT_S) == b""
+    for sock in socks:
+        sock.shutdown(socket.SHUT_WR)
+        assert sock.recv(10) == b""  # a FIN, not a reset
+        sock.close()
+    stream.close()
+    new_pid = main_pid(c)
+    assert new_pid != pid
+    assert complete["old_pid"] == str(pid)
+    assert complete["workers"] == "2"
+    assert int(complete["connections"]) >= RESTART_CONNECTIONS + 1
+    handed = {int(e["worker"]) for e in worker_events(c, cursor, "worker_handed_over")}
+    assert handed == {1, 2}
+    new_workers = set(children(c, new_pid))
+    assert len(new_workers) == 2
+    assert not new_workers & old_workers
+    assert c.show("epolld.service", "ActiveState") == "active"
+    assert c.show("epolld.service", "NFileDescriptorStore") == "0"  # taken out again
+    text = journal_text(c, cursor)
+    assert "Killing process" not in text  # every old worker had exited on its own
+    assert not worker_events(c, cursor, "handoff_failed")
+
+
+def test_restart_hands_every_workers_connections_over(c: Container, cursor: str) -> None:
+    """systemctl restart (RestartKillSignal=SIGUSR2 to the supervisor): both workers hand
+    their connections up, the supervisor stores them with its listeners and exits, and the
+    next supervisor's two workers take them over; the store is empty afterwards."""
+    start_with_workers(c)
+    _restart_keeps_connections(c, cursor, PORT)
+    assert echo_once(PORT, b"fresh\n") == b"fresh\n"
+
+
+def test_restart_with_socket_activation_and_workers(c: Container, cursor: str) -> None:
+    """With epolld.socket, both workers share systemd's socket; a restart hands their
+    connections over and systemd passes the socket again itself."""
+    drop_in(c, "epolld.socket", f"[Socket]\nListenStream=\nListenStream={HOST}:{SOCKET_PORT}\n")
+    c.write_file("/etc/epolld.yaml", CONFIG)
+    c.systemctl("start", "epolld.socket")
+    c.systemctl("start", "epolld.service")
+    _restart_keeps_connections(c, cursor, SOCKET_PORT)
+    assert echo_once(SOCKET_PORT, b"fresh\n") == b"fresh\n"
