@@ -14,7 +14,7 @@ from typing import Any
 
 from . import processes
 from .paths import ANALYSIS
-from .runner import FOREIGN_MAX, RETRIES
+from .runner import FOREIGN_MAX, HANDOFF_STEPS, RETRIES
 from .servers import BY_NAME as SERVERS
 from .servers import display_argv
 from .targets import evaluate
@@ -177,10 +177,7 @@ TABLES: dict[str, list[Column]] = {
 TABLES["handoff"] = [
     ("handed over", col_median("handoff_conns")),
     ("signal to READY=1 (s)", col_range("handoff_s", 3)),
-    *(
-        (f"{step} ms (µs/conn)", _col_step(step))
-        for step in ("collect", "send", "state", "startup", "receive", "restore", "ready")
-    ),
+    *((f"{step} ms (µs/conn)", _col_step(step)) for step in HANDOFF_STEPS),
     ("ping-pong max µs", col_range("max_us")),
     ("errors", col_errors),
 ]

@@ -27,8 +27,9 @@ from .paths import BIN, OUT
 from .servers import Server, Unavailable, start
 from .workloads import Workload
 
-# The steps of a handoff as handoff_complete reports them (epolld/service.py).
-HANDOFF_STEPS = ("collect", "send", "state", "startup", "receive", "restore", "ready")
+# The steps of a handoff as handoff_complete reports them (epolld/service.py; with workers,
+# the supervisor's: "workers" is until every worker has handed over and exited).
+HANDOFF_STEPS = ("workers", "collect", "send", "state", "startup", "receive", "restore", "ready")
 
 ESTABLISH_TIMEOUT_S = 40.0  # for the background clients to connect and echo once
 # A run whose server core was busier than that with other work is repeated. About 0.1 of it is
@@ -205,7 +206,12 @@ def _handoff_figures(result: Result, log: Path, conns: int) -> None:
     for line in log.read_text(errors="replace").splitlines():
         with contextlib.suppress(ValueError):
             entry = json.loads(line)
-            if isinstance(entry, dict) and entry.get("event") == "handoff_complete":
+            # With workers, the supervisor's line (each worker logs its own part too).
+            if (
+                isinstance(entry, dict)
+                and entry.get("event") == "handoff_complete"
+                and "worker" not in entry
+            ):
                 complete = entry
     if complete is None:
         result["error_total"] = result.get("error_total", 0) + 1

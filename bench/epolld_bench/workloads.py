@@ -236,7 +236,7 @@ WORKLOADS = [
             Load(conns=1, size=KIB),
             table="handoff",
             group="handoff",
-            servers=("epolld-level", "epolld-splice"),
+            servers=("epolld-level", "epolld-splice", "epolld-workers-2"),
             holders=conns - 1,
             handoff=True,
             min_duration_s=3.0,
