@@ -145,3 +145,133 @@ def test_reexec_hands_every_workers_connections_over(
     taken = [e for e in daemon.events("handoff_complete") if "worker" in e]
     assert sum(e["connections"] for e in taken) == complete["connections"]
     assert not daemon.events("handoff_failed")
+
+
+def test_second_handoff_after_the_first(tmp_path: Path, daemons: list[Daemon]) -> None:
+    """Handed over twice in a row: the connections taken over are handed on again."""
+    daemon = Daemon(write_config(tmp_path / "epolld.yaml", _config(2)))
+    daemons.append(daemon)
+    _supervisor(daemon, "workers_ready")
+    v4, v6 = _tcp_ports(daemon, 2)
+    socks = _open_many(v4, v6)
+    for round_ in (1, 2):
+        daemon.signal(signal.SIGUSR2)
+        assert _supervisor(daemon, "handoff_complete", count=round_)[-1]["connections"] == len(
+            socks
+        )
+        for sock in socks:
+            sock.sendall(b"round %d\n" % round_)
+            assert recv_exactly(sock, 8) == b"round %d\n" % round_
+    assert len(_supervisor(daemon, "supervisor_started", count=3)) == 3
+    for sock in socks:
+        sock.close()
+
+
+def test_shape_is_kept_and_the_file_says_what_waits(tmp_path: Path, daemons: list[Daemon]) -> None:
+    """workers and listen changed in the file before the handoff: the next supervisor keeps
+    the workers and sockets it took over, says which settings wait for a stop and start,
+    and applies the rest (here, the trigger mode); a shared Unix socket keeps its
+    file and its connections; the totals carry on."""
+    unix_path = tmp_path / "echo.sock"
+    listen = ["127.0.0.1:0", f"unix:{unix_path}"]
+    config_path = write_config(tmp_path / "epolld.yaml", _config(2, listen=listen))
+    daemon = Daemon(config_path)
+    daemons.append(daemon)
+    _supervisor(daemon, "workers_ready")
+    port = int(daemon.wait_for("listening", count=4)[0]["address"].rsplit(":", 1)[1])
+    tcp = [connect(port) for _ in range(10)]
+    local = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    local.settimeout(WAIT_S)
+    local.connect(str(unix_path))
+    for sock in [*tcp, local]:
+        sock.sendall(b"before\n")
+        assert recv_exactly(sock, 7) == b"before\n"
+    daemon.signal(signal.SIGUSR1)
+    accepted = _supervisor(daemon, "stats")[-1]["accepted"]
+    assert accepted == 11
+
+    moved = {**_config(3, listen=["127.0.0.1:0"]), "trigger": "edge"}
+    write_config(config_path, moved)
+    daemon.signal(signal.SIGUSR2)
+    kept = _supervisor(daemon, "handoff_kept")[0]
+    assert set(kept["settings"]) == {"listen", "workers"}
+    assert kept["workers"] == 2
+    assert _supervisor(daemon, "handoff_complete")[0]["connections"] == 11
+    assert _supervisor(daemon, "workers_ready", count=2)[-1]["workers"] == 2
+
+    for sock in [*tcp, local]:
+        sock.sendall(b"after\n")
+        assert recv_exactly(sock, 6) == b"after\n"
+        sock.close()
+    assert unix_path.exists()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as fresh:
+        fresh.settimeout(WAIT_S)
+        fresh.connect(str(unix_path))
+        fresh.sendall(b"fresh\n")
+        assert recv_exactly(fresh, 6) == b"fresh\n"
+    before = len(_supervisor(daemon, "stats"))
+    daemon.signal(signal.SIGUSR1)
+    stats = _supervisor(daemon, "stats", count=before + 1)[-1]
+    assert stats["accepted"] >= accepted + 1  # carried on, never back to zero
+    new_listening = daemon.events("listening")[4:]
+    assert len(new_listening) == 4
+    assert {e["trigger"] for e in new_listening} == {"edge"}
+
+
+def test_broken_file_at_handoff_keeps_the_previous_configuration(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """A broken file at the handoff: config_invalid, the connections go on under new
+    workers running the configuration the previous supervisor ran."""
+    config_path = write_config(tmp_path / "epolld.yaml", _config(2))
+    daemon = Daemon(config_path)
+    daemons.append(daemon)
+    _supervisor(daemon, "workers_ready")
+    v4, _ = _tcp_ports(daemon, 2)
+    socks = [connect(v4) for _ in range(8)]
+    for sock in socks:
+        sock.sendall(b"x")
+        assert recv_exactly(sock, 1) == b"x"
+    config_path.write_text("listen: [\n")
+    daemon.signal(signal.SIGUSR2)
+    daemon.wait_for("config_invalid")
+    assert _supervisor(daemon, "handoff_complete")[0]["connections"] == 8
+    for sock in socks:
+        sock.sendall(b"y")
+        assert recv_exactly(sock, 1) == b"y"
+        sock.close()
+
+
+def test_stuck_worker_aborts_the_handoff_and_the_others_take_theirs_back(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """A worker that does not answer (SIGSTOP) stops the handoff from going ahead without
+    it: the supervisor is not re-executed, the worker that handed over is replaced by one
+    that takes its connections back, and they go on."""
+    daemon = Daemon(write_config(tmp_path / "epolld.yaml", _config(2)))
+    daemons.append(daemon)
+    _supervisor(daemon, "workers_ready")
+    v4, v6 = _tcp_ports(daemon, 2)
+    socks = _open_many(v4, v6)
+    by_port = {e["peer"].rsplit(":", 1)[1]: e["worker"] for e in daemon.events("connection_opened")}
+    pids = {e["worker"]: e["pid"] for e in daemon.events("worker_started")}
+    os.kill(pids[2], signal.SIGSTOP)
+    try:
+        daemon.signal(signal.SIGUSR2)
+        failed = _supervisor(daemon, "handoff_failed")[0]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pids[2], signal.SIGCONT)
+    assert failed["action"] == "serve on"
+    assert daemon.wait_for("worker_handed_over")[0]["worker"] == 1
+    daemon.wait_for("worker_ready", count=4)  # both replaced
+    worker_one = [s for s in socks if by_port[str(s.getsockname()[1])] == 1]
+    assert worker_one
+    for sock in worker_one:
+        sock.sendall(b"taken back\n")
+        assert recv_exactly(sock, 11) == b"taken back\n"
+    assert len(daemon.events("supervisor_started")) == 1  # never re-executed
+    taken = [e for e in daemon.events("handoff_complete") if e.get("worker") == 1]
+    assert taken[0]["connections"] == len(worker_one)
+    for sock in socks:
+        sock.close()

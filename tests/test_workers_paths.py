@@ -13,7 +13,7 @@ from tests.test_daemon_mode import Daemons, _is_gone, _listening_port, _logged, 
 from tests.test_daemon_mode import daemons as daemons
 from tests.test_metrics_endpoint import metrics_port, scrape
 from tests.test_workers import start_workers as start_workers
-from tests.traffic import connect, echo_until_eof, roundtrip
+from tests.traffic import connect, echo_until_eof, recv_until_eof, roundtrip
 
 WAIT_S = 15.0
 
@@ -89,3 +89,43 @@ def test_proxy_listener_with_workers(start_workers: Any) -> None:
                 assert sock.recv(100) == b""
     stats = w.stats()
     assert sum(stats["proxy_header_errors"].values()) == 20
+
+
+def test_daemon_mode_handoff_keeps_supervisor_pid_and_pidfile(
+    daemons: Daemons, tmp_path: Path
+) -> None:
+    """--daemon with workers: SIGUSR2 re-executes the supervisor in place (same PID in the
+    pidfile, its lock still held), new workers take over the connections, and SIGTERM
+    afterwards stops everything and removes the pidfile."""
+    pidfile, log = tmp_path / "epolld.pid", tmp_path / "epolld.log"
+    settings: dict[str, Any] = {
+        "listen": ["127.0.0.1:0"],
+        "workers": 2,
+        "logging": {"connections": True},
+        "daemon": {"pidfile": str(pidfile), "log_file": str(log)},
+    }
+    result = daemons.start_epolld(settings)
+    assert result.returncode == 0, result.stderr
+    supervisor = daemons.pids[0]
+    daemons.pids += [e["pid"] for e in _logged(log, "worker_started", count=2)]
+    _logged(log, "workers_ready")
+    port = _listening_port(log)
+    socks = [connect(port) for _ in range(20)]
+    for sock in socks:
+        roundtrip(sock, b"before")
+    assert {e["worker"] for e in _logged(log, "connection_opened", count=20)} == {1, 2}
+    os.kill(supervisor, signal.SIGUSR2)
+    complete = [e for e in _logged(log, "handoff_complete", count=3) if "worker" not in e]
+    assert complete[0]["connections"] == 20
+    assert complete[0]["old_pid"] == supervisor
+    daemons.pids += [e["pid"] for e in _logged(log, "worker_started", count=4)]
+    for sock in socks:
+        roundtrip(sock, b"after")
+    assert int(pidfile.read_text()) == supervisor
+    assert not _is_gone(supervisor)
+    os.kill(supervisor, signal.SIGTERM)
+    for sock in socks:  # drained: a FIN, not a reset
+        assert recv_until_eof(sock) == b""
+        sock.close()
+    _wait_for("the supervisor and workers to exit", lambda: all(map(_is_gone, daemons.pids)))
+    assert not pidfile.exists()
