@@ -437,7 +437,8 @@ class Supervisor:
         else:
             how = {"exit_code": os.waitstatus_to_exitcode(status)}
         lived = now - slot.started_at
-        self._retire(slot)
+        if slot.handoff is None:  # else its totals travel with its connections
+            self._retire(slot)
         fields = {
             "worker": slot.index,
             "pid": slot.pid,

@@ -40,6 +40,36 @@ def test_metrics_endpoint_shows_totals_over_workers(start_workers: Any) -> None:
             sock.close()
 
 
+def test_metrics_listener_and_totals_survive_the_handoff(start_workers: Any) -> None:
+    """SIGUSR2 with workers: the metrics socket travels with the supervisor (same port,
+    never closed), and the totals carry on from where the old workers left them."""
+    w = start_workers(2, {"metrics": {"listen": "127.0.0.1:0"}})
+    port = metrics_port(w.daemon)
+    socks = [connect(w.daemon.port) for _ in range(20)]
+    try:
+        for sock in socks:
+            roundtrip(sock, b"0123456789")
+        deadline = time.monotonic() + WAIT_S  # the workers report once a heartbeat
+        while scrape(port)[("epolld_sent_bytes_total", ())] != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        w.daemon.signal(signal.SIGUSR2)
+        no_worker: dict[str, Any] = {"worker": None}
+        w.daemon.wait_for("handoff_complete", **no_worker)
+        assert metrics_port(w.daemon, count=2) == port
+        for sock in socks:
+            roundtrip(sock, b"abcdefghij")
+        deadline = time.monotonic() + WAIT_S
+        while (samples := scrape(port))[("epolld_sent_bytes_total", ())] != 400:
+            assert time.monotonic() < deadline, samples[("epolld_sent_bytes_total", ())]
+            time.sleep(0.1)
+        assert samples[("epolld_connections", ())] == 20
+        assert samples[("epolld_connections_accepted_total", ())] == 20
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 def test_daemon_mode_pidfile_holds_the_supervisor(daemons: Daemons, tmp_path: Path) -> None:
     """--daemon with workers: the pidfile names the supervisor, whose children are the
     workers; SIGTERM stops them all and removes the pidfile."""
