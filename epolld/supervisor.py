@@ -471,6 +471,10 @@ class Supervisor:
                 self._handoff_failed(slot, "exited without handing over")
             self._handoff_progress()
             return
+        if slot.handoff is not None:  # a late handover: its successor takes them back
+            log.info("worker_exited", **fields, handed_over=True)
+            self._spawn(slot)
+            return
         # Connections it held are gone with it; those queued on its socket wait for the
         # replacement (the socket is ours, and stays open).
         log.warning("worker_exited", **fields)
@@ -492,8 +496,12 @@ class Supervisor:
     def _check_workers(self) -> None:
         """Kill a worker whose loop stopped checking in (SIGSTOP, a hang): it is replaced."""
         now = self.reactor.now
+        # One a handoff round waits for has the round's deadline: it may yet hand over.
+        waited = self._handoff.waiting if self._handoff is not None else set()
         for slot in self._live():
             silent_s = now - slot.heard_at
+            if slot in waited:
+                continue
             if slot.killed_for is None and silent_s > self.worker_timeout_s and slot.pid:
                 slot.killed_for = "unresponsive"
                 log.error(
@@ -584,15 +592,19 @@ class Supervisor:
 
     def _handed_over(self, slot: Slot, message: dict[str, Any], fds: list[int]) -> None:
         names = [str(n) for n in message.get("names") or []]
-        round_ = self._handoff
-        if round_ is None or slot not in round_.waiting or len(names) != len(fds):
+        if slot.handoff is not None or len(names) != len(fds):
             log.warning("worker_handoff_unexpected", worker=slot.index)
             _close_all(fds)
             return
-        round_.waiting.discard(slot)
+        # Late too (a stuck worker that woke after its round was given up): the worker
+        # has let go, so these are the only copies, and its successor takes them back.
         slot.handoff = list(zip(names, fds, strict=True))
-        log.info("worker_handed_over", worker=slot.index, pid=slot.pid)
-        self._handoff_progress()
+        round_ = self._handoff
+        late = round_ is None or slot not in round_.waiting
+        log.info("worker_handed_over", worker=slot.index, pid=slot.pid, late=late)
+        if round_ is not None:
+            round_.waiting.discard(slot)
+            self._handoff_progress()
 
     def _handoff_failed(self, slot: Slot, error: str) -> None:
         round_ = self._handoff
