@@ -15,7 +15,7 @@ import structlog
 
 from epolld import __version__, activation, handoff, handoff_workers, journald, listeners, logsetup
 from epolld import config as config_mod
-from epolld.config import Config
+from epolld.config import Config, ListenAddress
 from epolld.errors import ConfigError, EpolldError
 from epolld.pidfile import PidFile
 from epolld.service import EchoService
@@ -236,8 +236,6 @@ def _resume_workers(
 ) -> int:
     """A supervisor's restart handoff: the same slots, sockets and number of workers, each
     worker taking over its predecessor's connections."""
-    from epolld.supervisor import RESTART_ONLY
-
     state = takeover.state
     resumed = handoff_workers.resume(
         state,
@@ -247,18 +245,21 @@ def _resume_workers(
     )
     for name in state.transport:
         notifier.remove_fd(name)  # consumed: the store must not hand it over again
-    previous = takeover.previous or config
-    kept = [key for key in config_mod.changes(previous, config) if key in RESTART_ONLY]
-    if config_mod.worker_count(config) != len(resumed.slots) and "workers" not in kept:
-        kept.append("workers")
-    if kept:
+    if config_mod.worker_count(config) != len(resumed.slots):
+        # Fewer slots would close REUSEPORT sockets, resetting the connections they queue.
         log.warning(
             "handoff_kept",
-            settings=kept,
+            settings=["workers"],
             workers=len(resumed.slots),
-            reason="a restart handoff keeps its workers and sockets; stop and start epolld "
-            "to apply these",
+            reason="a restart handoff keeps its workers; stop and start epolld to apply this",
         )
+    metrics_listener = resumed.metrics_listener
+    if takeover.config_error is None:
+        try:
+            reconcile_worker_listeners(resumed.slots, takeover.previous or config, config)
+            metrics_listener = _reconcile_metrics(metrics_listener, config)
+        except EpolldError as e:
+            log.error("handoff_listeners_kept", error=str(e))
     bound = _unique(resumed.slots)
     if not args.daemon:
         return run_loop(
@@ -266,7 +267,7 @@ def _resume_workers(
             config,
             bound,
             notifier,
-            resumed.metrics_listener,
+            metrics_listener,
             slots=resumed.slots,
             resumed=resumed,
         )
@@ -279,7 +280,7 @@ def _resume_workers(
             config,
             bound,
             notifier,
-            resumed.metrics_listener,
+            metrics_listener,
             before_reload=reopen_log,
             slots=resumed.slots,
             resumed=resumed,
@@ -382,25 +383,86 @@ def bind_worker_listeners(
         return slots
     try:
         for address in config.listen:
-            if address.family == "unix":
-                listener = listeners.bind(address, config.backlog)
-                listener.shared = True
-                for slot in slots:
-                    slot.append(listener)
-                continue
-            first = listeners.bind(address, config.backlog, reuseport=True)
-            slots[0].append(first)
-            # Port 0: the others join the port the kernel chose for the first.
-            same = dataclasses.replace(address, port=first.sock.getsockname()[1])
-            for slot in slots[1:]:
-                listener = listeners.bind(same, config.backlog, reuseport=True)
-                listener.address = address  # as configured: a reload compares with it
-                slot.append(listener)
+            _bind_in_every_slot(slots, address, config.backlog)
     except EpolldError:
         for listener in _unique(slots):
             listeners.close(listener)
         raise
     return slots
+
+
+def _bind_in_every_slot(
+    slots: list[list[listeners.Listener]], address: ListenAddress, backlog: int
+) -> None:
+    """Add address to every slot: one shared socket (Unix), or one SO_REUSEPORT socket
+    per slot on the same port.
+
+    Raises:
+        BindError: what was bound for this address is closed again.
+    """
+    if address.family == "unix":
+        listener = listeners.bind(address, backlog)
+        listener.shared = True
+        for slot in slots:
+            slot.append(listener)
+        return
+    group = [listeners.bind(address, backlog, reuseport=True)]
+    try:
+        # Port 0: the others join the port the kernel chose for the first.
+        same = dataclasses.replace(address, port=group[0].sock.getsockname()[1])
+        for _ in slots[1:]:
+            group.append(listeners.bind(same, backlog, reuseport=True))
+            group[-1].address = address  # as configured: a reload compares with it
+    except EpolldError:
+        for listener in group:
+            listeners.close(listener)
+        raise
+    for slot, listener in zip(slots, group, strict=True):
+        slot.append(listener)
+
+
+def reconcile_worker_listeners(
+    slots: list[list[listeners.Listener]], previous: Config, config: Config
+) -> None:
+    """After a supervisor's restart handoff: bind in every slot what `listen` now lists
+    and the old supervisor did not, then close the handed-over listeners it no longer
+    lists (a single process's rules). Socket-activated listeners are systemd's to change.
+
+    Raises:
+        BindError: a new address could not be bound; the handed-over listeners stay.
+    """
+    held = _unique(slots)
+    if any(listener.inherited for listener in held):
+        return
+    for listener in held:
+        listeners.match_bound_port(listener, config.listen)
+    current = {listeners.socket_of(x.address) for x in held if x.address is not None}
+    wanted = {listeners.socket_of(address): address for address in config.listen}
+    added: list[list[listeners.Listener]] = [[] for _ in slots]
+    try:
+        for key, address in wanted.items():
+            if key not in current:
+                _bind_in_every_slot(added, address, config.backlog)
+    except EpolldError:
+        for listener in _unique(added):
+            listeners.close(listener)
+        raise
+    for listener in held:
+        if listener.address is None:
+            continue
+        key = listeners.socket_of(listener.address)
+        if key not in wanted:
+            for slot in slots:
+                slot[:] = [x for x in slot if x is not listener]
+            listeners.close(listener)
+            log.info("listener_closed", address=listener.name)
+            continue
+        listener.address = wanted[key]
+        listener.proxy_protocol = wanted[key].proxy_protocol
+        if config.backlog != previous.backlog and not listener.is_udp:
+            listener.sock.listen(config.backlog)
+    for slot, more in zip(slots, added, strict=True):
+        slot.extend(more)
 
 
 def _unique(slots: list[list[listeners.Listener]]) -> list[listeners.Listener]:
@@ -419,6 +481,27 @@ def bind_metrics(config: Config) -> listeners.Listener | None:
     from epolld import metrics  # prometheus_client: only loaded when metrics are on
 
     return metrics.bind(config.metrics.listen)
+
+
+def _reconcile_metrics(
+    listener: listeners.Listener | None, config: Config
+) -> listeners.Listener | None:
+    """The handed-over metrics listener if metrics.listen still names it, else what it
+    names now (or none).
+
+    Raises:
+        BindError: the new address could not be bound; the handed-over listener stays.
+    """
+    wanted = config.metrics.listen
+    if listener is not None:
+        listeners.match_bound_port(listener, (wanted,) if wanted is not None else ())
+        if listener.address == wanted:
+            return listener
+    replacement = bind_metrics(config)
+    if listener is not None:
+        listeners.close(listener)
+        log.info("listener_closed", address=listener.name)
+    return replacement
 
 
 def run_loop(

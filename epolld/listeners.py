@@ -8,6 +8,7 @@ served by udp.UdpEndpoint, not by a Listener's handler.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
 import socket
@@ -95,6 +96,22 @@ class Listener:
     @property
     def is_udp(self) -> bool:
         return self.sock.type == socket.SOCK_DGRAM
+
+
+def socket_of(address: ListenAddress) -> ListenAddress:
+    """The address without what does not change its socket (the PROXY flag)."""
+    return dataclasses.replace(address, proxy_protocol=False)
+
+
+def match_bound_port(listener: Listener, addresses: tuple[ListenAddress, ...]) -> None:
+    """A listener configured with port 0 matches the address naming the port it got
+    ("127.0.0.1:0", then "127.0.0.1:46145" in the file, keeps the socket)."""
+    address = listener.address
+    if address is None or address.port or address.family == "unix":
+        return
+    bound = dataclasses.replace(address, port=listener.sock.getsockname()[1])
+    if bound in addresses:
+        listener.address = bound
 
 
 def describe_socket(sock: socket.socket) -> str:

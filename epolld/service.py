@@ -9,7 +9,6 @@ waits 500 ms, asyncio 1 s; bpo-27906).
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import mmap
 import os
@@ -893,7 +892,7 @@ class EchoService:
         if any(lst.inherited for lst in [*self.listeners, *self._udp.listeners]):
             return
         for listener in [*self.listeners, *self._udp.listeners]:
-            _match_bound_port(listener, self._config.listen)
+            listeners_mod.match_bound_port(listener, self._config.listen)
         self._reconcile_listeners(previous, self._config)
 
     def _reconcile_metrics_after_handoff(self) -> None:
@@ -906,7 +905,7 @@ class EchoService:
         wanted = self._config.metrics.listen
         if self._metrics is not None:
             listener = self._metrics.listener
-            _match_bound_port(listener, (wanted,) if wanted is not None else ())
+            listeners_mod.match_bound_port(listener, (wanted,) if wanted is not None else ())
             if listener.address == wanted:
                 return
         replacement = self._bind_metrics(self._config)
@@ -1077,11 +1076,11 @@ class EchoService:
         """
         # A listener is its socket: turning proxy_protocol on or off keeps the socket.
         current = {
-            _socket_of(lst.address): lst
+            listeners_mod.socket_of(lst.address): lst
             for lst in [*self.listeners, *self._udp.listeners]
             if lst.address is not None
         }
-        wanted = {_socket_of(a): a for a in new.listen}
+        wanted = {listeners_mod.socket_of(a): a for a in new.listen}
         added: list[Listener] = []
         try:
             for key, address in wanted.items():
@@ -1229,26 +1228,10 @@ class EchoService:
         self._notifier.status(self._status_line())
 
 
-def _match_bound_port(listener: Listener, addresses: tuple[ListenAddress, ...]) -> None:
-    """A listener configured with port 0 matches the address naming the port it got
-    ("127.0.0.1:0", then "127.0.0.1:46145" in the file, keeps the socket)."""
-    address = listener.address
-    if address is None or address.port or address.family == "unix":
-        return
-    bound = dataclasses.replace(address, port=listener.sock.getsockname()[1])
-    if bound in addresses:
-        listener.address = bound
-
-
 def _step(steps: dict[str, float], name: str, since: float) -> float:
     now = handoff.now_monotonic()
     steps[name] = round(now - since, 4)
     return now
-
-
-def _socket_of(address: ListenAddress) -> ListenAddress:
-    """The address without what does not change its socket (the PROXY flag)."""
-    return dataclasses.replace(address, proxy_protocol=False)
 
 
 def _jsonable(value: object) -> object:

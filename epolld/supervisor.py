@@ -747,8 +747,9 @@ class Supervisor:
             new = self._reload_source()
             fixed = [k for k in config_mod.changes(old, new) if k in RESTART_ONLY]
             if fixed:
+                how = "stop and start" if "workers" in fixed else "restart"  # see cli.py
                 raise ConfigError(
-                    f"{', '.join(fixed)}: cannot change on reload with workers; restart epolld"
+                    f"{', '.join(fixed)}: cannot change on reload with workers; {how} epolld"
                 )
         except EpolldError as e:  # every worker stays on the old configuration
             self.counters.count_reload(ok=False)

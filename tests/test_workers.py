@@ -215,6 +215,7 @@ def test_reload_reaches_every_worker(start_workers: Any, count: int, tmp_path: P
         "listen: [127.0.0.1:0\n",  # not YAML
         "listen: ['127.0.0.1:0']\nworkers: 2\nlimits: {max_connections: 0}\n",  # invalid
         "listen: ['127.0.0.1:0', '127.0.0.2:0']\nworkers: 2\n",  # needs a restart
+        "listen: ['127.0.0.1:0']\nworkers: 3\n",  # needs a stop and start
     ],
 )
 def test_broken_reload_leaves_every_worker_on_the_old_config(
@@ -224,7 +225,15 @@ def test_broken_reload_leaves_every_worker_on_the_old_config(
     w = start_workers(2)
     w.daemon.config_path.write_text(broken)
     w.daemon.signal(signal.SIGHUP)
-    w.daemon.wait_for("config_reload_failed")
+    failed = w.daemon.wait_for("config_reload_failed")[0]
+    if "workers: 3" in broken:
+        assert failed["error"].endswith(
+            "workers: cannot change on reload with workers; stop and start epolld"
+        )
+    elif "127.0.0.2" in broken:  # a restart handoff applies it (test_workers_handoff.py)
+        assert failed["error"].endswith(
+            "listen: cannot change on reload with workers; restart epolld"
+        )
     w.stats()  # a round trip through every worker after the reload was handled
     assert not w.daemon.events("config_reloaded")
     with connect(w.daemon.port) as sock:

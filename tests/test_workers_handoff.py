@@ -169,19 +169,24 @@ def test_second_handoff_after_the_first(tmp_path: Path, daemons: list[Daemon]) -
         sock.close()
 
 
-def test_shape_is_kept_and_the_file_says_what_waits(tmp_path: Path, daemons: list[Daemon]) -> None:
-    """workers and listen changed in the file before the handoff: the next supervisor keeps
-    the workers and sockets it took over, says which settings wait for a stop and start,
-    and applies the rest (here, the trigger mode); a shared Unix socket keeps its
-    file and its connections; the totals carry on."""
+def test_listen_changes_apply_and_the_worker_count_waits(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """listen, trigger and workers changed in the file before the handoff: the next
+    supervisor keeps its workers (and says that this waits for a stop and start), binds
+    the added address in every worker, closes the removed one (its connections stay), and
+    applies the trigger mode; a shared Unix socket keeps its file and its connections;
+    the totals carry on."""
     unix_path = tmp_path / "echo.sock"
-    listen = ["127.0.0.1:0", f"unix:{unix_path}"]
+    listen = ["127.0.0.1:0", "[::1]:0", f"unix:{unix_path}"]
     config_path = write_config(tmp_path / "epolld.yaml", _config(2, listen=listen))
     daemon = Daemon(config_path)
     daemons.append(daemon)
     _supervisor(daemon, "workers_ready")
-    port = int(daemon.wait_for("listening", count=4)[0]["address"].rsplit(":", 1)[1])
-    tcp = [connect(port) for _ in range(10)]
+    before_listening = daemon.wait_for("listening", count=6)
+    tcp_addresses = {e["address"] for e in before_listening if not e["address"].startswith("unix:")}
+    v4, v6 = (int(a.rsplit(":", 1)[1]) for a in sorted(tcp_addresses))  # "1…" before "["
+    tcp = [connect(port, host) for port, host in [(v4, "127.0.0.1"), (v6, "::1")] * 5]
     local = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     local.settimeout(WAIT_S)
     local.connect(str(unix_path))
@@ -192,32 +197,44 @@ def test_shape_is_kept_and_the_file_says_what_waits(tmp_path: Path, daemons: lis
     accepted = _supervisor(daemon, "stats")[-1]["accepted"]
     assert accepted == 11
 
-    moved = {**_config(3, listen=["127.0.0.1:0"]), "trigger": "edge"}
-    write_config(config_path, moved)
+    moved = ["127.0.0.1:0", f"unix:{unix_path}", "udp:127.0.0.1:0"]  # [::1] out, UDP in
+    write_config(config_path, {**_config(3, listen=moved), "trigger": "edge"})
     daemon.signal(signal.SIGUSR2)
     kept = _supervisor(daemon, "handoff_kept")[0]
-    assert set(kept["settings"]) == {"listen", "workers"}
+    assert kept["settings"] == ["workers"]
     assert kept["workers"] == 2
+    closed = _supervisor(daemon, "listener_closed")
+    assert [e["address"] for e in closed] == [f"[::1]:{v6}"]
     assert _supervisor(daemon, "handoff_complete")[0]["connections"] == 11
     assert _supervisor(daemon, "workers_ready", count=2)[-1]["workers"] == 2
 
-    for sock in [*tcp, local]:
+    for sock in [*tcp, local]:  # the removed listener's connections too
         sock.sendall(b"after\n")
         assert recv_exactly(sock, 6) == b"after\n"
         sock.close()
+    with pytest.raises(ConnectionRefusedError):
+        connect(v6, "::1")
     assert unix_path.exists()
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as fresh:
         fresh.settimeout(WAIT_S)
         fresh.connect(str(unix_path))
         fresh.sendall(b"fresh\n")
         assert recv_exactly(fresh, 6) == b"fresh\n"
+    new_listening = daemon.wait_for("listening", count=12)[len(before_listening) :]
+    assert {e["trigger"] for e in new_listening} == {"edge"}
+    by_address: dict[str, set[int]] = {}
+    for e in new_listening:
+        by_address.setdefault(e["address"], set()).add(e["worker"])
+    udp = next(a for a in by_address if a.startswith("udp:"))
+    assert by_address == {f"127.0.0.1:{v4}": {1, 2}, f"unix:{unix_path}": {1, 2}, udp: {1, 2}}
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as datagrams:
+        datagrams.settimeout(WAIT_S)
+        datagrams.sendto(b"new udp", ("127.0.0.1", int(udp.rsplit(":", 1)[1])))
+        assert datagrams.recv(64) == b"new udp"
     before = len(_supervisor(daemon, "stats"))
     daemon.signal(signal.SIGUSR1)
     stats = _supervisor(daemon, "stats", count=before + 1)[-1]
     assert stats["accepted"] == accepted + 1  # carried on: not from zero, not twice
-    new_listening = daemon.events("listening")[4:]
-    assert len(new_listening) == 4
-    assert {e["trigger"] for e in new_listening} == {"edge"}
 
 
 def test_broken_file_at_handoff_keeps_the_previous_configuration(

@@ -9,9 +9,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+import yaml
+
+from tests.epolld_process import write_config
 from tests.test_daemon_mode import Daemons, _is_gone, _listening_port, _logged, _wait_for
 from tests.test_daemon_mode import daemons as daemons
-from tests.test_metrics_endpoint import metrics_port, scrape
+from tests.test_metrics_endpoint import get, metrics_port, scrape
 from tests.test_workers import start_workers as start_workers
 from tests.traffic import connect, echo_until_eof, recv_until_eof, roundtrip
 
@@ -68,6 +72,38 @@ def test_metrics_listener_and_totals_survive_the_handoff(start_workers: Any) -> 
     finally:
         for sock in socks:
             sock.close()
+
+
+def test_moved_metrics_listener_applies_at_the_handoff(start_workers: Any) -> None:
+    """metrics.listen changed in the file before SIGUSR2: the next supervisor closes the
+    handed-over metrics socket and serves the totals on the new address."""
+    w = start_workers(2, {"metrics": {"listen": "127.0.0.1:0"}})
+    old_port = metrics_port(w.daemon)
+    sock = connect(w.daemon.port)
+    try:
+        roundtrip(sock, b"0123456789")
+        config = yaml.safe_load(w.daemon.config_path.read_text())
+        config["metrics"]["listen"] = "127.0.0.2:0"
+        write_config(w.daemon.config_path, config)
+        w.daemon.signal(signal.SIGUSR2)
+        no_worker: dict[str, Any] = {"worker": None}
+        w.daemon.wait_for("handoff_complete", **no_worker)
+        closed = w.daemon.wait_for("listener_closed", **no_worker)[0]
+        assert closed["address"] == f"127.0.0.1:{old_port}"
+        moved = w.daemon.wait_for("metrics_listening", count=2)[-1]["address"]
+        assert moved.startswith("127.0.0.2:")
+        with pytest.raises(ConnectionRefusedError):
+            get(old_port)
+        roundtrip(sock, b"abcdefghij")  # the connection went on too
+        deadline = time.monotonic() + WAIT_S  # the workers report once a heartbeat
+        while True:
+            _, body = get(int(moved.rsplit(":", 1)[1]), host="127.0.0.2")
+            if b"epolld_sent_bytes_total 20.0" in body:
+                break
+            assert time.monotonic() < deadline, body.decode()
+            time.sleep(0.1)
+    finally:
+        sock.close()
 
 
 def test_daemon_mode_pidfile_holds_the_supervisor(daemons: Daemons, tmp_path: Path) -> None:
