@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import faulthandler
+import functools
 import os
 import sys
 import time
@@ -260,32 +261,23 @@ def _resume_workers(
             metrics_listener = _reconcile_metrics(metrics_listener, config)
         except EpolldError as e:
             log.error("handoff_listeners_kept", error=str(e))
-    bound = _unique(resumed.slots)
+    loop = functools.partial(
+        run_loop,
+        args,
+        config,
+        _unique(resumed.slots),
+        notifier,
+        metrics_listener,
+        slots=resumed.slots,
+        resumed=resumed,
+    )
     if not args.daemon:
-        return run_loop(
-            args,
-            config,
-            bound,
-            notifier,
-            metrics_listener,
-            slots=resumed.slots,
-            resumed=resumed,
-        )
+        return loop()
     from epolld.daemonize import continued_daemon  # re-executed in place: a daemon already
 
     with continued_daemon(config.daemon.log_file) as (reopen_log, held):
         held += takeover.pidfiles  # released when the daemon finally stops
-        return run_loop(
-            args,
-            config,
-            bound,
-            notifier,
-            metrics_listener,
-            before_reload=reopen_log,
-            slots=resumed.slots,
-            resumed=resumed,
-            pidfiles=held,
-        )
+        return loop(before_reload=reopen_log, pidfiles=held)
 
 
 class _Takeover:
@@ -447,6 +439,7 @@ def reconcile_worker_listeners(
         for listener in _unique(added):
             listeners.close(listener)
         raise
+    closed: dict[str, int] = {}  # address -> sockets (one per slot for REUSEPORT)
     for listener in held:
         if listener.address is None:
             continue
@@ -455,12 +448,11 @@ def reconcile_worker_listeners(
             for slot in slots:
                 slot[:] = [x for x in slot if x is not listener]
             listeners.close(listener)
-            log.info("listener_closed", address=listener.name)
+            closed[listener.name] = closed.get(listener.name, 0) + 1
             continue
-        listener.address = wanted[key]
-        listener.proxy_protocol = wanted[key].proxy_protocol
-        if config.backlog != previous.backlog and not listener.is_udp:
-            listener.sock.listen(config.backlog)
+        listeners.follow(listener, wanted[key], previous.backlog, config.backlog)
+    for name, sockets in closed.items():
+        log.info("listener_closed", address=name, sockets=sockets)
     for slot, more in zip(slots, added, strict=True):
         slot.extend(more)
 

@@ -114,6 +114,14 @@ def match_bound_port(listener: Listener, addresses: tuple[ListenAddress, ...]) -
         listener.address = bound
 
 
+def follow(listener: Listener, address: ListenAddress, old_backlog: int, backlog: int) -> None:
+    """A listener that stays takes what the file now says of it (PROXY flag, backlog)."""
+    listener.address = address
+    listener.proxy_protocol = address.proxy_protocol
+    if backlog != old_backlog and not listener.is_udp:
+        listener.sock.listen(backlog)
+
+
 def describe_socket(sock: socket.socket) -> str:
     """Name a bound socket as the config would, with the port the kernel chose."""
     if sock.family == socket.AF_UNIX:

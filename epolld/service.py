@@ -1100,10 +1100,7 @@ class EchoService:
                     self.reactor.close(listener)
                 log.info("listener_closed", address=listener.name)
                 continue
-            listener.address = wanted[key]
-            listener.proxy_protocol = wanted[key].proxy_protocol
-            if new.backlog != old.backlog and not listener.is_udp:
-                listener.sock.listen(new.backlog)
+            listeners_mod.follow(listener, wanted[key], old.backlog, new.backlog)
         for listener in added:
             if listener.is_udp:
                 self._udp.add(listener)
