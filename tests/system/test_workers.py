@@ -14,6 +14,7 @@ import pytest
 from nspawn import Container, wait_until
 from test_service import (
     HOST,
+    NEW_PORT,
     PORT,
     SOCKET_PORT,
     WAIT_S,
@@ -204,10 +205,20 @@ def _restart_keeps_connections(c: Container, cursor: str, port: int) -> None:
 def test_restart_hands_every_workers_connections_over(c: Container, cursor: str) -> None:
     """systemctl restart (RestartKillSignal=SIGUSR2 to the supervisor): both workers hand
     their connections up, the supervisor stores them with its listeners and exits, and the
-    next supervisor's two workers take them over; the store is empty afterwards."""
+    next supervisor's two workers take them over; the store is empty afterwards. An
+    address added to the file before the restart is served by the new workers."""
     start_with_workers(c)
+    c.write_file(
+        "/etc/epolld.yaml", CONFIG.replace("listen:\n", f'listen:\n  - "{HOST}:{NEW_PORT}"\n')
+    )
     _restart_keeps_connections(c, cursor, PORT)
     assert echo_once(PORT, b"fresh\n") == b"fresh\n"
+    assert echo_once(NEW_PORT, b"added\n") == b"added\n"
+    listening = [
+        e for e in worker_events(c, cursor, "listening") if e["address"].endswith(f":{NEW_PORT}")
+    ]
+    assert sorted(int(e["worker"]) for e in listening) == [1, 2]
+    assert not worker_events(c, cursor, "handoff_kept")
 
 
 def test_restart_with_socket_activation_and_workers(c: Container, cursor: str) -> None:
