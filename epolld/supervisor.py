@@ -116,6 +116,7 @@ class HandoffRound:
     waiting: set[Slot]
     failed: dict[int, str] = field(default_factory=dict)
     timer: Timer | None = None
+    stop_signal: int | None = None  # a stop that came during the round, for its end
 
 
 @dataclass
@@ -532,8 +533,13 @@ class Supervisor:
                 for slot in self._live():
                     _kill(slot.pid, signal.SIGINT)
             return
-        if self._handoff is not None:  # the workers that handed over take it all back
-            self._give_back()
+        if self._handoff is not None:
+            # Until every worker has answered or exited (10 s at most), one may be sending
+            # its connections up: stopping now would close them. The round's end stops.
+            if self._handoff.stop_signal is None:
+                log.info("shutdown_deferred", signal=signal.Signals(signum).name)
+            self._handoff.stop_signal = signum
+            return
         self._stopping = True
         timeout_s = self._config.shutdown_timeout_s
         stats = self.stats()
@@ -638,6 +644,11 @@ class Supervisor:
         self._complete_handoff(round_)
 
     def _complete_handoff(self, round_: HandoffRound) -> None:
+        if round_.stop_signal is not None:  # the stop wins: the connections come back, drain
+            log.info("handoff_cancelled", reason="stopping")
+            self._give_back()
+            self._on_stop_signal(round_.stop_signal)
+            return
         under_systemd = isinstance(round_.destination, handoff.FdStore)
         if round_.failed and not under_systemd:
             self._abort_handoff(f"workers {sorted(round_.failed)} could not hand over")

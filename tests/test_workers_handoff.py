@@ -306,3 +306,36 @@ def test_stuck_worker_aborts_the_handoff_and_every_connection_is_taken_back(
         assert taken[0]["connections"] == sum(1 for w in worker_of.values() if w == index)
     for sock in socks:
         sock.close()
+
+
+def test_stop_during_the_round_waits_for_it_then_drains_every_connection(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """SIGTERM while a worker has yet to answer the handoff: the stop waits for the round
+    (a worker may be sending its connections up), the connections come back to new
+    workers, and those drain them: what every client sent meanwhile is echoed before its
+    FIN, then epolld exits 0."""
+    daemon = Daemon(write_config(tmp_path / "epolld.yaml", _config(2)))
+    daemons.append(daemon)
+    _supervisor(daemon, "workers_ready")
+    v4, v6 = _tcp_ports(daemon, 2)
+    socks = _open_many(v4, v6)
+    pids = {e["worker"]: e["pid"] for e in daemon.events("worker_started")}
+    os.kill(pids[2], signal.SIGSTOP)
+    try:
+        daemon.signal(signal.SIGUSR2)
+        assert daemon.wait_for("worker_handed_over")[0]["worker"] == 1
+        daemon.signal(signal.SIGTERM)
+        _supervisor(daemon, "shutdown_deferred")
+        for sock in socks:  # in flight (worker 1's) or queued for a stuck worker (2's)
+            sock.sendall(b"drained\n")
+    finally:
+        os.kill(pids[2], signal.SIGCONT)
+    assert [e["worker"] for e in daemon.wait_for("worker_handed_over", count=2)] == [1, 2]
+    _supervisor(daemon, "handoff_cancelled")
+    _supervisor(daemon, "shutdown_started")
+    for sock in socks:
+        assert recv_until_eof(sock) == b"drained\n"
+        sock.close()
+    assert len(daemon.events("supervisor_started")) == 1  # never re-executed
+    assert daemon.wait() == 0
