@@ -235,8 +235,9 @@ def _resume_workers(
     passed: list[tuple[str, int]],
     takeover: _Takeover,
 ) -> int:
-    """A supervisor's restart handoff: the same slots, sockets and number of workers, each
-    worker taking over its predecessor's connections."""
+    """A supervisor's restart handoff: the same number of workers on the sockets taken
+    over (and those `listen` now adds), each worker taking over its predecessor's
+    connections."""
     state = takeover.state
     resumed = handoff_workers.resume(
         state,
