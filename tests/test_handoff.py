@@ -72,12 +72,14 @@ class Stream(threading.Thread):
         self.sock = sock
         self.payload = payload
         self.errors: list[BaseException] = []
+        self.sent = 0
 
     def run(self) -> None:
         try:
             view = memoryview(self.payload)
             for start in range(0, len(view), 16384):
                 self.sock.sendall(view[start : start + 16384])
+                self.sent = start + len(view[start : start + 16384])
             self.sock.shutdown(socket.SHUT_WR)
         except BaseException as e:  # reported by the test
             self.errors.append(e)
@@ -153,10 +155,23 @@ def _mixed_connections(
         sender = Stream(sock, big)
         sender.start()
         kinds["paused"].append((sock, big, sender))
+        if io == "copy":  # paused: high water was read, and the sender is stuck
+            _wait_stuck(sender, at_least=8 * 1024 * 1024)
     # Every stream has something on the way back before the handoff starts.
     for sock, _, _, got in kinds["streams"]:
         got += recv_exactly(sock, 4096)
     return kinds
+
+
+def _wait_stuck(sender: Stream, at_least: int) -> None:
+    """Until the sender has sent at_least bytes and then made no progress for 0.5 s (the
+    server stopped reading from it)."""
+    deadline = time.monotonic() + WAIT_S
+    last = -1
+    while not (sender.sent >= at_least and sender.sent == last):
+        assert time.monotonic() < deadline, f"still sending: {sender.sent} bytes"
+        last = sender.sent
+        time.sleep(0.5)
 
 
 def _check_after(kinds: dict[str, Any]) -> None:
