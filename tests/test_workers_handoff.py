@@ -269,6 +269,16 @@ def test_broken_file_at_handoff_keeps_the_previous_configuration(
         sock.close()
 
 
+def _two_workers_serving(
+    tmp_path: Path, daemons: list[Daemon]
+) -> tuple[Daemon, list[socket.socket]]:
+    """epolld with 2 workers, and connections to both that have echoed once."""
+    daemon = Daemon(write_config(tmp_path / "epolld.yaml", _config(2)))
+    daemons.append(daemon)
+    _supervisor(daemon, "workers_ready")
+    return daemon, _open_many(*_tcp_ports(daemon, 2))
+
+
 def test_stuck_worker_aborts_the_handoff_and_every_connection_is_taken_back(
     tmp_path: Path, daemons: list[Daemon]
 ) -> None:
@@ -276,11 +286,7 @@ def test_stuck_worker_aborts_the_handoff_and_every_connection_is_taken_back(
     it: the supervisor is not re-executed, the worker that handed over is replaced by one
     that takes its connections back, and so is the stuck one once it wakes and hands over
     late: every connection goes on."""
-    daemon = Daemon(write_config(tmp_path / "epolld.yaml", _config(2)))
-    daemons.append(daemon)
-    _supervisor(daemon, "workers_ready")
-    v4, v6 = _tcp_ports(daemon, 2)
-    socks = _open_many(v4, v6)
+    daemon, socks = _two_workers_serving(tmp_path, daemons)
     by_peer = {e["peer"]: e["worker"] for e in daemon.events("connection_opened")}
     worker_of = {s: by_peer[format_peer(s.family, s.getsockname())] for s in socks}
     pids = {e["worker"]: e["pid"] for e in daemon.events("worker_started")}
@@ -315,11 +321,7 @@ def test_stop_during_the_round_waits_for_it_then_drains_every_connection(
     (a worker may be sending its connections up), the connections come back to new
     workers, and those drain them: what every client sent meanwhile is echoed before its
     FIN, then epolld exits 0."""
-    daemon = Daemon(write_config(tmp_path / "epolld.yaml", _config(2)))
-    daemons.append(daemon)
-    _supervisor(daemon, "workers_ready")
-    v4, v6 = _tcp_ports(daemon, 2)
-    socks = _open_many(v4, v6)
+    daemon, socks = _two_workers_serving(tmp_path, daemons)
     pids = {e["worker"]: e["pid"] for e in daemon.events("worker_started")}
     os.kill(pids[2], signal.SIGSTOP)
     try:
