@@ -464,17 +464,16 @@ class Supervisor:
             if not self._live():
                 self._finish()
             return
-        if self._handoff is not None:
-            if slot.handoff is not None:  # handed over: nothing went with it
-                log.info("worker_exited", **fields, handed_over=True)
-            else:  # died before it could answer: what it held is gone
-                log.warning("worker_exited", **fields)
-                self._handoff_failed(slot, "exited without handing over")
-            self._handoff_progress()
-            return
-        if slot.handoff is not None:  # a late handover: its successor takes them back
+        if slot.handoff is not None:  # handed over: nothing went with it
             log.info("worker_exited", **fields, handed_over=True)
-            self._spawn(slot)
+            if self._handoff is not None:
+                self._handoff_progress()
+            else:  # a late handover: its successor takes the connections back now
+                self._spawn(slot)
+            return
+        if self._handoff is not None:  # died before it could answer: what it held is gone
+            log.warning("worker_exited", **fields)
+            self._handoff_failed(slot, "exited without handing over")
             return
         # Connections it held are gone with it; those queued on its socket wait for the
         # replacement (the socket is ours, and stays open).
@@ -758,7 +757,8 @@ class Supervisor:
             new = self._reload_source()
             fixed = [k for k in config_mod.changes(old, new) if k in RESTART_ONLY]
             if fixed:
-                how = "stop and start" if "workers" in fixed else "restart"  # see cli.py
+                # A restart applies listen and metrics.listen, not the number of workers.
+                how = "stop and start" if "workers" in fixed else "restart"
                 raise ConfigError(
                     f"{', '.join(fixed)}: cannot change on reload with workers; {how} epolld"
                 )
