@@ -485,15 +485,12 @@ def _reconcile_metrics(
     Raises:
         BindError: the new address could not be bound; the handed-over listener stays.
     """
-    wanted = config.metrics.listen
-    if listener is not None:
-        listeners.match_bound_port(listener, (wanted,) if wanted is not None else ())
-        if listener.address == wanted:
-            return listener
+    if listener is not None and listeners.is_at(listener, config.metrics.listen):
+        return listener
     replacement = bind_metrics(config)
     if listener is not None:
+        log.info("metrics_closed", address=listener.name)  # as a single process says it
         listeners.close(listener)
-        log.info("listener_closed", address=listener.name)
     return replacement
 
 

@@ -114,6 +114,12 @@ def match_bound_port(listener: Listener, addresses: tuple[ListenAddress, ...]) -
         listener.address = bound
 
 
+def is_at(listener: Listener, wanted: ListenAddress | None) -> bool:
+    """Whether the configured address wanted (None: none) is listener's socket."""
+    match_bound_port(listener, (wanted,) if wanted is not None else ())
+    return listener.address == wanted
+
+
 def follow(listener: Listener, address: ListenAddress, old_backlog: int, backlog: int) -> None:
     """A listener that stays takes what the file now says of it (PROXY flag, backlog)."""
     listener.address = address

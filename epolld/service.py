@@ -902,12 +902,10 @@ class EchoService:
         Raises:
             BindError: the configured metrics address could not be bound.
         """
-        wanted = self._config.metrics.listen
-        if self._metrics is not None:
-            listener = self._metrics.listener
-            listeners_mod.match_bound_port(listener, (wanted,) if wanted is not None else ())
-            if listener.address == wanted:
-                return
+        if self._metrics is not None and listeners_mod.is_at(
+            self._metrics.listener, self._config.metrics.listen
+        ):
+            return
         replacement = self._bind_metrics(self._config)
         self._stop_metrics()
         if replacement is not None:

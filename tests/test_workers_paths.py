@@ -88,7 +88,7 @@ def test_moved_metrics_listener_applies_at_the_handoff(start_workers: Any) -> No
         w.daemon.signal(signal.SIGUSR2)
         no_worker: dict[str, Any] = {"worker": None}
         w.daemon.wait_for("handoff_complete", **no_worker)
-        closed = w.daemon.wait_for("listener_closed", **no_worker)[0]
+        closed = w.daemon.wait_for("metrics_closed", **no_worker)[0]
         assert closed["address"] == f"127.0.0.1:{old_port}"
         moved = w.daemon.wait_for("metrics_listening", count=2)[-1]["address"]
         assert moved.startswith("127.0.0.2:")
