@@ -56,9 +56,11 @@ def get(
         conn.close()
 
 
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+def scrape(
+    port: int, host: str = "127.0.0.1"
+) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """GET /metrics as text 0.0.4: sample name and sorted labels -> value."""
-    response, body = get(port)
+    response, body = get(port, host=host)
     assert response.status == 200
     return {
         (s.name, tuple(sorted(s.labels.items()))): s.value

@@ -10,16 +10,25 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from tests.epolld_process import write_config
 from tests.test_daemon_mode import Daemons, _is_gone, _listening_port, _logged, _wait_for
 from tests.test_daemon_mode import daemons as daemons
-from tests.test_metrics_endpoint import get, metrics_port, scrape
+from tests.test_metrics_endpoint import get, metrics_port, rewrite, scrape
 from tests.test_workers import start_workers as start_workers
 from tests.traffic import connect, echo_until_eof, recv_until_eof, roundtrip
 
 WAIT_S = 15.0
+
+
+def _scrape_until(
+    port: int, name: str, value: float, host: str = "127.0.0.1"
+) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The samples once name (no labels) reads value: the workers report once a heartbeat."""
+    deadline = time.monotonic() + WAIT_S
+    while (samples := scrape(port, host))[(name, ())] != value:
+        assert time.monotonic() < deadline, samples[(name, ())]
+        time.sleep(0.1)
+    return samples
 
 
 def test_metrics_endpoint_shows_totals_over_workers(start_workers: Any) -> None:
@@ -32,10 +41,7 @@ def test_metrics_endpoint_shows_totals_over_workers(start_workers: Any) -> None:
         for sock in socks:
             roundtrip(sock, b"0123456789")
         assert {w.worker_of(s) for s in socks} == {1, 2}
-        deadline = time.monotonic() + WAIT_S  # the workers report once a heartbeat
-        while (samples := scrape(port))[("epolld_connections", ())] != 20:
-            assert time.monotonic() < deadline, samples[("epolld_connections", ())]
-            time.sleep(0.1)
+        samples = _scrape_until(port, "epolld_connections", 20)
         assert samples[("epolld_connections_accepted_total", ())] == 20
         assert samples[("epolld_received_bytes_total", ())] == 200
         assert samples[("epolld_sent_bytes_total", ())] == 200
@@ -53,20 +59,14 @@ def test_metrics_listener_and_totals_survive_the_handoff(start_workers: Any) -> 
     try:
         for sock in socks:
             roundtrip(sock, b"0123456789")
-        deadline = time.monotonic() + WAIT_S  # the workers report once a heartbeat
-        while scrape(port)[("epolld_sent_bytes_total", ())] != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        _scrape_until(port, "epolld_sent_bytes_total", 200)
         w.daemon.signal(signal.SIGUSR2)
         no_worker: dict[str, Any] = {"worker": None}
         w.daemon.wait_for("handoff_complete", **no_worker)
         assert metrics_port(w.daemon, count=2) == port
         for sock in socks:
             roundtrip(sock, b"abcdefghij")
-        deadline = time.monotonic() + WAIT_S
-        while (samples := scrape(port))[("epolld_sent_bytes_total", ())] != 400:
-            assert time.monotonic() < deadline, samples[("epolld_sent_bytes_total", ())]
-            time.sleep(0.1)
+        samples = _scrape_until(port, "epolld_sent_bytes_total", 400)
         assert samples[("epolld_connections", ())] == 20
         assert samples[("epolld_connections_accepted_total", ())] == 20
     finally:
@@ -82,9 +82,7 @@ def test_moved_metrics_listener_applies_at_the_handoff(start_workers: Any) -> No
     sock = connect(w.daemon.port)
     try:
         roundtrip(sock, b"0123456789")
-        config = yaml.safe_load(w.daemon.config_path.read_text())
-        config["metrics"]["listen"] = "127.0.0.2:0"
-        write_config(w.daemon.config_path, config)
+        rewrite(w.daemon, metrics={"listen": "127.0.0.2:0"})
         w.daemon.signal(signal.SIGUSR2)
         no_worker: dict[str, Any] = {"worker": None}
         w.daemon.wait_for("handoff_complete", **no_worker)
@@ -95,13 +93,7 @@ def test_moved_metrics_listener_applies_at_the_handoff(start_workers: Any) -> No
         with pytest.raises(ConnectionRefusedError):
             get(old_port)
         roundtrip(sock, b"abcdefghij")  # the connection went on too
-        deadline = time.monotonic() + WAIT_S  # the workers report once a heartbeat
-        while True:
-            _, body = get(int(moved.rsplit(":", 1)[1]), host="127.0.0.2")
-            if b"epolld_sent_bytes_total 20.0" in body:
-                break
-            assert time.monotonic() < deadline, body.decode()
-            time.sleep(0.1)
+        _scrape_until(int(moved.rsplit(":", 1)[1]), "epolld_sent_bytes_total", 20, "127.0.0.2")
     finally:
         sock.close()
 
