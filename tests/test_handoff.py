@@ -27,7 +27,8 @@ from tests.traffic import connect, recv_exactly, recv_until_eof
 
 pytestmark = pytest.mark.slow
 
-HIGH_WATER = "8MiB"
+HIGH_WATER_BYTES = 8 * 1024 * 1024
+HIGH_WATER = f"{HIGH_WATER_BYTES >> 20}MiB"
 # Sizes against these buffers: the kernel on the way absorbs up to ~4 MiB (the server's
 # autotuned send buffer) beside a 4 KiB client receive buffer.
 PAUSING_BYTES = 48 * 1024 * 1024  # unread: more than high water and every buffer hold
@@ -78,8 +79,9 @@ class Stream(threading.Thread):
         try:
             view = memoryview(self.payload)
             for start in range(0, len(view), 16384):
-                self.sock.sendall(view[start : start + 16384])
-                self.sent = start + len(view[start : start + 16384])
+                chunk = view[start : start + 16384]
+                self.sock.sendall(chunk)
+                self.sent += len(chunk)
             self.sock.shutdown(socket.SHUT_WR)
         except BaseException as e:  # reported by the test
             self.errors.append(e)
@@ -156,7 +158,7 @@ def _mixed_connections(
         sender.start()
         kinds["paused"].append((sock, big, sender))
         if io == "copy":  # paused: high water was read, and the sender is stuck
-            _wait_stuck(sender, at_least=8 * 1024 * 1024)
+            _wait_stuck(sender, at_least=HIGH_WATER_BYTES)
     # Every stream has something on the way back before the handoff starts.
     for sock, _, _, got in kinds["streams"]:
         got += recv_exactly(sock, 4096)
