@@ -14,13 +14,17 @@ from typing import Any
 
 import structlog
 
-from epolld import __version__, activation, handoff, handoff_workers, journald, listeners, logsetup
+from epolld import __version__, handoff
 from epolld import config as config_mod
 from epolld.config import Config, ListenAddress
 from epolld.errors import ConfigError, EpolldError
+from epolld.listening import activation
+from epolld.listening import sockets as listeners
+from epolld.observability import journald, logsetup
 from epolld.pidfile import PidFile
-from epolld.service import EchoService
+from epolld.service.echo import EchoService
 from epolld.systemd import Notifier
+from epolld.workers import handoff as handoff_workers
 
 DEFAULT_CONFIG = "/etc/epolld.yaml"
 
@@ -471,7 +475,7 @@ def bind_metrics(config: Config) -> listeners.Listener | None:
     """
     if config.metrics.listen is None:
         return None
-    from epolld import metrics  # prometheus_client: only loaded when metrics are on
+    from epolld.observability import metrics  # prometheus_client: only loaded when metrics are on
 
     return metrics.bind(config.metrics.listen)
 
@@ -513,7 +517,7 @@ def run_loop(
         return load(args)
 
     if slots is not None:
-        from epolld.supervisor import Supervisor
+        from epolld.workers.supervisor import Supervisor
 
         supervisor = Supervisor(
             config,

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from epolld import activation
 from epolld.errors import BindError
+from epolld.listening import activation
 
 WAIT_S = 10.0
 
@@ -26,7 +26,8 @@ CHILD = r"""
 import json, os, sys
 import structlog
 structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))  # stdout: report
-from epolld import activation, listeners
+from epolld.listening import activation
+from epolld.listening import sockets as listeners
 from epolld.errors import BindError
 try:
     adopted = activation.inherited_sockets()

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from epolld.connection import (
+from epolld.tcp.connection import (
     CLOSE,
     EDGE_BYTES_PER_EVENT,
     EDGE_READS_PER_EVENT,
@@ -20,7 +20,7 @@ from epolld.connection import (
     Connection,
     SharedSettings,
 )
-from epolld.splice import connection_class, make_pipe
+from epolld.tcp.splice import connection_class, make_pipe
 from tests.traffic import recv_until_eof
 
 WAIT_S = 10.0

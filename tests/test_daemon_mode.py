@@ -34,7 +34,7 @@ WAIT_S = 10.0  # upper bound of every wait; real runs take well under a second
 DAEMON_SCRIPT = textwrap.dedent(
     """
     import json, os, select, signal, socket, sys
-    from epolld import logsetup
+    from epolld.observability import logsetup
     from epolld.daemonize import daemon_context
     from epolld.errors import EpolldError
 

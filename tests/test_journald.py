@@ -19,10 +19,15 @@ from typing import TextIO
 import pytest
 import structlog
 
-from epolld import journald, logsetup
-from epolld.journald import encode_entry, field_name, priority_prefix, stdout_is_journal
+from epolld.observability import journald, logsetup
+from epolld.observability.journald import (
+    encode_entry,
+    field_name,
+    priority_prefix,
+    stdout_is_journal,
+)
 
-REPORT = "from epolld.journald import stdout_is_journal; print(stdout_is_journal())"
+REPORT = "from epolld.observability.journald import stdout_is_journal; print(stdout_is_journal())"
 
 
 def stream_id(fd: int) -> str:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from structlog.testing import capture_logs
 
-from epolld.loop import CLOSE, Reactor
+from epolld.core.loop import CLOSE, Reactor
 
 
 class Recorder:

@@ -8,8 +8,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from epolld import __version__
-from epolld.counters import DURATION_BUCKETS_S, Counters, Snapshot
-from epolld.metrics import EchoCollector
+from epolld.core.counters import DURATION_BUCKETS_S, Counters, Snapshot
+from epolld.observability.metrics import EchoCollector
 
 ISSUE_NAMES = {
     "epolld_build_info",

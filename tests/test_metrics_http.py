@@ -14,9 +14,9 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
-from epolld.counters import Counters, Snapshot
-from epolld.http11 import MAX_HEAD_BYTES, HttpConversation
-from epolld.metrics import MetricsApp
+from epolld.core.counters import Counters, Snapshot
+from epolld.observability.http11 import MAX_HEAD_BYTES, HttpConversation
+from epolld.observability.metrics import MetricsApp
 
 OPENMETRICS_ACCEPT = (
     "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"

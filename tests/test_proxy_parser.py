@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from epolld.proxy import (
+from epolld.tcp.proxy import (
     MAX_KEPT_BYTES,
     REASONS,
     V1_MAX_BYTES,

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from epolld.loop import CLOSE
-from epolld.proxy import HeaderReader, ProxyHeader
+from epolld.core.loop import CLOSE
+from epolld.tcp.proxy import HeaderReader, ProxyHeader
 from tests.test_proxy_parser import inet4, v2
 
 MASK = 0x2001  # any mask: the reader hands it back while it waits

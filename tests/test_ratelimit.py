@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from epolld.config import UdpConfig
-from epolld.ratelimit import (
+from epolld.udp.ratelimit import (
     BYTE_RATE,
     MAX_REPORTS_PER_INTERVAL,
     RATE,

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from epolld import listeners
 from epolld.config import load_config
-from epolld.service import IDLE_CLOSES_PER_TURN, EchoService
+from epolld.listening import sockets as listeners
+from epolld.service.echo import IDLE_CLOSES_PER_TURN, EchoService
 from epolld.systemd import Notifier
 
 CLIENTS = 2 * IDLE_CLOSES_PER_TURN + 100  # three batches

@@ -17,10 +17,10 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from epolld import listeners
 from epolld.config import ListenAddress, UdpConfig, parse_address
-from epolld.ratelimit import UdpLimiter
-from epolld.udp import DATAGRAMS_PER_EVENT, UdpEndpoint, UdpStats
+from epolld.listening import sockets as listeners
+from epolld.udp.endpoint import DATAGRAMS_PER_EVENT, UdpEndpoint, UdpStats
+from epolld.udp.ratelimit import UdpLimiter
 
 WAIT_S = 10.0
 IP_RECVERR = getattr(socket, "IP_RECVERR", 11)  # linux/in.h; Python 3.11 lacks the name

@@ -27,7 +27,7 @@ from .paths import BIN, OUT
 from .servers import Server, Unavailable, start
 from .workloads import Workload
 
-# The steps of a handoff as handoff_complete reports them (epolld/service.py; with workers,
+# The steps of a handoff as handoff_complete reports them (epolld/service/; with workers,
 # the supervisor's: "workers" is until every worker has handed over and exited).
 HANDOFF_STEPS = ("workers", "collect", "send", "state", "startup", "receive", "restore", "ready")
 

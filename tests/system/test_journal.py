@@ -28,7 +28,8 @@ PROBE = "/usr/local/lib/epolld-journal-probe.py"
 # exception with a multi-line traceback, and an entry too large for one datagram.
 PROBE_SCRIPT = """\
 import structlog
-from epolld import journald, logsetup
+from epolld.observability import journald
+from epolld.observability import logsetup
 
 logsetup.configure("info", "auto")
 assert logsetup.journal_in_use(), "journald's native socket is not usable in the sandbox"

@@ -16,7 +16,8 @@ import sys
 import termios
 from typing import TYPE_CHECKING, Any, Final
 
-from epolld.connection import (
+from epolld.core.loop import CLOSE
+from epolld.tcp.connection import (
     EDGE_BYTES_PER_EVENT,
     EDGE_MASK,
     EDGE_READS_PER_EVENT,
@@ -30,7 +31,6 @@ from epolld.connection import (
     EdgeConnection,
     SharedSettings,
 )
-from epolld.loop import CLOSE
 
 if TYPE_CHECKING:
     from epolld.handoff import State, StateWriter

@@ -16,7 +16,7 @@ import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol
 
-from epolld.loop import CLOSE
+from epolld.core.loop import CLOSE
 
 if TYPE_CHECKING:
     from epolld.handoff import State, StateWriter

@@ -24,23 +24,24 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from epolld import __version__, handoff, logsetup
+from epolld import __version__, handoff
 from epolld import config as config_mod
-from epolld import listeners as listeners_mod
 from epolld.config import Config, ListenAddress
-from epolld.connection import EPOLLIN, Connection, SharedSettings, format_peer
-from epolld.counters import Counters, DurationHistogram, Snapshot
+from epolld.core.counters import Counters, DurationHistogram, Snapshot
+from epolld.core.idle import IdleTimer
+from epolld.core.loop import CLOSE, Reactor
 from epolld.errors import BindError, EpolldError
-from epolld.idle import IdleTimer
-from epolld.listeners import Listener
-from epolld.loop import CLOSE, Reactor
-from epolld.proxy import HeaderErrors, HeaderReader, ProxyHeader, is_trusted
-from epolld.splice import SpliceConnection, connection_class, make_pipe
+from epolld.listening import sockets as listeners_mod
+from epolld.listening.sockets import Listener
+from epolld.observability import logsetup
 from epolld.systemd import Notifier
-from epolld.udp import UdpEndpoints
+from epolld.tcp.connection import EPOLLIN, Connection, SharedSettings, format_peer
+from epolld.tcp.proxy import HeaderErrors, HeaderReader, ProxyHeader, is_trusted
+from epolld.tcp.splice import SpliceConnection, connection_class, make_pipe
+from epolld.udp.endpoint import UdpEndpoints
 
 if TYPE_CHECKING:  # epolld.metrics loads prometheus_client: imported only when metrics are on
-    from epolld.metrics import MetricsApp, MetricsEndpoint
+    from epolld.observability.metrics import MetricsApp, MetricsEndpoint
 
 log = structlog.get_logger("epolld")
 
@@ -1136,12 +1137,14 @@ class EchoService:
     def _bind_metrics(self, config: Config) -> Listener | None:
         if config.metrics.listen is None:
             return None
-        from epolld import metrics  # prometheus_client: loaded only once metrics are on
+        from epolld.observability import (
+            metrics,  # prometheus_client: loaded only once metrics are on
+        )
 
         return metrics.bind(config.metrics.listen)
 
     def _serve_metrics(self, listener: Listener) -> MetricsEndpoint:
-        from epolld import metrics
+        from epolld.observability import metrics
 
         if self._metrics_app is None:  # one registry for the process, across reloads
             self._metrics_app = metrics.MetricsApp(self.snapshot)

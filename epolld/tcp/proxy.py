@@ -37,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
 
-from epolld.loop import CLOSE
+from epolld.core.loop import CLOSE
 
 if TYPE_CHECKING:
     from epolld.handoff import State, StateWriter

@@ -38,9 +38,9 @@ import structlog
 
 from epolld import handoff
 from epolld.config import Config
-from epolld.listeners import Listener
-from epolld.loop import CLOSE
-from epolld.service import EchoService
+from epolld.core.loop import CLOSE
+from epolld.listening.sockets import Listener
+from epolld.service.echo import EchoService
 from epolld.systemd import Notifier
 
 log = structlog.get_logger("epolld")

@@ -35,11 +35,11 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import structlog
 
-from epolld import listeners as listeners_mod
 from epolld.config import UdpConfig
-from epolld.listeners import Listener
-from epolld.loop import Reactor
-from epolld.ratelimit import BYTE_RATE, RATE, SOURCE_PORT, TOTAL_RATE, UdpLimiter
+from epolld.core.loop import Reactor
+from epolld.listening import sockets as listeners_mod
+from epolld.listening.sockets import Listener
+from epolld.udp.ratelimit import BYTE_RATE, RATE, SOURCE_PORT, TOTAL_RATE, UdpLimiter
 
 if TYPE_CHECKING:
     from epolld.handoff import StateWriter

@@ -49,17 +49,20 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from epolld import __version__, handoff, handoff_workers, logsetup, worker
+from epolld import __version__, handoff
 from epolld import config as config_mod
 from epolld.config import Config
-from epolld.counters import Counters, DurationHistogram, Snapshot
+from epolld.core.counters import Counters, DurationHistogram, Snapshot
+from epolld.core.loop import CLOSE, Reactor, Timer
 from epolld.errors import ConfigError, EpolldError
-from epolld.listeners import Listener
-from epolld.loop import CLOSE, Reactor, Timer
+from epolld.listening.sockets import Listener
+from epolld.observability import logsetup
 from epolld.systemd import Notifier
+from epolld.workers import handoff as handoff_workers
+from epolld.workers import worker
 
 if TYPE_CHECKING:
-    from epolld.metrics import MetricsEndpoint
+    from epolld.observability.metrics import MetricsEndpoint
 
 log = structlog.get_logger("epolld")
 
@@ -289,7 +292,7 @@ class Supervisor:
             worker_timeout_s=self.worker_timeout_s,
         )
         if self._metrics_listener is not None:
-            from epolld import metrics  # prometheus_client: only when metrics are on
+            from epolld.observability import metrics  # prometheus_client: only when metrics are on
 
             app = metrics.MetricsApp(self.snapshot)
             self._metrics = metrics.MetricsEndpoint(self.reactor, self._metrics_listener, app)

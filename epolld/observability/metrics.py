@@ -32,13 +32,13 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from epolld import __version__
-from epolld import listeners as listeners_mod
 from epolld.config import ListenAddress
-from epolld.counters import DURATION_BUCKETS_S, Snapshot
+from epolld.core.counters import DURATION_BUCKETS_S, Snapshot
+from epolld.core.loop import CLOSE, Reactor, Timer
 from epolld.errors import BindError
-from epolld.http11 import HttpConversation, Reply, Request
-from epolld.listeners import Listener
-from epolld.loop import CLOSE, Reactor, Timer
+from epolld.listening import sockets as listeners_mod
+from epolld.listening.sockets import Listener
+from epolld.observability.http11 import HttpConversation, Reply, Request
 
 log = structlog.get_logger("epolld")
 

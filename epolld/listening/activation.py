@@ -22,7 +22,7 @@ from collections.abc import MutableMapping
 import structlog
 
 from epolld.errors import BindError
-from epolld.listeners import describe_socket
+from epolld.listening.sockets import describe_socket
 
 log = structlog.get_logger()
 

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from epolld import handoff
-from epolld.listeners import Listener
+from epolld.listening.sockets import Listener
 
 if TYPE_CHECKING:
-    from epolld.supervisor import Slot
+    from epolld.workers.supervisor import Slot
 
 
 def write_records(

@@ -13,7 +13,7 @@ from typing import Any, TextIO
 
 import structlog
 
-from epolld import journald
+from epolld.observability import journald
 
 # structlog 22.3 (Debian 12) has no trace level: "trace" filters like debug and
 # additionally turns on the loop's per-batch epoll trace.

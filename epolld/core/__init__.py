@@ -1,0 +1,1 @@
+"""The bottom layer: the epoll reactor, idle timeouts and the totals."""

@@ -1,0 +1,1 @@
+"""Listening sockets: bind, adopt from systemd, close (sockets.py); LISTEN_FDS (activation.py)."""

@@ -1,0 +1,1 @@
+"""What operators watch: the Prometheus endpoint, its HTTP, the journal sink, log setup."""

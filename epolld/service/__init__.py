@@ -1,0 +1,1 @@
+"""The echo service: the policy over the reactor and its handlers."""

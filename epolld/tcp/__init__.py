@@ -1,0 +1,1 @@
+"""TCP handler kinds: the copying connection, its splice twin, the PROXY header reader."""

@@ -1,0 +1,1 @@
+"""UDP echo: one endpoint handler per UDP listener and its rate limiter."""
