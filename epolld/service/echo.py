@@ -387,8 +387,12 @@ class EchoService:
         del self._readers[reader.fd]
         conn = self._start(reader.sock, ip, peer, reader.listener, proxy=reader.peer)
         self.reactor.replace(reader, conn)
-        if self._edge:  # bytes behind the header are queued, and no new edge will say so
-            self.reactor.reschedule((conn.fd, EPOLLIN))
+        if self._edge:
+            # Bytes behind the header are queued, and so may be the client's FIN: the
+            # reader's events took the edges that announced them, and no new edge will
+            # come. EPOLLRDHUP makes the connection read past a short read to EAGAIN or
+            # EOF; with EPOLLIN alone it stopped at the payload and never saw the FIN.
+            self.reactor.reschedule((conn.fd, EPOLLIN | select.EPOLLRDHUP))
         return reader.mask
 
     def _refuse_proxied(self, reader: HeaderReader, peer: str, ip: str, limit: int) -> None:

@@ -506,7 +506,9 @@ class EdgeConnection(Connection):
                         self._buffer(buf[sent:n])
                 # A short read drained the socket: the next data raises a new edge, so
                 # skip the recv() that would only say EAGAIN (nginx does the same).
-                # Unless the peer also shut down: then read on to see the EOF.
+                # Unless the peer also shut down: then read on to see the EOF. (A
+                # synthetic event for bytes whose edge went to another handler, such as
+                # a PROXY header reader, carries EPOLLRDHUP for the same reason.)
                 if (n < len(buf) and not ev & EPOLLRDHUP) or not self.reading:
                     break
                 budget -= 1
