@@ -16,10 +16,11 @@ import structlog
 
 from epolld import __version__, handoff
 from epolld import config as config_mod
-from epolld.config import Config, ListenAddress
+from epolld.config import Config
 from epolld.errors import ConfigError, EpolldError
 from epolld.listening import activation
 from epolld.listening import sockets as listeners
+from epolld.listening.listener_set import ListenerSet, adopt_inherited
 from epolld.observability import journald, logsetup
 from epolld.pidfile import PidFile
 from epolld.service.echo import EchoService
@@ -180,15 +181,10 @@ def serve(
             reason="a restart handoff carries its connections into one process",
         )
         workers = 1
-    slots = bind_worker_listeners(config, workers, passed) if workers > 1 else None
-    bound = _unique(slots) if slots else bind_listeners(config, passed, takeover is not None)
-    try:
-        # A takeover brings its metrics listener along; the service binds it if not.
-        metrics_listener = None if takeover is not None else bind_metrics(config)
-    except BaseException:
-        for listener in bound:
-            listeners.close(listener)
-        raise
+    # A takeover brings its listeners along; the service reconciles them with the file.
+    opened = ListenerSet.open(config, workers, passed, taking_over=takeover is not None)
+    slots = opened.slots if workers > 1 else None
+    bound, metrics_listener = opened.unique(), opened.metrics
     if not args.daemon:
         return run_loop(
             args, config, bound, notifier, metrics_listener, slots=slots, takeover=takeover
@@ -259,21 +255,23 @@ def _resume_workers(
             workers=len(resumed.slots),
             reason="a restart handoff keeps its workers; stop and start epolld to apply this",
         )
-    metrics_listener = resumed.metrics_listener
+    sockets = ListenerSet(resumed.slots, resumed.metrics_listener)
     if takeover.config_error is None:
         try:
-            reconcile_worker_listeners(resumed.slots, takeover.previous or config, config)
-            metrics_listener = _reconcile_metrics(metrics_listener, config)
+            # A single process's rules: added addresses bound in every slot, removed ones
+            # closed (their connections stay with their workers), a moved metrics rebound.
+            plan = sockets.plan(takeover.previous or config, config)
+            sockets.commit(plan, release_metrics=_close_metrics)
         except EpolldError as e:
             log.error("handoff_listeners_kept", error=str(e))
     loop = functools.partial(
         run_loop,
         args,
         config,
-        _unique(resumed.slots),
+        sockets.unique(),
         notifier,
-        metrics_listener,
-        slots=resumed.slots,
+        sockets.metrics,
+        slots=sockets.slots,
         resumed=resumed,
     )
     if not args.daemon:
@@ -283,6 +281,11 @@ def _resume_workers(
     with continued_daemon(config.daemon.log_file) as (reopen_log, held):
         held += takeover.pidfiles  # released when the daemon finally stops
         return loop(before_reload=reopen_log, pidfiles=held)
+
+
+def _close_metrics(listener: listeners.Listener) -> None:
+    log.info("metrics_closed", address=listener.name)  # as a single process says it
+    listeners.close(listener)
 
 
 class _Takeover:
@@ -318,184 +321,6 @@ def _previous_config(state: handoff.State | None, current: Config | None) -> Con
         return config_mod.parse_config(str(state.document["config"]), str(source))
     except ConfigError:
         return None  # written by another version: the current file must do
-
-
-def bind_listeners(
-    config: Config, passed: list[tuple[str, int]] | None = None, taking_over: bool = False
-) -> list[listeners.Listener]:
-    """Adopt systemd's sockets if it passed any (they replace `listen`), else bind `listen`
-    (unless a restart handoff brings the listeners: the service reconciles them).
-
-    Raises:
-        BindError: an address could not be bound; none stays bound.
-    """
-    inherited = adopt_inherited(config, passed)
-    if inherited:
-        return inherited
-    if taking_over:
-        return []
-    bound: list[listeners.Listener] = []
-    try:
-        for address in config.listen:
-            bound.append(listeners.bind(address, config.backlog))
-    except EpolldError:
-        for listener in bound:
-            listeners.close(listener)
-        raise
-    return bound
-
-
-def adopt_inherited(
-    config: Config, passed: list[tuple[str, int]] | None
-) -> list[listeners.Listener]:
-    """systemd's sockets (socket activation), which replace `listen`; [] if none came."""
-    inherited = activation.adopt_sockets(activation.passed_fds() if passed is None else passed)
-    if inherited:
-        log.info(
-            "listen_ignored",
-            reason="sockets come from systemd socket activation",
-            listen=[str(a) for a in config.listen],
-        )
-    proxied = frozenset(str(a) for a in config.listen if a.proxy_protocol)
-    return [listeners.adopt(sock, proxied) for _, sock in inherited]
-
-
-def bind_worker_listeners(
-    config: Config, workers: int, passed: list[tuple[str, int]] | None = None
-) -> list[list[listeners.Listener]]:
-    """The listeners of each of `workers` worker processes (see supervisor.py): a TCP or
-    UDP address gets one SO_REUSEPORT socket per worker; a Unix socket, and each socket from
-    systemd, is one socket that every worker serves (shared, EPOLLEXCLUSIVE).
-
-    Raises:
-        BindError: an address could not be bound; none stays bound.
-    """
-    slots: list[list[listeners.Listener]] = [[] for _ in range(workers)]
-    inherited = adopt_inherited(config, passed)
-    if inherited:
-        for listener in inherited:
-            listener.shared = True
-            for slot in slots:
-                slot.append(listener)
-        return slots
-    try:
-        for address in config.listen:
-            _bind_in_every_slot(slots, address, config.backlog)
-    except EpolldError:
-        for listener in _unique(slots):
-            listeners.close(listener)
-        raise
-    return slots
-
-
-def _bind_in_every_slot(
-    slots: list[list[listeners.Listener]], address: ListenAddress, backlog: int
-) -> None:
-    """Add address to every slot: one shared socket (Unix), or one SO_REUSEPORT socket
-    per slot on the same port.
-
-    Raises:
-        BindError: what was bound for this address is closed again.
-    """
-    if address.family == "unix":
-        listener = listeners.bind(address, backlog)
-        listener.shared = True
-        for slot in slots:
-            slot.append(listener)
-        return
-    group = [listeners.bind(address, backlog, reuseport=True)]
-    try:
-        # Port 0: the others join the port the kernel chose for the first.
-        same = dataclasses.replace(address, port=group[0].sock.getsockname()[1])
-        for _ in slots[1:]:
-            group.append(listeners.bind(same, backlog, reuseport=True))
-            group[-1].address = address  # as configured: a reload compares with it
-    except EpolldError:
-        for listener in group:
-            listeners.close(listener)
-        raise
-    for slot, listener in zip(slots, group, strict=True):
-        slot.append(listener)
-
-
-def reconcile_worker_listeners(
-    slots: list[list[listeners.Listener]], previous: Config, config: Config
-) -> None:
-    """After a supervisor's restart handoff: bind in every slot what `listen` now lists
-    and the old supervisor did not, then close the handed-over listeners it no longer
-    lists (a single process's rules). Socket-activated listeners are systemd's to change.
-
-    Raises:
-        BindError: a new address could not be bound; the handed-over listeners stay.
-    """
-    held = _unique(slots)
-    if any(listener.inherited for listener in held):
-        return
-    for listener in held:
-        listeners.match_bound_port(listener, config.listen)
-    current = {listeners.socket_of(x.address) for x in held if x.address is not None}
-    wanted = {listeners.socket_of(address): address for address in config.listen}
-    added: list[list[listeners.Listener]] = [[] for _ in slots]
-    try:
-        for key, address in wanted.items():
-            if key not in current:
-                _bind_in_every_slot(added, address, config.backlog)
-    except EpolldError:
-        for listener in _unique(added):
-            listeners.close(listener)
-        raise
-    closed: dict[str, int] = {}  # address -> sockets (one per slot for REUSEPORT)
-    for listener in held:
-        if listener.address is None:
-            continue
-        key = listeners.socket_of(listener.address)
-        if key not in wanted:
-            for slot in slots:
-                slot[:] = [x for x in slot if x is not listener]
-            listeners.close(listener)
-            closed[listener.name] = closed.get(listener.name, 0) + 1
-            continue
-        listeners.follow(listener, wanted[key], previous.backlog, config.backlog)
-    for name, sockets in closed.items():
-        log.info("listener_closed", address=name, sockets=sockets)
-    for slot, more in zip(slots, added, strict=True):
-        slot.extend(more)
-
-
-def _unique(slots: list[list[listeners.Listener]]) -> list[listeners.Listener]:
-    """Every listener once (a shared one is in every slot)."""
-    return list({id(item): item for slot in slots for item in slot}.values())
-
-
-def bind_metrics(config: Config) -> listeners.Listener | None:
-    """Bind metrics.listen, if set (before daemonizing, like the echo listeners).
-
-    Raises:
-        BindError: the address could not be bound.
-    """
-    if config.metrics.listen is None:
-        return None
-    from epolld.observability import metrics  # prometheus_client: only loaded when metrics are on
-
-    return metrics.bind(config.metrics.listen)
-
-
-def _reconcile_metrics(
-    listener: listeners.Listener | None, config: Config
-) -> listeners.Listener | None:
-    """The handed-over metrics listener if metrics.listen still names it, else what it
-    names now (or none).
-
-    Raises:
-        BindError: the new address could not be bound; the handed-over listener stays.
-    """
-    if listener is not None and listeners.is_at(listener, config.metrics.listen):
-        return listener
-    replacement = bind_metrics(config)
-    if listener is not None:
-        log.info("metrics_closed", address=listener.name)  # as a single process says it
-        listeners.close(listener)
-    return replacement
 
 
 def run_loop(

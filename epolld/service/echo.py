@@ -26,12 +26,12 @@ import structlog
 
 from epolld import __version__, handoff
 from epolld import config as config_mod
-from epolld.config import Config, ListenAddress
+from epolld.config import Config
 from epolld.core.counters import Counters, DurationHistogram, Snapshot
 from epolld.core.idle import IdleTimer
 from epolld.core.loop import CLOSE, Reactor
-from epolld.errors import BindError, EpolldError
-from epolld.listening import sockets as listeners_mod
+from epolld.errors import EpolldError
+from epolld.listening.listener_set import STREAM, UDP, ListenerSet, kind_of
 from epolld.listening.sockets import Listener
 from epolld.observability import logsetup
 from epolld.systemd import Notifier
@@ -41,6 +41,7 @@ from epolld.tcp.splice import SpliceConnection, connection_class, make_pipe
 from epolld.udp.endpoint import UdpEndpoints
 
 if TYPE_CHECKING:  # epolld.metrics loads prometheus_client: imported only when metrics are on
+    from epolld.listening.listener_set import Plan
     from epolld.observability.metrics import MetricsApp, MetricsEndpoint
 
 log = structlog.get_logger("epolld")
@@ -130,11 +131,15 @@ class EchoService:
         )
         self._apply_settings(config)
         self._udp = UdpEndpoints(self.reactor, config.udp, edge=self._edge)
+        # Every listening socket, matched to the file on reload (one slot: this process).
+        self.listener_set = ListenerSet([list(listeners)], metrics_listener)
+        # A listener's kind -> what serves it (listener_set.py).
+        self._serve_kind: dict[str, Callable[[Listener], None]] = {
+            STREAM: self._add_listener,
+            UDP: self._udp.add,
+        }
         for listener in listeners:
-            if listener.is_udp:
-                self._udp.add(listener)
-            else:
-                self._add_listener(listener)
+            self._serve_kind[kind_of(listener)](listener)
         # The restart handoff: what else contributes a record (the daemon's pidfile), and,
         # in the next process, the handoff it was restored from.
         self._handoff_sources: list[handoff.HandoffSource] = []
@@ -888,36 +893,19 @@ class EchoService:
 
     def reconcile_after_handoff(self, previous: Config) -> None:
         """Bind what the configuration now lists and the old process did not, and close
-        the handed-over listeners it no longer lists (a reload's rules).
+        the handed-over listeners it no longer lists (a reload's rules); the metrics
+        listener stays if metrics.listen still names it.
 
         Raises:
             BindError: a new address could not be bound; the handed-over listeners stay.
         """
-        self._reconcile_metrics_after_handoff()
-        if any(lst.inherited for lst in [*self.listeners, *self._udp.listeners]):
-            return
-        for listener in [*self.listeners, *self._udp.listeners]:
-            listeners_mod.match_bound_port(listener, self._config.listen)
-        self._reconcile_listeners(previous, self._config)
-
-    def _reconcile_metrics_after_handoff(self) -> None:
-        """Keep the handed-over metrics listener if the configuration still names it;
-        else bind what it names now (or nothing).
-
-        Raises:
-            BindError: the configured metrics address could not be bound.
-        """
-        if self._metrics is not None and listeners_mod.is_at(
-            self._metrics.listener, self._config.metrics.listen
-        ):
-            return
-        replacement = self._bind_metrics(self._config)
-        self._stop_metrics()
-        if replacement is not None:
-            self._metrics = self._serve_metrics(replacement)
+        plan = self.listener_set.plan(previous, self._config)
+        self._apply_listeners(plan, self._config, before_start=True)
 
     def _restore_listener(self, record: dict[str, Any], state: handoff.State) -> None:
-        self._add_listener(Listener.from_handoff(record, state))
+        listener = Listener.from_handoff(record, state)
+        self.listener_set.add(listener)
+        self._add_listener(listener)
 
     def _restore_header_reader(self, record: dict[str, Any], state: handoff.State) -> None:
         """A PROXY header half read: the reader goes on (its timeout from the accept)."""
@@ -945,7 +933,9 @@ class EchoService:
             self._arm_sweep()
 
     def _restore_udp(self, record: dict[str, Any], state: handoff.State) -> None:
-        self._udp.add(Listener.from_handoff(record, state))
+        listener = Listener.from_handoff(record, state)
+        self.listener_set.add(listener)
+        self._udp.add(listener)
 
     def _restore_metrics_listener(self, record: dict[str, Any], state: handoff.State) -> None:
         listener = Listener.from_handoff(record, state)
@@ -1020,23 +1010,7 @@ class EchoService:
             BindError: a new address could not be bound; the old listeners stay.
         """
         old = self._config
-        metrics_moved = new.metrics.listen != old.metrics.listen
-        # Bound first, like new echo addresses: a failure changes nothing.
-        metrics_listener = self._bind_metrics(new) if metrics_moved else None
-        try:
-            if not any(lst.inherited for lst in [*self.listeners, *self._udp.listeners]):
-                self._reconcile_listeners(old, new)
-            elif new.listen != old.listen:
-                log.warning("listen_ignored", reason="sockets come from systemd socket activation")
-        except BaseException:
-            if metrics_listener is not None:
-                metrics_listener.close()
-            raise
-        if metrics_moved:
-            self._stop_metrics()
-            if metrics_listener is not None:
-                self._metrics = self._serve_metrics(metrics_listener)
-                log.info("metrics_listening", address=metrics_listener.name)
+        self._apply_listeners(self.listener_set.plan(old, new), new)
         # Logged before a new log level applies, so that it is the old level that decides.
         log.info(
             "config_reloaded",
@@ -1067,91 +1041,42 @@ class EchoService:
         if new.limits.idle_timeout_s != old.limits.idle_timeout_s:
             self._idle.retime(new.limits.idle_timeout_s, self._connections())
 
-    def _reconcile_listeners(self, old: Config, new: Config) -> None:
-        """Keep listeners that stay, bind added ones first, then close removed ones.
+    def _apply_listeners(self, plan: Plan, config: Config, *, before_start: bool = False) -> None:
+        """Commit a plan of the listener set: removed sockets leave the reactor, new ones
+        are served, a moved metrics endpoint serves on its new socket (announced by
+        _started() when this comes before the loop runs)."""
+        self.listener_set.commit(plan, self._release_listener, self._release_metrics)
+        for listener in plan.new_listeners():
+            self._serve_kind[kind_of(listener)](listener)
+            log.info("listening", address=listener.name, fd=listener.fd, trigger=config.trigger)
+        if plan.metrics is not None:
+            self._metrics = self._serve_metrics(plan.metrics)
+            if not before_start:
+                log.info("metrics_listening", address=plan.metrics.name)
 
-        Binding first means a failed reload leaves the old listeners as they were: the
-        daemon is never without one. The price: an address that overlaps one being
-        removed (127.0.0.1:7080 -> 0.0.0.0:7080) cannot be bound in the same reload.
+    def _release_listener(self, listener: Listener) -> None:
+        """Stop serving a removed listener and close it (its connections stay)."""
+        if listener.is_udp:
+            self._udp.remove(listener)
+        else:
+            self._listeners.pop(listener.fd, None)
+            self._paused.pop(listener.fd, None)
+            self.reactor.close(listener)
 
-        Raises:
-            BindError: nothing was changed.
-        """
-        # A listener is its socket: turning proxy_protocol on or off keeps the socket.
-        current = {
-            listeners_mod.socket_of(lst.address): lst
-            for lst in [*self.listeners, *self._udp.listeners]
-            if lst.address is not None
-        }
-        wanted = {listeners_mod.socket_of(a): a for a in new.listen}
-        added: list[Listener] = []
-        try:
-            for key, address in wanted.items():
-                if key not in current:
-                    added.append(self._bind_beside(address, new.backlog, current))
-        except Exception:
-            for listener in added:
-                listener.close()
-            raise
-        for key, listener in current.items():
-            if key not in wanted:
-                if listener.is_udp:
-                    self._udp.remove(listener)
-                else:
-                    self._listeners.pop(listener.fd, None)
-                    self._paused.pop(listener.fd, None)
-                    self.reactor.close(listener)
-                log.info("listener_closed", address=listener.name)
-                continue
-            listeners_mod.follow(listener, wanted[key], old.backlog, new.backlog)
-        for listener in added:
-            if listener.is_udp:
-                self._udp.add(listener)
-            else:
-                self._add_listener(listener)
-            log.info("listening", address=listener.name, fd=listener.fd, trigger=new.trigger)
-
-    def _bind_beside(
-        self, address: ListenAddress, backlog: int, current: dict[ListenAddress, Listener]
-    ) -> Listener:
-        """Bind a new address; if our own listener holds its port, say so."""
-        try:
-            return listeners_mod.bind(address, backlog)
-        except BindError as e:
-            if e.errno == errno.EADDRINUSE and address.family != "unix":
-                # The bound port, not the configured one, which may be 0.
-                ours = [
-                    lst.name
-                    for lst in current.values()
-                    if lst.sock.family != socket.AF_UNIX
-                    and lst.is_udp == address.is_udp
-                    and lst.sock.getsockname()[1] == address.port
-                ]
-                if ours:
-                    raise BindError(
-                        f"cannot listen on {address}: it overlaps {', '.join(ours)}, which "
-                        "this daemon holds; remove that in one reload and add this in the "
-                        "next, or restart",
-                        errno=e.errno,
-                    ) from None
-            raise
+    def _release_metrics(self, listener: Listener) -> None:
+        if self._metrics is not None and self._metrics.listener is listener:
+            self._stop_metrics()
+        else:
+            listener.close()
 
     # -- metrics -------------------------------------------------------------------
-
-    def _bind_metrics(self, config: Config) -> Listener | None:
-        if config.metrics.listen is None:
-            return None
-        from epolld.observability import (
-            metrics,  # prometheus_client: loaded only once metrics are on
-        )
-
-        return metrics.bind(config.metrics.listen)
 
     def _serve_metrics(self, listener: Listener) -> MetricsEndpoint:
         from epolld.observability import metrics
 
         if self._metrics_app is None:  # one registry for the process, across reloads
             self._metrics_app = metrics.MetricsApp(self.snapshot)
+        self.listener_set.metrics = listener
         return metrics.MetricsEndpoint(self.reactor, listener, self._metrics_app)
 
     def _stop_metrics(self) -> None:
@@ -1159,6 +1084,7 @@ class EchoService:
             log.info("metrics_closed", address=self._metrics.listener.name)
             self._metrics.close()
             self._metrics = None
+            self.listener_set.metrics = None
 
     def snapshot(self) -> Snapshot:
         """The counters and the live values, for the metrics endpoint (once per scrape)."""

@@ -20,34 +20,20 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from epolld import handoff
+from epolld.listening.listener_set import ListenerSet
 from epolld.listening.sockets import Listener
 
 if TYPE_CHECKING:
     from epolld.workers.supervisor import Slot
 
 
-def write_records(
-    out: handoff.StateWriter, slots: list[Slot], metrics_listener: Listener | None
-) -> None:
+def write_records(out: handoff.StateWriter, slots: list[Slot], sockets: ListenerSet) -> None:
     """Add the supervisor's records to out (the listeners, each handed-over worker)."""
-    serving: dict[int, list[int]] = {}
-    by_id: dict[int, Listener] = {}
-    for slot in slots:
-        for listener in slot.listeners:
-            by_id[id(listener)] = listener
-            serving.setdefault(id(listener), []).append(slot.index)
-    for key, listener in by_id.items():
-        record = listener.handoff_state(out)
-        if record is not None:
-            out.add({**record, "kind": "slot_listener", "slots": serving[key]})
+    sockets.write_handoff(out)
     for slot in slots:
         if slot.handoff is not None:
             transport = [[name, out.fd(fd)] for name, fd in slot.handoff]
             out.add({"kind": "worker", "slot": slot.index, "transport": transport})
-    if metrics_listener is not None:
-        record = metrics_listener.handoff_state(out)
-        if record is not None:
-            out.add({**record, "kind": "metrics_listener"})
 
 
 def is_supervisor_state(state: handoff.State) -> bool:
@@ -78,18 +64,11 @@ def resume(
     (inherited, passed again by systemd) are shared by every slot."""
     document = state.document
     count = max(1, int(document["workers"]))
-    slots: list[list[Listener]] = [list(inherited) for _ in range(count)]
+    sockets = ListenerSet([[] for _ in range(count)])
     for listener in inherited:
-        listener.shared = True
+        listener.shared = True  # systemd's: one socket that every slot serves
+        sockets.add(listener)
     transports: dict[int, list[tuple[str, int]]] = {}
-    metrics: list[Listener] = []
-
-    def restore_listener(record: dict[str, Any], state: handoff.State) -> None:
-        indices = [int(i) for i in record["slots"] if 1 <= int(i) <= count]
-        listener = Listener.from_handoff(record, state)
-        listener.shared = len(indices) > 1
-        for index in indices:
-            slots[index - 1].append(listener)
 
     def restore_worker(record: dict[str, Any], state: handoff.State) -> None:
         taken: list[tuple[str, int]] = []
@@ -101,24 +80,13 @@ def resume(
             raise
         transports[int(record["slot"])] = taken
 
-    def restore_metrics(record: dict[str, Any], state: handoff.State) -> None:
-        metrics.append(Listener.from_handoff(record, state))
-
-    handoff.restore(
-        state,
-        {
-            "slot_listener": restore_listener,
-            "worker": restore_worker,
-            "metrics_listener": restore_metrics,
-            **(more or {}),
-        },
-    )
+    handoff.restore(state, {**sockets.restorers(), "worker": restore_worker, **(more or {})})
     signal_at = document.get("signal_at")
     old_pid = document.get("pid")
     return Resumed(
-        slots=slots,
+        slots=sockets.slots,
         transports=transports,
-        metrics_listener=metrics[0] if metrics else None,
+        metrics_listener=sockets.metrics,
         totals=dict(document.get("supervisor") or {}),
         signal_at=float(signal_at) if isinstance(signal_at, (int, float)) else None,
         old_pid=int(old_pid) if isinstance(old_pid, int) else None,

@@ -55,6 +55,8 @@ from epolld.config import Config
 from epolld.core.counters import Counters, DurationHistogram, Snapshot
 from epolld.core.loop import CLOSE, Reactor, Timer
 from epolld.errors import ConfigError, EpolldError
+from epolld.listening import listener_set
+from epolld.listening.listener_set import ListenerSet, Plan
 from epolld.listening.sockets import Listener
 from epolld.observability import logsetup
 from epolld.systemd import Notifier
@@ -62,7 +64,7 @@ from epolld.workers import handoff as handoff_workers
 from epolld.workers import worker
 
 if TYPE_CHECKING:
-    from epolld.observability.metrics import MetricsEndpoint
+    from epolld.observability.metrics import MetricsApp, MetricsEndpoint
 
 log = structlog.get_logger("epolld")
 
@@ -78,8 +80,9 @@ HANDOFF_WAIT_S = 10.0  # for every worker to hand over and exit
 BARRIER_TIMEOUT_S = 10.0  # for systemd to take the handoff's descriptors into its store
 MAX_FDS_PER_MESSAGE = 2 * handoff.MAX_PAIRS + 1  # a worker's transport: pairs and memfd
 NOT_SUMMED = frozenset({"listeners", "udp_listeners", "uptime_s"})
-# Changing these needs new sockets in every worker (or other workers): a restart.
-RESTART_ONLY = ("listen", "metrics.listen", "workers")
+# Changing these needs other workers: a stop and start (fewer slots would close
+# REUSEPORT sockets, resetting the connections queued on them).
+RESTART_ONLY = ("workers",)
 
 
 @dataclass(eq=False)
@@ -177,9 +180,14 @@ class WorkerLink:
             self._on_message(self.slot, message, list(fds))
         return self.mask
 
-    def send(self, packet: bytes) -> bool:
+    def send(self, packet: bytes, fds: list[int] | None = None) -> bool:
+        """One packet down, with descriptors (SCM_RIGHTS) if fds."""
         try:
-            self.sock.send(packet)
+            if fds:
+                rights = (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))
+                self.sock.sendmsg([packet], [rights])
+            else:
+                self.sock.send(packet)
         except OSError as e:
             log.warning("worker_send_failed", worker=self.slot.index, error=str(e))
             return False
@@ -225,7 +233,12 @@ class Supervisor:
         self._reload_source = reload
         self._before_reload = before_reload
         self.reactor = Reactor()
-        self._slots = [Slot(i + 1, listeners) for i, listeners in enumerate(slots)]
+        # Every listening socket; a slot's list is the set's own list for that slot, so
+        # that a reload's changes are what the slot's next worker inherits at its fork.
+        self.listener_set = ListenerSet(slots, metrics_listener)
+        self._slots = [
+            Slot(i + 1, listeners) for i, listeners in enumerate(self.listener_set.slots)
+        ]
         self._by_pid: dict[int, Slot] = {}
         self._stopping = False
         self._announced = False
@@ -251,7 +264,7 @@ class Supervisor:
         }.items():
             self.reactor.on_signal(signum, fn)
         self._metrics: MetricsEndpoint | None = None
-        self._metrics_listener = metrics_listener
+        self._metrics_app: MetricsApp | None = None
         self._handoff: HandoffRound | None = None
         self._handoff_sources = handoff_sources or []
         self.handed_over = False
@@ -291,12 +304,8 @@ class Supervisor:
             heartbeat_s=self.heartbeat_s,
             worker_timeout_s=self.worker_timeout_s,
         )
-        if self._metrics_listener is not None:
-            from epolld.observability import metrics  # prometheus_client: only when metrics are on
-
-            app = metrics.MetricsApp(self.snapshot)
-            self._metrics = metrics.MetricsEndpoint(self.reactor, self._metrics_listener, app)
-            log.info("metrics_listening", address=self._metrics_listener.name)
+        if self.listener_set.metrics is not None:
+            self._serve_metrics()
         for slot in self._slots:
             self._spawn(slot)
         every = self.reactor.every
@@ -364,8 +373,8 @@ class Supervisor:
             handler_sock = getattr(handler, "sock", None)
             if isinstance(handler_sock, socket.socket):
                 handler_sock.close()
-        if self._metrics_listener is not None:
-            self._metrics_listener.sock.close()
+        if self.listener_set.metrics is not None:
+            self.listener_set.metrics.sock.close()
         self.reactor.abandon()
         mine = {id(listener) for listener in slot.listeners}
         for other in self._slots:
@@ -657,7 +666,7 @@ class Supervisor:
             return
         steps = {"workers": round(handoff.now_monotonic() - round_.signal_at, 4)}
         out = handoff.StateWriter(systemd_keeps_inherited=round_.destination.keeps_inherited)
-        handoff_workers.write_records(out, self._slots, self._metrics_listener)
+        handoff_workers.write_records(out, self._slots, self.listener_set)
         for source in self._handoff_sources:
             out.add(source.handoff_state(out))
         meta = {
@@ -738,10 +747,10 @@ class Supervisor:
             handler_sock = getattr(handler, "sock", None)
             if isinstance(handler_sock, socket.socket):
                 handler_sock.close()
-        for listener in _unique_listeners(self._slots):
+        for listener in self.listener_set.unique():
             listener.sock.close()
-        if self._metrics_listener is not None:
-            self._metrics_listener.sock.close()
+        if self.listener_set.metrics is not None:
+            self.listener_set.metrics.sock.close()
         for slot in self._slots:
             slot.drop_handoff()
         self.reactor.release()
@@ -752,6 +761,9 @@ class Supervisor:
             _kill(slot.pid, signal.SIGKILL)
 
     def _on_reload_signal(self, signum: int) -> None:
+        """SIGHUP: bind what the file adds (one socket per slot), then send each live
+        worker its new sockets and the configuration; a file that cannot be applied
+        reaches no worker and changes nothing."""
         if self._stopping:
             return
         self._notifier.reloading()
@@ -760,11 +772,11 @@ class Supervisor:
             new = self._reload_source()
             fixed = [k for k in config_mod.changes(old, new) if k in RESTART_ONLY]
             if fixed:
-                # A restart applies listen and metrics.listen, not the number of workers.
-                how = "stop and start" if "workers" in fixed else "restart"
                 raise ConfigError(
-                    f"{', '.join(fixed)}: cannot change on reload with workers; {how} epolld"
+                    f"{', '.join(fixed)}: cannot change on reload with workers; "
+                    "stop and start epolld"
                 )
+            plan = self.listener_set.plan(old, new)
         except EpolldError as e:  # every worker stays on the old configuration
             self.counters.count_reload(ok=False)
             log.error("config_reload_failed", error=str(e))
@@ -777,10 +789,34 @@ class Supervisor:
         packet = b"C" + pickle.dumps(new)
         if self._reload_timer is not None:  # a reload during a reload: answer for both
             self._reload_timer.cancel()
-        self._reload_waiting = {s for s in self._live() if s.link and s.link.send(packet)}
+        self._reload_waiting = {
+            s for s in self._live() if s.link and self._send_reload(s, s.link, plan, packet)
+        }
+        # Our copies of removed sockets close now (a Unix socket's file goes); each
+        # worker closes its own as it applies the file. A slot's next worker is forked
+        # with the slot's sockets as they are from here on.
+        self.listener_set.commit(plan, release_metrics=self._release_metrics)
+        if plan.metrics is not None:
+            self._serve_metrics()
         self._reload_timer = self.reactor.call_later(REPLY_WAIT_S, self._reload_done)
         if not self._reload_waiting:
             self._reload_done()
+
+    def _send_reload(self, slot: Slot, link: WorkerLink, plan: Plan, packet: bytes) -> bool:
+        """The slot's new sockets (SCM_RIGHTS), then the configuration that lists them."""
+        added = plan.added[slot.index - 1]
+        if added:
+            records = [listener_set.describe(listener) for listener in added]
+            message = b"L" + json.dumps(records).encode()
+            if not link.send(message, [listener.fd for listener in added]):
+                return False
+        return link.send(packet)
+
+    def _release_metrics(self, listener: Listener) -> None:
+        if self._metrics is not None and self._metrics.listener is listener:
+            self._stop_metrics()
+        else:
+            listener.close()
 
     def _reload_done(self) -> None:
         """Every worker answered (or REPLY_WAIT_S passed): READY=1 ends the reload."""
@@ -901,22 +937,27 @@ class Supervisor:
     # -- closing -------------------------------------------------------------------
 
     def _close_listeners(self) -> None:
-        closed: set[int] = set()
-        for slot in self._slots:
-            for listener in slot.listeners:
-                if id(listener) not in closed:
-                    closed.add(id(listener))
-                    listener.close()
+        for listener in self.listener_set.unique():
+            listener.close()
+
+    def _serve_metrics(self) -> None:
+        listener = self.listener_set.metrics
+        assert listener is not None
+        from epolld.observability import metrics  # prometheus_client: only when metrics are on
+
+        if self._metrics_app is None:  # one registry for the process, across reloads
+            self._metrics_app = metrics.MetricsApp(self.snapshot)
+        self._metrics = metrics.MetricsEndpoint(self.reactor, listener, self._metrics_app)
+        log.info("metrics_listening", address=listener.name)
 
     def _stop_metrics(self) -> None:
         if self._metrics is not None:
             log.info("metrics_closed", address=self._metrics.listener.name)
             self._metrics.close()
             self._metrics = None
-            self._metrics_listener = None
-        elif self._metrics_listener is not None:
-            self._metrics_listener.close()
-            self._metrics_listener = None
+        elif self.listener_set.metrics is not None:
+            self.listener_set.metrics.close()
+        self.listener_set.metrics = None
 
     def _close_everything(self) -> None:
         for slot in self._live():  # only if the loop itself failed: leave no orphans
@@ -930,11 +971,6 @@ def _close_all(fds: Any) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
             os.close(fd)
-
-
-def _unique_listeners(slots: list[Slot]) -> list[Listener]:
-    """Every slot's listeners, each once (a shared one is in every slot)."""
-    return list({id(x): x for slot in slots for x in slot.listeners}.values())
 
 
 def _kill(pid: int | None, signum: int) -> None:

@@ -7,8 +7,11 @@ A packet is one message, so there is no framing to get wrong:
   "heartbeat" | "stats", "stats": ..., "counters": ...}, {"kind": "reloaded", "error":
   null | "why"}, {"kind": "handed_over", "names": [...]} with the handoff's transport as
   SCM_RIGHTS, {"kind": "handoff_failed", "error": "why"}.
-- supervisor -> worker: b"C" + pickle(Config) (apply it, as SIGHUP would), b"S" (report
-  the statistics now), b"H" (hand every connection over, to the supervisor, and exit).
+- supervisor -> worker: b"L" + JSON (the sockets a reload adds to this worker's slot,
+  listener_set.describe() each, as SCM_RIGHTS in the same order: kept for the next
+  configuration), b"C" + pickle(Config) (apply it, as SIGHUP would: new addresses take
+  the sockets sent before it, removed ones are closed here), b"S" (report the
+  statistics now), b"H" (hand every connection over, to the supervisor, and exit).
   The supervisor is the same program in the parent process: the pickle never crosses a
   trust boundary.
 
@@ -39,6 +42,7 @@ import structlog
 from epolld import handoff
 from epolld.config import Config
 from epolld.core.loop import CLOSE
+from epolld.listening import listener_set
 from epolld.listening.sockets import Listener
 from epolld.service.echo import EchoService
 from epolld.systemd import Notifier
@@ -47,6 +51,7 @@ log = structlog.get_logger("epolld")
 
 MESSAGES_PER_EVENT = 16  # the supervisor sends a few a minute; bound the work anyway
 MAX_PACKET = 1 << 20  # a pickled Config is a few KiB
+MAX_FDS_DOWN = 253  # sockets a reload may send in one message (SCM_MAX_FD)
 HANDOFF_SEND_TIMEOUT_S = 5.0  # for room in the socketpair (the supervisor reads it)
 
 
@@ -55,6 +60,7 @@ class SupervisorLink:
 
     __slots__ = (
         "_config",
+        "_handed_down",
         "_handing_over",
         "_ready_sent",
         "_service",
@@ -74,9 +80,12 @@ class SupervisorLink:
         self._ready_sent = False
         self._handing_over = False
         self._service: EchoService | None = None
+        self._handed_down = listener_set.HandedDown()
 
     def serve(self, service: EchoService) -> None:
+        """Serve service, whose listeners on reload are the ones the supervisor sends."""
         self._service = service
+        service.listener_set.take_from(self._handed_down)
 
     def config(self) -> Config:
         """The reload source: the configuration the supervisor sent last."""
@@ -105,13 +114,25 @@ class SupervisorLink:
 
     def on_event(self, events: int) -> int:
         service = self._service
+        ancillary = socket.CMSG_SPACE(MAX_FDS_DOWN * 4)
         for _ in range(MESSAGES_PER_EVENT):
+            fds = array.array("i")
             try:
-                packet = self.sock.recv(MAX_PACKET)
+                packet, cmsgs, _flags, _ = self.sock.recvmsg(
+                    MAX_PACKET, ancillary, socket.MSG_CMSG_CLOEXEC
+                )
             except BlockingIOError:
                 return self.mask
             except OSError:
-                packet = b""
+                packet, cmsgs = b"", []
+            for level, kind, payload in cmsgs:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+            if packet[:1] == b"L":
+                self._take_listeners(packet[1:], list(fds))
+                continue
+            for fd in fds:  # no other message carries descriptors
+                os.close(fd)
             if not packet:  # the supervisor is gone: nobody would replace or stop us
                 if service is not None:
                     log.warning("supervisor_gone")
@@ -120,12 +141,27 @@ class SupervisorLink:
             if packet[:1] == b"C" and service is not None:
                 self._config = pickle.loads(packet[1:])
                 self.send({"kind": "reloaded", "error": service.reload()})
+                self._handed_down.clear()
             elif packet[:1] == b"S":
                 self._report("stats")
             elif packet[:1] == b"H" and service is not None and not self._handing_over:
                 self._handing_over = True  # after this batch: the state is then consistent
                 service.reactor.call_soon(self._hand_over)
         return self.mask
+
+    def _take_listeners(self, payload: bytes, fds: list[int]) -> None:
+        """Keep the sockets sent for the next configuration (see HandedDown)."""
+        try:
+            records = json.loads(payload)
+            if len(records) != len(fds):
+                raise ValueError(f"{len(records)} listeners, {len(fds)} descriptors")
+        except ValueError as e:
+            log.warning("supervisor_message_invalid", error=str(e))
+            for fd in fds:
+                os.close(fd)
+            return
+        for record, fd in zip(records, fds, strict=True):
+            self._handed_down.put(listener_set.from_record(record, fd))
 
     def _hand_over(self) -> None:
         self._handing_over = False
