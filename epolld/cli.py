@@ -17,7 +17,7 @@ import structlog
 from epolld import __version__, activation, handoff, handoff_workers, journald, listeners, logsetup
 from epolld import config as config_mod
 from epolld.config import Config, ListenAddress
-from epolld.errors import ConfigError, EpolldError
+from epolld.errors import BindError, ConfigError, EpolldError
 from epolld.pidfile import PidFile
 from epolld.service import EchoService
 from epolld.systemd import Notifier
@@ -156,6 +156,8 @@ def serve(
     logsetup.configure(config.logging.level, config.logging.format)
     if state is not None and state.problem is not None:
         log.warning("handoff_unreadable", reason=state.problem, closed=state.closed)
+    if state is not None:
+        _clear_leftovers(state, notifier)
     if config_error is not None:
         log.error(
             "config_invalid",
@@ -228,6 +230,31 @@ def serve(
         raise
 
 
+def _clear_leftovers(state: handoff.State, notifier: Notifier) -> None:
+    """Remove from the store what no one will take over: other handoffs' leftovers (a
+    process killed while storing), and a transport without records. Else the store
+    would pass them again with every restart."""
+    if state.leftovers:
+        log.warning(
+            "handoff_leftovers_removed",
+            names=state.leftovers,
+            closed=state.leftovers_closed,
+            reason="left in the store by a handoff that did not complete",
+        )
+    for name in [*state.leftovers, *([] if state.records else state.transport)]:
+        notifier.remove_fd(name)
+
+
+def _check_listening(served: int) -> None:
+    """After a takeover: a service without a single listener must not report READY.
+
+    Raises:
+        BindError: none was taken over and none could be bound.
+    """
+    if not served:
+        raise BindError("no listener was handed over and none could be bound")
+
+
 def _resume_workers(
     args: argparse.Namespace,
     config: Config,
@@ -262,6 +289,7 @@ def _resume_workers(
             metrics_listener = _reconcile_metrics(metrics_listener, config)
         except EpolldError as e:
             log.error("handoff_listeners_kept", error=str(e))
+    _check_listening(len(_unique(resumed.slots)))
     loop = functools.partial(
         run_loop,
         args,
@@ -538,6 +566,8 @@ def run_loop(
         for lock in takeover.pidfiles if takeover is not None else pidfiles or []:
             service.add_handoff_source(lock)
         return service.run()
+    except BindError:
+        raise  # main() reports it: the exit code says why, not a crash
     except Exception:
         log.exception("loop_crashed")
         notifier.fatal("crashed: see the journal")
@@ -562,3 +592,5 @@ def _take_over(
             service.reconcile_after_handoff(takeover.previous or config)
         except EpolldError as e:
             log.error("handoff_listeners_kept", error=str(e))
+    stats = service.stats()
+    _check_listening(stats["listeners"] + stats["udp_listeners"])
