@@ -354,6 +354,29 @@ class Container:
         except OSError:
             return ""
 
+    def host_pid(self, pid: int) -> int:
+        """The host's PID of the container's process pid (for a host tool such as strace).
+
+        Raises:
+            ContainerError: no such process in the container.
+        """
+        namespace = os.readlink(f"/proc/{self.leader}/ns/pid")
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                status = (entry / "status").read_text()
+                if os.readlink(entry / "ns" / "pid") != namespace:
+                    continue
+            except OSError:
+                continue  # gone meanwhile
+            nspid = next(
+                (ln.split()[1:] for ln in status.splitlines() if ln.startswith("NSpid:")), []
+            )
+            if nspid and nspid[-1] == str(pid):
+                return int(entry.name)
+        raise ContainerError(f"no process {pid} in {self.name}")
+
     # Internals
 
     def _find_leader(self) -> int | None:

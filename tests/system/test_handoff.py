@@ -16,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import shutil
 import socket
+import subprocess
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +27,9 @@ from typing import Any
 import pytest
 from nspawn import Container, wait_until
 from test_deb import UPGRADE_VERSION, _install, container, debs
+from test_service import c as c  # the checkout's units, reset (fixture)
+from test_service import cursor as cursor  # a journal cursor (fixture)
+from test_service import events
 
 from tests.traffic import recv_exactly, recv_until_eof
 
@@ -318,3 +323,92 @@ def test_sigkill_restart_starts_afresh(container: Container, debs: dict[str, Pat
     with _connect("127.0.0.1") as fresh:
         fresh.sendall(b"again\n")
         assert recv_exactly(fresh, 6, IO_TIMEOUT_S) == b"again\n"
+
+
+# -- a handoff killed half-stored (issue 20) --------------------------------------------
+
+KILLED_CONFIG = 'listen:\n  - "127.0.0.1:7080"\nshutdown_timeout: 5s\nworkers: {workers}\n'
+# The old process's sendmsg calls in a handoff: the descriptors into the pair (one batch
+# for a few connections), then FDSTORE of pair0-a, pair0-b and, 4th, the state memfd.
+KILL_AT_SENDMSG = 4
+
+
+def _kill_at_the_state(c: Container, pid: int) -> subprocess.Popen[bytes]:
+    """strace from the host on MainPID: its 4th sendmsg (storing the state memfd) fails
+    and SIGKILL ends it, after both ends of its pair were stored."""
+    host_pid = c.host_pid(pid)
+    tracer = subprocess.Popen(
+        [
+            "strace", "-qq", "-o", "/dev/null", "-p", str(host_pid), "-e", "trace=sendmsg",
+            "-e", f"inject=sendmsg:error=EPIPE:signal=SIGKILL:when={KILL_AT_SENDMSG}",
+        ],
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+
+    def attached() -> bool:
+        status = Path(f"/proc/{host_pid}/status").read_text()
+        return any(
+            ln.split()[1] != "0" for ln in status.splitlines() if ln.startswith("TracerPid:")
+        )
+
+    wait_until(attached, WAIT_S, "strace to attach")
+    return tracer
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_handoff_killed_before_its_state_leaves_no_leftovers(
+    c: Container, cursor: str, workers: int
+) -> None:
+    """A restart whose old process is SIGKILLed after storing its pair but before its
+    state: the next process closes the stranded connections (EOF, not a hang), removes
+    the leftovers (the store is empty once it is up) and serves; the restart after that
+    keeps every connection echoing."""
+    if shutil.which("strace") is None:
+        pytest.fail("strace is needed on the host: apt-get install strace")
+    c.write_file("/etc/epolld.yaml", KILLED_CONFIG.format(workers=workers))
+    c.systemctl("start", "epolld")
+    pid = int(c.show("epolld", "MainPID"))
+    stranded = [_connect("127.0.0.1") for _ in range(4)]
+    survivors: list[socket.socket] = []
+    try:
+        for sock in stranded:
+            sock.sendall(b"before\n")
+            assert recv_exactly(sock, 7, IO_TIMEOUT_S) == b"before\n"
+        tracer = _kill_at_the_state(c, pid)
+        c.systemctl("restart", "epolld", check=False)  # its stop ends in a SIGKILL
+        assert tracer.wait(WAIT_S) is not None
+        wait_until(
+            lambda: int(c.show("epolld", "MainPID") or 0) not in (0, pid) or None,
+            WAIT_S,
+            "the next process",
+        )
+        c.wait_for_state("epolld", ["active"], WAIT_S)
+        removed = [e for e in events(c, cursor) if e["event"] == "handoff_leftovers_removed"]
+        assert removed, _journal_tail(c)
+        wait_until(lambda: _store_size(c) == 0 or None, WAIT_S, "an empty fd store")
+        for sock in stranded:  # closed with the leftovers: a FIN (or a reset), not silence
+            with contextlib.suppress(ConnectionResetError):
+                assert sock.recv(10) == b""
+        survivors = [_connect("127.0.0.1") for _ in range(20)]
+        for sock in survivors:
+            sock.sendall(b"one\n")
+            assert recv_exactly(sock, 4, IO_TIMEOUT_S) == b"one\n"
+        pid = int(c.show("epolld", "MainPID"))
+        c.systemctl("restart", "epolld")
+        wait_until(
+            lambda: any(e["event"] == "handoff_complete" for e in events(c, cursor)) or None,
+            WAIT_S,
+            "handoff_complete",
+        )
+        assert int(c.show("epolld", "MainPID")) != pid
+        for sock in survivors:
+            sock.sendall(b"two\n")
+            assert recv_exactly(sock, 4, IO_TIMEOUT_S) == b"two\n"
+        with _connect("127.0.0.1") as fresh:
+            fresh.sendall(b"new\n")
+            assert recv_exactly(fresh, 4, IO_TIMEOUT_S) == b"new\n"
+        wait_until(lambda: _store_size(c) == 0 or None, WAIT_S, "an empty fd store")
+        assert c.show("epolld", "ActiveState") == "active"
+    finally:
+        for sock in [*stranded, *survivors]:
+            sock.close()
