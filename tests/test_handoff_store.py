@@ -171,10 +171,9 @@ def _empty_pair() -> tuple[socket.socket, socket.socket]:
     return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 
 
-def _config(tmp_path: Path, listen: str = "127.0.0.1:0") -> Path:
-    return write_config(
-        tmp_path / "epolld.yaml", {"listen": [listen], "logging": {"level": "info"}}
-    )
+def _config(tmp_path: Path, listen: str = "127.0.0.1:0", workers: int = 1) -> Path:
+    settings = {"listen": [listen], "workers": workers, "logging": {"level": "info"}}
+    return write_config(tmp_path / "epolld.yaml", settings)
 
 
 def _echoes(sock: socket.socket, line: bytes) -> None:
@@ -187,11 +186,12 @@ def _takes_over_beside_leftovers(
     systemd: FakeSystemd,
     daemons: list[Daemon],
     old_env: dict[str, str] | None,
+    workers: int = 1,
 ) -> list[str]:
     """A handoff with an empty old-name pair stored before it: the next process takes over
     every connection, serves new ones, and removes every name. Returns the names the
     first process stored."""
-    config_path = _config(tmp_path)
+    config_path = _config(tmp_path, workers=workers)
     first = _start(config_path, systemd, [], old_env)
     daemons.append(first)
     port = _port(first)
@@ -204,7 +204,9 @@ def _takes_over_beside_leftovers(
         names = [name for name, _ in stored]
         second = _start(config_path, systemd, stored)
         daemons.append(second)
-        complete = second.wait_for("handoff_complete")[0]
+        # With workers, each logs its own (with "worker") besides the supervisor's.
+        logged = second.wait_for("handoff_complete", count=1 + workers if workers > 1 else 1)
+        complete = next(e for e in logged if "worker" not in e)
         assert complete["connections"] == len(clients)
         for sock in clients:
             _echoes(sock, b"after\n")
@@ -219,14 +221,15 @@ def _takes_over_beside_leftovers(
             sock.close()
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_complete_handoff_wins_over_stale_old_name_pairs(
-    tmp_path: Path, systemd: FakeSystemd, daemons: list[Daemon]
+    tmp_path: Path, systemd: FakeSystemd, daemons: list[Daemon], workers: int
 ) -> None:
     """Stale pairs named as the release before generations named them, beside a complete
     handoff: the handoff is taken over (every connection echoes), the stale pairs are
     removed from the store, and the transport's names carry a generation."""
     # PYTHONSAFEPATH: else `-m` puts the working directory (this checkout) first.
-    names = _takes_over_beside_leftovers(tmp_path, systemd, daemons, None)
+    names = _takes_over_beside_leftovers(tmp_path, systemd, daemons, None, workers)
     stale = set(handoff.pair_names(0))
     generations = {name.split("-")[2] for name in names if name not in stale}
     assert len(generations) == 1
@@ -254,9 +257,10 @@ def test_state_from_the_release_without_generations_is_still_read(
     assert handoff.STATE_NAME in names  # the release's own names: not this code's
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("generation", ["", "0badf00d"], ids=["release-names", "generation"])
 def test_pairs_without_a_state_are_removed_and_the_address_bound(
-    tmp_path: Path, systemd: FakeSystemd, daemons: list[Daemon], generation: str
+    tmp_path: Path, systemd: FakeSystemd, daemons: list[Daemon], generation: str, workers: int
 ) -> None:
     """A process killed after storing its pairs but before its state: the next one
     closes what was in flight (the client gets its FIN, the listener its address back),
@@ -272,7 +276,7 @@ def test_pairs_without_a_state_are_removed_and_the_address_bound(
     with client:
         with systemd._cond:
             passed = list(systemd.store)
-        daemon = _start(_config(tmp_path, f"127.0.0.1:{port}"), systemd, passed)
+        daemon = _start(_config(tmp_path, f"127.0.0.1:{port}", workers), systemd, passed)
         daemons.append(daemon)
         systemd.wait_for("READY", "1")
         systemd.wait_removed(set(names))
