@@ -329,18 +329,19 @@ def test_sigkill_restart_starts_afresh(container: Container, debs: dict[str, Pat
 
 KILLED_CONFIG = 'listen:\n  - "127.0.0.1:7080"\nshutdown_timeout: 5s\nworkers: {workers}\n'
 # The old process's sendmsg calls in a handoff: the descriptors into the pair (one batch
-# for a few connections), then FDSTORE of pair0-a, pair0-b and, 4th, the state memfd.
-KILL_AT_SENDMSG = 4
+# for a few connections), FDSTORE of pair0-a, pair0-b, the state memfd, then BARRIER=1.
+BEFORE_THE_STATE = 4
+AFTER_THE_STATE = 5
 
 
-def _kill_at_the_state(c: Container, pid: int) -> subprocess.Popen[bytes]:
-    """strace from the host on MainPID: its 4th sendmsg (storing the state memfd) fails
-    and SIGKILL ends it, after both ends of its pair were stored."""
+def _kill_at(c: Container, pid: int, sendmsg: int) -> subprocess.Popen[bytes]:
+    """strace from the host on MainPID: its sendmsg-th sendmsg fails and SIGKILL ends it
+    (what it stored before stays in the store)."""
     host_pid = c.host_pid(pid)
     tracer = subprocess.Popen(
         [
             "strace", "-qq", "-o", "/dev/null", "-p", str(host_pid), "-e", "trace=sendmsg",
-            "-e", f"inject=sendmsg:error=EPIPE:signal=SIGKILL:when={KILL_AT_SENDMSG}",
+            "-e", f"inject=sendmsg:error=EPIPE:signal=SIGKILL:when={sendmsg}",
         ],
         stdin=subprocess.DEVNULL,
     )  # fmt: skip
@@ -356,13 +357,17 @@ def _kill_at_the_state(c: Container, pid: int) -> subprocess.Popen[bytes]:
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_handoff_killed_before_its_state_leaves_no_leftovers(
-    c: Container, cursor: str, workers: int
+@pytest.mark.parametrize(
+    "kill_at", [BEFORE_THE_STATE, AFTER_THE_STATE], ids=["before-state", "after-state"]
+)
+def test_handoff_killed_while_storing_leaves_no_leftovers(
+    c: Container, cursor: str, workers: int, kill_at: int
 ) -> None:
-    """A restart whose old process is SIGKILLed after storing its pair but before its
-    state: the next process closes the stranded connections (EOF, not a hang), removes
-    the leftovers (the store is empty once it is up) and serves; the restart after that
-    keeps every connection echoing."""
+    """A restart whose old process is SIGKILLed while storing its transport: killed
+    before its state, the next process closes the stranded connections (EOF, not a hang)
+    and removes the leftovers; killed after it, the next one takes every connection
+    over. Either way the store is empty once it is up, new connections are served, and
+    the restart after that keeps every connection echoing."""
     if shutil.which("strace") is None:
         pytest.fail("strace is needed on the host: apt-get install strace")
     c.write_file("/etc/epolld.yaml", KILLED_CONFIG.format(workers=workers))
@@ -374,7 +379,7 @@ def test_handoff_killed_before_its_state_leaves_no_leftovers(
         for sock in stranded:
             sock.sendall(b"before\n")
             assert recv_exactly(sock, 7, IO_TIMEOUT_S) == b"before\n"
-        tracer = _kill_at_the_state(c, pid)
+        tracer = _kill_at(c, pid, kill_at)
         c.systemctl("restart", "epolld", check=False)  # its stop ends in a SIGKILL
         assert tracer.wait(WAIT_S) is not None
         wait_until(
@@ -383,16 +388,26 @@ def test_handoff_killed_before_its_state_leaves_no_leftovers(
             "the next process",
         )
         c.wait_for_state("epolld", ["active"], WAIT_S)
-        removed = [e for e in events(c, cursor) if e["event"] == "handoff_leftovers_removed"]
-        assert removed, _journal_tail(c)
-        wait_until(lambda: _store_size(c) == 0 or None, WAIT_S, "an empty fd store")
-        for sock in stranded:  # closed with the leftovers: a FIN (or a reset), not silence
-            with contextlib.suppress(ConnectionResetError):
-                assert sock.recv(10) == b""
-        survivors = [_connect("127.0.0.1") for _ in range(20)]
+        try:
+            wait_until(lambda: _store_size(c) == 0 or None, WAIT_S, "an empty fd store")
+        except TimeoutError:
+            raise AssertionError(f"{_store_size(c)} stored:\n{_journal_tail(c)}") from None
+        logged = {e["event"] for e in events(c, cursor)}
+        if kill_at == BEFORE_THE_STATE:
+            assert "handoff_leftovers_removed" in logged, _journal_tail(c)
+            for sock in stranded:  # closed with the leftovers: a FIN (or a reset)
+                with contextlib.suppress(ConnectionResetError):
+                    assert sock.recv(10) == b""
+                sock.close()
+        else:
+            assert "handoff_complete" in logged, _journal_tail(c)
+            survivors += stranded
+        stranded = []
+        survivors += [_connect("127.0.0.1") for _ in range(20)]
         for sock in survivors:
             sock.sendall(b"one\n")
             assert recv_exactly(sock, 4, IO_TIMEOUT_S) == b"one\n"
+        cursor = c.journal_cursor()
         pid = int(c.show("epolld", "MainPID"))
         c.systemctl("restart", "epolld")
         wait_until(
