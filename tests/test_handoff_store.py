@@ -289,3 +289,46 @@ def test_pairs_without_a_state_are_removed_and_the_address_bound(
         _echoes(fresh, b"served\n")
     with systemd._cond:
         assert systemd.store == []
+
+
+@pytest.mark.parametrize("held", [False, True], ids=["address-free", "address-held"])
+def test_takeover_without_its_listeners_binds_them_or_fails_loudly(
+    tmp_path: Path, systemd: FakeSystemd, daemons: list[Daemon], held: bool
+) -> None:
+    """A complete handoff whose pairs were emptied (a process that took them died): the
+    next process binds the address afresh and serves; if something else still holds the
+    address, it exits 69 without READY=1 rather than run without a listener."""
+    config_path = _config(tmp_path)
+    first = _start(config_path, systemd, [])
+    daemons.append(first)
+    port = _port(first)
+    _config(tmp_path, f"127.0.0.1:{port}")  # the next process binds this very port
+    stored = _hand_over(first, systemd)
+    receiving = [fd for name, fd in stored if name.endswith("-b")]
+    drained = handoff.receive_descriptors(receiving)  # as a process that died with them
+    kept: list[socket.socket] = []
+    for fd in drained.values():
+        sock = socket.socket(fileno=fd)
+        if held and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            kept.append(sock)  # still listening on the address
+        else:
+            sock.close()
+    try:
+        with systemd._cond:
+            before = len(systemd.messages)
+        second = _start(config_path, systemd, stored)
+        daemons.append(second)
+        if held:
+            assert second.wait() == os.EX_UNAVAILABLE
+            assert "no listener" in (second.proc.stderr.read() if second.proc.stderr else "")
+            with systemd._cond:
+                assert not any(m.get("READY") == "1" for m in systemd.messages[before:])
+        else:
+            systemd.wait_for("READY", "1")
+            second.wait_for("handoff_complete")
+            with connect(port) as fresh:
+                _echoes(fresh, b"bound afresh\n")
+        systemd.wait_removed({name for name, _ in stored})
+    finally:
+        for sock in kept:
+            sock.close()
