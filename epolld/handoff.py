@@ -73,7 +73,7 @@ class HandoffError(Exception):
 
 
 # epolld-handoff-[GEN-](state|pairN-a|pairN-b); no GEN: written before generations.
-_NAME = re.compile(r"(?:([0-9a-f]{8})-)?(state|pair(\d+)-[ab])")
+_NAME = re.compile(r"(?:([0-9a-f]{8})-)?(state|pair\d+-[ab])")
 
 
 def new_generation() -> str:
@@ -486,7 +486,10 @@ def _read_generation(
     if document.get("generation") != generation:
         raise HandoffError(f"the state of {generation} names {document.get('generation')!r}")
     names = {name for _, name, _ in members}
-    for index in range(int(document.get("pairs", 0))):
+    count = document.get("pairs")
+    if not isinstance(count, int):
+        raise HandoffError(f"the state of {generation} does not count its pairs")
+    for index in range(count):
         if not set(pair_names(index, generation)) <= names:
             raise HandoffError(f"pair {index} of the state's transport is missing")
     return document, blob
