@@ -100,6 +100,13 @@ def ensure_tools() -> None:
     _run_host([str(APT_INSTALL), f"systemd-container={version}", "util-linux"])
 
 
+def ensure_host_tool(command: str, package: str) -> None:
+    """Install a package on the host when its command is missing (e.g. strace, which
+    the tests run from the host on a process in the container)."""
+    if shutil.which(command) is None:
+        _run_host([str(APT_INSTALL), package])
+
+
 def rootfs() -> Path:
     """The cached root file system, built first when missing or when its script changed.
 

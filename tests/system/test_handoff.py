@@ -6,7 +6,10 @@ its PROXY header, in each io mode) through the file
 descriptor store, and the next process serves them on; the clients verify every byte
 and see no reset. `systemctl stop` still drains with a FIN, and the store is empty
 whenever no restart is under way. A SIGKILL restart (a crash) closes the connections
-(the kernel does, as the process dies) and starts afresh with an empty store.
+(the kernel does, as the process dies) and starts afresh with an empty store. A restart
+whose old process is SIGKILLed while storing its transport (strace makes its Nth sendmsg
+the last) leaves no leftovers in the store (issue 20): killed before its state, the next
+process closes the stranded connections; killed after it, it takes them over.
 
 The clients run in the container's network namespace (the container fixture enters it).
 """
@@ -16,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import random
-import shutil
 import socket
 import subprocess
 import threading
@@ -25,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from nspawn import Container, wait_until
+from nspawn import Container, ensure_host_tool, wait_until
 from test_deb import UPGRADE_VERSION, _install, container, debs
 from test_service import c as c  # the checkout's units, reset (fixture)
 from test_service import cursor as cursor  # a journal cursor (fixture)
@@ -368,8 +370,7 @@ def test_handoff_killed_while_storing_leaves_no_leftovers(
     and removes the leftovers; killed after it, the next one takes every connection
     over. Either way the store is empty once it is up, new connections are served, and
     the restart after that keeps every connection echoing."""
-    if shutil.which("strace") is None:
-        pytest.fail("strace is needed on the host: apt-get install strace")
+    ensure_host_tool("strace", "strace")
     c.write_file("/etc/epolld.yaml", KILLED_CONFIG.format(workers=workers))
     c.systemctl("start", "epolld")
     pid = int(c.show("epolld", "MainPID"))
