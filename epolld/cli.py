@@ -562,12 +562,13 @@ def run_loop(
     service = EchoService(config, bound, notifier, reload=reload, metrics_listener=metrics_listener)
     try:
         if takeover is not None:
-            _take_over(service, takeover, config, notifier)
+            try:
+                _take_over(service, takeover, config, notifier)
+            except BindError as e:  # without a listener: exit 69, never READY=1
+                return report(e, notifier)
         for lock in takeover.pidfiles if takeover is not None else pidfiles or []:
             service.add_handoff_source(lock)
         return service.run()
-    except BindError:
-        raise  # main() reports it: the exit code says why, not a crash
     except Exception:
         log.exception("loop_crashed")
         notifier.fatal("crashed: see the journal")
