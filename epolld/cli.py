@@ -17,7 +17,7 @@ import structlog
 from epolld import __version__, handoff
 from epolld import config as config_mod
 from epolld.config import Config
-from epolld.errors import ConfigError, EpolldError
+from epolld.errors import BindError, ConfigError, EpolldError
 from epolld.listening import activation
 from epolld.listening import sockets as listeners
 from epolld.listening.listener_set import ListenerSet, adopt_inherited
@@ -161,6 +161,8 @@ def serve(
     logsetup.configure(config.logging.level, config.logging.format)
     if state is not None and state.problem is not None:
         log.warning("handoff_unreadable", reason=state.problem, closed=state.closed)
+    if state is not None:
+        _clear_leftovers(state, notifier)
     if config_error is not None:
         log.error(
             "config_invalid",
@@ -228,6 +230,31 @@ def serve(
         raise
 
 
+def _clear_leftovers(state: handoff.State, notifier: Notifier) -> None:
+    """Remove from the store what no one will take over: other handoffs' leftovers (a
+    process killed while storing), and a transport without records. Else the store
+    would pass them again with every restart."""
+    if state.leftovers:
+        log.warning(
+            "handoff_leftovers_removed",
+            names=state.leftovers,
+            closed=state.leftovers_closed,
+            reason="left in the store by a handoff that did not complete",
+        )
+    for name in [*state.leftovers, *([] if state.records else state.transport)]:
+        notifier.remove_fd(name)
+
+
+def _check_listening(served: int) -> None:
+    """After a takeover: a service without a single listener must not report READY.
+
+    Raises:
+        BindError: none was taken over and none could be bound.
+    """
+    if not served:
+        raise BindError("no listener was handed over and none could be bound")
+
+
 def _resume_workers(
     args: argparse.Namespace,
     config: Config,
@@ -264,6 +291,7 @@ def _resume_workers(
             sockets.commit(plan, release_metrics=_close_metrics)
         except EpolldError as e:
             log.error("handoff_listeners_kept", error=str(e))
+    _check_listening(len(sockets.unique()))
     loop = functools.partial(
         run_loop,
         args,
@@ -363,7 +391,10 @@ def run_loop(
     service = EchoService(config, bound, notifier, reload=reload, metrics_listener=metrics_listener)
     try:
         if takeover is not None:
-            _take_over(service, takeover, config, notifier)
+            try:
+                _take_over(service, takeover, config, notifier)
+            except BindError as e:  # without a listener: exit 69, never READY=1
+                return report(e, notifier)
         for lock in takeover.pidfiles if takeover is not None else pidfiles or []:
             service.add_handoff_source(lock)
         return service.run()
@@ -391,3 +422,5 @@ def _take_over(
             service.reconcile_after_handoff(takeover.previous or config)
         except EpolldError as e:
             log.error("handoff_listeners_kept", error=str(e))
+    stats = service.stats()
+    _check_listening(stats["listeners"] + stats["udp_listeners"])

@@ -15,11 +15,19 @@ What travels, and how:
   their backlog, and a flock(2) lock stays held. When a pair's send buffer is full,
   another pair takes the rest. Records name descriptors by their index in that stream.
 - **The transport** (the memfd and both ends of each pair: a handful of descriptors) is
-  named ``epolld-handoff-*`` and goes either into systemd's file descriptor store (a
+  named ``epolld-handoff-GEN-*``, GEN a random token per handoff that the state repeats,
+  and goes either into systemd's file descriptor store (a
   restart: the next process gets it as LISTEN_FDS) or, without systemd, stays open across
   execv() of the same command line (re-exec in place, same PID). Storing every
   connection in systemd's store instead costs PID 1 time that grows faster than linearly
   (58 s for 9,900, ../NOTES.md): a few descriptors keep its share constant.
+- **Leftovers.** A process killed while storing leaves part of a transport in the store,
+  and systemd passes it again with the next one. FDSTOREREMOVE removes by name, so only a
+  generation in every name tells one handoff's descriptors from another's: the reader
+  takes the newest complete generation (its state reads, every pair it lists came) and
+  drains, closes and removes the rest. The release before generations named its
+  transport ``epolld-handoff-state`` and ``epolld-handoff-pairN-a/-b``: still read, as
+  generation "".
 
 The sending side is failure-atomic up to the point of no return (the store acknowledged,
 or execv): until then it only *copies* descriptors into the pair, so a failure closes the
@@ -33,6 +41,8 @@ import contextlib
 import fcntl
 import json
 import os
+import re
+import secrets
 import socket
 import struct
 import sys
@@ -62,12 +72,34 @@ class HandoffError(Exception):
     """The state could not be written, sent or read; str() says why."""
 
 
-def pair_names(index: int) -> tuple[str, str]:
-    return f"{NAME_PREFIX}pair{index}-a", f"{NAME_PREFIX}pair{index}-b"
+# epolld-handoff-[GEN-](state|pairN-a|pairN-b); no GEN: written before generations.
+_NAME = re.compile(r"(?:([0-9a-f]{8})-)?(state|pair\d+-[ab])")
+
+
+def new_generation() -> str:
+    """A token for one handoff's names: leftovers of another can never share them."""
+    return secrets.token_hex(4)
+
+
+def state_name(generation: str = "") -> str:
+    return f"{NAME_PREFIX}{generation}-state" if generation else STATE_NAME
+
+
+def pair_names(index: int, generation: str = "") -> tuple[str, str]:
+    base = f"{NAME_PREFIX}{generation}-" if generation else NAME_PREFIX
+    return f"{base}pair{index}-a", f"{base}pair{index}-b"
 
 
 def is_handoff_name(name: str) -> bool:
     return name.startswith(NAME_PREFIX)
+
+
+def _generation_of(name: str) -> tuple[str, str] | None:
+    """(generation, "state" or "pair") of a transport name; None if it is not one."""
+    match = _NAME.fullmatch(name[len(NAME_PREFIX) :]) if is_handoff_name(name) else None
+    if match is None:
+        return None
+    return match.group(1) or "", "state" if match.group(2) == "state" else "pair"
 
 
 class StateWriter:
@@ -111,7 +143,8 @@ class StateWriter:
             HandoffError: memfd_create or the write failed.
         """
         try:
-            fd = os.memfd_create("epolld-handoff", os.MFD_CLOEXEC)
+            # Named as stored (visible in /proc/PID/fd): which generation it is.
+            fd = os.memfd_create(state_name(str(meta.get("generation") or "")), os.MFD_CLOEXEC)
         except OSError as e:
             raise HandoffError(f"memfd_create: {e.strerror}") from None
         try:
@@ -172,6 +205,8 @@ class State:
     blob: bytes
     fds: dict[int, int]  # index in the stream -> the descriptor received
     transport: list[str] = field(default_factory=list)  # names to remove from the store
+    leftovers: list[str] = field(default_factory=list)  # other handoffs' names, to remove
+    leftovers_closed: int = 0  # descriptors that were in flight in the leftovers
     used: set[int] = field(default_factory=set)
     problem: str | None = None  # why the state could not be read (its fds are closed)
     closed: int = 0  # descriptors closed for that reason
@@ -231,6 +266,7 @@ class Transport:
 
     memfd: int
     pairs: list[tuple[socket.socket, socket.socket]]
+    generation: str = ""  # in every name, and in the state ("" only in tests of the past)
 
     def named(self) -> list[tuple[str, int]]:
         """(FDNAME, fd) in the order they are stored: pairs first, the state last, so that
@@ -238,9 +274,9 @@ class Transport:
         closes what it received) rather than one end of a pair."""
         named: list[tuple[str, int]] = []
         for index, (a, b) in enumerate(self.pairs):
-            name_a, name_b = pair_names(index)
+            name_a, name_b = pair_names(index, self.generation)
             named += [(name_a, a.fileno()), (name_b, b.fileno())]
-        named.append((STATE_NAME, self.memfd))
+        named.append((state_name(self.generation), self.memfd))
         return named
 
     def close(self) -> None:
@@ -379,34 +415,84 @@ def read_state(memfd: int) -> tuple[dict[str, Any], bytes]:
 def take_state(passed: list[tuple[str, int]]) -> tuple[State | None, list[tuple[str, int]]]:
     """Split what LISTEN_FDS passed into a handoff (if any) and everything else.
 
-    Returns (state or None, the descriptors that are not the handoff's). A transport
-    without a readable state still has its descriptors received and then closed, and
-    State.problem says why (logged by the caller once logging is set up): the
-    connections get a FIN instead of hanging in limbo.
+    Returns (state or None, the descriptors that are not the handoff's). The handoff is
+    the newest complete generation (LISTEN_FDNAMES lists the store newest first); every
+    other handoff name is a leftover: what is in flight in its pairs is received and
+    closed (a FIN for a connection, a listener's address free again), and State.leftovers
+    names them for FDSTOREREMOVE. Without a complete generation the state is empty and
+    State.problem says why (logged by the caller once logging is set up).
     """
-    ours = {name: fd for name, fd in passed if is_handoff_name(name)}
-    rest = [(name, fd) for name, fd in passed if not is_handoff_name(name)]
-    if not ours:
+    groups: dict[str, list[tuple[str, str, int]]] = {}  # generation -> (part, name, fd)
+    rest: list[tuple[str, int]] = []
+    for name, fd in passed:
+        parsed = _generation_of(name)
+        if parsed is None and not is_handoff_name(name):
+            rest.append((name, fd))
+            continue
+        generation, part = parsed or ("?", "unknown")
+        groups.setdefault(generation, []).append((part, name, fd))
+    if not groups:
         return None, rest
-    pair_fds = [fd for name, fd in sorted(ours.items()) if name != STATE_NAME]
-    fds = receive_descriptors(pair_fds)
-    memfd = ours.get(STATE_NAME)
-    problem = "the state memfd is missing" if memfd is None else None
-    document: dict[str, Any] = {}
-    blob = b""
-    if memfd is not None:
+    chosen: tuple[str, dict[str, Any], bytes] | None = None
+    problems: list[str] = []
+    for generation, members in groups.items():
         try:
-            document, blob = read_state(memfd)
+            document, blob = _read_generation(generation, members)
         except HandoffError as e:
-            problem = str(e)
-    for fd in ours.values():
-        os.close(fd)
-    state = State(document, blob, fds, transport=sorted(ours))
-    if problem is not None:
-        state.problem = problem
-        state.closed = state.close_unused()
-        state.document = {"records": []}
+            problems.append(str(e))
+            continue
+        chosen = (generation, document, blob)
+        break
+    state = State({"records": []}, b"", {})
+    leftover_pairs: list[int] = []
+    for generation, members in groups.items():
+        names = list(dict.fromkeys(name for _, name, _ in members))
+        pairs = [fd for part, _, fd in members if part == "pair"]
+        if chosen is not None and generation == chosen[0]:
+            state.document, state.blob = chosen[1], chosen[2]
+            state.fds = receive_descriptors(pairs)
+            state.transport = names
+        else:
+            state.leftovers += names
+            leftover_pairs += pairs
+    stale = receive_descriptors(leftover_pairs)
+    for fd in stale.values():
+        _close_gracefully(fd)
+    state.leftovers_closed = len(stale)
+    for members in groups.values():
+        for _, _, fd in members:
+            os.close(fd)
+    if chosen is None:
+        state.problem = problems[0] if problems else "no handoff state"
+        state.closed = state.leftovers_closed
     return state, rest
+
+
+def _read_generation(
+    generation: str, members: list[tuple[str, str, int]]
+) -> tuple[dict[str, Any], bytes]:
+    """The state of one generation, if it is complete: its memfd reads, it is the state
+    of this generation, and every pair it lists was passed.
+
+    Raises:
+        HandoffError: why this generation cannot be taken over.
+    """
+    memfd = next((fd for part, _, fd in members if part == "state"), None)
+    if memfd is None:
+        raise HandoffError("the state memfd is missing")
+    document, blob = read_state(memfd)
+    if not generation:  # written before generations: no count of pairs to check
+        return document, blob
+    if document.get("generation") != generation:
+        raise HandoffError(f"the state of {generation} names {document.get('generation')!r}")
+    names = {name for _, name, _ in members}
+    count = document.get("pairs")
+    if not isinstance(count, int):
+        raise HandoffError(f"the state of {generation} does not count its pairs")
+    for index in range(count):
+        if not set(pair_names(index, generation)) <= names:
+            raise HandoffError(f"pair {index} of the state's transport is missing")
+    return document, blob
 
 
 def pending(environ: Mapping[str, str]) -> bool:
@@ -582,8 +668,10 @@ def send(
     steps["send"] = round(now_monotonic() - mark, 4)
     mark = now_monotonic()
     transport: Transport | None = None
+    generation = new_generation()
     try:
-        transport = Transport(out.to_memfd(meta), pairs)
+        memfd = out.to_memfd({**meta, "generation": generation, "pairs": len(pairs)})
+        transport = Transport(memfd, pairs, generation)
         steps["state"] = round(now_monotonic() - mark, 4)
         destination.deliver(transport, out, steps)
     except (HandoffError, OSError) as e:

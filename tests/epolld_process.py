@@ -31,6 +31,7 @@ class Daemon:
         env: dict[str, str] | None = None,
         nofile: int | None = None,
         prefix: tuple[str, ...] = (),
+        pass_fds: tuple[int, ...] = (),
     ) -> None:
         self.config_path = config_path
         self.logs: list[dict[str, Any]] = []
@@ -60,6 +61,7 @@ class Daemon:
             start_new_session=True,
             env=env,
             preexec_fn=preexec,
+            pass_fds=pass_fds,
         )
         self.pid = self.proc.pid
         self._reader = threading.Thread(target=self._read, daemon=True)

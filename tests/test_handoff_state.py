@@ -135,3 +135,42 @@ def test_restore_hands_each_kind_to_its_restorer(
         client.sendall(b"still there")
         sock.settimeout(5)
         assert sock.recv(100) == b"still there"
+
+
+def test_incomplete_newer_generation_is_drained_and_the_older_complete_one_taken(
+    tcp_pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """A newer handoff whose state counts a pair that was not passed is a leftover: the
+    connection in flight in it gets a FIN and its names are to be removed, while the
+    older complete handoff beside it is the one taken over."""
+    client, server = tcp_pair
+    old_out = handoff.StateWriter(systemd_keeps_inherited=True)
+    marker = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+    old_out.add({"kind": "marker", "fd": old_out.fd(marker)})
+    older = handoff.Transport(
+        old_out.to_memfd({"generation": "0000000a", "pairs": 1}),
+        handoff.send_descriptors(old_out.fds),
+        "0000000a",
+    )
+    new_out = handoff.StateWriter(systemd_keeps_inherited=True)
+    new_out.add({"kind": "connection", "fd": new_out.fd(server.fileno())})
+    newer = handoff.Transport(
+        new_out.to_memfd({"generation": "0000000b", "pairs": 2}),  # pair 1 never stored
+        handoff.send_descriptors(new_out.fds),
+        "0000000b",
+    )
+    passed = [*_named(newer), *_named(older)]  # newest first, as systemd lists its store
+    for transport in (older, newer):
+        transport.close()
+    server.close()
+    os.close(marker)
+    state, _ = handoff.take_state(passed)
+    assert state is not None
+    assert state.problem is None
+    assert [r["kind"] for r in state.records] == ["marker"]
+    assert sorted(state.transport) == sorted(name for name, _ in older.named())
+    assert sorted(state.leftovers) == sorted(name for name, _ in newer.named())
+    assert state.leftovers_closed == 1
+    client.settimeout(5)
+    assert client.recv(10) == b""
+    state.close_unused()

@@ -100,6 +100,13 @@ def ensure_tools() -> None:
     _run_host([str(APT_INSTALL), f"systemd-container={version}", "util-linux"])
 
 
+def ensure_host_tool(command: str, package: str) -> None:
+    """Install a package on the host when its command is missing (e.g. strace, which
+    the tests run from the host on a process in the container)."""
+    if shutil.which(command) is None:
+        _run_host([str(APT_INSTALL), package])
+
+
 def rootfs() -> Path:
     """The cached root file system, built first when missing or when its script changed.
 
@@ -353,6 +360,29 @@ class Container:
             return self.log_path.read_text(errors="replace")
         except OSError:
             return ""
+
+    def host_pid(self, pid: int) -> int:
+        """The host's PID of the container's process pid (for a host tool such as strace).
+
+        Raises:
+            ContainerError: no such process in the container.
+        """
+        namespace = os.readlink(f"/proc/{self.leader}/ns/pid")
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                status = (entry / "status").read_text()
+                if os.readlink(entry / "ns" / "pid") != namespace:
+                    continue
+            except OSError:
+                continue  # gone meanwhile
+            nspid = next(
+                (ln.split()[1:] for ln in status.splitlines() if ln.startswith("NSpid:")), []
+            )
+            if nspid and nspid[-1] == str(pid):
+                return int(entry.name)
+        raise ContainerError(f"no process {pid} in {self.name}")
 
     # Internals
 

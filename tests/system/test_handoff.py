@@ -6,7 +6,10 @@ its PROXY header, in each io mode) through the file
 descriptor store, and the next process serves them on; the clients verify every byte
 and see no reset. `systemctl stop` still drains with a FIN, and the store is empty
 whenever no restart is under way. A SIGKILL restart (a crash) closes the connections
-(the kernel does, as the process dies) and starts afresh with an empty store.
+(the kernel does, as the process dies) and starts afresh with an empty store. A restart
+whose old process is SIGKILLed while storing its transport (strace makes its Nth sendmsg
+the last) leaves no leftovers in the store (issue 20): killed before its state, the next
+process closes the stranded connections; killed after it, it takes them over.
 
 The clients run in the container's network namespace (the container fixture enters it).
 """
@@ -17,14 +20,18 @@ import contextlib
 import json
 import random
 import socket
+import subprocess
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from nspawn import Container, wait_until
+from nspawn import Container, ensure_host_tool, wait_until
 from test_deb import UPGRADE_VERSION, _install, container, debs
+from test_service import c as c  # the checkout's units, reset (fixture)
+from test_service import cursor as cursor  # a journal cursor (fixture)
+from test_service import events
 
 from tests.traffic import recv_exactly, recv_until_eof
 
@@ -318,3 +325,106 @@ def test_sigkill_restart_starts_afresh(container: Container, debs: dict[str, Pat
     with _connect("127.0.0.1") as fresh:
         fresh.sendall(b"again\n")
         assert recv_exactly(fresh, 6, IO_TIMEOUT_S) == b"again\n"
+
+
+# -- a handoff killed half-stored (issue 20) --------------------------------------------
+
+KILLED_CONFIG = 'listen:\n  - "127.0.0.1:7080"\nshutdown_timeout: 5s\nworkers: {workers}\n'
+# The old process's sendmsg calls in a handoff: the descriptors into the pair (one batch
+# for a few connections), FDSTORE of pair0-a, pair0-b, the state memfd, then BARRIER=1.
+BEFORE_THE_STATE = 4
+AFTER_THE_STATE = 5
+
+
+def _kill_at(c: Container, pid: int, sendmsg: int) -> subprocess.Popen[bytes]:
+    """strace from the host on MainPID: its sendmsg-th sendmsg fails and SIGKILL ends it
+    (what it stored before stays in the store)."""
+    host_pid = c.host_pid(pid)
+    tracer = subprocess.Popen(
+        [
+            "strace", "-qq", "-o", "/dev/null", "-p", str(host_pid), "-e", "trace=sendmsg",
+            "-e", f"inject=sendmsg:error=EPIPE:signal=SIGKILL:when={sendmsg}",
+        ],
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+
+    def attached() -> bool:
+        status = Path(f"/proc/{host_pid}/status").read_text()
+        return any(
+            ln.split()[1] != "0" for ln in status.splitlines() if ln.startswith("TracerPid:")
+        )
+
+    wait_until(attached, WAIT_S, "strace to attach")
+    return tracer
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize(
+    "kill_at", [BEFORE_THE_STATE, AFTER_THE_STATE], ids=["before-state", "after-state"]
+)
+def test_handoff_killed_while_storing_leaves_no_leftovers(
+    c: Container, cursor: str, workers: int, kill_at: int
+) -> None:
+    """A restart whose old process is SIGKILLed while storing its transport: killed
+    before its state, the next process closes the stranded connections (EOF, not a hang)
+    and removes the leftovers; killed after it, the next one takes every connection
+    over. Either way the store is empty once it is up, new connections are served, and
+    the restart after that keeps every connection echoing."""
+    ensure_host_tool("strace", "strace")
+    c.write_file("/etc/epolld.yaml", KILLED_CONFIG.format(workers=workers))
+    c.systemctl("start", "epolld")
+    pid = int(c.show("epolld", "MainPID"))
+    stranded = [_connect("127.0.0.1") for _ in range(4)]
+    survivors: list[socket.socket] = []
+    try:
+        for sock in stranded:
+            sock.sendall(b"before\n")
+            assert recv_exactly(sock, 7, IO_TIMEOUT_S) == b"before\n"
+        tracer = _kill_at(c, pid, kill_at)
+        c.systemctl("restart", "epolld", check=False)  # its stop ends in a SIGKILL
+        assert tracer.wait(WAIT_S) is not None
+        wait_until(
+            lambda: int(c.show("epolld", "MainPID") or 0) not in (0, pid) or None,
+            WAIT_S,
+            "the next process",
+        )
+        c.wait_for_state("epolld", ["active"], WAIT_S)
+        try:
+            wait_until(lambda: _store_size(c) == 0 or None, WAIT_S, "an empty fd store")
+        except TimeoutError:
+            raise AssertionError(f"{_store_size(c)} stored:\n{_journal_tail(c)}") from None
+        logged = {e["event"] for e in events(c, cursor)}
+        if kill_at == BEFORE_THE_STATE:
+            assert "handoff_leftovers_removed" in logged, _journal_tail(c)
+            for sock in stranded:  # closed with the leftovers: a FIN (or a reset)
+                with contextlib.suppress(ConnectionResetError):
+                    assert sock.recv(10) == b""
+                sock.close()
+        else:
+            assert "handoff_complete" in logged, _journal_tail(c)
+            survivors += stranded
+        stranded = []
+        survivors += [_connect("127.0.0.1") for _ in range(20)]
+        for sock in survivors:
+            sock.sendall(b"one\n")
+            assert recv_exactly(sock, 4, IO_TIMEOUT_S) == b"one\n"
+        cursor = c.journal_cursor()
+        pid = int(c.show("epolld", "MainPID"))
+        c.systemctl("restart", "epolld")
+        wait_until(
+            lambda: any(e["event"] == "handoff_complete" for e in events(c, cursor)) or None,
+            WAIT_S,
+            "handoff_complete",
+        )
+        assert int(c.show("epolld", "MainPID")) != pid
+        for sock in survivors:
+            sock.sendall(b"two\n")
+            assert recv_exactly(sock, 4, IO_TIMEOUT_S) == b"two\n"
+        with _connect("127.0.0.1") as fresh:
+            fresh.sendall(b"new\n")
+            assert recv_exactly(fresh, 4, IO_TIMEOUT_S) == b"new\n"
+        wait_until(lambda: _store_size(c) == 0 or None, WAIT_S, "an empty fd store")
+        assert c.show("epolld", "ActiveState") == "active"
+    finally:
+        for sock in [*stranded, *survivors]:
+            sock.close()
