@@ -6,12 +6,14 @@ from __future__ import annotations
 import array
 import contextlib
 import fcntl
+import io
 import json
 import os
 import re
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
@@ -434,12 +436,25 @@ def test_a_socket_nobody_reads_is_not_used(tmp_path: Path, journal_stream: TextI
         dead.close()
 
 
+class Clock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_failed_send_writes_the_line_and_recovers(
     tmp_path: Path, journal: FakeJournal, journal_stream: TextIO
 ) -> None:
     """If sending fails at run time (journald gone), the event is written as a line on stdout;
     once journald listens at the path again, entries go to it again."""
-    configure(journal_stream, journal)
+    clock = Clock()
+    logsetup.configure(
+        "info", "auto", stream=journal_stream, journal_socket=journal.path, clock=clock
+    )
     journal.close()  # journald stops: its socket is gone
     log.error("config_reload_failed", error="bad")
     (line,) = lines(journal_stream)
@@ -448,6 +463,7 @@ def test_failed_send_writes_the_line_and_recovers(
 
     restarted = FakeJournal(Path(journal.path))
     try:
+        clock.now += logsetup.RETRY_S  # the socket is tried again once a second at most
         log.info("listening", address="127.0.0.1:7080")
         assert restarted.receive()["MESSAGE"] == "listening on 127.0.0.1:7080"
     finally:
@@ -517,3 +533,143 @@ def test_close_leaves_a_reused_descriptor_alone(tmp_path: Path, journal: FakeJou
         sock.close()
         os.fstat(reused.fileno())  # still open
         reused.write("still ours")
+
+
+# -- output that takes nothing: journald stopped, a full or broken pipe (issue 20) --------
+
+
+@pytest.fixture
+def pipe_stream(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[int, TextIO]]:
+    """stdout as systemd gives it to a service: the journal stream (here a pipe, read end
+    first), named by JOURNAL_STREAM; structlog is back to its defaults afterwards."""
+    # Drops an earlier test left unreported are reported now, elsewhere.
+    logsetup.configure("info", "json", stream=io.StringIO())
+    log.info("probe")
+    read_fd, write_fd = os.pipe()
+    stream = open(write_fd, "w")  # noqa: SIM115 (closed below, after reconfiguring)
+    monkeypatch.setenv("JOURNAL_STREAM", stream_id(write_fd))
+    try:
+        yield read_fd, stream
+    finally:
+        logsetup.configure("info", "json", stream=sys.stdout)
+        structlog.reset_defaults()
+        with contextlib.suppress(OSError):
+            stream.close()  # its buffer is empty: lines go to the descriptor
+        with contextlib.suppress(OSError):
+            os.close(read_fd)
+
+
+def fill_pipe(write_fd: int) -> None:
+    """Write into a pipe until it has no room left."""
+    os.set_blocking(write_fd, False)
+    try:
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                os.write(write_fd, b"x" * 4096)
+    finally:
+        os.set_blocking(write_fd, True)
+    with contextlib.suppress(BlockingIOError):  # what is left is less than a page
+        os.set_blocking(write_fd, False)
+        os.write(write_fd, b"x" * 1)
+    os.set_blocking(write_fd, True)
+
+
+def drain_pipe(read_fd: int) -> bytes:
+    """Everything a pipe holds now."""
+    os.set_blocking(read_fd, False)
+    chunks = []
+    with contextlib.suppress(BlockingIOError):
+        while chunk := os.read(read_fd, 65536):
+            chunks.append(chunk)
+    os.set_blocking(read_fd, True)
+    return b"".join(chunks)
+
+
+def test_broken_stdout_drops_lines_instead_of_raising(
+    pipe_stream: tuple[int, TextIO],
+) -> None:
+    """With stdout a pipe nobody reads any more (journald stopped), a JSON log line is
+    dropped and counted; the logging call does not raise."""
+    read_fd, stream = pipe_stream
+    os.close(read_fd)
+    logsetup.configure("info", "json", stream=stream)
+    before = logsetup.dropped_lines()
+    log.info("listening", address="127.0.0.1:7080")
+    log.warning("accept_failed", address="127.0.0.1:7080", error="EPERM")
+    assert logsetup.dropped_lines() == before + 2
+
+
+def test_full_stdout_drops_and_reports_once_when_room_comes(
+    pipe_stream: tuple[int, TextIO],
+) -> None:
+    """A line that finds a full pipe is dropped after a bounded wait (the logging call
+    returns); once the reader makes room, lines are written again, the first followed by
+    one log_lines_dropped warning with the count."""
+    read_fd, stream = pipe_stream
+    fill_pipe(stream.fileno())
+    clock = Clock()
+    logsetup.configure("info", "json", stream=stream, clock=clock)
+    before = logsetup.dropped_lines()
+    done = threading.Event()
+
+    def log_two() -> None:
+        log.info("first")
+        log.info("second")  # within RETRY_S: dropped without waiting
+        done.set()
+
+    writer = threading.Thread(target=log_two, daemon=True)
+    writer.start()
+    writer.join(RECV_TIMEOUT_S)
+    assert done.is_set(), "logging to a full pipe must not block"
+    assert logsetup.dropped_lines() == before + 2
+    drain_pipe(read_fd)
+    log.info("third")  # still within RETRY_S of the failure
+    assert drain_pipe(read_fd) == b""
+    clock.now += logsetup.RETRY_S
+    log.info("fourth")
+    log.info("fifth")
+    written = drain_pipe(read_fd).decode().splitlines()
+    assert [line[:3] for line in written] == ["<6>", "<4>", "<6>"]
+    events = [json.loads(line[3:]) for line in written]
+    assert [e["event"] for e in events] == ["fourth", "log_lines_dropped", "fifth"]
+    report = events[1]
+    assert (report["level"], report["dropped"]) == ("warning", 3)
+    assert report["dropped_total"] == logsetup.dropped_lines() == before + 3
+    assert "no room" in report["error"]
+
+
+def test_journal_and_stdout_gone_then_journal_back(
+    journal: FakeJournal, pipe_stream: tuple[int, TextIO]
+) -> None:
+    """journald stopped (socket refused, stdout stream broken): entries are dropped and
+    counted without raising, the socket is not tried again for RETRY_S, and once journald
+    listens again entries reach it, with one log_lines_dropped entry carrying the count."""
+    read_fd, stream = pipe_stream
+    clock = Clock()
+    logsetup.configure("info", "auto", stream=stream, journal_socket=journal.path, clock=clock)
+    assert logsetup.journal_in_use()
+    journal.close()  # journald stops: its socket goes, and its end of our stdout
+    os.close(read_fd)
+    before = logsetup.dropped_lines()
+    log.info("listening", address="127.0.0.1:7080")
+    log.error("config_reload_failed", error="bad")
+    assert logsetup.dropped_lines() == before + 2
+    assert not logsetup.journal_in_use()
+
+    restarted = FakeJournal(Path(journal.path))
+    try:
+        log.info("too_early")  # the socket is tried again after RETRY_S, not per entry
+        assert not restarted.pending()
+        clock.now += logsetup.RETRY_S
+        log.info("listening", address="127.0.0.1:7081")
+        log.info("later")
+        assert logsetup.journal_in_use()
+        received = [restarted.receive() for _ in range(3)]
+        assert not restarted.pending()
+    finally:
+        restarted.close()
+    assert [e["EPOLLD_EVENT"] for e in received] == ["listening", "log_lines_dropped", "later"]
+    report = received[1]
+    assert (report["PRIORITY"], report["EPOLLD_DROPPED"]) == ("4", "3")
+    assert report["EPOLLD_ERROR"] == "Broken pipe"
+    assert report["MESSAGE"].startswith("log_lines_dropped dropped=3")
