@@ -10,10 +10,12 @@ import io
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
@@ -673,3 +675,130 @@ def test_journal_and_stdout_gone_then_journal_back(
     assert (report["PRIORITY"], report["EPOLLD_DROPPED"]) == ("4", "3")
     assert report["EPOLLD_ERROR"] == "Broken pipe"
     assert report["MESSAGE"].startswith("log_lines_dropped dropped=3")
+
+
+# -- the daemon as a subprocess, journald stopped under it -----------------------------------
+
+# The daemon's own /run, with tmp_path's journal directory where journald's socket would be:
+# a private mount namespace (root, or an unprivileged user namespace) rather than a knob.
+PRIVATE_RUN = (
+    'mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/journal && mount --bind "$1" '
+    "/run/systemd/journal && JOURNAL_STREAM=$(stat -L -c %d:%i /proc/$$/fd/1) && "
+    'export JOURNAL_STREAM && shift && exec "$@"'
+)
+PROCESS_WAIT_S = 10.0
+
+
+def epolld_command(config: Path) -> list[str]:
+    return [sys.executable, "-m", "epolld", "--config", str(config)]
+
+
+def unshare_prefix() -> list[str]:
+    """unshare(1) for a private mount namespace, or skip where none can be made."""
+    prefix = ["unshare", "--mount", "--propagation", "private"]
+    if os.geteuid() != 0:
+        prefix.append("--map-root-user")
+    probe = subprocess.run([*prefix, "true"], capture_output=True, timeout=PROCESS_WAIT_S)
+    if probe.returncode != 0:
+        pytest.skip("needs root or unprivileged user namespaces for a private /run")
+    return prefix
+
+
+def entries_until(journal: FakeJournal, event: str) -> list[dict[str, str]]:
+    """Entries received until (and with) the first one of event, for PROCESS_WAIT_S at most."""
+    received = []
+    deadline = time.monotonic() + PROCESS_WAIT_S
+    while time.monotonic() < deadline:
+        received.append(journal.receive())
+        if received[-1]["EPOLLD_EVENT"] == event:
+            return received
+    raise AssertionError(f"no {event} in {[e['EPOLLD_EVENT'] for e in received]}")
+
+
+def echo_once(port: int, payload: bytes) -> None:
+    """One client: send payload, read back exactly it, close."""
+    with socket.create_connection(("127.0.0.1", port), timeout=PROCESS_WAIT_S) as client:
+        client.sendall(payload)
+        received = b""
+        while len(received) < len(payload):
+            chunk = client.recv(65536)
+            assert chunk, "the daemon closed the connection"
+            received += chunk
+        assert received == payload
+
+
+@pytest.mark.slow
+def test_daemon_survives_journald_stopping_and_logs_again_when_it_is_back(
+    tmp_path: Path,
+) -> None:
+    """With journald stopped under a running daemon (its socket gone, stdout a broken pipe),
+    clients keep echoing byte-exact and the daemon stays up; when journald is back, entries
+    reach it again, with one log_lines_dropped entry and the count in the stats; SIGTERM
+    exits 0."""
+    prefix = unshare_prefix()
+    run_dir = tmp_path / "journal"
+    run_dir.mkdir()
+    config = tmp_path / "epolld.yaml"
+    config.write_text('listen: ["127.0.0.1:0"]\nlogging: {level: debug}\n')
+    journal = FakeJournal(run_dir / "socket")
+    read_fd, write_fd = os.pipe()
+    env = {k: v for k, v in os.environ.items() if k not in ("JOURNAL_STREAM", "NOTIFY_SOCKET")}
+    proc = subprocess.Popen(
+        [*prefix, "sh", "-c", PRIVATE_RUN, "sh", str(run_dir), *epolld_command(config)],
+        stdout=write_fd,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+    )
+    os.close(write_fd)
+    restarted = None
+    try:
+        listening = entries_until(journal, "listening")[-1]
+        port = int(listening["EPOLLD_ADDRESS"].rsplit(":", 1)[1])
+        echo_once(port, b"before journald stops\n")
+
+        journal.close()  # journald stops: its socket goes, and its end of every stdout
+        os.close(read_fd)
+        read_fd = -1
+        payload = bytes(range(256)) * 64
+        with socket.create_connection(("127.0.0.1", port), timeout=PROCESS_WAIT_S) as held:
+            for i in range(20):  # each logs connection_opened and connection_closed
+                echo_once(port, payload + str(i).encode())
+            held.sendall(payload)
+            assert recv_exactly_from(held, len(payload)) == payload
+        os.kill(proc.pid, signal.SIGUSR1)  # a stats line, dropped too
+        assert proc.poll() is None, f"the daemon exited with {proc.returncode}"
+
+        restarted = FakeJournal(run_dir / "socket")  # journald is back
+        time.sleep(journald.RETRY_S)  # the daemon tries its socket once a second at most
+        echo_once(port, b"after journald is back\n")
+        os.kill(proc.pid, signal.SIGUSR1)
+        received = entries_until(restarted, "stats")
+        names = [e["EPOLLD_EVENT"] for e in received]
+        assert names.count("log_lines_dropped") == 1, names
+        (report,) = [e for e in received if e["EPOLLD_EVENT"] == "log_lines_dropped"]
+        dropped = int(report["EPOLLD_DROPPED"])
+        assert dropped >= 40, "at least the 20 clients' opened and closed lines"
+        assert report["PRIORITY"] == "4"
+        assert int(received[-1]["EPOLLD_LOG_LINES_DROPPED"]) == dropped
+
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(PROCESS_WAIT_S) == 0
+        assert entries_until(restarted, "shutdown_complete")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(PROCESS_WAIT_S)
+        if read_fd >= 0:
+            os.close(read_fd)
+        journal.close()
+        if restarted is not None:
+            restarted.close()
+
+
+def recv_exactly_from(sock: socket.socket, n: int) -> bytes:
+    """n bytes from sock (or fewer if it closes)."""
+    data = b""
+    while len(data) < n and (chunk := sock.recv(n - len(data))):
+        data += chunk
+    return data
