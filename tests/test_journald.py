@@ -802,3 +802,121 @@ def recv_exactly_from(sock: socket.socket, n: int) -> bytes:
     while len(data) < n and (chunk := sock.recv(n - len(data))):
         data += chunk
     return data
+
+
+# -- daemon.log_file on a full file system ----------------------------------------------------
+
+LOG_FS_BYTES = 64 * 1024
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB tmpfs mounted in tmp_path (root only), unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs to fill up needs root")
+    mount = tmp_path / "logs"
+    mount.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={LOG_FS_BYTES},mode=0755", "tmpfs", str(mount)],
+        check=True,
+        timeout=PROCESS_WAIT_S,
+    )
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False, timeout=PROCESS_WAIT_S)
+
+
+def fill_fs(path: Path) -> None:
+    """Write path until the file system it is on has no room left (ENOSPC)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        with contextlib.suppress(OSError):  # ENOSPC: full
+            for _ in range(2 * LOG_FS_BYTES // 512):
+                os.write(fd, b"f" * 512)
+        with contextlib.suppress(OSError):  # down to the last bytes of a page
+            while True:
+                os.write(fd, b"f")
+    finally:
+        os.close(fd)
+
+
+def pad_to_page(log_file: Path) -> None:
+    """End the log file at a page boundary with a JSON line: once the file system is full,
+    the daemon's next line needs a page there is no room for."""
+    empty = '{"event": "pad", "x": ""}\n'
+    room = -(log_file.stat().st_size + len(empty)) % 4096
+    with open(log_file, "a") as f:
+        f.write(empty.replace('""', '"' + "x" * room + '"'))
+    assert log_file.stat().st_size % 4096 == 0
+
+
+def wait_for_pid(pidfile: Path) -> int:
+    deadline = time.monotonic() + PROCESS_WAIT_S
+    while time.monotonic() < deadline:
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            return int(pidfile.read_text())
+        time.sleep(0.05)
+    raise AssertionError(f"no pid in {pidfile}")
+
+
+def logged(log_file: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in log_file.read_text().splitlines()]
+
+
+def wait_logged(log_file: Path, event: str) -> list[dict[str, object]]:
+    """The log file's events, once one named event is among them (PROCESS_WAIT_S at most)."""
+    deadline = time.monotonic() + PROCESS_WAIT_S
+    while time.monotonic() < deadline:
+        events = logged(log_file)
+        if any(e["event"] == event for e in events):
+            return events
+        time.sleep(0.05)
+    raise AssertionError(f"no {event} in {log_file}")
+
+
+@pytest.mark.slow
+def test_full_log_file_system_drops_lines_and_resumes(tmp_path: Path, small_fs: Path) -> None:
+    """With daemon.log_file on a full file system (ENOSPC), clients keep echoing and the
+    daemon stays up; once space is freed, lines are written again, with one
+    log_lines_dropped line carrying the count and the error."""
+    log_file, pidfile = small_fs / "epolld.log", tmp_path / "epolld.pid"
+    config = tmp_path / "epolld.yaml"
+    config.write_text(
+        'listen: ["127.0.0.1:0"]\nlogging: {level: debug, format: json}\n'
+        f"daemon: {{log_file: {log_file}, pidfile: {pidfile}}}\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "LISTEN_FDS")}
+    subprocess.run(
+        [*epolld_command(config), "--daemon"], env=env, check=True, timeout=PROCESS_WAIT_S
+    )
+    pid = wait_for_pid(pidfile)
+    try:
+        listening = next(e for e in wait_logged(log_file, "listening") if "address" in e)
+        port = int(str(listening["address"]).rsplit(":", 1)[1])
+        filler = small_fs / "filler"
+        pad_to_page(log_file)
+        fill_fs(filler)
+        size = log_file.stat().st_size
+        for i in range(20):  # each logs connection_opened and connection_closed
+            echo_once(port, bytes(range(256)) * 32 + str(i).encode())
+        os.kill(pid, 0)  # still running
+        assert log_file.stat().st_size == size, "the file system was full"
+
+        filler.unlink()
+        time.sleep(logsetup.RETRY_S)  # lines are tried again once a second at most
+        echo_once(port, b"after space was freed\n")
+        events = wait_logged(log_file, "log_lines_dropped")
+        reports = [e for e in events if e["event"] == "log_lines_dropped"]
+        assert len(reports) == 1
+        assert int(str(reports[0]["dropped"])) >= 40, "the 20 clients' opened and closed"
+        assert reports[0]["error"] == "No space left on device"
+        assert reports[0]["level"] == "warning"
+        os.kill(pid, signal.SIGTERM)
+        wait_logged(log_file, "shutdown_complete")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            deadline = time.monotonic() + PROCESS_WAIT_S
+            while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+                time.sleep(0.05)
+            os.kill(pid, signal.SIGKILL)
