@@ -248,6 +248,16 @@ def _output_works() -> None:
         _reporting = False
 
 
+def _forget_drops() -> None:
+    """In a forked child (a worker): the parent's drops are the parent's to count and
+    report; the supervisor adds both."""
+    global _dropped_total, _unreported, _drop_error
+    _dropped_total, _unreported, _drop_error = 0, 0, None
+
+
+os.register_at_fork(after_in_child=_forget_drops)
+
+
 def _is_pipe(fd: int) -> bool:
     try:
         mode = os.fstat(fd).st_mode
