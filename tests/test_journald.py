@@ -10,6 +10,7 @@ import io
 import json
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -920,3 +921,84 @@ def test_full_log_file_system_drops_lines_and_resumes(tmp_path: Path, small_fs: 
             while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
                 time.sleep(0.05)
             os.kill(pid, signal.SIGKILL)
+
+
+def read_events_until(read_fd: int, event: str, count: int = 1) -> list[dict[str, object]]:
+    """JSON lines from a pipe until count events named event have come (PROCESS_WAIT_S)."""
+    events: list[dict[str, object]] = []
+    buffered = b""
+    deadline = time.monotonic() + PROCESS_WAIT_S
+    poller = select.poll()
+    poller.register(read_fd, select.POLLIN)
+    while sum(e["event"] == event for e in events) < count:
+        left = deadline - time.monotonic()
+        assert left > 0, f"no {event} in {events}"
+        assert poller.poll(left * 1000), f"no {event} in {events}"
+        chunk = os.read(read_fd, 65536)
+        assert chunk, f"stdout closed before {event}: {events}"
+        *lines, buffered = (buffered + chunk).split(b"\n")
+        events += [json.loads(line) for line in lines]
+    return events
+
+
+def scrape_dropped(port: int) -> float | None:
+    """epolld_log_lines_dropped_total from the metrics endpoint (None if absent)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=PROCESS_WAIT_S) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        response = recv_until_closed(sock).decode()
+    for line in response.splitlines():
+        if line.startswith("epolld_log_lines_dropped_total "):
+            return float(line.split()[1])
+    return None
+
+
+def recv_until_closed(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.mark.slow
+def test_workers_count_their_dropped_lines_in_the_supervisors_total(tmp_path: Path) -> None:
+    """With workers and stdout a closed pipe, every worker keeps echoing, and the lines they
+    could not write show in the supervisor's epolld_log_lines_dropped_total."""
+    config = tmp_path / "epolld.yaml"
+    config.write_text(
+        'listen: ["127.0.0.1:0"]\nworkers: 2\nlogging: {level: debug, format: json}\n'
+        'metrics: {listen: "127.0.0.1:0"}\n'
+    )
+    read_fd, write_fd = os.pipe()
+    env = {k: v for k, v in os.environ.items() if k not in ("JOURNAL_STREAM", "NOTIFY_SOCKET")}
+    proc = subprocess.Popen(
+        epolld_command(config),
+        stdout=write_fd,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+    )
+    os.close(write_fd)
+    try:
+        events = read_events_until(read_fd, "listening", count=2)  # one per worker
+        address = next(str(e["address"]) for e in events if e["event"] == "listening")
+        port = int(address.rsplit(":", 1)[1])
+        metrics = next(str(e["address"]) for e in events if e["event"] == "metrics_listening")
+        metrics_port = int(metrics.rsplit(":", 1)[1])
+        assert scrape_dropped(metrics_port) == 0
+        os.close(read_fd)
+        read_fd = -1
+        for i in range(20):  # each logs connection_opened and connection_closed in a worker
+            echo_once(port, b"through a worker %d\n" % i)
+        deadline = time.monotonic() + PROCESS_WAIT_S
+        while (dropped := scrape_dropped(metrics_port) or 0) < 40:  # heartbeats bring them
+            assert time.monotonic() < deadline, f"only {dropped} dropped lines counted"
+            time.sleep(0.1)
+        assert proc.poll() is None
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(PROCESS_WAIT_S) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(PROCESS_WAIT_S)
+        if read_fd >= 0:
+            os.close(read_fd)
