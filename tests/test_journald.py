@@ -1002,3 +1002,24 @@ def test_workers_count_their_dropped_lines_in_the_supervisors_total(tmp_path: Pa
         proc.wait(PROCESS_WAIT_S)
         if read_fd >= 0:
             os.close(read_fd)
+
+
+def test_exit_with_a_broken_stdout_is_not_status_120() -> None:
+    """Output still buffered in sys.stdout when the process exits with stdout a closed pipe
+    is dropped: the exit status stays the program's (Python's own final flush would make
+    it 120)."""
+    read_fd, write_fd = os.pipe()
+    os.close(read_fd)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    code = "import sys; import epolld.logsetup; sys.stdout.write('buffered')"
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code],
+            stdout=write_fd,
+            stderr=subprocess.PIPE,
+            env=env,
+            timeout=PROCESS_WAIT_S,
+        )
+    finally:
+        os.close(write_fd)
+    assert (done.returncode, done.stderr) == (0, b"")
