@@ -1023,3 +1023,27 @@ def test_exit_with_a_broken_stdout_is_not_status_120() -> None:
     finally:
         os.close(write_fd)
     assert (done.returncode, done.stderr) == (0, b"")
+
+
+def test_journald_that_does_not_read_cannot_hold_the_loop(
+    journal: FakeJournal, journal_stream: TextIO
+) -> None:
+    """When journald's queue is full and it does not read, a send gives up after a bounded
+    wait and the entry is written on stdout as a line; the logging calls return."""
+    configure(journal_stream, journal)
+    done = threading.Event()
+
+    def log_until_full() -> None:
+        for i in range(5000):  # net.unix.max_dgram_qlen: 10 to 512 queued entries
+            log.info("filler", i=i)
+            if lines(journal_stream):
+                break
+        done.set()
+
+    writer = threading.Thread(target=log_until_full, daemon=True)
+    writer.start()
+    writer.join(RECV_TIMEOUT_S)
+    assert done.is_set(), "a journald that does not read must not hold the logging call"
+    (line,) = lines(journal_stream)
+    assert line.startswith("<6>{")
+    assert json.loads(line[3:])["event"] == "filler"
