@@ -87,9 +87,11 @@ def reopen_log(path: str) -> None:
     except OSError as e:
         log.error("log_reopen_failed", log_file=path, error=e.strerror)
         return
-    # What is buffered still belongs to the old file: nothing lost, nothing written twice.
-    sys.stdout.flush()
-    sys.stderr.flush()
+    # What is buffered still belongs to the old file: nothing lost, nothing written twice
+    # (unless that file is full: then it is dropped, as log lines are; logsetup.py).
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
     os.dup2(fd, sys.stdout.fileno())
     os.dup2(fd, sys.stderr.fileno())
     os.close(fd)

@@ -6,12 +6,17 @@ from __future__ import annotations
 import array
 import contextlib
 import fcntl
+import io
 import json
 import os
 import re
+import select
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
@@ -439,12 +444,25 @@ def test_a_socket_nobody_reads_is_not_used(tmp_path: Path, journal_stream: TextI
         dead.close()
 
 
+class Clock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_failed_send_writes_the_line_and_recovers(
     tmp_path: Path, journal: FakeJournal, journal_stream: TextIO
 ) -> None:
     """If sending fails at run time (journald gone), the event is written as a line on stdout;
     once journald listens at the path again, entries go to it again."""
-    configure(journal_stream, journal)
+    clock = Clock()
+    logsetup.configure(
+        "info", "auto", stream=journal_stream, journal_socket=journal.path, clock=clock
+    )
     journal.close()  # journald stops: its socket is gone
     log.error("config_reload_failed", error="bad")
     (line,) = lines(journal_stream)
@@ -453,6 +471,7 @@ def test_failed_send_writes_the_line_and_recovers(
 
     restarted = FakeJournal(Path(journal.path))
     try:
+        clock.now += logsetup.RETRY_S  # the socket is tried again once a second at most
         log.info("listening", address="127.0.0.1:7080")
         assert restarted.receive()["MESSAGE"] == "listening on 127.0.0.1:7080"
     finally:
@@ -522,3 +541,514 @@ def test_close_leaves_a_reused_descriptor_alone(tmp_path: Path, journal: FakeJou
         sock.close()
         os.fstat(reused.fileno())  # still open
         reused.write("still ours")
+
+
+# -- output that takes nothing: journald stopped, a full or broken pipe (issue 20) --------
+
+
+@pytest.fixture
+def pipe_stream(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[int, TextIO]]:
+    """stdout as systemd gives it to a service: the journal stream (here a pipe, read end
+    first), named by JOURNAL_STREAM; structlog is back to its defaults afterwards."""
+    # Drops an earlier test left unreported are reported now, elsewhere.
+    logsetup.configure("info", "json", stream=io.StringIO())
+    log.info("probe")
+    read_fd, write_fd = os.pipe()
+    stream = open(write_fd, "w")  # noqa: SIM115 (closed below, after reconfiguring)
+    monkeypatch.setenv("JOURNAL_STREAM", stream_id(write_fd))
+    try:
+        yield read_fd, stream
+    finally:
+        logsetup.configure("info", "json", stream=sys.stdout)
+        structlog.reset_defaults()
+        with contextlib.suppress(OSError):
+            stream.close()  # its buffer is empty: lines go to the descriptor
+        with contextlib.suppress(OSError):
+            os.close(read_fd)
+
+
+def fill_pipe(write_fd: int) -> None:
+    """Write into a pipe until it has no room left."""
+    os.set_blocking(write_fd, False)
+    try:
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                os.write(write_fd, b"x" * 4096)
+    finally:
+        os.set_blocking(write_fd, True)
+    with contextlib.suppress(BlockingIOError):  # what is left is less than a page
+        os.set_blocking(write_fd, False)
+        os.write(write_fd, b"x" * 1)
+    os.set_blocking(write_fd, True)
+
+
+def drain_pipe(read_fd: int) -> bytes:
+    """Everything a pipe holds now."""
+    os.set_blocking(read_fd, False)
+    chunks = []
+    with contextlib.suppress(BlockingIOError):
+        while chunk := os.read(read_fd, 65536):
+            chunks.append(chunk)
+    os.set_blocking(read_fd, True)
+    return b"".join(chunks)
+
+
+def test_broken_stdout_drops_lines_instead_of_raising(
+    pipe_stream: tuple[int, TextIO],
+) -> None:
+    """With stdout a pipe nobody reads any more (journald stopped), a JSON log line is
+    dropped and counted; the logging call does not raise."""
+    read_fd, stream = pipe_stream
+    os.close(read_fd)
+    logsetup.configure("info", "json", stream=stream)
+    before = logsetup.dropped_lines()
+    log.info("listening", address="127.0.0.1:7080")
+    log.warning("accept_failed", address="127.0.0.1:7080", error="EPERM")
+    assert logsetup.dropped_lines() == before + 2
+
+
+def test_full_stdout_drops_and_reports_once_when_room_comes(
+    pipe_stream: tuple[int, TextIO],
+) -> None:
+    """A line that finds a full pipe is dropped after a bounded wait (the logging call
+    returns); once the reader makes room, lines are written again, the first followed by
+    one log_lines_dropped warning with the count."""
+    read_fd, stream = pipe_stream
+    fill_pipe(stream.fileno())
+    clock = Clock()
+    logsetup.configure("info", "json", stream=stream, clock=clock)
+    before = logsetup.dropped_lines()
+    done = threading.Event()
+
+    def log_two() -> None:
+        log.info("first")
+        log.info("second")  # within RETRY_S: dropped without waiting
+        done.set()
+
+    writer = threading.Thread(target=log_two, daemon=True)
+    writer.start()
+    writer.join(RECV_TIMEOUT_S)
+    assert done.is_set(), "logging to a full pipe must not block"
+    assert logsetup.dropped_lines() == before + 2
+    drain_pipe(read_fd)
+    log.info("third")  # still within RETRY_S of the failure
+    assert drain_pipe(read_fd) == b""
+    clock.now += logsetup.RETRY_S
+    log.info("fourth")
+    log.info("fifth")
+    written = drain_pipe(read_fd).decode().splitlines()
+    assert [line[:3] for line in written] == ["<6>", "<4>", "<6>"]
+    events = [json.loads(line[3:]) for line in written]
+    assert [e["event"] for e in events] == ["fourth", "log_lines_dropped", "fifth"]
+    report = events[1]
+    assert (report["level"], report["dropped"]) == ("warning", 3)
+    assert report["dropped_total"] == logsetup.dropped_lines() == before + 3
+    assert "no room" in report["error"]
+
+
+def test_journal_and_stdout_gone_then_journal_back(
+    journal: FakeJournal, pipe_stream: tuple[int, TextIO]
+) -> None:
+    """journald stopped (socket refused, stdout stream broken): entries are dropped and
+    counted without raising, the socket is not tried again for RETRY_S, and once journald
+    listens again entries reach it, with one log_lines_dropped entry carrying the count."""
+    read_fd, stream = pipe_stream
+    clock = Clock()
+    logsetup.configure("info", "auto", stream=stream, journal_socket=journal.path, clock=clock)
+    assert logsetup.journal_in_use()
+    journal.close()  # journald stops: its socket goes, and its end of our stdout
+    os.close(read_fd)
+    before = logsetup.dropped_lines()
+    log.info("listening", address="127.0.0.1:7080")
+    log.error("config_reload_failed", error="bad")
+    assert logsetup.dropped_lines() == before + 2
+    assert not logsetup.journal_in_use()
+
+    restarted = FakeJournal(Path(journal.path))
+    try:
+        log.info("too_early")  # the socket is tried again after RETRY_S, not per entry
+        assert not restarted.pending()
+        clock.now += logsetup.RETRY_S
+        log.info("listening", address="127.0.0.1:7081")
+        log.info("later")
+        assert logsetup.journal_in_use()
+        received = [restarted.receive() for _ in range(3)]
+        assert not restarted.pending()
+    finally:
+        restarted.close()
+    assert [e["EPOLLD_EVENT"] for e in received] == ["listening", "log_lines_dropped", "later"]
+    report = received[1]
+    assert (report["PRIORITY"], report["EPOLLD_DROPPED"]) == ("4", "3")
+    assert report["EPOLLD_ERROR"] == "Broken pipe"
+    assert report["MESSAGE"].startswith("log_lines_dropped dropped=3")
+
+
+# -- the daemon as a subprocess, journald stopped under it -----------------------------------
+
+# The daemon's own /run, with tmp_path's journal directory where journald's socket would be:
+# a private mount namespace (root, or an unprivileged user namespace) rather than a knob.
+PRIVATE_RUN = (
+    'mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/journal && mount --bind "$1" '
+    "/run/systemd/journal && JOURNAL_STREAM=$(stat -L -c %d:%i /proc/$$/fd/1) && "
+    'export JOURNAL_STREAM && shift && exec "$@"'
+)
+PROCESS_WAIT_S = 10.0
+
+
+def epolld_command(config: Path) -> list[str]:
+    return [sys.executable, "-m", "epolld", "--config", str(config)]
+
+
+def unshare_prefix() -> list[str]:
+    """unshare(1) for a private mount namespace, or skip where none can be made."""
+    prefix = ["unshare", "--mount", "--propagation", "private"]
+    if os.geteuid() != 0:
+        prefix.append("--map-root-user")
+    probe = subprocess.run([*prefix, "true"], capture_output=True, timeout=PROCESS_WAIT_S)
+    if probe.returncode != 0:
+        pytest.skip("needs root or unprivileged user namespaces for a private /run")
+    return prefix
+
+
+def entries_until(journal: FakeJournal, event: str) -> list[dict[str, str]]:
+    """Entries received until (and with) the first one of event, for PROCESS_WAIT_S at most."""
+    received = []
+    deadline = time.monotonic() + PROCESS_WAIT_S
+    while time.monotonic() < deadline:
+        received.append(journal.receive())
+        if received[-1]["EPOLLD_EVENT"] == event:
+            return received
+    raise AssertionError(f"no {event} in {[e['EPOLLD_EVENT'] for e in received]}")
+
+
+def echo_once(port: int, payload: bytes) -> None:
+    """One client: send payload, read back exactly it, close."""
+    with socket.create_connection(("127.0.0.1", port), timeout=PROCESS_WAIT_S) as client:
+        client.sendall(payload)
+        received = b""
+        while len(received) < len(payload):
+            chunk = client.recv(65536)
+            assert chunk, "the daemon closed the connection"
+            received += chunk
+        assert received == payload
+
+
+@pytest.mark.slow
+def test_daemon_survives_journald_stopping_and_logs_again_when_it_is_back(
+    tmp_path: Path,
+) -> None:
+    """With journald stopped under a running daemon (its socket gone, stdout a broken pipe),
+    clients keep echoing byte-exact and the daemon stays up; when journald is back, entries
+    reach it again, with one log_lines_dropped entry and the count in the stats; SIGTERM
+    exits 0."""
+    prefix = unshare_prefix()
+    run_dir = tmp_path / "journal"
+    run_dir.mkdir()
+    config = tmp_path / "epolld.yaml"
+    config.write_text('listen: ["127.0.0.1:0"]\nlogging: {level: debug}\n')
+    journal = FakeJournal(run_dir / "socket")
+    read_fd, write_fd = os.pipe()
+    env = {k: v for k, v in os.environ.items() if k not in ("JOURNAL_STREAM", "NOTIFY_SOCKET")}
+    proc = subprocess.Popen(
+        [*prefix, "sh", "-c", PRIVATE_RUN, "sh", str(run_dir), *epolld_command(config)],
+        stdout=write_fd,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+    )
+    os.close(write_fd)
+    restarted = None
+    try:
+        listening = entries_until(journal, "listening")[-1]
+        port = int(listening["EPOLLD_ADDRESS"].rsplit(":", 1)[1])
+        echo_once(port, b"before journald stops\n")
+
+        journal.close()  # journald stops: its socket goes, and its end of every stdout
+        os.close(read_fd)
+        read_fd = -1
+        payload = bytes(range(256)) * 64
+        with socket.create_connection(("127.0.0.1", port), timeout=PROCESS_WAIT_S) as held:
+            for i in range(20):  # each logs connection_opened and connection_closed
+                echo_once(port, payload + str(i).encode())
+            held.sendall(payload)
+            assert recv_exactly_from(held, len(payload)) == payload
+        os.kill(proc.pid, signal.SIGUSR1)  # a stats line, dropped too
+        assert proc.poll() is None, f"the daemon exited with {proc.returncode}"
+
+        restarted = FakeJournal(run_dir / "socket")  # journald is back
+        time.sleep(journald.RETRY_S)  # the daemon tries its socket once a second at most
+        echo_once(port, b"after journald is back\n")
+        os.kill(proc.pid, signal.SIGUSR1)
+        received = entries_until(restarted, "stats")
+        names = [e["EPOLLD_EVENT"] for e in received]
+        assert names.count("log_lines_dropped") == 1, names
+        (report,) = [e for e in received if e["EPOLLD_EVENT"] == "log_lines_dropped"]
+        dropped = int(report["EPOLLD_DROPPED"])
+        assert dropped >= 40, "at least the 20 clients' opened and closed lines"
+        assert report["PRIORITY"] == "4"
+        assert int(received[-1]["EPOLLD_LOG_LINES_DROPPED"]) == dropped
+
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(PROCESS_WAIT_S) == 0
+        assert entries_until(restarted, "shutdown_complete")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(PROCESS_WAIT_S)
+        if read_fd >= 0:
+            os.close(read_fd)
+        journal.close()
+        if restarted is not None:
+            restarted.close()
+
+
+def recv_exactly_from(sock: socket.socket, n: int) -> bytes:
+    """n bytes from sock (or fewer if it closes)."""
+    data = b""
+    while len(data) < n and (chunk := sock.recv(n - len(data))):
+        data += chunk
+    return data
+
+
+# -- daemon.log_file on a full file system ----------------------------------------------------
+
+LOG_FS_BYTES = 64 * 1024
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB tmpfs mounted in tmp_path (root only), unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs to fill up needs root")
+    mount = tmp_path / "logs"
+    mount.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={LOG_FS_BYTES},mode=0755", "tmpfs", str(mount)],
+        check=True,
+        timeout=PROCESS_WAIT_S,
+    )
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False, timeout=PROCESS_WAIT_S)
+
+
+def fill_fs(path: Path) -> None:
+    """Write path until the file system it is on has no room left (ENOSPC)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        with contextlib.suppress(OSError):  # ENOSPC: full
+            for _ in range(2 * LOG_FS_BYTES // 512):
+                os.write(fd, b"f" * 512)
+        with contextlib.suppress(OSError):  # down to the last bytes of a page
+            while True:
+                os.write(fd, b"f")
+    finally:
+        os.close(fd)
+
+
+def pad_to_page(log_file: Path) -> None:
+    """End the log file at a page boundary with a JSON line: once the file system is full,
+    the daemon's next line needs a page there is no room for."""
+    empty = '{"event": "pad", "x": ""}\n'
+    room = -(log_file.stat().st_size + len(empty)) % 4096
+    with open(log_file, "a") as f:
+        f.write(empty.replace('""', '"' + "x" * room + '"'))
+    assert log_file.stat().st_size % 4096 == 0
+
+
+def wait_for_pid(pidfile: Path) -> int:
+    deadline = time.monotonic() + PROCESS_WAIT_S
+    while time.monotonic() < deadline:
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            return int(pidfile.read_text())
+        time.sleep(0.05)
+    raise AssertionError(f"no pid in {pidfile}")
+
+
+def logged(log_file: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in log_file.read_text().splitlines()]
+
+
+def wait_logged(log_file: Path, event: str) -> list[dict[str, object]]:
+    """The log file's events, once one named event is among them (PROCESS_WAIT_S at most)."""
+    deadline = time.monotonic() + PROCESS_WAIT_S
+    while time.monotonic() < deadline:
+        events = logged(log_file)
+        if any(e["event"] == event for e in events):
+            return events
+        time.sleep(0.05)
+    raise AssertionError(f"no {event} in {log_file}")
+
+
+@pytest.mark.slow
+def test_full_log_file_system_drops_lines_and_resumes(tmp_path: Path, small_fs: Path) -> None:
+    """With daemon.log_file on a full file system (ENOSPC), clients keep echoing and the
+    daemon stays up; once space is freed, lines are written again, with one
+    log_lines_dropped line carrying the count and the error."""
+    log_file, pidfile = small_fs / "epolld.log", tmp_path / "epolld.pid"
+    config = tmp_path / "epolld.yaml"
+    config.write_text(
+        'listen: ["127.0.0.1:0"]\nlogging: {level: debug, format: json}\n'
+        f"daemon: {{log_file: {log_file}, pidfile: {pidfile}}}\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "LISTEN_FDS")}
+    subprocess.run(
+        [*epolld_command(config), "--daemon"], env=env, check=True, timeout=PROCESS_WAIT_S
+    )
+    pid = wait_for_pid(pidfile)
+    try:
+        listening = next(e for e in wait_logged(log_file, "listening") if "address" in e)
+        port = int(str(listening["address"]).rsplit(":", 1)[1])
+        filler = small_fs / "filler"
+        pad_to_page(log_file)
+        fill_fs(filler)
+        size = log_file.stat().st_size
+        for i in range(20):  # each logs connection_opened and connection_closed
+            echo_once(port, bytes(range(256)) * 32 + str(i).encode())
+        os.kill(pid, 0)  # still running
+        assert log_file.stat().st_size == size, "the file system was full"
+
+        filler.unlink()
+        time.sleep(logsetup.RETRY_S)  # lines are tried again once a second at most
+        echo_once(port, b"after space was freed\n")
+        events = wait_logged(log_file, "log_lines_dropped")
+        reports = [e for e in events if e["event"] == "log_lines_dropped"]
+        assert len(reports) == 1
+        assert int(str(reports[0]["dropped"])) >= 40, "the 20 clients' opened and closed"
+        assert reports[0]["error"] == "No space left on device"
+        assert reports[0]["level"] == "warning"
+        os.kill(pid, signal.SIGTERM)
+        wait_logged(log_file, "shutdown_complete")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            deadline = time.monotonic() + PROCESS_WAIT_S
+            while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+                time.sleep(0.05)
+            os.kill(pid, signal.SIGKILL)
+
+
+def read_events_until(read_fd: int, event: str, count: int = 1) -> list[dict[str, object]]:
+    """JSON lines from a pipe until count events named event have come (PROCESS_WAIT_S)."""
+    events: list[dict[str, object]] = []
+    buffered = b""
+    deadline = time.monotonic() + PROCESS_WAIT_S
+    poller = select.poll()
+    poller.register(read_fd, select.POLLIN)
+    while sum(e["event"] == event for e in events) < count:
+        left = deadline - time.monotonic()
+        assert left > 0, f"no {event} in {events}"
+        assert poller.poll(left * 1000), f"no {event} in {events}"
+        chunk = os.read(read_fd, 65536)
+        assert chunk, f"stdout closed before {event}: {events}"
+        *lines, buffered = (buffered + chunk).split(b"\n")
+        events += [json.loads(line) for line in lines]
+    return events
+
+
+def scrape_dropped(port: int) -> float | None:
+    """epolld_log_lines_dropped_total from the metrics endpoint (None if absent)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=PROCESS_WAIT_S) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        response = recv_until_closed(sock).decode()
+    for line in response.splitlines():
+        if line.startswith("epolld_log_lines_dropped_total "):
+            return float(line.split()[1])
+    return None
+
+
+def recv_until_closed(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.mark.slow
+def test_workers_count_their_dropped_lines_in_the_supervisors_total(tmp_path: Path) -> None:
+    """With workers and stdout a closed pipe, every worker keeps echoing, and the lines they
+    could not write show in the supervisor's epolld_log_lines_dropped_total."""
+    config = tmp_path / "epolld.yaml"
+    config.write_text(
+        'listen: ["127.0.0.1:0"]\nworkers: 2\nlogging: {level: debug, format: json}\n'
+        'metrics: {listen: "127.0.0.1:0"}\n'
+    )
+    read_fd, write_fd = os.pipe()
+    env = {k: v for k, v in os.environ.items() if k not in ("JOURNAL_STREAM", "NOTIFY_SOCKET")}
+    proc = subprocess.Popen(
+        epolld_command(config),
+        stdout=write_fd,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+    )
+    os.close(write_fd)
+    try:
+        events = read_events_until(read_fd, "listening", count=2)  # one per worker
+        address = next(str(e["address"]) for e in events if e["event"] == "listening")
+        port = int(address.rsplit(":", 1)[1])
+        metrics = next(str(e["address"]) for e in events if e["event"] == "metrics_listening")
+        metrics_port = int(metrics.rsplit(":", 1)[1])
+        assert scrape_dropped(metrics_port) == 0
+        os.close(read_fd)
+        read_fd = -1
+        for i in range(20):  # each logs connection_opened and connection_closed in a worker
+            echo_once(port, b"through a worker %d\n" % i)
+        deadline = time.monotonic() + PROCESS_WAIT_S
+        while (dropped := scrape_dropped(metrics_port) or 0) < 40:  # heartbeats bring them
+            assert time.monotonic() < deadline, f"only {dropped} dropped lines counted"
+            time.sleep(0.1)
+        assert proc.poll() is None
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(PROCESS_WAIT_S) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(PROCESS_WAIT_S)
+        if read_fd >= 0:
+            os.close(read_fd)
+
+
+def test_exit_with_a_broken_stdout_is_not_status_120() -> None:
+    """Output still buffered in sys.stdout when the process exits with stdout a closed pipe
+    is dropped: the exit status stays the program's (Python's own final flush would make
+    it 120)."""
+    read_fd, write_fd = os.pipe()
+    os.close(read_fd)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    code = "import sys; import epolld.observability.logsetup; sys.stdout.write('buffered')"
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code],
+            stdout=write_fd,
+            stderr=subprocess.PIPE,
+            env=env,
+            timeout=PROCESS_WAIT_S,
+        )
+    finally:
+        os.close(write_fd)
+    assert (done.returncode, done.stderr) == (0, b"")
+
+
+def test_journald_that_does_not_read_cannot_hold_the_loop(
+    journal: FakeJournal, journal_stream: TextIO
+) -> None:
+    """When journald's queue is full and it does not read, a send gives up after a bounded
+    wait and the entry is written on stdout as a line; the logging calls return."""
+    configure(journal_stream, journal)
+    done = threading.Event()
+
+    def log_until_full() -> None:
+        for i in range(5000):  # net.unix.max_dgram_qlen: 10 to 512 queued entries
+            log.info("filler", i=i)
+            if lines(journal_stream):
+                break
+        done.set()
+
+    writer = threading.Thread(target=log_until_full, daemon=True)
+    writer.start()
+    writer.join(RECV_TIMEOUT_S)
+    assert done.is_set(), "a journald that does not read must not hold the logging call"
+    (line,) = lines(journal_stream)
+    assert line.startswith("<6>{")
+    assert json.loads(line[3:])["event"] == "filler"

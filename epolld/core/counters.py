@@ -87,3 +87,5 @@ class Snapshot:
     accept_paused: bool
     udp: UdpTotals | None = None  # None: no UDP echo configured
     proxy_header_errors: Mapping[str, int] | None = None  # by reason; None: no PROXY listener
+    # Log lines that could not be written (logsetup.dropped_lines()); None: not reported.
+    log_lines_dropped: int | None = None

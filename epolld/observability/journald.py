@@ -15,10 +15,12 @@ systemd.exec(5)), each log event becomes one journal entry sent as one datagram 
   which a venv would have to build against libsystemd-dev, for about a hundred lines of
   documented, stable protocol.
 
-If the socket cannot be used, logsetup keeps writing lines on stdout with a "<N>" priority
-prefix (SyslogLevelPrefix=, sd-daemon(3)); an entry whose send fails at run time is written
-as such a line too, so nothing is lost. A redirected stdout (a terminal, a file, a child
-whose stdout was redirected) is not the journal and gets neither.
+An entry the socket does not take (journald stopped, or not listening yet) is written on
+stdout instead as a line with a "<N>" priority prefix (SyslogLevelPrefix=, sd-daemon(3)),
+which logsetup writes or drops and counts (with journald stopped, stdout is a broken pipe
+too). The socket is then tried again at most once every RETRY_S, not per entry, and entries
+go to it again as soon as journald is back. A redirected stdout (a terminal, a file, a
+child whose stdout was redirected) is not the journal and gets neither.
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ import os
 import re
 import socket
 import stat
+import struct
+import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TextIO
+from typing import Any
 
 SOCKET_PATH = "/run/systemd/journal/socket"
 IDENTIFIER = "epolld"
@@ -42,6 +46,11 @@ FIELD_NAME_MAX = 64  # journald drops fields with longer names (journal_field_va
 # sd-journal asks for 8 MiB so that a burst of entries does not block; the kernel caps it
 # at net.core.wmem_max (and doubles it). Larger entries go through a memfd.
 SEND_BUFFER_BYTES = 8 * 1024 * 1024
+# A journald that does not read (hung, stopped by a signal) holds a send this long at most
+# (SO_SNDTIMEO), then the entry is written as a line; and RETRY_S passes before the socket
+# is tried again: the loop waits at most WAIT_S in every RETRY_S for it.
+WAIT_S = 0.1
+RETRY_S = 1.0
 READABLE_VALUE_MAX = 200  # characters of a value in a default MESSAGE
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
 
@@ -236,8 +245,9 @@ class JournalSocket:
 
     Unconnected, with the address on every send: a restarted journald binds a new socket at
     the same path, which a connected socket would never reach again. Blocking, as
-    sd_journal_sendv() is: a slow journald delays us as a full stdout stream would, and
-    net.unix.max_dgram_qlen is often 10, so a non-blocking send would fail in any burst.
+    sd_journal_sendv() is, since net.unix.max_dgram_qlen is often 10 and a non-blocking send
+    would fail in any burst; but for WAIT_S at most (SO_SNDTIMEO), so that a journald that
+    does not read cannot hold the loop.
     """
 
     def __init__(self, path: str = SOCKET_PATH) -> None:
@@ -246,6 +256,10 @@ class JournalSocket:
         # Refused or capped: the default buffer works too, larger entries use a memfd.
         with contextlib.suppress(OSError):
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+        # struct timeval; the socket stays blocking for Python (a timeout would poll, which
+        # an unconnected datagram socket answers at once however full journald's queue is).
+        timeout = struct.pack("@ll", 0, round(WAIT_S * 1_000_000))
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeout)
         st = os.fstat(self._sock.fileno())
         self._identity = (st.st_dev, st.st_ino)
 
@@ -254,9 +268,9 @@ class JournalSocket:
         """SO_SNDBUF as the kernel granted it: a larger entry is sent in a memfd."""
         return int(self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
 
-    @classmethod
-    def open(cls, path: str = SOCKET_PATH) -> JournalSocket | None:
-        """A socket to journald at path, or None when nothing listens there.
+    @staticmethod
+    def reachable(path: str) -> bool:
+        """Whether journald listens at path.
 
         Probes with connect() on a throwaway socket, which fails at once (ENOENT,
         ECONNREFUSED, EACCES) without writing an entry.
@@ -264,9 +278,9 @@ class JournalSocket:
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as probe:
                 probe.connect(path)
-            return cls(path)
+            return True
         except OSError:
-            return None
+            return False
 
     def send(self, payload: bytes) -> bool:
         """Send one entry; False if journald could not be reached (the caller keeps it)."""
@@ -320,31 +334,45 @@ class JournalSocket:
 class JournalLogger:
     """A structlog logger whose events are journal entries.
 
-    The final processor hands over the event dict (see to_journal()); an entry that cannot be
-    sent is written to stream as fallback(event_dict) instead, so no event is lost.
+    The final processor hands over the event dict (see to_journal()); an entry that the
+    socket does not take is written as a line, fallback(event_dict), instead. After such a
+    failure the socket is left alone for RETRY_S: one failed send a second at most, not one
+    per entry, while journald is away.
 
     Args:
         journal: where entries go.
-        stream: stdout, for the fallback lines.
+        write_line: writes a fallback line (stdout); never raises.
         fallback: renders an event as one line (without the newline).
+        on_sent: called after each entry the journal took.
+        clock: monotonic seconds (tests pass their own).
     """
 
     def __init__(
         self,
         journal: JournalSocket,
-        stream: TextIO,
+        write_line: Callable[[str], None],
         fallback: Callable[[dict[str, Any]], str],
+        on_sent: Callable[[], None] = lambda: None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.journal = journal
-        self._stream = stream
+        self._write_line = write_line
         self._fallback = fallback
+        self._on_sent = on_sent
+        self._clock = clock
+        self._retry_at = 0.0
+        self.journal_up = JournalSocket.reachable(journal.path)
 
     def msg(self, event_dict: dict[str, Any]) -> None:
-        """Send one event as one entry, or write it as a line if that fails."""
-        if self.journal.send(encode_entry(entry_fields(event_dict))):
-            return
-        self._stream.write(self._fallback(event_dict) + "\n")
-        self._stream.flush()
+        """Send one event as one entry, or write it as a line if the journal is away."""
+        now = self._clock()
+        if now >= self._retry_at:
+            self.journal_up = self.journal.send(encode_entry(entry_fields(event_dict)))
+            if self.journal_up:
+                self._on_sent()
+                return
+            self._retry_at = now + RETRY_S
+        self._write_line(self._fallback(event_dict))
 
     debug = info = warning = warn = error = critical = fatal = exception = msg
 

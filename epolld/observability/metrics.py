@@ -146,6 +146,12 @@ class EchoCollector(Collector):
             "0 if the last reload failed (the previous configuration runs), else 1.",
             value=int(c.last_reload_ok),
         )
+        if s.log_lines_dropped is not None:
+            yield CounterMetricFamily(
+                "epolld_log_lines_dropped_total",
+                "Log lines dropped because stdout, the journal or the log file took none.",
+                value=s.log_lines_dropped,
+            )
         if s.udp is not None:
             yield CounterMetricFamily(
                 "epolld_udp_datagrams_received_total",

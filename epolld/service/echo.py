@@ -1101,6 +1101,7 @@ class EchoService:
             proxy_header_errors=dict(self._header_errors.counts)
             if any(lst.proxy_protocol for lst in self.listeners)
             else None,
+            log_lines_dropped=logsetup.dropped_lines(),
         )
 
     # -- reporting -----------------------------------------------------------------
@@ -1130,6 +1131,7 @@ class EchoService:
             "proxy_reading": len(self._readers),
             "proxy_headers_read": self._headers_read,
             "proxy_header_errors": dict(self._header_errors.counts),
+            "log_lines_dropped": logsetup.dropped_lines(),
         }
 
     def _on_stats_signal(self, signum: int) -> None:

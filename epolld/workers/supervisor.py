@@ -863,6 +863,8 @@ class Supervisor:
                     part = total.setdefault(key, {})
                     for reason, n in value.items():
                         part[reason] = part.get(reason, 0) + int(n)
+        # The workers' (summed above, exited ones' too) and this process's own.
+        total["log_lines_dropped"] = total.get("log_lines_dropped", 0) + logsetup.dropped_lines()
         for key in ("listeners", "udp_listeners"):  # every worker serves every address
             total[key] = max((int(s.stats.get(key, 0)) for s in live), default=0)
         return {
@@ -917,6 +919,7 @@ class Supervisor:
             proxy_header_errors=stats.get("proxy_header_errors")
             if any(lst.proxy_protocol for lst in self._slots[0].listeners)
             else None,
+            log_lines_dropped=stats["log_lines_dropped"],
         )
 
     def _status_line(self) -> str:

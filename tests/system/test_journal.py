@@ -270,3 +270,61 @@ def test_traceback_and_large_entry_are_one_entry_each(c: Container) -> None:
     assert len(large["EPOLLD_BLOB"]) == int(large["EPOLLD_BLOB_BYTES"])
     assert large["EPOLLD_BLOB"].endswith("x\nlast line")
     assert len(large["MESSAGE"]) < 300, "MESSAGE stays short; the field has it all"
+
+
+# What a systemd package upgrade stops; stopping the service alone would leave its sockets
+# to start it again at the next entry.
+JOURNALD_UNITS = (
+    "systemd-journald.socket",
+    "systemd-journald-dev-log.socket",
+    "systemd-journald-audit.socket",
+    "systemd-journald.service",
+)
+
+
+def test_daemon_survives_journald_stopping(c: Container) -> None:
+    """With journald's units stopped under the running service (its socket refused, stdout
+    a broken pipe), a connected client still echoes, new clients are served and the service
+    stays active with the same MainPID; once journald is started again, new entries arrive,
+    with one log_lines_dropped entry carrying the count."""
+    invocation, pid = start(c, config_text("logging:\n  connections: true\n"))
+    client = connect()
+    try:
+        assert echo(client, b"before\n") == b"before\n"
+        wait_for_event(c, invocation, "connection_opened")
+        try:
+            c.systemctl("stop", *JOURNALD_UNITS)
+            assert c.show("systemd-journald.service", "ActiveState") == "inactive"
+            payload = bytes(range(256)) * 256
+            for i in range(10):  # each logs connection_opened and connection_closed
+                other = connect()
+                with other:
+                    data = payload + str(i).encode()
+                    assert echo(other, data) == data
+                assert echo(client, data) == data
+            c.systemctl("kill", "--kill-who=main", "--signal=USR1", "epolld")  # a stats line
+            assert echo(client, b"still here\n") == b"still here\n"
+            assert c.show("epolld.service", "ActiveState") == "active"
+            assert c.show("epolld.service", "MainPID") == pid
+        finally:
+            c.systemctl("start", *JOURNALD_UNITS, check=False)
+        assert c.show("systemd-journald.service", "ActiveState") == "active"
+
+        def reported() -> list[dict[str, str]] | None:
+            # The daemon tries journald's socket again once a second: log until it does.
+            with connect() as probe:
+                assert echo(probe, b"after\n") == b"after\n"
+            current = entries(c, f"_SYSTEMD_INVOCATION_ID={invocation}")
+            return current if by_event(current, "log_lines_dropped") else None
+
+        found = wait_until(reported, WAIT_S, "log_lines_dropped in the journal")
+        assert echo(client, b"after\n") == b"after\n"
+    finally:
+        client.close()
+    (report,) = by_event(found, "log_lines_dropped")
+    assert int(report["EPOLLD_DROPPED"]) >= 20, "the 10 clients' opened and closed lines"
+    assert (report["PRIORITY"], report["_TRANSPORT"], report["_PID"]) == ("4", "journal", pid)
+    assert c.show("epolld.service", "MainPID") == pid
+    c.systemctl("kill", "--kill-who=main", "--signal=USR1", "epolld")
+    stats = by_event(wait_for_event(c, invocation, "stats"), "stats")
+    assert int(stats[-1]["EPOLLD_LOG_LINES_DROPPED"]) >= int(report["EPOLLD_DROPPED"])
