@@ -10,17 +10,17 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import structlog
 
 from epolld import __version__, handoff
 from epolld import config as config_mod
+from epolld import takeover as takeover_mod
 from epolld.config import Config
-from epolld.errors import BindError, ConfigError, EpolldError
+from epolld.errors import BindError, EpolldError
 from epolld.listening import activation
 from epolld.listening import sockets as listeners
-from epolld.listening.listener_set import ListenerSet, adopt_inherited
+from epolld.listening.listener_set import ListenerSet
 from epolld.observability import journald, logsetup
 from epolld.pidfile import PidFile
 from epolld.service.echo import EchoService
@@ -150,7 +150,7 @@ def serve(
     received_at = time.monotonic()
     state, passed = handoff.take_state(passed)
     received_s = time.monotonic() - received_at
-    previous = _previous_config(state, config)
+    previous = takeover_mod.previous_config(state, config)
     if config is None:
         if previous is None:  # nothing to fall back on: refuse as a fresh start would
             assert config_error is not None
@@ -162,7 +162,7 @@ def serve(
     if state is not None and state.problem is not None:
         log.warning("handoff_unreadable", reason=state.problem, closed=state.closed)
     if state is not None:
-        _clear_leftovers(state, notifier)
+        takeover_mod.clear_leftovers(state, notifier)
     if config_error is not None:
         log.error(
             "config_invalid",
@@ -171,9 +171,9 @@ def serve(
         )
     takeover = None
     if state is not None and state.records:
-        takeover = _Takeover(state, previous, config_error, started_at, received_s)
+        takeover = takeover_mod.Takeover(state, previous, config_error, started_at, received_s)
     workers = config_mod.worker_count(config)
-    if takeover is not None and handoff_workers.is_supervisor_state(takeover.state):
+    if takeover is not None and takeover.of_supervisor:
         return _resume_workers(args, config, notifier, passed, takeover)
     if takeover is not None and workers > 1:
         # The connections come into one process; workers apply at the next stop and start.
@@ -230,125 +230,33 @@ def serve(
         raise
 
 
-def _clear_leftovers(state: handoff.State, notifier: Notifier) -> None:
-    """Remove from the store what no one will take over: other handoffs' leftovers (a
-    process killed while storing), and a transport without records. Else the store
-    would pass them again with every restart."""
-    if state.leftovers:
-        log.warning(
-            "handoff_leftovers_removed",
-            names=state.leftovers,
-            closed=state.leftovers_closed,
-            reason="left in the store by a handoff that did not complete",
-        )
-    for name in [*state.leftovers, *([] if state.records else state.transport)]:
-        notifier.remove_fd(name)
-
-
-def _check_listening(served: int) -> None:
-    """After a takeover: a service without a single listener must not report READY.
-
-    Raises:
-        BindError: none was taken over and none could be bound.
-    """
-    if not served:
-        raise BindError("no listener was handed over and none could be bound")
-
-
 def _resume_workers(
     args: argparse.Namespace,
     config: Config,
     notifier: Notifier,
     passed: list[tuple[str, int]],
-    takeover: _Takeover,
+    takeover: takeover_mod.Takeover,
 ) -> int:
-    """A supervisor's restart handoff: the same number of workers on the sockets taken
-    over (and those `listen` now adds), each worker taking over its predecessor's
-    connections."""
-    state = takeover.state
-    resumed = handoff_workers.resume(
-        state,
-        adopt_inherited(config, passed),
-        {"pidfile": takeover.restore_pidfile},
-        received_s=takeover.received_s,
-    )
-    for name in state.transport:
-        notifier.remove_fd(name)  # consumed: the store must not hand it over again
-    if config_mod.worker_count(config) != len(resumed.slots):
-        # Fewer slots would close REUSEPORT sockets, resetting the connections they queue.
-        log.warning(
-            "handoff_kept",
-            settings=["workers"],
-            workers=len(resumed.slots),
-            reason="a restart handoff keeps its workers; stop and start epolld to apply this",
-        )
-    sockets = ListenerSet(resumed.slots, resumed.metrics_listener)
-    if takeover.config_error is None:
-        try:
-            # A single process's rules: added addresses bound in every slot, removed ones
-            # closed (their connections stay with their workers), a moved metrics rebound.
-            plan = sockets.plan(takeover.previous or config, config)
-            sockets.commit(plan, release_metrics=_close_metrics)
-        except EpolldError as e:
-            log.error("handoff_listeners_kept", error=str(e))
-    _check_listening(len(sockets.unique()))
+    """A supervisor's restart handoff: its slots back, then its loop (as a daemon already,
+    when it was one: re-executed in place, same PID)."""
+    held, resumed = takeover_mod.resume_supervisor(takeover, config, notifier, passed)
     loop = functools.partial(
         run_loop,
         args,
         config,
-        sockets.unique(),
+        held.unique(),
         notifier,
-        sockets.metrics,
-        slots=sockets.slots,
+        held.metrics,
+        slots=held.slots,
         resumed=resumed,
     )
     if not args.daemon:
         return loop()
-    from epolld.daemonize import continued_daemon  # re-executed in place: a daemon already
+    from epolld.daemonize import continued_daemon
 
-    with continued_daemon(config.daemon.log_file) as (reopen_log, held):
-        held += takeover.pidfiles  # released when the daemon finally stops
-        return loop(before_reload=reopen_log, pidfiles=held)
-
-
-def _close_metrics(listener: listeners.Listener) -> None:
-    log.info("metrics_closed", address=listener.name)  # as a single process says it
-    listeners.close(listener)
-
-
-class _Takeover:
-    """What a process started by a restart handoff carries into its service."""
-
-    def __init__(
-        self,
-        state: handoff.State,
-        previous: Config | None,
-        config_error: EpolldError | None,
-        started_at: float | None,
-        received_s: float,
-    ) -> None:
-        self.state = state
-        self.previous = previous
-        self.config_error = config_error
-        self.started_at = started_at
-        self.received_s = received_s
-        self.pidfiles: list[PidFile] = []
-
-    def restore_pidfile(self, record: dict[str, Any], state: handoff.State) -> None:
-        lock = PidFile(str(record["path"]))
-        lock.adopt(state.take_fd(record["fd"]))
-        self.pidfiles.append(lock)
-
-
-def _previous_config(state: handoff.State | None, current: Config | None) -> Config | None:
-    """The configuration the previous process ran, from its handoff state (or None)."""
-    if state is None or "config" not in state.document:
-        return None
-    source = state.document.get("config_source") or (current.source if current else "")
-    try:
-        return config_mod.parse_config(str(state.document["config"]), str(source))
-    except ConfigError:
-        return None  # written by another version: the current file must do
+    with continued_daemon(config.daemon.log_file) as (reopen_log, pidfiles):
+        pidfiles += takeover.pidfiles  # released when the daemon finally stops
+        return loop(before_reload=reopen_log, pidfiles=pidfiles)
 
 
 def run_loop(
@@ -360,7 +268,7 @@ def run_loop(
     before_reload: Callable[[], None] = lambda: None,
     slots: list[list[listeners.Listener]] | None = None,
     *,
-    takeover: _Takeover | None = None,
+    takeover: takeover_mod.Takeover | None = None,
     resumed: handoff_workers.Resumed | None = None,
     pidfiles: list[PidFile] | None = None,
 ) -> int:
@@ -392,7 +300,7 @@ def run_loop(
     try:
         if takeover is not None:
             try:
-                _take_over(service, takeover, config, notifier)
+                takeover_mod.take_over(service, takeover, config, notifier)
             except BindError as e:  # without a listener: exit 69, never READY=1
                 return report(e, notifier)
         for lock in takeover.pidfiles if takeover is not None else pidfiles or []:
@@ -402,25 +310,3 @@ def run_loop(
         log.exception("loop_crashed")
         notifier.fatal("crashed: see the journal")
         return os.EX_SOFTWARE
-
-
-def _take_over(
-    service: EchoService, takeover: _Takeover, config: Config, notifier: Notifier
-) -> None:
-    """Restore what the previous process handed over, clear the store of it, and bring
-    the listeners in line with the configuration now in force."""
-    service.restore_handoff(
-        takeover.state,
-        {"pidfile": takeover.restore_pidfile},
-        started_at=takeover.started_at,
-        received_s=takeover.received_s,
-    )
-    for name in takeover.state.transport:
-        notifier.remove_fd(name)  # consumed: the store must not hand it over again
-    if takeover.config_error is None:
-        try:
-            service.reconcile_after_handoff(takeover.previous or config)
-        except EpolldError as e:
-            log.error("handoff_listeners_kept", error=str(e))
-    stats = service.stats()
-    _check_listening(stats["listeners"] + stats["udp_listeners"])
