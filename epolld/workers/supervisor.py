@@ -32,11 +32,9 @@ The supervisor holds no connection and does no echo; a worker never sends sd_not
 
 from __future__ import annotations
 
-import array
 import contextlib
 import dataclasses
 import errno
-import json
 import os
 import pickle
 import select
@@ -53,13 +51,14 @@ from epolld import __version__, handoff
 from epolld import config as config_mod
 from epolld.config import Config
 from epolld.core.counters import Counters, DurationHistogram, Snapshot
-from epolld.core.loop import CLOSE, Reactor, Timer
+from epolld.core.loop import Reactor, Timer
 from epolld.errors import ConfigError, EpolldError
 from epolld.listening.sockets import Listener
 from epolld.observability import logsetup
 from epolld.systemd import Notifier
 from epolld.workers import handoff as handoff_workers
 from epolld.workers import worker
+from epolld.workers.link import Down, Up, WorkerLink, close_all
 
 if TYPE_CHECKING:
     from epolld.observability.metrics import MetricsEndpoint
@@ -73,10 +72,8 @@ REPLY_WAIT_S = 5.0  # for the workers' answers to a reload or a stats request
 KILL_AFTER_DRAIN_S = 5.0  # past shutdown_timeout_s, a worker still alive gets SIGKILL
 QUICK_DEATH_S = 10.0  # a worker that dies younger than this adds to its slot's back-off
 BACKOFF_MAX_S = 30.0
-MESSAGES_PER_EVENT = 64
 HANDOFF_WAIT_S = 10.0  # for every worker to hand over and exit
 BARRIER_TIMEOUT_S = 10.0  # for systemd to take the handoff's descriptors into its store
-MAX_FDS_PER_MESSAGE = 2 * handoff.MAX_PAIRS + 1  # a worker's transport: pairs and memfd
 NOT_SUMMED = frozenset({"listeners", "udp_listeners", "uptime_s"})
 # Changing these needs new sockets in every worker (or other workers): a restart.
 RESTART_ONLY = ("listen", "metrics.listen", "workers")
@@ -89,7 +86,7 @@ class Slot:
     index: int
     listeners: list[Listener]
     pid: int | None = None
-    link: WorkerLink | None = None
+    link: WorkerLink[Slot] | None = None
     started_at: float = 0.0
     heard_at: float = 0.0
     ready: bool = False
@@ -129,67 +126,6 @@ class UdpSums:
     received: int
     echoed: int
     dropped: dict[str, int]
-
-
-class WorkerLink:
-    """The supervisor's end of a worker's socketpair, as a reactor handler."""
-
-    __slots__ = ("_on_message", "active_at", "fd", "mask", "slot", "sock")
-
-    def __init__(
-        self,
-        sock: socket.socket,
-        slot: Slot,
-        on_message: Callable[[Slot, dict[str, Any], list[int]], None],
-    ) -> None:
-        sock.setblocking(False)
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.mask = select.EPOLLIN
-        self.active_at = 0.0
-        self.slot = slot
-        self._on_message = on_message
-
-    def on_event(self, events: int) -> int:
-        ancillary = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * 4)
-        for _ in range(MESSAGES_PER_EVENT):
-            try:
-                packet, cmsgs, _flags, _ = self.sock.recvmsg(
-                    worker.MAX_PACKET, ancillary, socket.MSG_CMSG_CLOEXEC
-                )
-            except BlockingIOError:
-                return self.mask
-            except OSError:
-                packet, cmsgs = b"", []
-            fds = array.array("i")
-            for level, kind, payload in cmsgs:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-            if not packet:  # the worker exited; SIGCHLD tells the rest
-                _close_all(fds)
-                return CLOSE
-            try:
-                message = json.loads(packet)
-            except ValueError:
-                log.warning("worker_message_invalid", worker=self.slot.index)
-                _close_all(fds)
-                continue
-            self._on_message(self.slot, message, list(fds))
-        return self.mask
-
-    def send(self, packet: bytes) -> bool:
-        try:
-            self.sock.send(packet)
-        except OSError as e:
-            log.warning("worker_send_failed", worker=self.slot.index, error=str(e))
-            return False
-        return True
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def __repr__(self) -> str:
-        return f"<WorkerLink fd={self.fd} worker={self.slot.index}>"
 
 
 class Supervisor:
@@ -388,18 +324,18 @@ class Supervisor:
     def _on_message(self, slot: Slot, message: dict[str, Any], fds: list[int]) -> None:
         slot.heard_at = self.reactor.now
         kind = message.get("kind")
-        if kind == "handed_over":
+        if kind == Up.HANDED_OVER:
             self._handed_over(slot, message, fds)
             return
-        _close_all(fds)  # no other message carries descriptors
-        if kind in ("heartbeat", "stats"):
+        close_all(fds)  # no other message carries descriptors
+        if kind in (Up.HEARTBEAT, Up.STATS):
             slot.stats = message.get("stats") or {}
             slot.counters = message.get("counters") or {}
-            if kind == "stats" and slot in self._stats_waiting:
+            if kind == Up.STATS and slot in self._stats_waiting:
                 self._stats_waiting.discard(slot)
                 if not self._stats_waiting:
                     self._log_stats()
-        elif kind == "ready":
+        elif kind == Up.READY:
             slot.ready = True
             slot.restored = int(message.get("restored") or 0)
             log.info("worker_ready", worker=slot.index, pid=slot.pid)
@@ -412,9 +348,9 @@ class Supervisor:
                 self._notifier.ready(self._status_line())
                 if self._resumed is not None:
                     self._log_handoff_complete(self._resumed)
-        elif kind == "handoff_failed":
+        elif kind == Up.HANDOFF_FAILED:
             self._handoff_failed(slot, str(message.get("error")))
-        elif kind == "reloaded":
+        elif kind == Up.RELOADED:
             if message.get("error"):
                 log.error("worker_reload_failed", worker=slot.index, error=message["error"])
             if slot in self._reload_waiting:
@@ -591,7 +527,7 @@ class Supervisor:
             if slot.respawn is not None:
                 slot.respawn.cancel()
                 slot.respawn = None
-        asked = {s for s in self._live() if s.link is not None and s.link.send(b"H")}
+        asked = {s for s in self._live() if s.link is not None and s.link.send(Down.HAND_OVER)}
         self._handoff = HandoffRound(destination, handoff.now_monotonic(), asked)
         log.info("handoff_started", workers=len(asked), route=type(destination).__name__)
         self._notifier.status(f"handing over: {len(asked)} workers")
@@ -602,7 +538,7 @@ class Supervisor:
         names = [str(n) for n in message.get("names") or []]
         if slot.handoff is not None or len(names) != len(fds):
             log.warning("worker_handoff_unexpected", worker=slot.index)
-            _close_all(fds)
+            close_all(fds)
             return
         # Late too (a stuck worker that woke after its round was given up): the worker
         # has let go, so these are the only copies, and its successor takes them back.
@@ -797,7 +733,7 @@ class Supervisor:
         """Ask every worker for its numbers now; log the sums once all have answered."""
         if self._stats_waiting:
             return
-        self._stats_waiting = {s for s in self._live() if s.link and s.link.send(b"S")}
+        self._stats_waiting = {s for s in self._live() if s.link and s.link.send(Down.STATS)}
         if self._stats_waiting:
             self.reactor.call_later(REPLY_WAIT_S, self._stats_timeout)
         else:
@@ -924,12 +860,6 @@ class Supervisor:
         self._close_listeners()
         self._stop_metrics()
         self.reactor.release()
-
-
-def _close_all(fds: Any) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
 
 
 def _unique_listeners(slots: list[Slot]) -> list[Listener]:
