@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from epolld.tcp.connection import format_peer
-from epolld.workers.supervisor import HANDOFF_WAIT_S
+from epolld.workers.round import HANDOFF_WAIT_S
 from tests.epolld_process import WAIT_S, Daemon, write_config
 from tests.test_handoff import STREAM_BYTES, Stream, TightLoop
 from tests.traffic import connect, recv_exactly, recv_until_eof

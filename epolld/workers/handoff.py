@@ -17,14 +17,12 @@ sockets, whatever the file now says (a stop and start applies `workers` and `lis
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from epolld import handoff
 from epolld.listening.listener_set import ListenerSet
 from epolld.listening.sockets import Listener
-
-if TYPE_CHECKING:
-    from epolld.workers.supervisor import Slot
+from epolld.workers.slot import Slot
 
 
 def write_records(out: handoff.StateWriter, slots: list[Slot], sockets: ListenerSet) -> None:

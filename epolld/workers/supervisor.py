@@ -18,7 +18,7 @@ How connections reach workers (measured: bench/workers_dispatch.py):
 
 The restart handoff (SIGUSR2; systemd's RestartKillSignal): every worker hands its
 connections up its socketpair (worker.py) and exits; the supervisor writes a state of its
-own (each slot's listeners, each worker's transport: handoff_workers.py) and stores it or
+own (each slot's listeners, each worker's transport: workers/handoff.py) and stores it or
 re-executes, as a single process does. The next supervisor starts each slot's worker with
 its predecessor's transport. Without systemd, a worker that cannot hand over aborts the
 whole handoff: the workers that did are replaced by ones that take their connections back.
@@ -28,23 +28,24 @@ worker_timeout_s (a quarter of WatchdogSec, or WORKER_TIMEOUT_S) is killed (SIGK
 replaced; WATCHDOG=1 is sent only while every worker has checked in within that time,
 so a supervisor that cannot get a healthy worker lets systemd restart the service.
 The supervisor holds no connection and does no echo; a worker never sends sd_notify.
+
+This module manages processes: it forks, reaps and signals. A slot's state and its
+transitions are slot.py's table, the handoff round's account is round.py, and the
+messages on a worker's socketpair are link.py.
 """
 
 from __future__ import annotations
 
-import array
-import contextlib
 import dataclasses
 import errno
 import json
 import os
-import pickle
 import select
 import signal
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -53,7 +54,7 @@ from epolld import __version__, handoff
 from epolld import config as config_mod
 from epolld.config import Config
 from epolld.core.counters import Counters, DurationHistogram, Snapshot
-from epolld.core.loop import CLOSE, Reactor, Timer
+from epolld.core.loop import Reactor, Timer
 from epolld.errors import ConfigError, EpolldError
 from epolld.listening import listener_set
 from epolld.listening.listener_set import ListenerSet, Plan
@@ -61,7 +62,10 @@ from epolld.listening.sockets import Listener
 from epolld.observability import logsetup
 from epolld.systemd import Notifier
 from epolld.workers import handoff as handoff_workers
-from epolld.workers import worker
+from epolld.workers import link, worker
+from epolld.workers.link import Down, Up, WorkerLink, close_all
+from epolld.workers.round import HANDOFF_WAIT_S, HandoffRound
+from epolld.workers.slot import AWAITING_ANSWER, SAID_READY, Event, Slot, State
 
 if TYPE_CHECKING:
     from epolld.observability.metrics import MetricsApp, MetricsEndpoint
@@ -75,54 +79,11 @@ REPLY_WAIT_S = 5.0  # for the workers' answers to a reload or a stats request
 KILL_AFTER_DRAIN_S = 5.0  # past shutdown_timeout_s, a worker still alive gets SIGKILL
 QUICK_DEATH_S = 10.0  # a worker that dies younger than this adds to its slot's back-off
 BACKOFF_MAX_S = 30.0
-MESSAGES_PER_EVENT = 64
-HANDOFF_WAIT_S = 10.0  # for every worker to hand over and exit
 BARRIER_TIMEOUT_S = 10.0  # for systemd to take the handoff's descriptors into its store
-MAX_FDS_PER_MESSAGE = 2 * handoff.MAX_PAIRS + 1  # a worker's transport: pairs and memfd
 NOT_SUMMED = frozenset({"listeners", "udp_listeners", "uptime_s"})
 # Changing these needs other workers: a stop and start (fewer slots would close
 # REUSEPORT sockets, resetting the connections queued on them).
 RESTART_ONLY = ("workers",)
-
-
-@dataclass(eq=False)
-class Slot:
-    """One worker's place: its listeners, and the process that serves them now."""
-
-    index: int
-    listeners: list[Listener]
-    pid: int | None = None
-    link: WorkerLink | None = None
-    started_at: float = 0.0
-    heard_at: float = 0.0
-    ready: bool = False
-    killed_for: str | None = None  # why the supervisor killed it, if it did
-    failures: int = 0  # quick deaths in a row
-    respawn: Timer | None = None
-    stats: dict[str, Any] = field(default_factory=dict)
-    counters: dict[str, Any] = field(default_factory=dict)
-    # A worker's handoff transport, (FDNAME, fd): held for the slot's next worker, which
-    # takes over its connections (or written into the supervisor's own handoff).
-    handoff: list[tuple[str, int]] | None = None
-    restored: int = 0  # connections the current worker took over at its start
-
-    def drop_handoff(self) -> None:
-        for _, fd in self.handoff or ():
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self.handoff = None
-
-
-@dataclass(eq=False)
-class HandoffRound:
-    """A restart handoff in progress: who has yet to answer, who failed."""
-
-    destination: handoff.Destination
-    signal_at: float
-    waiting: set[Slot]
-    failed: dict[int, str] = field(default_factory=dict)
-    timer: Timer | None = None
-    stop_signal: int | None = None  # a stop that came during the round, for its end
 
 
 @dataclass
@@ -132,72 +93,6 @@ class UdpSums:
     received: int
     echoed: int
     dropped: dict[str, int]
-
-
-class WorkerLink:
-    """The supervisor's end of a worker's socketpair, as a reactor handler."""
-
-    __slots__ = ("_on_message", "active_at", "fd", "mask", "slot", "sock")
-
-    def __init__(
-        self,
-        sock: socket.socket,
-        slot: Slot,
-        on_message: Callable[[Slot, dict[str, Any], list[int]], None],
-    ) -> None:
-        sock.setblocking(False)
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.mask = select.EPOLLIN
-        self.active_at = 0.0
-        self.slot = slot
-        self._on_message = on_message
-
-    def on_event(self, events: int) -> int:
-        ancillary = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * 4)
-        for _ in range(MESSAGES_PER_EVENT):
-            try:
-                packet, cmsgs, _flags, _ = self.sock.recvmsg(
-                    worker.MAX_PACKET, ancillary, socket.MSG_CMSG_CLOEXEC
-                )
-            except BlockingIOError:
-                return self.mask
-            except OSError:
-                packet, cmsgs = b"", []
-            fds = array.array("i")
-            for level, kind, payload in cmsgs:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-            if not packet:  # the worker exited; SIGCHLD tells the rest
-                _close_all(fds)
-                return CLOSE
-            try:
-                message = json.loads(packet)
-            except ValueError:
-                log.warning("worker_message_invalid", worker=self.slot.index)
-                _close_all(fds)
-                continue
-            self._on_message(self.slot, message, list(fds))
-        return self.mask
-
-    def send(self, packet: bytes, fds: list[int] | None = None) -> bool:
-        """One packet down, with descriptors (SCM_RIGHTS) if fds."""
-        try:
-            if fds:
-                rights = (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))
-                self.sock.sendmsg([packet], [rights])
-            else:
-                self.sock.send(packet)
-        except OSError as e:
-            log.warning("worker_send_failed", worker=self.slot.index, error=str(e))
-            return False
-        return True
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def __repr__(self) -> str:
-        return f"<WorkerLink fd={self.fd} worker={self.slot.index}>"
 
 
 class Supervisor:
@@ -322,7 +217,7 @@ class Supervisor:
         self.reactor.stop()
 
     def _live(self) -> list[Slot]:
-        return [slot for slot in self._slots if slot.pid is not None]
+        return [slot for slot in self._slots if slot.state.has_process]
 
     # -- workers -------------------------------------------------------------------
 
@@ -350,7 +245,8 @@ class Supervisor:
         slot.drop_handoff()  # the worker has its own copies now
         now = self.reactor.now
         slot.pid, slot.started_at, slot.heard_at = pid, now, now
-        slot.ready, slot.killed_for, slot.stats, slot.counters = False, None, {}, {}
+        slot.stats, slot.counters = {}, {}
+        slot.apply(Event.FORK)
         slot.link = WorkerLink(ours, slot, self._on_message)
         self.reactor.add(slot.link)
         self._by_pid[pid] = slot
@@ -397,33 +293,37 @@ class Supervisor:
     def _on_message(self, slot: Slot, message: dict[str, Any], fds: list[int]) -> None:
         slot.heard_at = self.reactor.now
         kind = message.get("kind")
-        if kind == "handed_over":
+        if kind == Up.HANDED_OVER:
             self._handed_over(slot, message, fds)
             return
-        _close_all(fds)  # no other message carries descriptors
-        if kind in ("heartbeat", "stats"):
+        close_all(fds)  # no other message carries descriptors
+        if kind in (Up.HEARTBEAT, Up.STATS):
             slot.stats = message.get("stats") or {}
             slot.counters = message.get("counters") or {}
-            if kind == "stats" and slot in self._stats_waiting:
+            if kind == Up.STATS and slot in self._stats_waiting:
                 self._stats_waiting.discard(slot)
                 if not self._stats_waiting:
                     self._log_stats()
-        elif kind == "ready":
-            slot.ready = True
+        elif kind == Up.READY:
+            if not slot.allows(Event.READY):
+                log.warning("worker_message_unexpected", worker=slot.index, kind=kind)
+                return
+            slot.apply(Event.READY)
             slot.restored = int(message.get("restored") or 0)
             log.info("worker_ready", worker=slot.index, pid=slot.pid)
             if self._stopping:  # it started during a stop (its handlers are in place now)
-                _kill(slot.pid, signal.SIGTERM)
+                if slot.state is State.SERVING:
+                    self._terminate(slot)
                 return
-            if not self._announced and all(s.ready for s in self._slots):
+            if not self._announced and all(s.state in SAID_READY for s in self._slots):
                 self._announced = True
                 log.info("workers_ready", workers=len(self._slots))
                 self._notifier.ready(self._status_line())
                 if self._resumed is not None:
                     self._log_handoff_complete(self._resumed)
-        elif kind == "handoff_failed":
+        elif kind == Up.HANDOFF_FAILED:
             self._handoff_failed(slot, str(message.get("error")))
-        elif kind == "reloaded":
+        elif kind == Up.RELOADED:
             if message.get("error"):
                 log.error("worker_reload_failed", worker=slot.index, error=message["error"])
             if slot in self._reload_waiting:
@@ -457,7 +357,7 @@ class Supervisor:
             "pid": slot.pid,
             "connections": slot.stats.get("connections", 0),
             "lived_s": round(lived, 1),
-            "reason": slot.killed_for,
+            "reason": "unresponsive" if slot.state is State.KILLED else None,
             **how,
         }
         if slot.link is not None:
@@ -465,7 +365,8 @@ class Supervisor:
             self.reactor.close(slot.link)
             slot.link = None
         slot.pid = None
-        slot.ready = False
+        was = slot.state
+        slot.apply(Event.EXIT)
         self._stats_waiting.discard(slot)
         reload_answered = slot in self._reload_waiting
         self._reload_waiting.discard(slot)
@@ -476,7 +377,7 @@ class Supervisor:
             if not self._live():
                 self._finish()
             return
-        if slot.handoff is not None:  # handed over: nothing went with it
+        if was is State.HANDED_OVER:  # nothing went with it
             log.info("worker_exited", **fields, handed_over=True)
             if self._handoff is not None:
                 self._handoff_progress()
@@ -494,6 +395,7 @@ class Supervisor:
         delay = 0.0 if slot.failures <= 1 else min(BACKOFF_MAX_S, 0.5 * 2 ** (slot.failures - 2))
         log.info("worker_respawning", worker=slot.index, delay_s=delay)
         slot.respawn = self.reactor.call_later(delay, lambda: self._spawn(slot))
+        slot.apply(Event.BACK_OFF)
 
     def _retire(self, slot: Slot) -> None:
         """Keep what an exiting worker counted, so that the totals never go back."""
@@ -508,14 +410,13 @@ class Supervisor:
     def _check_workers(self) -> None:
         """Kill a worker whose loop stopped checking in (SIGSTOP, a hang): it is replaced."""
         now = self.reactor.now
-        # One a handoff round waits for has the round's deadline: it may yet hand over.
-        waited = self._handoff.waiting if self._handoff is not None else set()
         for slot in self._live():
-            silent_s = now - slot.heard_at
-            if slot in waited:
+            # One a handoff round waits for has the round's deadline: it may yet hand over.
+            if slot.state in AWAITING_ANSWER or slot.state is State.KILLED:
                 continue
-            if slot.killed_for is None and silent_s > self.worker_timeout_s and slot.pid:
-                slot.killed_for = "unresponsive"
+            silent_s = now - slot.heard_at
+            if silent_s > self.worker_timeout_s:
+                slot.apply(Event.KILL)
                 log.error(
                     "worker_unresponsive",
                     worker=slot.index,
@@ -528,7 +429,7 @@ class Supervisor:
     def _healthy(self) -> bool:
         now = self.reactor.now
         return all(
-            now - slot.heard_at <= self.worker_timeout_s and slot.killed_for is None
+            now - slot.heard_at <= self.worker_timeout_s and slot.state is not State.KILLED
             for slot in self._live()
         )
 
@@ -547,9 +448,8 @@ class Supervisor:
         if self._handoff is not None:
             # Until every worker has answered or exited (10 s at most), one may be sending
             # its connections up: stopping now would close them. The round's end stops.
-            if self._handoff.stop_signal is None:
+            if self._handoff.defer_stop(signum):
                 log.info("shutdown_deferred", signal=signal.Signals(signum).name)
-            self._handoff.stop_signal = signum
             return
         self._stopping = True
         timeout_s = self._config.shutdown_timeout_s
@@ -563,16 +463,13 @@ class Supervisor:
         )
         self._notifier.stopping(f"stopping: draining {stats['connections']} connections")
         self._notifier.extend_timeout(timeout_s + KILL_AFTER_DRAIN_S + 5.0)
-        for slot in self._slots:
-            if slot.respawn is not None:
-                slot.respawn.cancel()
-                slot.respawn = None
+        self._cancel_respawns()
         # Our copies go first: when a worker closes its own, the socket is closed.
         self._close_listeners()
         self._stop_metrics()
-        for slot in self._live():
-            if slot.ready:  # one still starting is told once it says it is ready
-                _kill(slot.pid, signal.SIGTERM)
+        for slot in self._slots:
+            if slot.state is State.SERVING:  # one still starting is told once it is ready
+                self._terminate(slot)
         self.reactor.call_later(timeout_s + KILL_AFTER_DRAIN_S, self._kill_remaining)
         if not self._live():
             self._finish()
@@ -596,62 +493,54 @@ class Supervisor:
         except handoff.HandoffError as e:
             log.error("handoff_failed", reason=str(e), action="serve on")
             return
-        for slot in self._slots:  # a slot in back-off starts afresh in the next process
-            if slot.respawn is not None:
-                slot.respawn.cancel()
-                slot.respawn = None
-        asked = {s for s in self._live() if s.link is not None and s.link.send(b"H")}
-        self._handoff = HandoffRound(destination, handoff.now_monotonic(), asked)
-        log.info("handoff_started", workers=len(asked), route=type(destination).__name__)
-        self._notifier.status(f"handing over: {len(asked)} workers")
-        self._handoff.timer = self.reactor.call_later(HANDOFF_WAIT_S, self._handoff_timeout)
+        self._cancel_respawns()  # a slot in back-off starts afresh in the next process
+        round_ = HandoffRound(destination, handoff.now_monotonic(), self._slots)
+        round_.ask(lambda s: s.link is not None and s.link.send(Down.HAND_OVER))
+        self._handoff = round_
+        asked = len(round_.asked)
+        log.info("handoff_started", workers=asked, route=type(destination).__name__)
+        self._notifier.status(f"handing over: {asked} workers")
+        round_.timer = self.reactor.call_later(HANDOFF_WAIT_S, self._handoff_timeout)
         self._handoff_progress()
 
     def _handed_over(self, slot: Slot, message: dict[str, Any], fds: list[int]) -> None:
         names = [str(n) for n in message.get("names") or []]
-        if slot.handoff is not None or len(names) != len(fds):
+        if not slot.allows(Event.HAND_OVER) or len(names) != len(fds):
             log.warning("worker_handoff_unexpected", worker=slot.index)
-            _close_all(fds)
+            close_all(fds)
             return
         # Late too (a stuck worker that woke after its round was given up): the worker
         # has let go, so these are the only copies, and its successor takes them back.
-        slot.handoff = list(zip(names, fds, strict=True))
         round_ = self._handoff
-        late = round_ is None or slot not in round_.waiting
+        late = round_ is None or slot.state not in AWAITING_ANSWER
+        slot.handoff = list(zip(names, fds, strict=True))
+        slot.apply(Event.HAND_OVER)
         log.info("worker_handed_over", worker=slot.index, pid=slot.pid, late=late)
         if round_ is not None:
-            round_.waiting.discard(slot)
             self._handoff_progress()
 
     def _handoff_failed(self, slot: Slot, error: str) -> None:
         round_ = self._handoff
         if round_ is None:
             return
-        round_.waiting.discard(slot)
-        round_.failed[slot.index] = error
-        log.error("worker_handoff_failed", worker=slot.index, error=error)
+        round_.fail(slot, error)
         self._handoff_progress()
 
     def _handoff_timeout(self) -> None:
         round_ = self._handoff
         if round_ is None:
             return
-        round_.timer = None
-        for slot in list(round_.waiting):
-            self._handoff_failed(slot, f"no answer in {HANDOFF_WAIT_S} s")
-        for slot in self._slots:  # handed over but still alive: its descriptors are ours
-            if slot.handoff is not None and slot.pid is not None:
-                _kill(slot.pid, signal.SIGKILL)
+        for slot in round_.expire():  # handed over but still alive: its descriptors are ours
+            slot.apply(Event.KILL)
+            _kill(slot.pid, signal.SIGKILL)
+        self._handoff_progress()
 
     def _handoff_progress(self) -> None:
         """Go on once every worker answered and those that handed over have exited."""
         round_ = self._handoff
-        if round_ is None or round_.waiting:
+        if round_ is None or not round_.over:
             return
-        if any(slot.handoff is not None and slot.pid is not None for slot in self._slots):
-            return
-        if round_.timer is not None:
-            round_.timer.cancel()
+        round_.end()
         self._complete_handoff(round_)
 
     def _complete_handoff(self, round_: HandoffRound) -> None:
@@ -660,15 +549,10 @@ class Supervisor:
             self._give_back()
             self._on_stop_signal(round_.stop_signal)
             return
-        under_systemd = isinstance(round_.destination, handoff.FdStore)
-        if round_.failed and not under_systemd:
-            self._abort_handoff(f"workers {sorted(round_.failed)} could not hand over")
+        blocked = round_.blocked()
+        if blocked is not None:
+            self._abort_handoff(blocked)
             return
-        steps = {"workers": round(handoff.now_monotonic() - round_.signal_at, 4)}
-        out = handoff.StateWriter(systemd_keeps_inherited=round_.destination.keeps_inherited)
-        handoff_workers.write_records(out, self._slots, self.listener_set)
-        for source in self._handoff_sources:
-            out.add(source.handoff_state(out))
         meta = {
             "epolld": __version__,
             "pid": os.getpid(),
@@ -684,7 +568,7 @@ class Supervisor:
             },
         }
         try:
-            handoff.send(out, meta, round_.destination, steps)
+            round_.send_state(self.listener_set, self._handoff_sources, meta)
         except handoff.HandoffError as e:
             self._abort_handoff(str(e))
             return
@@ -695,7 +579,8 @@ class Supervisor:
             log.warning("handoff_partial", draining=[s.index for s in serving])
             self._stopping = True
             for slot in serving:
-                _kill(slot.pid, signal.SIGTERM)
+                if slot.state in (State.STARTING, State.SERVING):  # a killed one is going
+                    self._terminate(slot)
             self.reactor.call_later(
                 self._config.shutdown_timeout_s + KILL_AFTER_DRAIN_S, self._kill_remaining
             )
@@ -718,10 +603,10 @@ class Supervisor:
         """End the handoff round: every slot without a worker gets one, which takes back
         the connections its predecessor handed over (slot.handoff), if it did."""
         round_, self._handoff = self._handoff, None
-        if round_ is not None and round_.timer is not None:
-            round_.timer.cancel()
+        if round_ is not None:
+            round_.end()
         for slot in self._slots:
-            if slot.pid is None and slot.respawn is None:
+            if slot.state is State.EMPTY:
                 self._spawn(slot)
 
     def _log_handoff_complete(self, resumed: handoff_workers.Resumed) -> None:
@@ -755,6 +640,18 @@ class Supervisor:
             slot.drop_handoff()
         self.reactor.release()
 
+    def _terminate(self, slot: Slot) -> None:
+        """SIGTERM: the worker drains its connections and exits."""
+        slot.apply(Event.TERMINATE)
+        _kill(slot.pid, signal.SIGTERM)
+
+    def _cancel_respawns(self) -> None:
+        for slot in self._slots:
+            if slot.state is State.WAITING and slot.respawn is not None:
+                slot.respawn.cancel()
+                slot.respawn = None
+                slot.apply(Event.CANCEL)
+
     def _kill_remaining(self) -> None:
         for slot in self._live():
             log.warning("worker_killed", worker=slot.index, pid=slot.pid, reason="drain_timeout")
@@ -786,7 +683,7 @@ class Supervisor:
         if new.logging != old.logging:
             logsetup.configure(new.logging.level, new.logging.format)
         self._config = new  # replacements start with it
-        packet = b"C" + pickle.dumps(new)
+        packet = link.config_packet(new)
         if self._reload_timer is not None:  # a reload during a reload: answer for both
             self._reload_timer.cancel()
         self._reload_waiting = {
@@ -802,12 +699,12 @@ class Supervisor:
         if not self._reload_waiting:
             self._reload_done()
 
-    def _send_reload(self, slot: Slot, link: WorkerLink, plan: Plan, packet: bytes) -> bool:
+    def _send_reload(self, slot: Slot, link: WorkerLink[Slot], plan: Plan, packet: bytes) -> bool:
         """The slot's new sockets (SCM_RIGHTS), then the configuration that lists them."""
         added = plan.added[slot.index - 1]
         if added:
             records = [listener_set.describe(listener) for listener in added]
-            message = b"L" + json.dumps(records).encode()
+            message = Down.LISTENERS + json.dumps(records).encode()
             if not link.send(message, [listener.fd for listener in added]):
                 return False
         return link.send(packet)
@@ -833,7 +730,7 @@ class Supervisor:
         """Ask every worker for its numbers now; log the sums once all have answered."""
         if self._stats_waiting:
             return
-        self._stats_waiting = {s for s in self._live() if s.link and s.link.send(b"S")}
+        self._stats_waiting = {s for s in self._live() if s.link and s.link.send(Down.STATS)}
         if self._stats_waiting:
             self.reactor.call_later(REPLY_WAIT_S, self._stats_timeout)
         else:
@@ -968,12 +865,6 @@ class Supervisor:
         self._close_listeners()
         self._stop_metrics()
         self.reactor.release()
-
-
-def _close_all(fds: Any) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
 
 
 def _kill(pid: int | None, signum: int) -> None:

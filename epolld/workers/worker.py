@@ -1,19 +1,6 @@
 """One worker process (workers: > 1): an EchoService on the listeners its supervisor
-bound, reporting to the supervisor over a SOCK_SEQPACKET socketpair.
-
-A packet is one message, so there is no framing to get wrong:
-
-- worker -> supervisor, JSON: {"kind": "ready", "restored": connections}, {"kind":
-  "heartbeat" | "stats", "stats": ..., "counters": ...}, {"kind": "reloaded", "error":
-  null | "why"}, {"kind": "handed_over", "names": [...]} with the handoff's transport as
-  SCM_RIGHTS, {"kind": "handoff_failed", "error": "why"}.
-- supervisor -> worker: b"L" + JSON (the sockets a reload adds to this worker's slot,
-  listener_set.describe() each, as SCM_RIGHTS in the same order: kept for the next
-  configuration), b"C" + pickle(Config) (apply it, as SIGHUP would: new addresses take
-  the sockets sent before it, removed ones are closed here), b"S" (report the
-  statistics now), b"H" (hand every connection over, to the supervisor, and exit).
-  The supervisor is the same program in the parent process: the pickle never crosses a
-  trust boundary.
+bound, reporting to the supervisor over a SOCK_SEQPACKET socketpair (the messages both
+ends speak on it: link.py).
 
 The restart handoff with workers: each worker writes its state and sends its descriptors
 into pairs as a single process would (handoff.py), then passes that transport (the memfd
@@ -31,7 +18,6 @@ import array
 import dataclasses
 import json
 import os
-import pickle
 import select
 import socket
 from collections.abc import Callable
@@ -46,11 +32,12 @@ from epolld.listening import listener_set
 from epolld.listening.sockets import Listener
 from epolld.service.echo import EchoService
 from epolld.systemd import Notifier
+from epolld.workers import link as link_mod
+from epolld.workers.link import Down, Up
 
 log = structlog.get_logger("epolld")
 
 MESSAGES_PER_EVENT = 16  # the supervisor sends a few a minute; bound the work anyway
-MAX_PACKET = 1 << 20  # a pickled Config is a few KiB
 MAX_FDS_DOWN = 253  # sockets a reload may send in one message (SCM_MAX_FD)
 HANDOFF_SEND_TIMEOUT_S = 5.0  # for room in the socketpair (the supervisor reads it)
 
@@ -94,7 +81,7 @@ class SupervisorLink:
     def ready(self, restored: int = 0) -> None:
         if not self._ready_sent:
             self._ready_sent = True
-            self.send({"kind": "ready", "restored": restored})
+            self.send({"kind": Up.READY, "restored": restored})
 
     def heartbeat(self) -> None:
         """From the worker's own loop: a stuck loop stops checking in."""
@@ -108,7 +95,7 @@ class SupervisorLink:
 
     def send(self, message: dict[str, Any]) -> None:
         try:
-            self.sock.send(json.dumps(message).encode())
+            self.sock.send(link_mod.encode(message))
         except OSError as e:  # full (the supervisor is behind) or gone: the next one counts
             log.debug("supervisor_send_failed", error=str(e))
 
@@ -119,7 +106,7 @@ class SupervisorLink:
             fds = array.array("i")
             try:
                 packet, cmsgs, _flags, _ = self.sock.recvmsg(
-                    MAX_PACKET, ancillary, socket.MSG_CMSG_CLOEXEC
+                    link_mod.MAX_PACKET, ancillary, socket.MSG_CMSG_CLOEXEC
                 )
             except BlockingIOError:
                 return self.mask
@@ -128,7 +115,7 @@ class SupervisorLink:
             for level, kind, payload in cmsgs:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-            if packet[:1] == b"L":
+            if packet[:1] == Down.LISTENERS:
                 self._take_listeners(packet[1:], list(fds))
                 continue
             for fd in fds:  # no other message carries descriptors
@@ -138,13 +125,13 @@ class SupervisorLink:
                     log.warning("supervisor_gone")
                     service.stop("supervisor_gone")
                 return CLOSE
-            if packet[:1] == b"C" and service is not None:
-                self._config = pickle.loads(packet[1:])
-                self.send({"kind": "reloaded", "error": service.reload()})
+            if packet[:1] == Down.CONFIG and service is not None:
+                self._config = link_mod.config_of(packet)
+                self.send({"kind": Up.RELOADED, "error": service.reload()})
                 self._handed_down.clear()
-            elif packet[:1] == b"S":
-                self._report("stats")
-            elif packet[:1] == b"H" and service is not None and not self._handing_over:
+            elif packet[:1] == Down.STATS:
+                self._report(Up.STATS)
+            elif packet[:1] == Down.HAND_OVER and service is not None and not self._handing_over:
                 self._handing_over = True  # after this batch: the state is then consistent
                 service.reactor.call_soon(self._hand_over)
         return self.mask
@@ -168,9 +155,9 @@ class SupervisorLink:
         service = self._service
         assert service is not None
         if service.stopping:
-            self.send({"kind": "handoff_failed", "error": "stopping already"})
+            self.send({"kind": Up.HANDOFF_FAILED, "error": "stopping already"})
         elif not service.hand_over(Upstream(self.sock), listeners_travel=False):
-            self.send({"kind": "handoff_failed", "error": "see this worker's handoff_failed"})
+            self.send({"kind": Up.HANDOFF_FAILED, "error": "see this worker's handoff_failed"})
 
     def close(self) -> None:
         self.sock.close()
@@ -197,11 +184,11 @@ class Upstream:
         """Raises HandoffError if the supervisor cannot be reached (nothing is lost)."""
         out.append_trailer(transport.memfd, {"steps": steps})
         named = transport.named()
-        message = json.dumps({"kind": "handed_over", "names": [n for n, _ in named]})
-        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd for _, fd in named]))]
+        message = link_mod.encode({"kind": Up.HANDED_OVER, "names": [n for n, _ in named]})
+        rights = link_mod.rights(fd for _, fd in named)
         self._sock.settimeout(HANDOFF_SEND_TIMEOUT_S)
         try:
-            self._sock.sendmsg([message.encode()], rights)
+            self._sock.sendmsg([message], rights)
         except OSError as e:
             raise handoff.HandoffError(f"to the supervisor: {e.strerror or e}") from None
         finally:
