@@ -3,14 +3,20 @@ bound, reporting to the supervisor over a SOCK_SEQPACKET socketpair.
 
 A packet is one message, so there is no framing to get wrong:
 
-- worker -> supervisor, JSON: {"kind": "ready", "restored": connections}, {"kind":
-  "heartbeat" | "stats", "stats": ..., "counters": ...}, {"kind": "reloaded", "error":
-  null | "why"}, {"kind": "handed_over", "names": [...]} with the handoff's transport as
-  SCM_RIGHTS, {"kind": "handoff_failed", "error": "why"}.
+- worker -> supervisor, JSON: {"kind": "ready", "restored": connections, "inherited":
+  totals}, {"kind": "heartbeat" | "stats", "stats": ..., "counters": totals}, {"kind":
+  "reloaded", "error": null | "why"}, {"kind": "handed_over", "names": [...], "counters":
+  totals} with the handoff's transport as SCM_RIGHTS, {"kind": "handoff_failed", "error":
+  "why"}.
 - supervisor -> worker: b"C" + pickle(Config) (apply it, as SIGHUP would), b"S" (report
   the statistics now), b"H" (hand every connection over, to the supervisor, and exit).
   The supervisor is the same program in the parent process: the pickle never crosses a
   trust boundary.
+
+Totals (counters.Counters.to_dict()): "counters" is what this worker counted itself, its
+totals less those it restored from its predecessor's handoff ("inherited", sent once):
+the supervisor has counted those already (its sum takes a worker's last counters when it
+hands over or dies), so that nothing is counted twice and nothing waits for a report.
 
 The restart handoff with workers: each worker writes its state and sends its descriptors
 into pairs as a single process would (handoff.py), then passes that transport (the memfd
@@ -25,7 +31,6 @@ is the service's main process and the only one systemd accepts messages from.
 from __future__ import annotations
 
 import array
-import dataclasses
 import json
 import os
 import pickle
@@ -38,6 +43,7 @@ import structlog
 
 from epolld import handoff
 from epolld.config import Config
+from epolld.counters import Counters
 from epolld.listeners import Listener
 from epolld.loop import CLOSE
 from epolld.service import EchoService
@@ -60,6 +66,7 @@ class SupervisorLink:
         "_service",
         "active_at",
         "fd",
+        "inherited",
         "mask",
         "sock",
     )
@@ -74,6 +81,7 @@ class SupervisorLink:
         self._ready_sent = False
         self._handing_over = False
         self._service: EchoService | None = None
+        self.inherited = Counters()  # the totals restored from the predecessor's handoff
 
     def serve(self, service: EchoService) -> None:
         self._service = service
@@ -85,7 +93,8 @@ class SupervisorLink:
     def ready(self, restored: int = 0) -> None:
         if not self._ready_sent:
             self._ready_sent = True
-            self.send({"kind": "ready", "restored": restored})
+            inherited = self.inherited.to_dict()
+            self.send({"kind": "ready", "restored": restored, "inherited": inherited})
 
     def heartbeat(self) -> None:
         """From the worker's own loop: a stuck loop stops checking in."""
@@ -94,8 +103,16 @@ class SupervisorLink:
     def _report(self, kind: str) -> None:
         service = self._service
         if service is not None:
-            counters = dataclasses.asdict(service.counters)
-            self.send({"kind": kind, "stats": service.stats(), "counters": counters})
+            totals = service.totals()
+            stats = service.stats(totals)
+            self.send({"kind": kind, "stats": stats, "counters": self._own(totals)})
+
+    def _own(self, totals: Counters | None = None) -> dict[str, Any]:
+        """What this worker counted itself (see the module's docstring)."""
+        assert self._service is not None
+        own = self._service.totals() if totals is None else totals
+        own.subtract(self.inherited)
+        return own.to_dict()
 
     def send(self, message: dict[str, Any]) -> None:
         try:
@@ -133,7 +150,7 @@ class SupervisorLink:
         assert service is not None
         if service.stopping:
             self.send({"kind": "handoff_failed", "error": "stopping already"})
-        elif not service.hand_over(Upstream(self.sock), listeners_travel=False):
+        elif not service.hand_over(Upstream(self.sock, self._own), listeners_travel=False):
             self.send({"kind": "handoff_failed", "error": "see this worker's handoff_failed"})
 
     def close(self) -> None:
@@ -152,8 +169,9 @@ class Upstream:
 
     keeps_inherited = True  # the listeners do not travel from a worker at all
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, totals: Callable[[], dict[str, Any]]) -> None:
         self._sock = sock
+        self._totals = totals  # the worker's own, final once its connections are written
 
     def deliver(
         self, transport: handoff.Transport, out: handoff.StateWriter, steps: dict[str, float]
@@ -161,7 +179,9 @@ class Upstream:
         """Raises HandoffError if the supervisor cannot be reached (nothing is lost)."""
         out.append_trailer(transport.memfd, {"steps": steps})
         named = transport.named()
-        message = json.dumps({"kind": "handed_over", "names": [n for n, _ in named]})
+        message = json.dumps(
+            {"kind": "handed_over", "names": [n for n, _ in named], "counters": self._totals()}
+        )
         rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd for _, fd in named]))]
         self._sock.settimeout(HANDOFF_SEND_TIMEOUT_S)
         try:
@@ -219,6 +239,7 @@ def run(
                 state, received_s=handoff.now_monotonic() - received_at
             )
             notifier.restored = counts.get("connection", 0)
+            link.inherited = service.totals()
     link.serve(service)
     service.reactor.add(link)
     service.reactor.every(lambda: heartbeat_s, link.heartbeat)
