@@ -12,12 +12,14 @@ import http.client
 import os
 import signal
 import socket
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import epolld
 from tests.epolld_process import WAIT_S, Daemon, write_config
 from tests.test_metrics_endpoint import metrics_port, scrape
 from tests.test_workers import start_workers as start_workers
@@ -30,6 +32,9 @@ PROXY_LISTEN = {"address": "127.0.0.1:0", "proxy_protocol": True}
 METRICS = {"listen": "127.0.0.1:0"}
 HEADER_ERRORS = "epolld_proxy_header_errors_total"
 SCRAPE_LOOP_S = 5.0  # the tight scrape loop runs at most this long after the signal
+# The code before the one list of totals: its handoff records must restore in this one.
+OLD_RELEASE = "72c99cf"
+OLD_VERSION = f"{epolld.__version__}+{OLD_RELEASE}"
 
 
 def monotonic_keys(samples: Samples) -> set[tuple[str, tuple[tuple[str, str], ...]]]:
@@ -191,3 +196,84 @@ def test_workers_handoff_never_serves_lower_totals(start_workers: Any) -> None:
     finally:
         for sock in socks:
             sock.close()
+
+
+def _old_release(tmp_path: Path) -> Path:
+    """A directory to put on PYTHONPATH whose epolld is OLD_RELEASE's (from this
+    repository's history), its version marked so that the logs tell the two apart."""
+    root = Path(epolld.__file__).resolve().parent.parent
+    old = tmp_path / "old"
+    old.mkdir()
+    tar = tmp_path / "old.tar"
+    git = ["git", "-C", str(root), "archive", f"--output={tar}", OLD_RELEASE, "epolld"]
+    subprocess.run(git, check=True, timeout=WAIT_S)
+    subprocess.run(["tar", "-xf", str(tar), "-C", str(old)], check=True, timeout=WAIT_S)
+    init = old / "epolld" / "__init__.py"
+    version = f'__version__ = "{epolld.__version__}"'
+    assert version in init.read_text()
+    init.write_text(init.read_text().replace(version, f'__version__ = "{OLD_VERSION}"'))
+    return old
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_upgrade_from_the_old_records_keeps_every_total(tmp_path: Path, workers: int) -> None:
+    """A re-exec restart from OLD_RELEASE's code to this one (PYTHONPATH's link flipped
+    between the two) keeps every total the old code handed over, UDP's included, with
+    and without workers."""
+    current = tmp_path / "current"
+    current.symlink_to(_old_release(tmp_path))
+    config = {
+        "listen": ["127.0.0.1:0", "udp:127.0.0.1:0"],
+        "workers": workers,
+        "metrics": METRICS,
+        "logging": {"level": "info"},
+    }
+    daemon = Daemon(
+        write_config(tmp_path / "epolld.yaml", config),
+        env={**os.environ, "PYTHONPATH": str(current)},
+        prefix=("env", "-C", str(tmp_path)),  # not the checkout: python -m looks there first
+    )
+    socks: list[socket.socket] = []
+    try:
+        addresses = [e["address"] for e in daemon.wait_for("listening", count=2)]
+        port = int(next(a for a in addresses if a[:4] != "udp:").rsplit(":", 1)[1])
+        udp_port = int(next(a for a in addresses if a[:4] == "udp:").rsplit(":", 1)[1])
+        mport = metrics_port(daemon)
+        socks = [connect(port) for _ in range(6)]
+        for sock in socks:
+            roundtrip(sock, b"0123456789")
+        for sock in socks[3:]:  # closed: reasons and durations
+            sock.shutdown(socket.SHUT_WR)
+            assert recv_until_eof(sock) == b""
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.settimeout(WAIT_S)
+            for _ in range(4):
+                udp.sendto(b"datagram", ("127.0.0.1", udp_port))
+                assert udp.recv(100) == b"datagram"
+        before = scrape_until(
+            mport,
+            lambda s: (
+                s[("epolld_connections_closed_total", (("reason", "eof"),))] == 3
+                and s.get(("epolld_udp_datagrams_sent_total", ())) == 4
+            ),
+        )
+        assert before[("epolld_build_info", (("version", OLD_VERSION),))] == 1
+        flipped = tmp_path / "current.new"
+        flipped.symlink_to(Path(epolld.__file__).resolve().parent.parent)
+        os.replace(flipped, current)
+        daemon.signal(signal.SIGUSR2)
+        daemon.wait_for("handoff_complete", old_version=OLD_VERSION, worker=None)
+        after = scrape_until(  # with workers: once they have reported what they took over
+            mport, lambda s: s[("epolld_connections_accepted_total", ())] == 6
+        )
+        assert after[("epolld_build_info", (("version", epolld.__version__),))] == 1
+        assert lower(before, after) == {}
+        assert after[("epolld_udp_datagrams_sent_total", ())] == 4
+    finally:
+        for sock in socks:
+            sock.close()
+        daemon.stop()
+        for started in daemon.events("worker_started"):  # in process groups of their own
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(started["pid"], signal.SIGKILL)
+    assert not daemon.bad_lines, daemon.bad_lines[:5]
