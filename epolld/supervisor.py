@@ -262,7 +262,8 @@ class Supervisor:
             self.counters.reloads.update(Counters.from_dict(totals).reloads)
             if "totals" in totals:
                 self._retired = Counters.from_dict(totals["totals"])
-            else:  # before the sums travelled: the workers' restore what they had
+            else:  # before the sums travelled: each slot's next worker restores its
+                # predecessor's totals, added when it is ready
                 self._retired = _legacy_retired(totals)
                 for slot in self._slots:
                     slot.uncounted = slot.handoff is not None

@@ -110,7 +110,7 @@ class SupervisorLink:
     def _own(self, totals: Counters | None = None) -> dict[str, Any]:
         """What this worker counted itself (see the module's docstring)."""
         assert self._service is not None
-        own = self._service.totals() if totals is None else totals
+        own = self._service.totals() if totals is None else totals.copy()
         own.subtract(self.inherited)
         return own.to_dict()
 
