@@ -31,7 +31,7 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 PROXY_LISTEN = {"address": "127.0.0.1:0", "proxy_protocol": True}
 METRICS = {"listen": "127.0.0.1:0"}
 HEADER_ERRORS = "epolld_proxy_header_errors_total"
-SCRAPE_LOOP_S = 5.0  # the tight scrape loop runs at most this long after the signal
+SCRAPE_LOOP_S = 10.0  # the tight scrape loop runs at most this long in all
 # The code before the one list of totals: its handoff records must restore in this one.
 OLD_RELEASE = "72c99cf"
 OLD_VERSION = f"{epolld.__version__}+{OLD_RELEASE}"
