@@ -234,8 +234,8 @@ def test_upgrade_from_the_old_records_keeps_every_total(tmp_path: Path, workers:
         prefix=("env", "-C", str(tmp_path)),  # not the checkout: python -m looks there first
     )
     socks: list[socket.socket] = []
-    try:
-        addresses = [e["address"] for e in daemon.wait_for("listening", count=2)]
+    try:  # each worker logs both addresses
+        addresses = [e["address"] for e in daemon.wait_for("listening", count=2 * workers)]
         port = int(next(a for a in addresses if a[:4] != "udp:").rsplit(":", 1)[1])
         udp_port = int(next(a for a in addresses if a[:4] == "udp:").rsplit(":", 1)[1])
         mport = metrics_port(daemon)
