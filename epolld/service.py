@@ -847,6 +847,8 @@ class EchoService:
             **(more or {}),
         }
         counts = handoff.restore(state, restorers)
+        # STATUS='s rate counts from here, not the restored bytes as if sent just now.
+        self._status_bytes = (time.monotonic(), self.totals().bytes_sent)
         steps = dict(document.get("steps", {}))
         signal_at = document.get("signal_at")
         if started_at is not None and isinstance(signal_at, float):

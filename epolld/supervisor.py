@@ -267,6 +267,7 @@ class Supervisor:
                 self._retired = _legacy_retired(totals)
                 for slot in self._slots:
                     slot.uncounted = slot.handoff is not None
+            self._status_bytes = (time.monotonic(), self._retired.bytes_sent)
 
     # -- running -------------------------------------------------------------------
 
