@@ -1,8 +1,6 @@
-"""The collector: names, labels, units and values, read from Counters at scrape time."""
+"""The collector: names, labels, units and values, read from a Snapshot at scrape time."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -43,18 +41,18 @@ def scrape(snapshot: Snapshot) -> dict[tuple[str, tuple[tuple[str, str], ...]], 
 
 def test_names_are_the_issue_s() -> None:
     """Every name the issue lists is exported, and no UDP or PROXY series without them."""
-    samples = scrape(Snapshot(Counters(), 0, 0, 0, 1, False))
+    samples = scrape(Snapshot(Counters(), 0, 1, False))
     assert {name for name, _ in samples} == ISSUE_NAMES
 
 
 def test_values_come_from_the_snapshot() -> None:
     """Gauges and counters carry the snapshot's values, labelled as documented."""
-    counters = Counters(accepted=7)
+    counters = Counters(accepted=7, bytes_received=1234 - 100, bytes_sent=1200 - 90)
     counters.count_refused("max_connections_per_ip")
     counters.count_close("reset", 2.0, 100, 90)
     counters.count_reload(ok=True)
     counters.count_reload(ok=False)
-    samples = scrape(Snapshot(counters, 4, 1234, 1200, 2, True))
+    samples = scrape(Snapshot(counters, 4, 2, True))
     assert samples[("epolld_connections", ())] == 4
     assert samples[("epolld_connections_accepted_total", ())] == 7
     assert (
@@ -78,7 +76,7 @@ def test_duration_histogram_is_cumulative_with_le_semantics() -> None:
     counters = Counters()
     for seconds in (0.001, 0.5, 0.5000001, 100000.0):
         counters.durations.observe(seconds)
-    samples = scrape(Snapshot(counters, 0, 0, 0, 1, False))
+    samples = scrape(Snapshot(counters, 0, 1, False))
 
     def bucket(le: str) -> float:
         return samples[("epolld_connection_duration_seconds_bucket", (("le", le),))]
@@ -92,20 +90,15 @@ def test_duration_histogram_is_cumulative_with_le_semantics() -> None:
     assert abs(samples[("epolld_connection_duration_seconds_sum", ())] - 100001.0010001) < 1e-6
 
 
-@dataclass
-class UdpStats:
-    """Shaped like epolld.udp's UdpStats, which the service hands to the snapshot."""
-
-    received: int
-    echoed: int
-    dropped: dict[str, int]
-
-
 def test_udp_and_proxy_series_appear_when_the_service_has_them() -> None:
     """UDP and PROXY counters are exported once the service has UDP or PROXY listeners."""
-    snapshot = Snapshot(
-        Counters(), 0, 0, 0, 1, False, UdpStats(5, 4, {"rate": 1}), {"v1_malformed": 2}
+    counters = Counters(
+        udp_received=5,
+        udp_echoed=4,
+        udp_dropped={"rate": 1},
+        proxy_header_errors={"v1_malformed": 2},
     )
+    snapshot = Snapshot(counters, 0, 1, False, udp=True, proxy=True)
     samples = scrape(snapshot)
     assert samples[("epolld_udp_datagrams_received_total", ())] == 5
     assert samples[("epolld_udp_datagrams_sent_total", ())] == 4
@@ -117,7 +110,7 @@ def test_collector_reads_at_scrape_time() -> None:
     """A counter changed after the collector was registered shows in the next scrape."""
     counters = Counters()
     registry = CollectorRegistry()
-    registry.register(EchoCollector(lambda: Snapshot(counters, 0, 0, 0, 1, False)))
+    registry.register(EchoCollector(lambda: Snapshot(counters, 0, 1, False)))
     assert b"epolld_connections_accepted_total 0.0" in generate_latest(registry)
     counters.accepted += 1
     assert b"epolld_connections_accepted_total 1.0" in generate_latest(registry)

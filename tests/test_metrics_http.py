@@ -25,8 +25,8 @@ OPENMETRICS_ACCEPT = (
 
 
 def conversation() -> HttpConversation:
-    counters = Counters(accepted=3)
-    return HttpConversation(MetricsApp(lambda: Snapshot(counters, 1, 10, 10, 2, False)).respond)
+    counters = Counters(accepted=3, bytes_received=10, bytes_sent=10)
+    return HttpConversation(MetricsApp(lambda: Snapshot(counters, 1, 2, False)).respond)
 
 
 def request(method: str = "GET", path: str = "/metrics", *headers: str) -> bytes:

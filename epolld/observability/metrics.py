@@ -1,7 +1,7 @@
 """The Prometheus endpoint: a collector over the service's counters, its pages, its handlers.
 
-Nothing here runs on the echo path. The collector reads the service's Counters and a
-Snapshot of its live values when a scrape asks (prometheus_client's "custom collector"),
+Nothing here runs on the echo path. The collector reads a Snapshot (the service's totals
+and its live values) when a scrape asks (prometheus_client's "custom collector"),
 so no metric object is touched per event. HTTP is served on the daemon's own reactor:
 MetricsEndpoint accepts at most MAX_CLIENTS clients, each a MetricsClient that reads a
 bounded amount per event, answers through http11.HttpConversation, writes with
@@ -110,11 +110,11 @@ class EchoCollector(Collector):
         yield CounterMetricFamily(
             "epolld_received_bytes_total",
             "Bytes received from clients.",
-            value=s.bytes_received,
+            value=c.bytes_received,
             unit="bytes",
         )
         yield CounterMetricFamily(
-            "epolld_sent_bytes_total", "Bytes echoed to clients.", value=s.bytes_sent, unit="bytes"
+            "epolld_sent_bytes_total", "Bytes echoed to clients.", value=c.bytes_sent, unit="bytes"
         )
         yield _histogram(
             HistogramMetricFamily(
@@ -146,22 +146,21 @@ class EchoCollector(Collector):
             "0 if the last reload failed (the previous configuration runs), else 1.",
             value=int(c.last_reload_ok),
         )
-        if s.log_lines_dropped is not None:
-            yield CounterMetricFamily(
-                "epolld_log_lines_dropped_total",
-                "Log lines dropped because stdout, the journal or the log file took none.",
-                value=s.log_lines_dropped,
-            )
-        if s.udp is not None:
+        yield CounterMetricFamily(
+            "epolld_log_lines_dropped_total",
+            "Log lines dropped because stdout, the journal or the log file took none.",
+            value=c.log_lines_dropped,
+        )
+        if s.udp:
             yield CounterMetricFamily(
                 "epolld_udp_datagrams_received_total",
                 "UDP datagrams received.",
-                value=s.udp.received,
+                value=c.udp_received,
             )
             yield CounterMetricFamily(
                 "epolld_udp_datagrams_sent_total",
                 "UDP datagrams echoed.",
-                value=s.udp.echoed,
+                value=c.udp_echoed,
             )
             yield _labelled(
                 CounterMetricFamily(
@@ -169,16 +168,16 @@ class EchoCollector(Collector):
                     "UDP datagrams not echoed, by reason.",
                     labels=["reason"],
                 ),
-                s.udp.dropped,
+                c.udp_dropped,
             )
-        if s.proxy_header_errors is not None:
+        if s.proxy:
             yield _labelled(
                 CounterMetricFamily(
                     "epolld_proxy_header_errors_total",
                     "Connections closed for an invalid PROXY protocol header, by reason.",
                     labels=["reason"],
                 ),
-                s.proxy_header_errors,
+                c.proxy_header_errors,
             )
 
 

@@ -19,7 +19,6 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -27,7 +26,7 @@ import structlog
 from epolld import __version__, handoff
 from epolld import config as config_mod
 from epolld.config import Config
-from epolld.core.counters import Counters, DurationHistogram, Snapshot
+from epolld.core.counters import Counters, Snapshot
 from epolld.core.idle import IdleTimer
 from epolld.core.loop import CLOSE, Reactor
 from epolld.errors import EpolldError
@@ -93,8 +92,6 @@ class EchoService:
         self._per_ip: dict[str, int] = {}
         self._readers: dict[int, HeaderReader] = {}  # PROXY headers still being read
         self._proxies: dict[int, str] = {}  # fd -> the proxy's address, for proxied clients
-        self._header_errors = HeaderErrors()
-        self._headers_read = 0
         self._sweep_armed = False  # a _sweep_readers call is scheduled
         self._started_at = self.reactor.now
         self._stopping = False
@@ -116,6 +113,7 @@ class EchoService:
         # Totals, updated at accept, close and reload only; live values are added when
         # reporting (snapshot(), stats()). The metrics endpoint reads them at scrape time.
         self.counters = Counters()
+        self._header_errors = HeaderErrors(self.counters.proxy_header_errors)
         self._refused_unlogged = 0
         self._refused_logged_at = -REFUSED_WARNING_EVERY_S
         self._status_bytes = (self.reactor.now, 0)
@@ -379,7 +377,7 @@ class EchoService:
 
     def header_read(self, reader: HeaderReader, header: ProxyHeader) -> int:
         """The client's address is known: check its per-IP limit, then start echoing."""
-        self._headers_read += 1
+        self.counters.proxy_headers_read += 1
         if header.source is None:  # LOCAL, UNKNOWN: the proxy itself (a health check)
             ip, peer = reader.ip, reader.peer
         else:
@@ -774,6 +772,7 @@ class EchoService:
         if left_behind:
             log.warning("handoff_left_behind", kinds=left_behind, reason="no handoff_state()")
         self._notifier.status(f"handing over {self._conn_count} connections")
+        totals = self._stored_totals()  # the connections' own bytes travel in their records
         _step(steps, "collect", signal_at)
         meta = {
             "epolld": __version__,
@@ -784,11 +783,8 @@ class EchoService:
             # Totals travel, so that stats and metrics stay monotonic across restarts.
             "service": {
                 "started_at": self._started_at,
-                "counters": asdict(self.counters),
-                "udp": {
-                    name: getattr(self._udp.stats, name)
-                    for name in ("received", "echoed", "icmp_errors", "dropped")
-                },
+                "counters": totals.to_dict(),
+                "udp": totals.legacy_udp(),  # where earlier releases read them
             },
         }
         try:
@@ -851,10 +847,7 @@ class EchoService:
         totals = document.get("service", {})
         if totals:
             self._started_at = float(totals["started_at"])
-            self._restore_counters(totals.get("counters") or {})
-            for name, value in (totals.get("udp") or {}).items():
-                if hasattr(self._udp.stats, name):
-                    setattr(self._udp.stats, name, value)
+            self.counters.restore(totals.get("counters") or {}, totals.get("udp"))
         restorers: dict[str, handoff.Restorer] = {
             "listener": self._restore_listener,
             "connection": self._restore_connection,
@@ -864,6 +857,8 @@ class EchoService:
             **(more or {}),
         }
         counts = handoff.restore(state, restorers)
+        # STATUS='s rate counts from here, not the restored bytes as if sent just now.
+        self._status_bytes = (time.monotonic(), self.totals().bytes_sent)
         steps = dict(document.get("steps", {}))
         signal_at = document.get("signal_at")
         if started_at is not None and isinstance(signal_at, float):
@@ -880,16 +875,6 @@ class EchoService:
             "steps": steps,
         }
         return counts
-
-    def _restore_counters(self, saved: dict[str, Any]) -> None:
-        """Carry on from the previous process's totals (in place: the metrics endpoint
-        reads this very object). A field this version does not know is ignored."""
-        counters = self.counters
-        for name, value in saved.items():
-            if name == "durations" and isinstance(value, dict):
-                counters.durations = DurationHistogram(**value)
-            elif hasattr(counters, name):
-                setattr(counters, name, value)
 
     def reconcile_after_handoff(self, previous: Config) -> None:
         """Bind what the configuration now lists and the old process did not, and close
@@ -1087,51 +1072,51 @@ class EchoService:
             self.listener_set.metrics = None
 
     def snapshot(self) -> Snapshot:
-        """The counters and the live values, for the metrics endpoint (once per scrape)."""
-        bytes_in, bytes_out = self._byte_totals()
+        """The totals and the live values, for the metrics endpoint (once per scrape)."""
+        totals = self.totals()
         return Snapshot(
-            counters=self.counters,
+            counters=totals,
             connections=self._conn_count,
-            bytes_received=bytes_in,
-            bytes_sent=bytes_out,
             listeners=len(self._listeners),
             accept_paused=bool(self._paused),
-            # Once UDP has served, its series stay (counters must not vanish on a reload).
-            udp=self._udp.stats if len(self._udp) or self._udp.stats.received else None,
-            proxy_header_errors=dict(self._header_errors.counts)
-            if any(lst.proxy_protocol for lst in self.listeners)
-            else None,
-            log_lines_dropped=logsetup.dropped_lines(),
+            # Once they have counted, the series stay (counters must not vanish on a reload).
+            udp=bool(len(self._udp) or totals.udp_received),
+            proxy=any(lst.proxy_protocol for lst in self.listeners)
+            or totals.proxy_headers_read > 0
+            or any(totals.proxy_header_errors.values()),
         )
 
     # -- reporting -----------------------------------------------------------------
 
-    def _byte_totals(self) -> tuple[int, int]:
-        """Bytes in and out so far: closed connections' totals plus the open ones'."""
-        conns = self._connections()
-        return (
-            self.counters.bytes_received + sum(c.bytes_in for c in conns),
-            self.counters.bytes_sent + sum(c.bytes_out for c in conns),
-        )
+    def totals(self) -> Counters:
+        """Every total so far (a restored predecessor's included), the bytes of open
+        connections too: a copy, for reports."""
+        totals = self._stored_totals()
+        for conn in self._connections():
+            totals.bytes_received += conn.bytes_in
+            totals.bytes_sent += conn.bytes_out
+        return totals
 
-    def stats(self) -> dict[str, Any]:
-        """Live counters."""
-        bytes_in, bytes_out = self._byte_totals()
+    def _stored_totals(self) -> Counters:
+        """The totals without the open connections' bytes (their records carry those)."""
+        totals = self.counters.copy()
+        self._udp.stats.add_to(totals)
+        totals.log_lines_dropped += logsetup.dropped_lines()
+        return totals
+
+    def stats(self, totals: Counters | None = None) -> dict[str, Any]:
+        """The totals (totals(), unless given) and the live values, for the stats line."""
+        if totals is None:
+            totals = self.totals()
         return {
             "connections": self._conn_count,
-            "accepted": self.counters.accepted,
-            "refused": sum(self.counters.refused.values()),
-            "bytes_in": bytes_in,
-            "bytes_out": bytes_out,
+            **totals.stats_fields(),
             "uptime_s": round(self.reactor.now - self._started_at, 1),
             "listeners": len(self._listeners),
             "accept_paused": bool(self._paused),
             "splice_connections": self._pipes,
-            **self._udp.counters(),
+            **self._udp.gauges(),
             "proxy_reading": len(self._readers),
-            "proxy_headers_read": self._headers_read,
-            "proxy_header_errors": dict(self._header_errors.counts),
-            "log_lines_dropped": logsetup.dropped_lines(),
         }
 
     def _on_stats_signal(self, signum: int) -> None:
@@ -1143,15 +1128,14 @@ class EchoService:
     def _status_line(self) -> str:
         names = " ".join(lst.name for lst in [*self.listeners, *self._udp.listeners])
         now = time.monotonic()
-        total = self._byte_totals()[1]
+        totals = self.totals()
         then, before = self._status_bytes
-        self._status_bytes = (now, total)
-        rate = (total - before) / (now - then) / 1e6 if now > then else 0.0
+        self._status_bytes = (now, totals.bytes_sent)
+        rate = (totals.bytes_sent - before) / (now - then) / 1e6 if now > then else 0.0
         line = f"echoing on {names}; {self._conn_count} connections; {rate:.1f} MB/s"
         if len(self._udp):
-            counts = self._udp.stats
-            dropped = sum(counts.dropped.values())
-            line += f"; {counts.echoed} datagrams echoed, {dropped} dropped"
+            dropped = sum(totals.udp_dropped.values())
+            line += f"; {totals.udp_echoed} datagrams echoed, {dropped} dropped"
         return line
 
     def _send_status(self) -> None:

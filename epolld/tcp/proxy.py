@@ -555,8 +555,11 @@ class HeaderErrors:
 
     __slots__ = ("_logged_at", "_unlogged", "counts")
 
-    def __init__(self) -> None:
-        self.counts: dict[str, int] = dict.fromkeys(ALL_REASONS, 0)
+    def __init__(self, counts: dict[str, int] | None = None) -> None:
+        # The service's totals (Counters.proxy_header_errors): they travel on restarts.
+        self.counts: dict[str, int] = {} if counts is None else counts
+        for reason in ALL_REASONS:  # every series exists (at 0) from the start
+            self.counts.setdefault(reason, 0)
         self._logged_at: dict[str, float] = {}
         self._unlogged: dict[str, int] = {}
 

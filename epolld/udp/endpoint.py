@@ -42,6 +42,7 @@ from epolld.listening.sockets import Listener
 from epolld.udp.ratelimit import BYTE_RATE, RATE, SOURCE_PORT, TOTAL_RATE, UdpLimiter
 
 if TYPE_CHECKING:
+    from epolld.core.counters import Counters
     from epolld.handoff import StateWriter
 
 log = structlog.get_logger("epolld")
@@ -88,7 +89,11 @@ class Clock(Protocol):
 
 
 class UdpStats:
-    """Datagram counters of the whole daemon; every UDP socket adds to the same ones."""
+    """Datagram counters of this process; every UDP socket adds to the same ones.
+
+    Plain attributes on the hot path (one datagram, one increment), read into the
+    service's totals (counters.Counters) when it reports: add_to().
+    """
 
     __slots__ = ("dropped", "echoed", "icmp_errors", "received")
 
@@ -98,15 +103,14 @@ class UdpStats:
         self.icmp_errors = 0  # recv() errors from ICMP messages, skipped
         self.dropped = dict.fromkeys(DROP_REASONS, 0)
 
-    def as_dict(self) -> dict[str, Any]:
-        """The counters for stats lines and metrics: udp_received, udp_echoed, udp_dropped_*."""
-        return {
-            "udp_received": self.received,
-            "udp_echoed": self.echoed,
-            "udp_dropped": sum(self.dropped.values()),
-            **{f"udp_dropped_{reason}": n for reason, n in self.dropped.items()},
-            "udp_icmp_errors": self.icmp_errors,
-        }
+    def add_to(self, totals: Counters) -> None:
+        """Add these counts to totals (a copy the service reports)."""
+        totals.udp_received += self.received
+        totals.udp_echoed += self.echoed
+        totals.udp_icmp_errors += self.icmp_errors
+        dropped = totals.udp_dropped
+        for reason, n in self.dropped.items():
+            dropped[reason] = dropped.get(reason, 0) + n
 
 
 class UdpEndpoint:
@@ -362,10 +366,6 @@ class UdpEndpoints:
             self._reactor.close(endpoint)
         self._endpoints.clear()
 
-    def counters(self) -> dict[str, Any]:
-        """udp_listeners, udp_sources and the UdpStats counters."""
-        return {
-            "udp_listeners": len(self._endpoints),
-            "udp_sources": len(self.limiter),
-            **self.stats.as_dict(),
-        }
+    def gauges(self) -> dict[str, int]:
+        """udp_listeners and udp_sources, for the stats line (the totals are in UdpStats)."""
+        return {"udp_listeners": len(self._endpoints), "udp_sources": len(self.limiter)}

@@ -22,6 +22,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from epolld.core.counters import Counters
 from epolld.core.loop import Timer
 from epolld.listening.sockets import Listener
 from epolld.workers.link import WorkerLink
@@ -119,7 +120,12 @@ class Slot:
     failures: int = 0  # quick deaths in a row
     respawn: Timer | None = None  # while WAITING
     stats: dict[str, Any] = field(default_factory=dict)
-    counters: dict[str, Any] = field(default_factory=dict)
+    # What the current worker counted itself, as of its last report; zero once the
+    # supervisor's retired totals hold it (the worker handed over, or exited).
+    counters: Counters = field(default_factory=Counters)
+    # The slot's next worker restores totals that this supervisor has not counted (a
+    # restart from a release whose state did not carry the workers' totals).
+    uncounted: bool = False
     # A worker's handoff transport, (FDNAME, fd): held for the slot's next worker, which
     # takes over its connections (or written into the supervisor's own handoff).
     handoff: list[tuple[str, int]] | None = None

@@ -36,7 +36,6 @@ messages on a worker's socketpair are link.py.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import json
 import os
@@ -45,7 +44,6 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -53,7 +51,7 @@ import structlog
 from epolld import __version__, handoff
 from epolld import config as config_mod
 from epolld.config import Config
-from epolld.core.counters import Counters, DurationHistogram, Snapshot
+from epolld.core.counters import Counters, Snapshot
 from epolld.core.loop import Reactor, Timer
 from epolld.errors import ConfigError, EpolldError
 from epolld.listening import listener_set
@@ -80,19 +78,12 @@ KILL_AFTER_DRAIN_S = 5.0  # past shutdown_timeout_s, a worker still alive gets S
 QUICK_DEATH_S = 10.0  # a worker that dies younger than this adds to its slot's back-off
 BACKOFF_MAX_S = 30.0
 BARRIER_TIMEOUT_S = 10.0  # for systemd to take the handoff's descriptors into its store
-NOT_SUMMED = frozenset({"listeners", "udp_listeners", "uptime_s"})
+# The workers' live values in the stats line (the totals come from their Counters).
+SUMMED_GAUGES = ("connections", "splice_connections", "proxy_reading", "udp_sources")
+SHARED_GAUGES = ("listeners", "udp_listeners")  # every worker serves every address
 # Changing these needs other workers: a stop and start (fewer slots would close
 # REUSEPORT sockets, resetting the connections queued on them).
 RESTART_ONLY = ("workers",)
-
-
-@dataclass
-class UdpSums:
-    """The workers' UDP counters summed (counters.UdpTotals), for the metrics endpoint."""
-
-    received: int
-    echoed: int
-    dropped: dict[str, int]
 
 
 class Supervisor:
@@ -139,8 +130,10 @@ class Supervisor:
         self._announced = False
         self._started_at = self.reactor.now
         self.counters = Counters()  # the reloads; the rest is summed from the workers
-        self._retired = Counters()  # what workers that exited had counted
-        self._retired_stats = dict.fromkeys(("accepted", "refused", "bytes_in", "bytes_out"), 0)
+        # What workers counted that no live worker reports any more: those that exited,
+        # those that handed over (their successors report only what they count), and,
+        # after a restart handoff, everything the previous supervisor had summed.
+        self._retired = Counters()
         self._stats_waiting: set[Slot] = set()
         self._reload_waiting: set[Slot] = set()
         self._reload_timer: Timer | None = None
@@ -171,10 +164,15 @@ class Supervisor:
                 Slot(0, [], handoff=transport).drop_handoff()
             totals = resumed.totals
             self._started_at = float(totals.get("started_at", self._started_at))
-            self.counters.reloads = dict(totals.get("reloads") or {})
-            _add_counters(self._retired, totals.get("retired") or {})
-            for key, value in (totals.get("retired_stats") or {}).items():
-                self._retired_stats[key] = int(value)
+            self.counters.reloads.update(Counters.from_dict(totals).reloads)
+            if "totals" in totals:
+                self._retired = Counters.from_dict(totals["totals"])
+            else:  # before the sums travelled: each slot's next worker restores its
+                # predecessor's totals, added when it is ready
+                self._retired = _legacy_retired(totals)
+                for slot in self._slots:
+                    slot.uncounted = slot.handoff is not None
+            self._status_bytes = (time.monotonic(), self._retired.bytes_sent)
 
     # -- running -------------------------------------------------------------------
 
@@ -245,7 +243,7 @@ class Supervisor:
         slot.drop_handoff()  # the worker has its own copies now
         now = self.reactor.now
         slot.pid, slot.started_at, slot.heard_at = pid, now, now
-        slot.stats, slot.counters = {}, {}
+        slot.stats = {}
         slot.apply(Event.FORK)
         slot.link = WorkerLink(ours, slot, self._on_message)
         self.reactor.add(slot.link)
@@ -298,8 +296,9 @@ class Supervisor:
             return
         close_all(fds)  # no other message carries descriptors
         if kind in (Up.HEARTBEAT, Up.STATS):
-            slot.stats = message.get("stats") or {}
-            slot.counters = message.get("counters") or {}
+            if slot.handoff is None:  # else its counts are retired: a late one is stale
+                slot.stats = message.get("stats") or {}
+                slot.counters = Counters.from_dict(message.get("counters") or {})
             if kind == Up.STATS and slot in self._stats_waiting:
                 self._stats_waiting.discard(slot)
                 if not self._stats_waiting:
@@ -310,6 +309,9 @@ class Supervisor:
                 return
             slot.apply(Event.READY)
             slot.restored = int(message.get("restored") or 0)
+            if slot.uncounted:  # what it took over is in no sum of ours yet
+                slot.uncounted = False
+                self._retired.add(Counters.from_dict(message.get("inherited") or {}))
             log.info("worker_ready", worker=slot.index, pid=slot.pid)
             if self._stopping:  # it started during a stop (its handlers are in place now)
                 if slot.state is State.SERVING:
@@ -350,8 +352,6 @@ class Supervisor:
         else:
             how = {"exit_code": os.waitstatus_to_exitcode(status)}
         lived = now - slot.started_at
-        if slot.handoff is None:  # else its totals travel with its connections
-            self._retire(slot)
         fields = {
             "worker": slot.index,
             "pid": slot.pid,
@@ -364,6 +364,9 @@ class Supervisor:
             slot.link.on_event(select.EPOLLIN)  # what it sent last (a handoff) comes first
             self.reactor.close(slot.link)
             slot.link = None
+        # After its last messages: a handover among them retired its final count already,
+        # so the heartbeat before it must not be added as well.
+        self._retire(slot)
         slot.pid = None
         was = slot.state
         slot.apply(Event.EXIT)
@@ -397,15 +400,11 @@ class Supervisor:
         slot.respawn = self.reactor.call_later(delay, lambda: self._spawn(slot))
         slot.apply(Event.BACK_OFF)
 
-    def _retire(self, slot: Slot) -> None:
-        """Keep what an exiting worker counted, so that the totals never go back."""
-        for key, value in slot.stats.items():
-            if type(value) is int and key not in NOT_SUMMED and key != "connections":
-                self._retired_stats[key] = self._retired_stats.get(key, 0) + value
-        self._retired_stats.pop("splice_connections", None)
-        self._retired_stats.pop("udp_sources", None)
-        if slot.counters:
-            _add_counters(self._retired, slot.counters)
+    def _retire(self, slot: Slot, final: dict[str, Any] | None = None) -> None:
+        """Keep what a worker counted (as last reported, or its final count when it hands
+        over) once it no longer reports, so that the totals never go back."""
+        self._retired.add(slot.counters if final is None else Counters.from_dict(final))
+        slot.counters = Counters()
 
     def _check_workers(self) -> None:
         """Kill a worker whose loop stopped checking in (SIGSTOP, a hang): it is replaced."""
@@ -515,6 +514,8 @@ class Supervisor:
         late = round_ is None or slot.state not in AWAITING_ANSWER
         slot.handoff = list(zip(names, fds, strict=True))
         slot.apply(Event.HAND_OVER)
+        # Its successor restores these totals and reports only what it counts itself.
+        self._retire(slot, message.get("counters") or {})
         log.info("worker_handed_over", worker=slot.index, pid=slot.pid, late=late)
         if round_ is not None:
             self._handoff_progress()
@@ -563,8 +564,8 @@ class Supervisor:
             "supervisor": {
                 "started_at": self._started_at,
                 "reloads": self.counters.reloads,
-                "retired": dataclasses.asdict(self._retired),
-                "retired_stats": self._retired_stats,
+                # Every worker's count so far: the next workers report only their own.
+                "totals": self.totals().to_dict(),
             },
         }
         try:
@@ -747,25 +748,27 @@ class Supervisor:
 
     # -- reporting -----------------------------------------------------------------
 
-    def stats(self) -> dict[str, Any]:
-        """The workers' statistics summed (as last reported), and one line per worker."""
+    def totals(self) -> Counters:
+        """Every worker's totals summed: the retired ones, and each live worker's last
+        report; the reloads are this process's own."""
+        total = self._retired.copy()
+        for slot in self._slots:
+            total.add(slot.counters)
+        total.reloads = dict(self.counters.reloads)
+        total.last_reload_ok = self.counters.last_reload_ok
+        total.log_lines_dropped += logsetup.dropped_lines()  # this process's own
+        return total
+
+    def stats(self, totals: Counters | None = None) -> dict[str, Any]:
+        """The summed totals, the workers' live values (as last reported), and one line
+        per worker."""
         live = self._live()
-        total: dict[str, Any] = dict(self._retired_stats)
-        total.update(connections=0, splice_connections=0)
-        for slot in live:  # every count a worker reports (udp_* too), summed
-            for key, value in slot.stats.items():
-                if type(value) is int and key not in NOT_SUMMED:
-                    total[key] = total.get(key, 0) + value
-                elif isinstance(value, dict):  # by reason: proxy_header_errors
-                    part = total.setdefault(key, {})
-                    for reason, n in value.items():
-                        part[reason] = part.get(reason, 0) + int(n)
-        # The workers' (summed above, exited ones' too) and this process's own.
-        total["log_lines_dropped"] = total.get("log_lines_dropped", 0) + logsetup.dropped_lines()
-        for key in ("listeners", "udp_listeners"):  # every worker serves every address
-            total[key] = max((int(s.stats.get(key, 0)) for s in live), default=0)
+        gauges = {key: sum(int(s.stats.get(key, 0)) for s in live) for key in SUMMED_GAUGES}
+        for key in SHARED_GAUGES:
+            gauges[key] = max((int(s.stats.get(key, 0)) for s in live), default=0)
         return {
-            **total,
+            **(self.totals() if totals is None else totals).stats_fields(),
+            **gauges,
             "uptime_s": round(self.reactor.now - self._started_at, 1),
             "accept_paused": any(s.stats.get("accept_paused") for s in live),
             "workers": [
@@ -783,40 +786,18 @@ class Supervisor:
         log.info("stats", **self.stats())
 
     def snapshot(self) -> Snapshot:
-        """The metrics endpoint's view: every worker's counters summed, with the exited
-        workers' totals, and this process's reloads."""
-        counters = Counters()
-        _add_counters(counters, dataclasses.asdict(self._retired))
-        for slot in self._live():
-            if slot.counters:
-                _add_counters(counters, slot.counters)
-        counters.accepted = max(counters.accepted, 0)
-        counters.reloads = dict(self.counters.reloads)
-        counters.last_reload_ok = self.counters.last_reload_ok
-        stats = self.stats()
-        udp = None
-        if stats.get("udp_listeners") or stats.get("udp_received"):
-            udp = UdpSums(
-                received=stats.get("udp_received", 0),
-                echoed=stats.get("udp_echoed", 0),
-                dropped={
-                    key[len("udp_dropped_") :]: value
-                    for key, value in stats.items()
-                    if key.startswith("udp_dropped_")
-                },
-            )
+        """The metrics endpoint's view: the summed totals and the workers' live values."""
+        totals = self.totals()
+        stats = self.stats(totals)
         return Snapshot(
-            counters=counters,
+            counters=totals,
             connections=stats["connections"],
-            bytes_received=stats["bytes_in"],
-            bytes_sent=stats["bytes_out"],
             listeners=stats["listeners"],
             accept_paused=stats["accept_paused"],
-            udp=udp,
-            proxy_header_errors=stats.get("proxy_header_errors")
-            if any(lst.proxy_protocol for lst in self._slots[0].listeners)
-            else None,
-            log_lines_dropped=stats["log_lines_dropped"],
+            udp=bool(stats["udp_listeners"] or totals.udp_received),
+            proxy=any(lst.proxy_protocol for lst in self._slots[0].listeners)
+            or totals.proxy_headers_read > 0
+            or any(totals.proxy_header_errors.values()),
         )
 
     def _status_line(self) -> str:
@@ -877,18 +858,20 @@ def _kill(pid: int | None, signum: int) -> None:
             raise
 
 
-def _add_counters(total: Counters, part: dict[str, Any]) -> None:
-    """Add one worker's Counters (as dataclasses.asdict() made them) into total."""
-    total.accepted += int(part.get("accepted", 0))
-    for name in ("refused", "closed", "reloads"):
-        mine = getattr(total, name)
-        for key, value in (part.get(name) or {}).items():
-            mine[key] = mine.get(key, 0) + int(value)
-    total.bytes_received += int(part.get("bytes_received", 0))
-    total.bytes_sent += int(part.get("bytes_sent", 0))
-    durations = part.get("durations") or {}
-    counts = durations.get("counts") or []
-    hist: DurationHistogram = total.durations
-    for i, value in enumerate(counts[: len(hist.counts)]):
-        hist.counts[i] += int(value)
-    hist.sum_s += float(durations.get("sum_s", 0.0))
+def _legacy_retired(saved: dict[str, Any]) -> Counters:
+    """The exited workers' totals in a state from before the sums travelled: Counters in
+    "retired", and in "retired_stats" the stats line's numbers (whose bytes include what
+    their open connections had moved, and the only copy of the UDP and PROXY totals)."""
+    retired = Counters.from_dict(saved.get("retired") or {})
+    stats = {key: int(n) for key, n in (saved.get("retired_stats") or {}).items()}
+    retired.bytes_received = stats.get("bytes_in", retired.bytes_received)
+    retired.bytes_sent = stats.get("bytes_out", retired.bytes_sent)
+    retired.udp_received += stats.get("udp_received", 0)
+    retired.udp_echoed += stats.get("udp_echoed", 0)
+    retired.udp_icmp_errors += stats.get("udp_icmp_errors", 0)
+    retired.proxy_headers_read += stats.get("proxy_headers_read", 0)
+    prefix = "udp_dropped_"
+    for key, n in stats.items():
+        if key.startswith(prefix):
+            retired.udp_dropped[key[len(prefix) :]] = n
+    return retired

@@ -2,6 +2,11 @@
 bound, reporting to the supervisor over a SOCK_SEQPACKET socketpair (the messages both
 ends speak on it: link.py).
 
+Totals (counters.Counters.to_dict()): "counters" is what this worker counted itself, its
+totals less those it restored from its predecessor's handoff ("inherited", sent once):
+the supervisor has counted those already (its sum takes a worker's last counters when it
+hands over or dies), so that nothing is counted twice and nothing waits for a report.
+
 The restart handoff with workers: each worker writes its state and sends its descriptors
 into pairs as a single process would (handoff.py), then passes that transport (the memfd
 and the pairs: a handful of descriptors) up the socketpair. The supervisor stores it with
@@ -15,7 +20,6 @@ is the service's main process and the only one systemd accepts messages from.
 from __future__ import annotations
 
 import array
-import dataclasses
 import json
 import os
 import select
@@ -27,6 +31,7 @@ import structlog
 
 from epolld import handoff
 from epolld.config import Config
+from epolld.core.counters import Counters
 from epolld.core.loop import CLOSE
 from epolld.listening import listener_set
 from epolld.listening.sockets import Listener
@@ -53,6 +58,7 @@ class SupervisorLink:
         "_service",
         "active_at",
         "fd",
+        "inherited",
         "mask",
         "sock",
     )
@@ -68,6 +74,7 @@ class SupervisorLink:
         self._handing_over = False
         self._service: EchoService | None = None
         self._handed_down = listener_set.HandedDown()
+        self.inherited = Counters()  # the totals restored from the predecessor's handoff
 
     def serve(self, service: EchoService) -> None:
         """Serve service, whose listeners on reload are the ones the supervisor sends."""
@@ -81,17 +88,26 @@ class SupervisorLink:
     def ready(self, restored: int = 0) -> None:
         if not self._ready_sent:
             self._ready_sent = True
-            self.send({"kind": Up.READY, "restored": restored})
+            inherited = self.inherited.to_dict()
+            self.send({"kind": Up.READY, "restored": restored, "inherited": inherited})
 
     def heartbeat(self) -> None:
         """From the worker's own loop: a stuck loop stops checking in."""
-        self._report("heartbeat")
+        self._report(Up.HEARTBEAT)
 
     def _report(self, kind: str) -> None:
         service = self._service
         if service is not None:
-            counters = dataclasses.asdict(service.counters)
-            self.send({"kind": kind, "stats": service.stats(), "counters": counters})
+            totals = service.totals()
+            stats = service.stats(totals)
+            self.send({"kind": kind, "stats": stats, "counters": self._own(totals)})
+
+    def _own(self, totals: Counters | None = None) -> dict[str, Any]:
+        """What this worker counted itself (see the module's docstring)."""
+        assert self._service is not None
+        own = self._service.totals() if totals is None else totals.copy()
+        own.subtract(self.inherited)
+        return own.to_dict()
 
     def send(self, message: dict[str, Any]) -> None:
         try:
@@ -156,7 +172,7 @@ class SupervisorLink:
         assert service is not None
         if service.stopping:
             self.send({"kind": Up.HANDOFF_FAILED, "error": "stopping already"})
-        elif not service.hand_over(Upstream(self.sock), listeners_travel=False):
+        elif not service.hand_over(Upstream(self.sock, self._own), listeners_travel=False):
             self.send({"kind": Up.HANDOFF_FAILED, "error": "see this worker's handoff_failed"})
 
     def close(self) -> None:
@@ -175,8 +191,9 @@ class Upstream:
 
     keeps_inherited = True  # the listeners do not travel from a worker at all
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, totals: Callable[[], dict[str, Any]]) -> None:
         self._sock = sock
+        self._totals = totals  # the worker's own, final once its connections are written
 
     def deliver(
         self, transport: handoff.Transport, out: handoff.StateWriter, steps: dict[str, float]
@@ -184,7 +201,9 @@ class Upstream:
         """Raises HandoffError if the supervisor cannot be reached (nothing is lost)."""
         out.append_trailer(transport.memfd, {"steps": steps})
         named = transport.named()
-        message = link_mod.encode({"kind": Up.HANDED_OVER, "names": [n for n, _ in named]})
+        message = link_mod.encode(
+            {"kind": Up.HANDED_OVER, "names": [n for n, _ in named], "counters": self._totals()}
+        )
         rights = link_mod.rights(fd for _, fd in named)
         self._sock.settimeout(HANDOFF_SEND_TIMEOUT_S)
         try:
@@ -242,6 +261,7 @@ def run(
                 state, received_s=handoff.now_monotonic() - received_at
             )
             notifier.restored = counts.get("connection", 0)
+            link.inherited = service.totals()
     link.serve(service)
     service.reactor.add(link)
     service.reactor.every(lambda: heartbeat_s, link.heartbeat)
