@@ -24,6 +24,8 @@ ISSUE_NAMES = {
     "epolld_listeners",
     "epolld_config_reloads_total",
     "epolld_config_last_reload_successful",
+    # Always exported since issue 20: log lines no output took (journald away, a full disk).
+    "epolld_log_lines_dropped_total",
 }
 
 
