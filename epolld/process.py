@@ -134,6 +134,11 @@ class ProcessShell:
             self._metrics_app = metrics.MetricsApp(self.snapshot)
         return metrics.MetricsEndpoint(self.reactor, listener, self._metrics_app)
 
+    @property
+    def metrics_listener(self) -> Listener | None:
+        """The metrics endpoint's socket, while it serves."""
+        return self._metrics.listener if self._metrics is not None else None
+
     def _stop_metrics(self) -> None:
         """Close the endpoint (or its socket, if not served yet) and its clients."""
         if self._metrics is not None:
@@ -157,7 +162,7 @@ class ProcessShell:
             log.error("handoff_failed", reason=str(e), action="serve on")
             return None
 
-    def _handoff_meta(self, signal_at: float) -> dict[str, Any]:
+    def handoff_meta(self, signal_at: float) -> dict[str, Any]:
         """The state document's keys every process writes (the caller adds its totals)."""
         return {
             "epolld": __version__,

@@ -218,13 +218,6 @@ class EchoService(ProcessShell):
 
     # -- the restart handoff (service/handoff.py, epolld/handoff.py) -----------------
 
-    @property
-    def metrics_listener(self) -> Listener | None:
-        return self._metrics.listener if self._metrics is not None else None
-
-    def handoff_meta(self, signal_at: float) -> dict[str, Any]:
-        return self._handoff_meta(signal_at)
-
     def restore_metrics(self, listener: Listener) -> None:
         self._stop_metrics()
         self.serve_metrics(listener)

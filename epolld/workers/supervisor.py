@@ -45,39 +45,35 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 
-from epolld import __version__, handoff
 from epolld import config as config_mod
+from epolld import handoff
 from epolld.config import Config
 from epolld.core.counters import Counters, DurationHistogram, Snapshot
-from epolld.core.loop import CLOSE, Reactor, Timer
+from epolld.core.loop import CLOSE, Timer
 from epolld.errors import ConfigError, EpolldError
 from epolld.listening import listener_set
 from epolld.listening.listener_set import ListenerSet, Plan
 from epolld.listening.sockets import Listener
 from epolld.observability import logsetup
+from epolld.process import HANDOFF_SIGNAL, ProcessShell, log_handoff_complete
 from epolld.systemd import Notifier
 from epolld.workers import handoff as handoff_workers
 from epolld.workers import worker
-
-if TYPE_CHECKING:
-    from epolld.observability.metrics import MetricsApp, MetricsEndpoint
 
 log = structlog.get_logger("epolld")
 
 WORKER_TIMEOUT_S = 10.0  # without a systemd watchdog: a worker silent this long is replaced
 HEARTBEAT_MAX_S = 1.0
-STATUS_EVERY_S = 5.0
 REPLY_WAIT_S = 5.0  # for the workers' answers to a reload or a stats request
 KILL_AFTER_DRAIN_S = 5.0  # past shutdown_timeout_s, a worker still alive gets SIGKILL
 QUICK_DEATH_S = 10.0  # a worker that dies younger than this adds to its slot's back-off
 BACKOFF_MAX_S = 30.0
 MESSAGES_PER_EVENT = 64
 HANDOFF_WAIT_S = 10.0  # for every worker to hand over and exit
-BARRIER_TIMEOUT_S = 10.0  # for systemd to take the handoff's descriptors into its store
 MAX_FDS_PER_MESSAGE = 2 * handoff.MAX_PAIRS + 1  # a worker's transport: pairs and memfd
 NOT_SUMMED = frozenset({"listeners", "udp_listeners", "uptime_s"})
 # Changing these needs other workers: a stop and start (fewer slots would close
@@ -200,7 +196,7 @@ class WorkerLink:
         return f"<WorkerLink fd={self.fd} worker={self.slot.index}>"
 
 
-class Supervisor:
+class Supervisor(ProcessShell):
     """Run `len(slots)` workers on the given listeners until a stop signal.
 
     Args:
@@ -216,6 +212,8 @@ class Supervisor:
         handoff_sources: more records for the handoff (the daemon's pidfile).
     """
 
+    _reload_source: Callable[[], Config]  # always given: the supervisor reloads
+
     def __init__(
         self,
         config: Config,
@@ -228,11 +226,8 @@ class Supervisor:
         resumed: handoff_workers.Resumed | None = None,
         handoff_sources: list[handoff.HandoffSource] | None = None,
     ) -> None:
-        self._config = config
-        self._notifier = notifier
-        self._reload_source = reload
+        super().__init__(config, notifier, reload)
         self._before_reload = before_reload
-        self.reactor = Reactor()
         # Every listening socket; a slot's list is the set's own list for that slot, so
         # that a reload's changes are what the slot's next worker inherits at its fork.
         self.listener_set = ListenerSet(slots, metrics_listener)
@@ -260,14 +255,11 @@ class Supervisor:
             signal.SIGHUP: self._on_reload_signal,
             signal.SIGUSR1: self._on_stats_signal,
             signal.SIGCHLD: self._reap,
-            signal.SIGUSR2: self._on_handoff_signal,
+            HANDOFF_SIGNAL: self._on_handoff_signal,
         }.items():
             self.reactor.on_signal(signum, fn)
-        self._metrics: MetricsEndpoint | None = None
-        self._metrics_app: MetricsApp | None = None
         self._handoff: HandoffRound | None = None
         self._handoff_sources = handoff_sources or []
-        self.handed_over = False
         self._resumed = resumed
         if resumed is not None:
             for slot in self._slots:
@@ -282,19 +274,6 @@ class Supervisor:
                 self._retired_stats[key] = int(value)
 
     # -- running -------------------------------------------------------------------
-
-    def run(self) -> int:
-        """Start the workers and supervise them until stopped. Returns 0."""
-        try:
-            self.reactor.run(started=self._started)
-            if not self.handed_over:
-                log.info("shutdown_complete", **self.stats())
-        finally:
-            if self.handed_over:
-                self._let_go()
-            else:
-                self._close_everything()
-        return 0
 
     def _started(self) -> None:
         """SIGCHLD is handled from here on: a worker that dies at once is seen."""
@@ -311,8 +290,7 @@ class Supervisor:
         every = self.reactor.every
         every(lambda: self.heartbeat_s, self._check_workers)
         every(lambda: self._config.stats_interval_s or 1.0, self._periodic_stats)
-        if self._notifier.enabled:
-            every(lambda: STATUS_EVERY_S, self._send_status)
+        self._every_status()
         if self._watchdog_s:
             # Every worker_timeout_s (a quarter of WatchdogSec), not every half: a ping held
             # back while a stuck worker is replaced leaves three more before the deadline.
@@ -587,14 +565,8 @@ class Supervisor:
                 "handoff_refused", reason="stopping already" if self._stopping else "in progress"
             )
             return
-        try:
-            destination: handoff.Destination = (
-                handoff.FdStore(self._notifier, BARRIER_TIMEOUT_S)
-                if self._notifier.enabled
-                else handoff.Reexec()
-            )
-        except handoff.HandoffError as e:
-            log.error("handoff_failed", reason=str(e), action="serve on")
+        destination = self._handoff_destination()
+        if destination is None:
             return
         for slot in self._slots:  # a slot in back-off starts afresh in the next process
             if slot.respawn is not None:
@@ -670,11 +642,7 @@ class Supervisor:
         for source in self._handoff_sources:
             out.add(source.handoff_state(out))
         meta = {
-            "epolld": __version__,
-            "pid": os.getpid(),
-            "signal_at": round_.signal_at,
-            "config": config_mod.render_config(self._config),
-            "config_source": self._config.source,
+            **self.handoff_meta(round_.signal_at),
             "workers": len(self._slots),
             "supervisor": {
                 "started_at": self._started_at,
@@ -725,16 +693,12 @@ class Supervisor:
                 self._spawn(slot)
 
     def _log_handoff_complete(self, resumed: handoff_workers.Resumed) -> None:
-        signal_at = resumed.signal_at
-        now = handoff.now_monotonic()
-        log.info(
-            "handoff_complete",
-            connections=sum(slot.restored for slot in self._slots),
-            workers=len(self._slots),
+        log_handoff_complete(
+            sum(slot.restored for slot in self._slots),
+            {"workers": len(self._slots)},
             old_version=resumed.old_version,
-            new_version=__version__,
             old_pid=resumed.old_pid,
-            duration_s=round(now - signal_at, 4) if signal_at is not None else None,
+            signal_at=resumed.signal_at,
             steps=resumed.steps,
         )
         self._resumed = None
