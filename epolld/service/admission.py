@@ -395,6 +395,13 @@ class Admission:
         self.registered.clear()
         self.paused.clear()
 
+    def let_go_listeners(self) -> None:
+        """After a handoff: close our copies only (no unlinked socket file)."""
+        for listener in self.listeners:
+            listener.sock.close()
+        self.registered.clear()
+        self.paused.clear()
+
     def reregister(self, listener: Listener) -> None:
         """Back in the reactor after a failed handoff took it out (unless it is paused:
         its EMFILE timer re-adds it)."""

@@ -180,10 +180,7 @@ class Handoff:
             sock = getattr(handler, "sock", None)
             if isinstance(sock, socket.socket):
                 sock.close()
-        for listener in self._admission.listeners:
-            listener.sock.close()
-        self._admission.registered.clear()
-        self._admission.paused.clear()
+        self._admission.let_go_listeners()
         self.reactor.release()
 
     # -- in ------------------------------------------------------------------------
