@@ -11,7 +11,8 @@ import pytest
 
 from epolld.config import load_config
 from epolld.listening import sockets as listeners
-from epolld.service.echo import IDLE_CLOSES_PER_TURN, EchoService
+from epolld.service.drain import IDLE_CLOSES_PER_TURN
+from epolld.service.echo import EchoService
 from epolld.systemd import Notifier
 
 CLIENTS = 2 * IDLE_CLOSES_PER_TURN + 100  # three batches
@@ -54,7 +55,7 @@ def test_idle_expiry_closes_in_batches_and_all_eventually(service: EchoService) 
         assert service.stats()["connections"] == CLIENTS
         time.sleep(1.3)  # every connection is now past its 1 s idle deadline
         service.reactor.now = time.monotonic()
-        service._sweep_idle()
+        service.drain.sweep_idle()
         assert service.stats()["connections"] == CLIENTS - IDLE_CLOSES_PER_TURN
         for _ in range(100):
             turn(service)

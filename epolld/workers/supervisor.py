@@ -48,16 +48,17 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from epolld import __version__, handoff
 from epolld import config as config_mod
+from epolld import handoff
 from epolld.config import Config
 from epolld.core.counters import Counters, Snapshot
-from epolld.core.loop import Reactor, Timer
+from epolld.core.loop import Timer
 from epolld.errors import ConfigError, EpolldError
 from epolld.listening import listener_set
 from epolld.listening.listener_set import ListenerSet, Plan
 from epolld.listening.sockets import Listener
 from epolld.observability import logsetup
+from epolld.process import HANDOFF_SIGNAL, ProcessShell, log_handoff_complete
 from epolld.systemd import Notifier
 from epolld.workers import handoff as handoff_workers
 from epolld.workers import link, worker
@@ -66,18 +67,16 @@ from epolld.workers.round import HANDOFF_WAIT_S, HandoffRound
 from epolld.workers.slot import AWAITING_ANSWER, SAID_READY, Event, Slot, State
 
 if TYPE_CHECKING:
-    from epolld.observability.metrics import MetricsApp, MetricsEndpoint
+    pass
 
 log = structlog.get_logger("epolld")
 
 WORKER_TIMEOUT_S = 10.0  # without a systemd watchdog: a worker silent this long is replaced
 HEARTBEAT_MAX_S = 1.0
-STATUS_EVERY_S = 5.0
 REPLY_WAIT_S = 5.0  # for the workers' answers to a reload or a stats request
 KILL_AFTER_DRAIN_S = 5.0  # past shutdown_timeout_s, a worker still alive gets SIGKILL
 QUICK_DEATH_S = 10.0  # a worker that dies younger than this adds to its slot's back-off
 BACKOFF_MAX_S = 30.0
-BARRIER_TIMEOUT_S = 10.0  # for systemd to take the handoff's descriptors into its store
 # The workers' live values in the stats line (the totals come from their Counters).
 SUMMED_GAUGES = ("connections", "splice_connections", "proxy_reading", "udp_sources")
 SHARED_GAUGES = ("listeners", "udp_listeners")  # every worker serves every address
@@ -86,7 +85,7 @@ SHARED_GAUGES = ("listeners", "udp_listeners")  # every worker serves every addr
 RESTART_ONLY = ("workers",)
 
 
-class Supervisor:
+class Supervisor(ProcessShell):
     """Run `len(slots)` workers on the given listeners until a stop signal.
 
     Args:
@@ -102,6 +101,8 @@ class Supervisor:
         handoff_sources: more records for the handoff (the daemon's pidfile).
     """
 
+    _reload_source: Callable[[], Config]  # always given: the supervisor reloads
+
     def __init__(
         self,
         config: Config,
@@ -114,11 +115,8 @@ class Supervisor:
         resumed: handoff_workers.Resumed | None = None,
         handoff_sources: list[handoff.HandoffSource] | None = None,
     ) -> None:
-        self._config = config
-        self._notifier = notifier
-        self._reload_source = reload
+        super().__init__(config, notifier, reload)
         self._before_reload = before_reload
-        self.reactor = Reactor()
         # Every listening socket; a slot's list is the set's own list for that slot, so
         # that a reload's changes are what the slot's next worker inherits at its fork.
         self.listener_set = ListenerSet(slots, metrics_listener)
@@ -142,20 +140,18 @@ class Supervisor:
         self._watchdog_s = watchdog
         self.worker_timeout_s = watchdog / 2 if watchdog else WORKER_TIMEOUT_S
         self.heartbeat_s = min(HEARTBEAT_MAX_S, self.worker_timeout_s / 3)
-        for signum, fn in {
-            signal.SIGTERM: self._on_stop_signal,
-            signal.SIGINT: self._on_stop_signal,
-            signal.SIGHUP: self._on_reload_signal,
-            signal.SIGUSR1: self._on_stats_signal,
-            signal.SIGCHLD: self._reap,
-            signal.SIGUSR2: self._on_handoff_signal,
-        }.items():
-            self.reactor.on_signal(signum, fn)
-        self._metrics: MetricsEndpoint | None = None
-        self._metrics_app: MetricsApp | None = None
+        self.on_signals(
+            {
+                signal.SIGTERM: self._on_stop_signal,
+                signal.SIGINT: self._on_stop_signal,
+                signal.SIGHUP: self._on_reload_signal,
+                signal.SIGUSR1: self._on_stats_signal,
+                signal.SIGCHLD: self._reap,
+                HANDOFF_SIGNAL: self._on_handoff_signal,
+            }
+        )
         self._handoff: HandoffRound | None = None
         self._handoff_sources = handoff_sources or []
-        self.handed_over = False
         self._resumed = resumed
         if resumed is not None:
             for slot in self._slots:
@@ -176,19 +172,6 @@ class Supervisor:
 
     # -- running -------------------------------------------------------------------
 
-    def run(self) -> int:
-        """Start the workers and supervise them until stopped. Returns 0."""
-        try:
-            self.reactor.run(started=self._started)
-            if not self.handed_over:
-                log.info("shutdown_complete", **self.stats())
-        finally:
-            if self.handed_over:
-                self._let_go()
-            else:
-                self._close_everything()
-        return 0
-
     def _started(self) -> None:
         """SIGCHLD is handled from here on: a worker that dies at once is seen."""
         log.info(
@@ -204,12 +187,10 @@ class Supervisor:
         every = self.reactor.every
         every(lambda: self.heartbeat_s, self._check_workers)
         every(lambda: self._config.stats_interval_s or 1.0, self._periodic_stats)
-        if self._notifier.enabled:
-            every(lambda: STATUS_EVERY_S, self._send_status)
-        if self._watchdog_s:
-            # Every worker_timeout_s (a quarter of WatchdogSec), not every half: a ping held
-            # back while a stuck worker is replaced leaves three more before the deadline.
-            every(lambda: self.worker_timeout_s, self._watchdog_ping)
+        self._every_status()
+        # Every worker_timeout_s (a quarter of WatchdogSec), not every half: a ping held
+        # back while a stuck worker is replaced leaves three more before the deadline.
+        self._every_watchdog(self.worker_timeout_s if self._watchdog_s else None)
 
     def _finish(self) -> None:
         self.reactor.stop()
@@ -432,10 +413,6 @@ class Supervisor:
             for slot in self._live()
         )
 
-    def _watchdog_ping(self) -> None:
-        if self._config.watchdog and self._healthy():
-            self._notifier.watchdog_ping()
-
     # -- signals -------------------------------------------------------------------
 
     def _on_stop_signal(self, signum: int) -> None:
@@ -483,14 +460,8 @@ class Supervisor:
                 "handoff_refused", reason="stopping already" if self._stopping else "in progress"
             )
             return
-        try:
-            destination: handoff.Destination = (
-                handoff.FdStore(self._notifier, BARRIER_TIMEOUT_S)
-                if self._notifier.enabled
-                else handoff.Reexec()
-            )
-        except handoff.HandoffError as e:
-            log.error("handoff_failed", reason=str(e), action="serve on")
+        destination = self._handoff_destination()
+        if destination is None:
             return
         self._cancel_respawns()  # a slot in back-off starts afresh in the next process
         round_ = HandoffRound(destination, handoff.now_monotonic(), self._slots)
@@ -555,11 +526,7 @@ class Supervisor:
             self._abort_handoff(blocked)
             return
         meta = {
-            "epolld": __version__,
-            "pid": os.getpid(),
-            "signal_at": round_.signal_at,
-            "config": config_mod.render_config(self._config),
-            "config_source": self._config.source,
+            **self.handoff_meta(round_.signal_at),
             "workers": len(self._slots),
             "supervisor": {
                 "started_at": self._started_at,
@@ -611,16 +578,12 @@ class Supervisor:
                 self._spawn(slot)
 
     def _log_handoff_complete(self, resumed: handoff_workers.Resumed) -> None:
-        signal_at = resumed.signal_at
-        now = handoff.now_monotonic()
-        log.info(
-            "handoff_complete",
-            connections=sum(slot.restored for slot in self._slots),
-            workers=len(self._slots),
+        log_handoff_complete(
+            sum(slot.restored for slot in self._slots),
+            {"workers": len(self._slots)},
             old_version=resumed.old_version,
-            new_version=__version__,
             old_pid=resumed.old_pid,
-            duration_s=round(now - signal_at, 4) if signal_at is not None else None,
+            signal_at=resumed.signal_at,
             steps=resumed.steps,
         )
         self._resumed = None
@@ -812,9 +775,6 @@ class Supervisor:
             f"{stats['connections']} connections; {rate:.1f} MB/s"
         )
 
-    def _send_status(self) -> None:
-        self._notifier.status(self._status_line())
-
     # -- closing -------------------------------------------------------------------
 
     def _close_listeners(self) -> None:
@@ -824,21 +784,8 @@ class Supervisor:
     def _serve_metrics(self) -> None:
         listener = self.listener_set.metrics
         assert listener is not None
-        from epolld.observability import metrics  # prometheus_client: only when metrics are on
-
-        if self._metrics_app is None:  # one registry for the process, across reloads
-            self._metrics_app = metrics.MetricsApp(self.snapshot)
-        self._metrics = metrics.MetricsEndpoint(self.reactor, listener, self._metrics_app)
+        self._metrics = self._metrics_endpoint(listener)
         log.info("metrics_listening", address=listener.name)
-
-    def _stop_metrics(self) -> None:
-        if self._metrics is not None:
-            log.info("metrics_closed", address=self._metrics.listener.name)
-            self._metrics.close()
-            self._metrics = None
-        elif self.listener_set.metrics is not None:
-            self.listener_set.metrics.close()
-        self.listener_set.metrics = None
 
     def _close_everything(self) -> None:
         for slot in self._live():  # only if the loop itself failed: leave no orphans

@@ -1,0 +1,197 @@
+"""What a single process (service/echo.py) and the supervisor (workers/supervisor.py)
+share: the reactor and its signal table, run and exit, STATUS= and the watchdog timers,
+the metrics endpoint, the restart handoff's destination and metadata, and the
+handoff_complete line.
+
+`ProcessShell` is a base class: a subclass says what it does at start (`_started`), what
+it reports (`stats`, `snapshot`, `_status_line`) and how it lets go after a handoff
+(`_let_go`) or closes at the end (`_close_everything`); the shell does the rest the same
+way for both.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from epolld import __version__, handoff
+from epolld import config as config_mod
+from epolld.config import Config
+from epolld.core.loop import Reactor
+from epolld.systemd import Notifier
+
+if TYPE_CHECKING:  # epolld.metrics loads prometheus_client: imported only when metrics are on
+    from epolld.core.counters import Snapshot
+    from epolld.listening.listener_set import ListenerSet
+    from epolld.listening.sockets import Listener
+    from epolld.observability.metrics import MetricsApp, MetricsEndpoint
+
+log = structlog.get_logger("epolld")
+
+STATUS_EVERY_S = 5.0  # STATUS= refresh for systemctl status
+HANDOFF_SIGNAL = signal.SIGUSR2  # the unit's RestartKillSignal=; re-exec without systemd
+BARRIER_TIMEOUT_S = 10.0  # for systemd to take the handoff's descriptors into its store
+
+
+class ProcessShell:
+    """The process around a service or a supervisor.
+
+    Args:
+        config: the validated configuration (the subclass replaces it on reload).
+        notifier: sd_notify; a no-op outside systemd.
+        reload: called on SIGHUP; returns the new Config or raises ConfigError.
+    """
+
+    listener_set: ListenerSet  # every listening socket, the metrics endpoint's too
+
+    def __init__(
+        self, config: Config, notifier: Notifier, reload: Callable[[], Config] | None
+    ) -> None:
+        self._config = config
+        self._notifier = notifier
+        self._reload_source = reload
+        self.reactor = Reactor()
+        self.handed_over = False  # everything is the next process's: let go, close nothing
+        self._metrics_app: MetricsApp | None = None
+        self._metrics: MetricsEndpoint | None = None
+
+    # -- what a subclass provides ----------------------------------------------------
+
+    def _started(self) -> None:
+        """Signals are handled from here on (the reactor calls this once it runs)."""
+        raise NotImplementedError
+
+    def stats(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def snapshot(self) -> Snapshot:
+        """The metrics endpoint's view, read once per scrape."""
+        raise NotImplementedError
+
+    def _status_line(self) -> str:
+        raise NotImplementedError
+
+    def _let_go(self) -> None:
+        """After a handoff: close our copies only (no FIN, no unlinked socket file)."""
+        raise NotImplementedError
+
+    def _close_everything(self) -> None:
+        raise NotImplementedError
+
+    # -- running -------------------------------------------------------------------
+
+    def on_signals(self, table: dict[int, Callable[[int], None]]) -> None:
+        """Dispatch each signal to its method (recorded by the handler, run by the loop)."""
+        for signum, fn in table.items():
+            self.reactor.on_signal(signum, fn)
+
+    def run(self) -> int:
+        """Report readiness and serve until stopped. Returns 0."""
+        try:
+            self.reactor.run(started=self._started)
+            if not self.handed_over:
+                log.info("shutdown_complete", **self.stats())
+        finally:
+            if self.handed_over:
+                self._let_go()
+            else:
+                self._close_everything()
+        return 0
+
+    def _every_status(self) -> None:
+        """Refresh STATUS= for systemctl status, under systemd only."""
+        if self._notifier.enabled:
+            self.reactor.every(lambda: STATUS_EVERY_S, self._send_status)
+
+    def _send_status(self) -> None:
+        self._notifier.status(self._status_line())
+
+    def _every_watchdog(self, interval_s: float | None) -> None:
+        """WATCHDOG=1 from the loop itself, not a thread: a stuck loop stops pinging."""
+        if interval_s:
+            every_s = interval_s
+            self.reactor.every(lambda: every_s, self._watchdog_ping)
+
+    def _watchdog_ping(self) -> None:
+        if self._config.watchdog and self._healthy():
+            self._notifier.watchdog_ping()
+
+    def _healthy(self) -> bool:
+        """Whether this process may ping the watchdog (a supervisor asks its workers)."""
+        return True
+
+    # -- the metrics endpoint --------------------------------------------------------
+
+    def _metrics_endpoint(self, listener: Listener) -> MetricsEndpoint:
+        """Serve metrics on listener from snapshot(); one registry across reloads."""
+        from epolld.observability import metrics
+
+        if self._metrics_app is None:
+            self._metrics_app = metrics.MetricsApp(self.snapshot)
+        return metrics.MetricsEndpoint(self.reactor, listener, self._metrics_app)
+
+    @property
+    def metrics_listener(self) -> Listener | None:
+        """The metrics endpoint's socket, while it serves."""
+        return self._metrics.listener if self._metrics is not None else None
+
+    def _stop_metrics(self) -> None:
+        """Close the endpoint (or its socket, if not served yet) and its clients."""
+        if self._metrics is not None:
+            log.info("metrics_closed", address=self._metrics.listener.name)
+            self._metrics.close()
+            self._metrics = None
+        elif self.listener_set.metrics is not None:
+            self.listener_set.metrics.close()
+        self.listener_set.metrics = None
+
+    # -- the restart handoff -------------------------------------------------------
+
+    def _handoff_destination(self) -> handoff.Destination | None:
+        """systemd's fd store under systemd, else a re-exec; None (logged) if neither
+        can be had, and the process serves on."""
+        try:
+            if self._notifier.enabled:
+                return handoff.FdStore(self._notifier, BARRIER_TIMEOUT_S)
+            return handoff.Reexec()
+        except handoff.HandoffError as e:
+            log.error("handoff_failed", reason=str(e), action="serve on")
+            return None
+
+    def handoff_meta(self, signal_at: float) -> dict[str, Any]:
+        """The state document's keys every process writes (the caller adds its totals)."""
+        return {
+            "epolld": __version__,
+            "pid": os.getpid(),
+            "signal_at": signal_at,
+            "config": config_mod.render_config(self._config),
+            "config_source": self._config.source,
+        }
+
+
+def log_handoff_complete(
+    connections: int,
+    counts: dict[str, Any],
+    *,
+    old_version: object,
+    old_pid: object,
+    signal_at: object,
+    steps: dict[str, float],
+) -> None:
+    """The next process's line once it serves: what it took over, from whom, how long
+    since the signal (CLOCK_MONOTONIC, shared by every process of a boot)."""
+    now = handoff.now_monotonic()
+    log.info(
+        "handoff_complete",
+        connections=connections,
+        **counts,
+        old_version=old_version,
+        new_version=__version__,
+        old_pid=old_pid,
+        duration_s=round(now - signal_at, 4) if isinstance(signal_at, float) else None,
+        steps=steps,
+    )

@@ -1,0 +1,275 @@
+"""The service's side of the restart handoff (epolld/handoff.py moves the descriptors):
+out, every handler's record and the totals; in, a restorer per kind of record, then the
+handoff_complete line once the loop serves.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import structlog
+
+from epolld import handoff
+from epolld.core.counters import Counters
+from epolld.core.loop import Reactor
+from epolld.listening.listener_set import ListenerSet
+from epolld.listening.sockets import Listener
+from epolld.process import log_handoff_complete
+from epolld.service.admission import Admission
+from epolld.service.proxied import Proxied
+from epolld.service.report import Report
+from epolld.systemd import Notifier
+from epolld.tcp.splice import SpliceConnection, connection_class
+from epolld.udp.endpoint import UdpEndpoints
+
+log = structlog.get_logger("epolld")
+
+
+class HandsOver(Protocol):
+    """What the handoff asks of the process that wires the parts."""
+
+    @property
+    def metrics_listener(self) -> Listener | None:
+        """The metrics endpoint's socket, if it serves."""
+
+    def handoff_meta(self, signal_at: float) -> dict[str, Any]:
+        """The state document's keys every process writes."""
+
+    def restore_metrics(self, listener: Listener) -> None:
+        """Serve the metrics endpoint on the socket the previous process handed over."""
+
+
+class Handoff:
+    """Write the service's records into a handoff, and restore them from one.
+
+    Args:
+        reactor: the process's reactor (its handlers are the records).
+        notifier: sd_notify (STATUS=).
+        counters: the totals that travel.
+        listener_set: every listening socket (restored ones join it).
+        admission, proxied, udp, report: the parts whose state travels.
+        process: the metrics endpoint and the document's common keys.
+    """
+
+    def __init__(
+        self,
+        reactor: Reactor,
+        notifier: Notifier,
+        counters: Counters,
+        listener_set: ListenerSet,
+        admission: Admission,
+        proxied: Proxied,
+        udp: UdpEndpoints,
+        report: Report,
+        process: HandsOver,
+    ) -> None:
+        self.reactor = reactor
+        self._notifier = notifier
+        self.counters = counters
+        self.listener_set = listener_set
+        self._admission = admission
+        self._proxied = proxied
+        self._udp = udp
+        self._report = report
+        self._process = process
+        # What else contributes a record (the daemon's pidfile), and, in the next process,
+        # the handoff it was restored from.
+        self.sources: list[handoff.HandoffSource] = []
+        self._restored: dict[str, Any] | None = None
+        self._restored_at = 0.0
+
+    # -- out -----------------------------------------------------------------------
+
+    def hand_over(self, destination: handoff.Destination, *, listeners_travel: bool) -> bool:
+        """Stop accepting, write every handler's record and send every descriptor to
+        destination (systemd's store, a re-exec, a worker's supervisor). True once
+        delivered: the caller then stops the loop and lets go of its copies.
+
+        Until the point of no return nothing is closed: a failure logs handoff_failed and
+        the service goes on as before (False). Listeners stay behind when they are not
+        this process's to hand over (a worker's belong to its supervisor).
+        """
+        signal_at = handoff.now_monotonic()
+        steps: dict[str, float] = {}
+        admission = self._admission
+        for listener in admission.listeners:  # accept no more: the backlog waits for the next
+            self.reactor.remove(listener)
+        out = handoff.StateWriter(systemd_keeps_inherited=destination.keeps_inherited)
+        left_behind: dict[str, int] = {}
+        metrics_listener = self._process.metrics_listener
+        staying = set() if listeners_travel else {id(x) for x in self._listener_handlers()}
+        proxies = self._proxied.proxies
+        for source in [*admission.listeners, *self.reactor.handlers(), *self.sources]:
+            contribute = getattr(source, "handoff_state", None)
+            if id(source) in staying:
+                continue
+            if metrics_listener is not None and source is metrics_listener:
+                # A Listener, but not one that accepts echo.
+                record = metrics_listener.handoff_state(out)
+                if record is not None:
+                    out.add({**record, "kind": "metrics_listener"})
+            elif contribute is not None:
+                record = contribute(out)
+                fd = getattr(source, "fd", -1)
+                proxy = proxies.get(fd) if record is not None else None
+                out.add({**record, "proxy": proxy} if proxy and record is not None else record)
+            else:
+                kind = type(source).__name__
+                left_behind[kind] = left_behind.get(kind, 0) + 1
+        counts = out.counts()
+        conns = admission.connections()
+        log.info(
+            "handoff_started",
+            connections=counts.get("connection", 0),
+            listeners=counts.get("listener", 0),
+            paused=sum(1 for c in conns if not c.reading and not c.eof),
+            half_closed=sum(1 for c in conns if c.eof),
+            pending_bytes=sum(c.pending() for c in conns),
+            records=counts,
+            descriptors=len(out.fds),
+            route=type(destination).__name__,
+        )
+        if left_behind:
+            log.warning("handoff_left_behind", kinds=left_behind, reason="no handoff_state()")
+        self._notifier.status(f"handing over {admission.conn_count} connections")
+        totals = self._report.stored_totals()  # the connections' own bytes are in their records
+        _step(steps, "collect", signal_at)
+        meta = {
+            **self._process.handoff_meta(signal_at),
+            # Totals travel, so that stats and metrics stay monotonic across restarts.
+            "service": {
+                "started_at": self._report.started_at,
+                "counters": totals.to_dict(),
+                "udp": totals.legacy_udp(),  # where earlier releases read them
+            },
+        }
+        try:
+            handoff.send(out, meta, destination, steps)
+        except handoff.HandoffError as e:
+            for listener in admission.listeners:
+                admission.reregister(listener)
+            action = "drain" if self._notifier.enabled else "serve on"
+            log.error("handoff_failed", reason=str(e), steps=steps, action=action)
+            if not self._notifier.enabled:
+                self._notifier.status(f"handoff failed, still serving: {e}")
+            return False
+        return True
+
+    def _listener_handlers(self) -> list[object]:
+        """The handlers that are listening sockets (TCP and Unix, UDP, metrics)."""
+        handlers: list[object] = [*self._admission.listeners, *self._udp.endpoints()]
+        metrics_listener = self._process.metrics_listener
+        if metrics_listener is not None:
+            handlers.append(metrics_listener)
+        return handlers
+
+    def let_go(self) -> None:
+        """After a handoff: close our copies only. Every socket lives on in the store or
+        in flight, so no FIN is sent and no Unix socket file is removed."""
+        for handler in self.reactor.handlers():
+            self.reactor.remove(handler)
+            if isinstance(handler, SpliceConnection) and handler.pipe_r >= 0:
+                os.close(handler.pipe_r)
+                os.close(handler.pipe_w)
+            sock = getattr(handler, "sock", None)
+            if isinstance(sock, socket.socket):
+                sock.close()
+        self._admission.let_go_listeners()
+        self.reactor.release()
+
+    # -- in ------------------------------------------------------------------------
+
+    def restore_handoff(
+        self,
+        state: handoff.State,
+        more: dict[str, handoff.Restorer] | None = None,
+        *,
+        started_at: float | None = None,
+        received_s: float = 0.0,
+    ) -> dict[str, int]:
+        """Take over what the previous process handed over: listeners, connections (with
+        their counters and pending output), the global counters. Returns the counts."""
+        restore_at = handoff.now_monotonic()
+        document = state.document
+        totals = document.get("service", {})
+        if totals:
+            self._report.started_at = float(totals["started_at"])
+            self.counters.restore(totals.get("counters") or {}, totals.get("udp"))
+        restorers: dict[str, handoff.Restorer] = {
+            "listener": self._restore_listener,
+            "connection": self._restore_connection,
+            "metrics_listener": self._restore_metrics_listener,
+            "udp": self._restore_udp,
+            "proxy_header": self._proxied.restore_header_reader,
+            **(more or {}),
+        }
+        counts = handoff.restore(state, restorers)
+        self._report.restart_rate()
+        steps = dict(document.get("steps", {}))
+        signal_at = document.get("signal_at")
+        if started_at is not None and isinstance(signal_at, float):
+            # The old process's exit (or execv) and this one's interpreter start-up.
+            steps["startup"] = round(started_at - signal_at - sum(steps.values()), 4)
+        steps["receive"] = round(received_s, 4)
+        self._restored_at = handoff.now_monotonic()
+        steps["restore"] = round(self._restored_at - restore_at, 4)
+        self._restored = {
+            "counts": counts,
+            "old_version": document.get("epolld"),
+            "old_pid": document.get("pid"),
+            "signal_at": document.get("signal_at"),
+            "steps": steps,
+        }
+        return counts
+
+    def _restore_listener(self, record: dict[str, Any], state: handoff.State) -> None:
+        listener = Listener.from_handoff(record, state)
+        self.listener_set.add(listener)
+        self._admission.add_listener(listener)
+
+    def _restore_udp(self, record: dict[str, Any], state: handoff.State) -> None:
+        listener = Listener.from_handoff(record, state)
+        self.listener_set.add(listener)
+        self._udp.add(listener)
+
+    def _restore_metrics_listener(self, record: dict[str, Any], state: handoff.State) -> None:
+        self._process.restore_metrics(Listener.from_handoff(record, state))
+
+    def _restore_connection(self, record: dict[str, Any], state: handoff.State) -> None:
+        splice = record.get("io") == "splice"
+        cls = connection_class(bool(record["edge"]), splice)
+        admission = self._admission
+        conn = cls.from_handoff(record, state, buf=admission.read_buf, shared=admission.shared)
+        if record.get("proxy"):
+            self._proxied.proxies[conn.fd] = str(record["proxy"])
+        admission.adopt(conn, splice)
+
+    def log_handoff_complete(self, status_line: Callable[[], str]) -> None:
+        """Once the loop serves, if this process was started by a handoff."""
+        restored = self._restored
+        if restored is None:
+            return
+        steps = restored["steps"]
+        steps["ready"] = round(handoff.now_monotonic() - self._restored_at, 4)
+        counts = restored["counts"]
+        log_handoff_complete(
+            counts.get("connection", 0),
+            {"listeners": counts.get("listener", 0), "records": counts},
+            old_version=restored["old_version"],
+            old_pid=restored["old_pid"],
+            signal_at=restored.get("signal_at"),
+            steps=steps,
+        )
+        self._notifier.status(
+            f"{status_line()}; took over {counts.get('connection', 0)} connections "
+            f"from {restored['old_version']}"
+        )
+
+
+def _step(steps: dict[str, float], name: str, since: float) -> float:
+    now = handoff.now_monotonic()
+    steps[name] = round(now - since, 4)
+    return now
