@@ -9,19 +9,52 @@ from __future__ import annotations
 import select
 import socket
 import sys
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
 from epolld import handoff
 from epolld.config import Config
+from epolld.core.counters import Counters
 from epolld.core.loop import CLOSE, Reactor
 from epolld.listening.sockets import Listener
-from epolld.service.admission import Admission
-from epolld.tcp.connection import EPOLLIN, format_peer
+from epolld.tcp.connection import EPOLLIN, Connection, format_peer
 from epolld.tcp.proxy import HeaderErrors, HeaderReader, ProxyHeader, is_trusted
 
 log = structlog.get_logger("epolld")
+
+
+class Admission(Protocol):
+    """What the readers need of admission (service/admission.py), which owns them in turn:
+    the limits and counts a header is checked against, and the making of its connection."""
+
+    counters: Counters
+    per_ip: dict[str, int]
+    conn_count: int
+    edge: bool
+    stopping: bool
+    handed_over: bool
+
+    @property
+    def conn_class(self) -> type[Connection]: ...
+
+    def start(
+        self, sock: socket.socket, ip: str, peer: str | None, listener: str, proxy: str = ""
+    ) -> Connection: ...
+
+    def log_unserved(
+        self,
+        peer: str,
+        fd: int,
+        opened_at: float | None,
+        reason: str,
+        error: str | None = None,
+        **fields: Any,
+    ) -> None: ...
+
+    def count_refused(self, limit: str, value: int, peer_ip: str | None, **fields: Any) -> None: ...
+
+    def on_drained(self) -> None: ...
 
 
 class Proxied:
