@@ -28,4 +28,3 @@ def test_mypy_strict() -> None:
     """mypy --strict (pyproject.toml) accepts the whole package."""
     result = run(str(BIN / "mypy"))
     assert result.returncode == 0, result.stdout + result.stderr
-
