@@ -42,7 +42,6 @@ import os
 import select
 import signal
 import socket
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +64,7 @@ from epolld.workers import link, worker
 from epolld.workers.link import Down, Up, WorkerLink, close_all
 from epolld.workers.round import HANDOFF_WAIT_S, HandoffRound
 from epolld.workers.slot import AWAITING_ANSWER, SAID_READY, Event, Slot, State
+from epolld.workers.sums import Sums
 
 if TYPE_CHECKING:
     pass
@@ -77,9 +77,6 @@ REPLY_WAIT_S = 5.0  # for the workers' answers to a reload or a stats request
 KILL_AFTER_DRAIN_S = 5.0  # past shutdown_timeout_s, a worker still alive gets SIGKILL
 QUICK_DEATH_S = 10.0  # a worker that dies younger than this adds to its slot's back-off
 BACKOFF_MAX_S = 30.0
-# The workers' live values in the stats line (the totals come from their Counters).
-SUMMED_GAUGES = ("connections", "splice_connections", "proxy_reading", "udp_sources")
-SHARED_GAUGES = ("listeners", "udp_listeners")  # every worker serves every address
 # Changing these needs other workers: a stop and start (fewer slots would close
 # REUSEPORT sockets, resetting the connections queued on them).
 RESTART_ONLY = ("workers",)
@@ -126,16 +123,11 @@ class Supervisor(ProcessShell):
         self._by_pid: dict[int, Slot] = {}
         self._stopping = False
         self._announced = False
-        self._started_at = self.reactor.now
         self.counters = Counters()  # the reloads; the rest is summed from the workers
-        # What workers counted that no live worker reports any more: those that exited,
-        # those that handed over (their successors report only what they count), and,
-        # after a restart handoff, everything the previous supervisor had summed.
-        self._retired = Counters()
+        self.sums = Sums(self._slots, self.counters, self.reactor.now)
         self._stats_waiting: set[Slot] = set()
         self._reload_waiting: set[Slot] = set()
         self._reload_timer: Timer | None = None
-        self._status_bytes = (time.monotonic(), 0)
         watchdog = notifier.watchdog_interval_s()  # half of WATCHDOG_USEC
         self._watchdog_s = watchdog
         self.worker_timeout_s = watchdog / 2 if watchdog else WORKER_TIMEOUT_S
@@ -158,17 +150,10 @@ class Supervisor(ProcessShell):
                 slot.handoff = resumed.transports.pop(slot.index, None)
             for transport in resumed.transports.values():  # slots this run does not have
                 Slot(0, [], handoff=transport).drop_handoff()
-            totals = resumed.totals
-            self._started_at = float(totals.get("started_at", self._started_at))
-            self.counters.reloads.update(Counters.from_dict(totals).reloads)
-            if "totals" in totals:
-                self._retired = Counters.from_dict(totals["totals"])
-            else:  # before the sums travelled: each slot's next worker restores its
-                # predecessor's totals, added when it is ready
-                self._retired = _legacy_retired(totals)
+            if self.sums.resume(resumed.totals):  # each slot's next worker restores
+                # totals no sum of ours holds yet: added when it is ready
                 for slot in self._slots:
                     slot.uncounted = slot.handoff is not None
-            self._status_bytes = (time.monotonic(), self._retired.bytes_sent)
 
     # -- running -------------------------------------------------------------------
 
@@ -277,9 +262,7 @@ class Supervisor(ProcessShell):
             return
         close_all(fds)  # no other message carries descriptors
         if kind in (Up.HEARTBEAT, Up.STATS):
-            if slot.handoff is None:  # else its counts are retired: a late one is stale
-                slot.stats = message.get("stats") or {}
-                slot.counters = Counters.from_dict(message.get("counters") or {})
+            self.sums.report(slot, message)
             if kind == Up.STATS and slot in self._stats_waiting:
                 self._stats_waiting.discard(slot)
                 if not self._stats_waiting:
@@ -292,7 +275,7 @@ class Supervisor(ProcessShell):
             slot.restored = int(message.get("restored") or 0)
             if slot.uncounted:  # what it took over is in no sum of ours yet
                 slot.uncounted = False
-                self._retired.add(Counters.from_dict(message.get("inherited") or {}))
+                self.sums.inherited(message.get("inherited") or {})
             log.info("worker_ready", worker=slot.index, pid=slot.pid)
             if self._stopping:  # it started during a stop (its handlers are in place now)
                 if slot.state is State.SERVING:
@@ -347,7 +330,7 @@ class Supervisor(ProcessShell):
             slot.link = None
         # After its last messages: a handover among them retired its final count already,
         # so the heartbeat before it must not be added as well.
-        self._retire(slot)
+        self.sums.retire(slot)
         slot.pid = None
         was = slot.state
         slot.apply(Event.EXIT)
@@ -380,12 +363,6 @@ class Supervisor(ProcessShell):
         log.info("worker_respawning", worker=slot.index, delay_s=delay)
         slot.respawn = self.reactor.call_later(delay, lambda: self._spawn(slot))
         slot.apply(Event.BACK_OFF)
-
-    def _retire(self, slot: Slot, final: dict[str, Any] | None = None) -> None:
-        """Keep what a worker counted (as last reported, or its final count when it hands
-        over) once it no longer reports, so that the totals never go back."""
-        self._retired.add(slot.counters if final is None else Counters.from_dict(final))
-        slot.counters = Counters()
 
     def _check_workers(self) -> None:
         """Kill a worker whose loop stopped checking in (SIGSTOP, a hang): it is replaced."""
@@ -486,7 +463,7 @@ class Supervisor(ProcessShell):
         slot.handoff = list(zip(names, fds, strict=True))
         slot.apply(Event.HAND_OVER)
         # Its successor restores these totals and reports only what it counts itself.
-        self._retire(slot, message.get("counters") or {})
+        self.sums.retire(slot, message.get("counters") or {})
         log.info("worker_handed_over", worker=slot.index, pid=slot.pid, late=late)
         if round_ is not None:
             self._handoff_progress()
@@ -529,7 +506,7 @@ class Supervisor(ProcessShell):
             **self.handoff_meta(round_.signal_at),
             "workers": len(self._slots),
             "supervisor": {
-                "started_at": self._started_at,
+                "started_at": self.sums.started_at,
                 "reloads": self.counters.reloads,
                 # Every worker's count so far: the next workers report only their own.
                 "totals": self.totals().to_dict(),
@@ -709,71 +686,24 @@ class Supervisor(ProcessShell):
         if self._config.stats_interval_s > 0 and not self._stats_waiting:
             self._log_stats()
 
-    # -- reporting -----------------------------------------------------------------
+    # -- reporting (workers/sums.py) ------------------------------------------------
 
     def totals(self) -> Counters:
-        """Every worker's totals summed: the retired ones, and each live worker's last
-        report; the reloads are this process's own."""
-        total = self._retired.copy()
-        for slot in self._slots:
-            total.add(slot.counters)
-        total.reloads = dict(self.counters.reloads)
-        total.last_reload_ok = self.counters.last_reload_ok
-        total.log_lines_dropped += logsetup.dropped_lines()  # this process's own
-        return total
+        return self.sums.totals()
 
     def stats(self, totals: Counters | None = None) -> dict[str, Any]:
-        """The summed totals, the workers' live values (as last reported), and one line
-        per worker."""
-        live = self._live()
-        gauges = {key: sum(int(s.stats.get(key, 0)) for s in live) for key in SUMMED_GAUGES}
-        for key in SHARED_GAUGES:
-            gauges[key] = max((int(s.stats.get(key, 0)) for s in live), default=0)
-        return {
-            **(self.totals() if totals is None else totals).stats_fields(),
-            **gauges,
-            "uptime_s": round(self.reactor.now - self._started_at, 1),
-            "accept_paused": any(s.stats.get("accept_paused") for s in live),
-            "workers": [
-                {
-                    "worker": s.index,
-                    "pid": s.pid,
-                    "connections": s.stats.get("connections", 0),
-                    "accepted": s.stats.get("accepted", 0),
-                }
-                for s in live
-            ],
-        }
+        return self.sums.stats(self.reactor.now, totals)
 
     def _log_stats(self) -> None:
         log.info("stats", **self.stats())
 
     def snapshot(self) -> Snapshot:
-        """The metrics endpoint's view: the summed totals and the workers' live values."""
-        totals = self.totals()
-        stats = self.stats(totals)
-        return Snapshot(
-            counters=totals,
-            connections=stats["connections"],
-            listeners=stats["listeners"],
-            accept_paused=stats["accept_paused"],
-            udp=bool(stats["udp_listeners"] or totals.udp_received),
-            proxy=any(lst.proxy_protocol for lst in self._slots[0].listeners)
-            or totals.proxy_headers_read > 0
-            or any(totals.proxy_header_errors.values()),
-        )
+        proxy = any(lst.proxy_protocol for lst in self._slots[0].listeners)
+        return self.sums.snapshot(self.reactor.now, proxy)
 
     def _status_line(self) -> str:
         names = " ".join(sorted({lst.name for lst in self._slots[0].listeners}))
-        stats = self.stats()
-        now = time.monotonic()
-        then, before = self._status_bytes
-        self._status_bytes = (now, stats["bytes_out"])
-        rate = (stats["bytes_out"] - before) / (now - then) / 1e6 if now > then else 0.0
-        return (
-            f"echoing on {names}; {len(self._live())} workers; "
-            f"{stats['connections']} connections; {rate:.1f} MB/s"
-        )
+        return self.sums.status_line(self.reactor.now, names)
 
     # -- closing -------------------------------------------------------------------
 
@@ -803,22 +733,3 @@ def _kill(pid: int | None, signum: int) -> None:
     except OSError as e:
         if e.errno != errno.ESRCH:
             raise
-
-
-def _legacy_retired(saved: dict[str, Any]) -> Counters:
-    """The exited workers' totals in a state from before the sums travelled: Counters in
-    "retired", and in "retired_stats" the stats line's numbers (whose bytes include what
-    their open connections had moved, and the only copy of the UDP and PROXY totals)."""
-    retired = Counters.from_dict(saved.get("retired") or {})
-    stats = {key: int(n) for key, n in (saved.get("retired_stats") or {}).items()}
-    retired.bytes_received = stats.get("bytes_in", retired.bytes_received)
-    retired.bytes_sent = stats.get("bytes_out", retired.bytes_sent)
-    retired.udp_received += stats.get("udp_received", 0)
-    retired.udp_echoed += stats.get("udp_echoed", 0)
-    retired.udp_icmp_errors += stats.get("udp_icmp_errors", 0)
-    retired.proxy_headers_read += stats.get("proxy_headers_read", 0)
-    prefix = "udp_dropped_"
-    for key, n in stats.items():
-        if key.startswith(prefix):
-            retired.udp_dropped[key[len(prefix) :]] = n
-    return retired
