@@ -31,7 +31,7 @@ from epolld.core.counters import Counters, DurationHistogram, Snapshot
 from epolld.core.idle import IdleTimer
 from epolld.core.loop import CLOSE, Reactor
 from epolld.errors import EpolldError
-from epolld.listening.listener_set import STREAM, UDP, ListenerSet, kind_of
+from epolld.listening.listener_set import STREAM, TLS, UDP, ListenerSet, kind_of
 from epolld.listening.sockets import Listener
 from epolld.observability import logsetup
 from epolld.systemd import Notifier
@@ -43,6 +43,7 @@ from epolld.udp.endpoint import UdpEndpoints
 if TYPE_CHECKING:  # epolld.metrics loads prometheus_client: imported only when metrics are on
     from epolld.listening.listener_set import Plan
     from epolld.observability.metrics import MetricsApp, MetricsEndpoint
+    from epolld.tls.serving import TlsServing  # imports ssl: only with a TLS listener
 
 log = structlog.get_logger("epolld")
 
@@ -133,10 +134,12 @@ class EchoService:
         self._udp = UdpEndpoints(self.reactor, config.udp, edge=self._edge)
         # Every listening socket, matched to the file on reload (one slot: this process).
         self.listener_set = ListenerSet([list(listeners)], metrics_listener)
+        self._tls: TlsServing | None = None  # made when a TLS listener is first served
         # A listener's kind -> what serves it (listener_set.py).
         self._serve_kind: dict[str, Callable[[Listener], None]] = {
             STREAM: self._add_listener,
             UDP: self._udp.add,
+            TLS: self._serve_tls,
         }
         for listener in listeners:
             self._serve_kind[kind_of(listener)](listener)
@@ -233,6 +236,18 @@ class EchoService:
         self._listeners[listener.fd] = listener
         self.reactor.add(listener)
 
+    def _serve_tls(self, listener: Listener) -> None:
+        """A TLS listener accepts as a plain one; _start() makes TLS connections for it."""
+        self._tls_serving(self._config).listen(listener)
+        self._add_listener(listener)
+
+    def _tls_serving(self, config: Config) -> TlsServing:
+        if self._tls is None:
+            from epolld.tls.serving import TlsServing
+
+            self._tls = TlsServing(self.reactor, self.counters, config)
+        return self._tls
+
     def _listener_mask(self, listener: Listener) -> int:
         """A listener that worker processes share wakes one of them per connection
         (EPOLLEXCLUSIVE), not every worker, of which all but one would find nothing."""
@@ -311,7 +326,8 @@ class EchoService:
             ip = sys.intern(ip)  # one string per address, not one per connection
             self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
         cls = self._conn_class
-        if self._splice:
+        context = self._tls.context_for(listener) if self._tls is not None else None
+        if self._splice and context is None:  # splice cannot carry TLS (no kernel TLS)
             # Pipes stay within a budget that leaves one descriptor for each of
             # max_connections: otherwise splice connections (3 fds each) would use up
             # RLIMIT_NOFILE and later clients would wait in the backlog instead of being
@@ -322,7 +338,19 @@ class EchoService:
                 self._splice_unavailable("descriptor budget", budget=self._pipe_budget)
                 cls = self._copy_class
         now = self.reactor.now
-        conn = cls(sock, ip, buf=self._read_buf, shared=self._shared, now=now, peer=peer)
+        if context is not None and self._tls is not None:
+            conn: Connection = self._tls.open(
+                context,
+                sock,
+                ip,
+                buf=self._read_buf,
+                shared=self._shared,
+                now=now,
+                peer=peer,
+                edge=self._edge,
+            )
+        else:
+            conn = cls(sock, ip, buf=self._read_buf, shared=self._shared, now=now, peer=peer)
         self._conn_count += 1
         if proxy:
             self._proxies[conn.fd] = proxy
@@ -338,6 +366,7 @@ class EchoService:
                 listener=listener,
                 io="splice" if isinstance(conn, SpliceConnection) else "copy",
                 **({"proxy": proxy} if proxy else {}),
+                **({"tls": True} if context is not None else {}),
             )
         return conn
 
@@ -861,6 +890,7 @@ class EchoService:
             "metrics_listener": self._restore_metrics_listener,
             "udp": self._restore_udp,
             "proxy_header": self._restore_header_reader,
+            "tls_closing": self._restore_tls_closing,
             **(more or {}),
         }
         counts = handoff.restore(state, restorers)
@@ -886,8 +916,8 @@ class EchoService:
         reads this very object). A field this version does not know is ignored."""
         counters = self.counters
         for name, value in saved.items():
-            if name == "durations" and isinstance(value, dict):
-                counters.durations = DurationHistogram(**value)
+            if name in ("durations", "tls_handshake_durations") and isinstance(value, dict):
+                setattr(counters, name, DurationHistogram(**value))
             elif hasattr(counters, name):
                 setattr(counters, name, value)
 
@@ -905,7 +935,11 @@ class EchoService:
     def _restore_listener(self, record: dict[str, Any], state: handoff.State) -> None:
         listener = Listener.from_handoff(record, state)
         self.listener_set.add(listener)
-        self._add_listener(listener)
+        self._serve_kind[kind_of(listener)](listener)
+
+    def _restore_tls_closing(self, record: dict[str, Any], state: handoff.State) -> None:
+        """A TLS connection the previous process echoed and closed: send its last bytes."""
+        self._tls_serving(self._config).restore_closing(record, state)
 
     def _restore_header_reader(self, record: dict[str, Any], state: handoff.State) -> None:
         """A PROXY header half read: the reader goes on (its timeout from the accept)."""
@@ -1010,7 +1044,15 @@ class EchoService:
             BindError: a new address could not be bound; the old listeners stay.
         """
         old = self._config
-        self._apply_listeners(self.listener_set.plan(old, new), new)
+        # Certificates and keys are read again first: a file that cannot be used now
+        # refuses the whole reload (ConfigError) before anything changed.
+        contexts = None
+        if self._tls is not None or any(a.tls for a in new.listen):
+            contexts = self._tls_serving(new).prepare(new)
+        plan = self.listener_set.plan(old, new)
+        if contexts is not None:
+            self._tls_serving(new).configure(new, contexts)
+        self._apply_listeners(plan, new)
         # Logged before a new log level applies, so that it is the old level that decides.
         log.info(
             "config_reloaded",
@@ -1053,6 +1095,9 @@ class EchoService:
             self._metrics = self._serve_metrics(plan.metrics)
             if not before_start:
                 log.info("metrics_listening", address=plan.metrics.name)
+        if self._tls is not None or any(lst.tls for lst in self.listeners):
+            # Followed listeners may have turned TLS on or off, or changed certificates.
+            self._tls_serving(config).refresh(self.listeners)
 
     def _release_listener(self, listener: Listener) -> None:
         """Stop serving a removed listener and close it (its connections stay)."""
@@ -1101,6 +1146,7 @@ class EchoService:
             proxy_header_errors=dict(self._header_errors.counts)
             if any(lst.proxy_protocol for lst in self.listeners)
             else None,
+            tls_certificates=self._tls.certificates() if self._tls is not None else None,
         )
 
     # -- reporting -----------------------------------------------------------------

@@ -986,15 +986,16 @@ def _kill(pid: int | None, signum: int) -> None:
 def _add_counters(total: Counters, part: dict[str, Any]) -> None:
     """Add one worker's Counters (as dataclasses.asdict() made them) into total."""
     total.accepted += int(part.get("accepted", 0))
-    for name in ("refused", "closed", "reloads"):
+    for name in ("refused", "closed", "reloads", "tls_handshakes", "tls_handshake_failures"):
         mine = getattr(total, name)
         for key, value in (part.get(name) or {}).items():
             mine[key] = mine.get(key, 0) + int(value)
     total.bytes_received += int(part.get("bytes_received", 0))
     total.bytes_sent += int(part.get("bytes_sent", 0))
-    durations = part.get("durations") or {}
-    counts = durations.get("counts") or []
-    hist: DurationHistogram = total.durations
-    for i, value in enumerate(counts[: len(hist.counts)]):
-        hist.counts[i] += int(value)
-    hist.sum_s += float(durations.get("sum_s", 0.0))
+    for name in ("durations", "tls_handshake_durations"):
+        durations = part.get(name) or {}
+        counts = durations.get("counts") or []
+        hist: DurationHistogram = getattr(total, name)
+        for i, value in enumerate(counts[: len(hist.counts)]):
+            hist.counts[i] += int(value)
+        hist.sum_s += float(durations.get("sum_s", 0.0))
