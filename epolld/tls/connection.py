@@ -213,10 +213,8 @@ class TlsConnection(Connection):
                     data = tls.read(RECORD_BYTES)
                 except ssl.SSLWantReadError:
                     break
-                except ssl.SSLZeroReturnError:  # the client's close_notify
-                    self.reason = self.reason or "eof"
-                    self._close_notify()
-                    break
+                except ssl.SSLZeroReturnError:
+                    data = b""
                 except ssl.SSLEOFError:  # a FIN without close_notify
                     self.reason = "truncated"
                     break
@@ -224,7 +222,9 @@ class TlsConnection(Connection):
                     self.reason = "error"
                     self.error = f"tls: {e.reason or e}"
                     return CLOSE
-                if not data:
+                if not data:  # the client's close_notify (_ssl returns b"" for it)
+                    self.reason = self.reason or "eof"
+                    self._close_notify()
                     break
                 self.bytes_in += len(data)
                 tls.write(data)
@@ -340,11 +340,11 @@ class TlsConnection(Connection):
             try:
                 data = tls.read(RECORD_BYTES)
             except ssl.SSLZeroReturnError:
-                self._close_notify()
-                break
+                data = b""
             except ssl.SSLError:
                 break
-            if not data:
+            if not data:  # close_notify
+                self._close_notify()
                 break
             self.bytes_in += len(data)
             tls.write(data)
