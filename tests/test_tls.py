@@ -284,6 +284,29 @@ def test_reload_swaps_the_certificate_and_a_broken_one_changes_nothing(
         assert _peer_certificate(kept) == _der(certs.server)
 
 
+def test_an_expired_certificate_is_served_with_a_warning(
+    tmp_path: Path, daemons: list[Daemon], certs: tls.Certs
+) -> None:
+    """An expired certificate starts and serves (clients are tested against such), with a
+    warning at start and again at reload."""
+    expired = tls.make_expired(tmp_path)
+    daemon = _start(
+        tmp_path,
+        daemons,
+        certs,
+        tls_section={"certificate": str(expired.certificate), "key": str(expired.key)},
+    )
+    warning = daemon.wait_for("tls_certificate_not_valid")[0]
+    assert warning["certificate"] == str(expired.certificate)
+    assert warning["problem"] == "expired"
+    with tls.tls_connect(_port(daemon), tls.client_context()) as sock:
+        assert _peer_certificate(sock) == _der(expired)
+        assert tls.echo_python(sock, b"stale") == b"stale"
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_for("config_reloaded")
+    daemon.wait_for("tls_certificate_not_valid", count=2)
+
+
 # --- workers, PROXY ---------------------------------------------------------------------
 
 

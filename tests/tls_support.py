@@ -81,6 +81,19 @@ def _self_signed(directory: Path, name: str, cn: str, *, ca: bool = False) -> Pa
     return Pair(cert, key)
 
 
+def make_expired(directory: Path) -> Pair:
+    """A self-signed certificate whose notAfter is a day before its notBefore (now)."""
+    key, csr, cert = (directory / f"expired.{ext}" for ext in ("key", "csr", "pem"))
+    _openssl(
+        "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+        "-keyout", str(key), "-out", str(csr), "-subj", "/CN=expired.example",
+    )  # fmt: skip
+    _openssl(
+        "x509", "-req", "-in", str(csr), "-signkey", str(key), "-days", "-1", "-out", str(cert)
+    )
+    return Pair(cert, key)
+
+
 def make_certs(directory: Path) -> Certs:
     directory.mkdir(parents=True, exist_ok=True)
     ca = _self_signed(directory, "ca", "epolld test CA", ca=True)
