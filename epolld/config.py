@@ -223,6 +223,17 @@ def tls_of(config: Config, address: ListenAddress) -> ListenerTls | None:
     )
 
 
+def tls_certificate_files(config: Config) -> list[str]:
+    """Every certificate file the TLS listeners of config serve (none without one)."""
+    files: set[str] = set()
+    for address in config.listen:
+        settings = tls_of(config, address)
+        if settings is not None:
+            files.add(settings.certificate)
+            files.update(entry.certificate for entry in settings.sni)
+    return sorted(files)
+
+
 @dataclass(frozen=True, slots=True)
 class MetricsConfig:
     """The Prometheus endpoint (HTTP on the daemon's own loop); off while listen is None."""

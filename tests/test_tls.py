@@ -310,15 +310,52 @@ def test_an_expired_certificate_is_served_with_a_warning(
 # --- workers, PROXY ---------------------------------------------------------------------
 
 
-def test_workers_serve_tls(tmp_path: Path, daemons: list[Daemon], certs: tls.Certs) -> None:
-    """With workers: 2, TLS connections are echoed (by whichever worker the kernel picks)."""
-    daemon = _start(tmp_path, daemons, certs, workers=2)
+def test_workers_serve_tls_and_reload_reaches_every_worker(
+    tmp_path: Path, daemons: list[Daemon], certs: tls.Certs
+) -> None:
+    """With workers: 2, TLS connections are echoed by whichever worker the kernel picks,
+    the supervisor's metrics sum their handshakes, and a reload's certificate reaches
+    every worker."""
+    live = tmp_path / "live"
+    live.mkdir()
+    cert, key = live / "cert.pem", live / "key.pem"
+    shutil.copy(certs.server.certificate, cert)
+    shutil.copy(certs.server.key, key)
+    daemon = _start(
+        tmp_path,
+        daemons,
+        certs,
+        tls_section={"certificate": str(cert), "key": str(key)},
+        workers=2,
+        metrics={"listen": "127.0.0.1:0"},
+    )
     daemon.wait_for("worker_ready", count=2, timeout=20)
     port = _port(daemon)
-    for _ in range(6):
-        with tls.tls_connect(port, tls.client_context(None, certs)) as sock:
+    context = tls.client_context()
+    connections = 8
+    for _ in range(connections):
+        with tls.tls_connect(port, context) as sock:
             payload = os.urandom(64 * 1024)
             assert tls.echo_python(sock, payload) == payload
+    shutil.copy(certs.other.certificate, cert)
+    shutil.copy(certs.other.key, key)
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_for("config_reloaded", count=2)  # in both workers
+    daemon.wait_for("workers_reloaded")
+    for _ in range(connections):
+        with tls.tls_connect(port, context) as sock:
+            assert _peer_certificate(sock) == _der(certs.other)
+    metrics_port = int(daemon.wait_for("metrics_listening")[0]["address"].rsplit(":", 1)[1])
+    expected = f'epolld_tls_handshakes_total{{result="success"}} {2 * connections}.0'
+    deadline = time.monotonic() + 10
+    while True:  # the workers report their counters with their heartbeat (<= 1 s)
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        if expected in text or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert expected in text
+    assert f'epolld_tls_certificate_expiry_seconds{{certificate="{cert}"}}' in text
 
 
 def test_proxy_header_then_tls(tmp_path: Path, daemons: list[Daemon], certs: tls.Certs) -> None:

@@ -115,3 +115,14 @@ def expiry_problem(path: str, now: float | None = None) -> str | None:
     if now < not_before:
         return "not_yet_valid"
     return None
+
+
+def expiries(paths: list[str]) -> dict[str, float]:
+    """Certificate file -> its notAfter (Unix time), for the files that can be read."""
+    found: dict[str, float] = {}
+    for path in paths:
+        try:
+            found[path] = validity(path)[1]
+        except (OSError, ValueError, ssl.SSLError):
+            continue
+    return found

@@ -51,7 +51,7 @@ import structlog
 
 from epolld import __version__, handoff
 from epolld import config as config_mod
-from epolld.config import Config
+from epolld.config import Config, tls_certificate_files
 from epolld.core.counters import Counters, DurationHistogram, Snapshot
 from epolld.core.loop import CLOSE, Reactor, Timer
 from epolld.errors import ConfigError, EpolldError
@@ -917,7 +917,18 @@ class Supervisor:
             proxy_header_errors=stats.get("proxy_header_errors")
             if any(lst.proxy_protocol for lst in self._slots[0].listeners)
             else None,
+            tls_certificates=self._tls_certificates(),
         )
+
+    def _tls_certificates(self) -> dict[str, float] | None:
+        """The served certificates' notAfter, read from the files (the workers hold the
+        contexts); None without a TLS listener (ssl is then not imported)."""
+        files = tls_certificate_files(self._config)
+        if not files:
+            return None
+        from epolld.tls import certs
+
+        return certs.expiries(files)
 
     def _status_line(self) -> str:
         names = " ".join(sorted({lst.name for lst in self._slots[0].listeners}))
