@@ -428,16 +428,21 @@ def test_garbage_trickle_and_stall_are_closed_within_the_handshake_timeout(
     silent.close()
 
 
+@pytest.mark.parametrize("trigger", ["level", "edge"])
 def test_a_client_that_writes_without_reading_stays_bounded(
-    tmp_path: Path, daemons: list[Daemon], certs: tls.Certs
+    tmp_path: Path, daemons: list[Daemon], certs: tls.Certs, trigger: str
 ) -> None:
     """A TLS client that sends and never reads pauses its reading at high_water: the
-    daemon's memory stays bounded while the client's sends block."""
+    daemon's memory stays bounded while the client's sends block; once the client reads,
+    every byte comes back."""
     daemon = _start(
-        tmp_path, daemons, certs, buffers={"high_water": "256KiB", "low_water": "64KiB"}
+        tmp_path,
+        daemons,
+        certs,
+        trigger=trigger,
+        buffers={"high_water": "256KiB", "low_water": "64KiB"},
     )
     sock = tls.tls_connect(_port(daemon), tls.client_context(None, certs))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     before = daemon.rss_bytes()
     sock.settimeout(2.0)
     sent = 0
@@ -449,6 +454,13 @@ def test_a_client_that_writes_without_reading_stays_bounded(
         pass
     assert sent < 256 * 1024 * 1024  # it blocked: epolld stopped reading
     assert daemon.rss_bytes() - before < 32 * 1024 * 1024
+    sock.settimeout(tls.WAIT_S)
+    got = 0
+    while got < sent:  # reading resumes the echo: everything sent comes back
+        chunk = sock.recv(65536)
+        assert chunk
+        got += len(chunk)
+    assert got == sent
     sock.close()
 
 

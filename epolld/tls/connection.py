@@ -262,8 +262,13 @@ class TlsConnection(Connection):
         self._collect()
 
     def _send_and_wait(self) -> int:
-        if self.out and not self._flush():
-            return CLOSE
+        if self.out:
+            was_paused = not self.reading and not self.eof
+            if not self._flush():
+                return CLOSE
+            if was_paused and self.reading and self.edge_mode:
+                # What waited in the socket while paused raises no new edge.
+                self.shared.reschedule((self.fd, EPOLLIN))
         if self.phase == CLOSING and not self.out:
             return self._shut_write()
         if self.phase == ECHO and self.eof and not self.out:
