@@ -428,6 +428,31 @@ def test_garbage_trickle_and_stall_are_closed_within_the_handshake_timeout(
     silent.close()
 
 
+def test_an_old_version_and_no_shared_cipher_fail_the_handshake(
+    tmp_path: Path, daemons: list[Daemon], certs: tls.Certs
+) -> None:
+    """A TLS 1.2 client on a min_version 1.3 listener, and a client offering only RSA
+    suites to an ECDSA certificate, fail their handshakes, counted by reason."""
+    daemon = _start(
+        tmp_path,
+        daemons,
+        certs,
+        listen=[
+            {"address": "127.0.0.1:0", "tls": {"min_version": "1.3"}},
+            {"address": "127.0.0.2:0", "tls": True},
+        ],
+    )
+    with pytest.raises(ssl.SSLError):
+        tls.tls_connect(_port(daemon, 0), tls.client_context("1.2"))
+    daemon.wait_for("tls_handshake_failed", reason="unsupported_version")
+    rsa_only = tls.client_context("1.2")
+    rsa_only.set_ciphers("ECDHE-RSA-AES128-GCM-SHA256")
+    raw = socket.create_connection(("127.0.0.2", _port(daemon, 1)), timeout=10)
+    with pytest.raises(ssl.SSLError):
+        tls.tls_connect(0, rsa_only, sock=raw)
+    daemon.wait_for("tls_handshake_failed", reason="no_shared_cipher")
+
+
 @pytest.mark.parametrize("trigger", ["level", "edge"])
 def test_a_client_that_writes_without_reading_stays_bounded(
     tmp_path: Path, daemons: list[Daemon], certs: tls.Certs, trigger: str
