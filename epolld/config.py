@@ -76,6 +76,14 @@ class ListenAddress:
     mode: int | None = None  # unix only: chmod of the socket file, None keeps the umask's
     transport: Literal["tcp", "udp"] = "tcp"  # udp: ipv4/ipv6 only
     proxy_protocol: bool = False  # clients must send a PROXY header first (proxy.py)
+    # TLS (tls/): on, and this listener's own files over the tls: section's (None: the
+    # section's). Flat strings, not a nested dataclass: the address stays hashable and
+    # travels in handoff records as asdict() writes it.
+    tls: bool = False
+    tls_certificate: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    tls_min_version: str | None = None
 
     def __str__(self) -> str:
         if self.family == "unix":
@@ -161,6 +169,71 @@ class UdpConfig:
     max_datagram_bytes: int = MAX_UDP_PAYLOAD_BYTES  # longer datagrams are dropped, not cut
 
 
+TlsVersion = Literal["1.2", "1.3"]
+
+
+@dataclass(frozen=True, slots=True)
+class SniEntry:
+    """A certificate chosen by the client's server name (SNI)."""
+
+    names: tuple[str, ...]  # "a.example", or "*.b.example" for one label under b.example
+    certificate: str
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """The certificates of `tls: true` listeners (tls/); a listener may override the files."""
+
+    certificate: str | None = None  # PEM: the leaf, then its chain
+    key: str | None = None  # PEM
+    client_ca: str | None = None  # PEM bundle; set: every client needs a certificate it signed
+    min_version: TlsVersion = "1.2"
+    handshake_timeout_s: float = 10.0  # from accept, or from the end of a PROXY header
+    sni: tuple[SniEntry, ...] = ()
+
+
+@dataclass(frozen=True)
+class ListenerTls:
+    """What one TLS listener serves: its files over the section's (see tls_of())."""
+
+    certificate: str
+    key: str
+    client_ca: str | None
+    min_version: TlsVersion
+    sni: tuple[SniEntry, ...]
+
+
+def tls_of(config: Config, address: ListenAddress) -> ListenerTls | None:
+    """The TLS settings of a listener, or None if it is not TLS."""
+    if not address.tls:
+        return None
+    section = config.tls
+    certificate = address.tls_certificate or section.certificate
+    key = address.tls_key or section.key
+    assert certificate is not None
+    assert key is not None
+    version = address.tls_min_version or section.min_version
+    return ListenerTls(
+        certificate=certificate,
+        key=key,
+        client_ca=address.tls_client_ca or section.client_ca,
+        min_version="1.3" if version == "1.3" else "1.2",
+        sni=section.sni,
+    )
+
+
+def tls_certificate_files(config: Config) -> list[str]:
+    """Every certificate file the TLS listeners of config serve (none without one)."""
+    files: set[str] = set()
+    for address in config.listen:
+        settings = tls_of(config, address)
+        if settings is not None:
+            files.add(settings.certificate)
+            files.update(entry.certificate for entry in settings.sni)
+    return sorted(files)
+
+
 @dataclass(frozen=True, slots=True)
 class MetricsConfig:
     """The Prometheus endpoint (HTTP on the daemon's own loop); off while listen is None."""
@@ -192,6 +265,7 @@ class Config:
     udp: UdpConfig = field(default_factory=UdpConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
     workers: int | Literal["auto"] = 1  # worker processes; see worker_count()
     source: str = ""  # the file it came from, for messages
 
@@ -285,6 +359,12 @@ def _address_text(address: ListenAddress) -> str:
         text += f" mode={address.mode:04o}"
     if address.proxy_protocol:
         text += " proxy_protocol"
+    if address.tls:
+        text += " tls"
+        for name in ("certificate", "key", "client_ca", "min_version"):
+            value = getattr(address, f"tls_{name}")
+            if value is not None:
+                text += f" {name}={value}"
     return text
 
 
@@ -594,7 +674,8 @@ def _scalar(convert: Convert) -> Read:
 _MODE = re.compile(r"0?[0-7]{3}")
 
 
-_ADDRESS_KEYS = ("address", "path", "mode", "proxy_protocol")
+_ADDRESS_KEYS = ("address", "path", "mode", "proxy_protocol", "tls")
+_LISTEN_TLS_KEYS = ("certificate", "key", "client_ca", "min_version")
 
 
 def _read_address(loader: _Loader, node: yaml.Node, name: str) -> ListenAddress:
@@ -629,7 +710,96 @@ def _read_address(loader: _Loader, node: yaml.Node, name: str) -> ListenAddress:
                 f"{name}.proxy_protocol: PROXY headers begin TCP streams; {str(address)!r} is UDP",
             )
         address = dataclasses.replace(address, proxy_protocol=flag)
+    if "tls" in options:
+        address = _read_listen_tls(loader, options["tls"], address, name)
     return address
+
+
+def _read_listen_tls(
+    loader: _Loader, pair: tuple[yaml.Node, yaml.Node], address: ListenAddress, name: str
+) -> ListenAddress:
+    """A listen entry's `tls: true|false` or `tls: {certificate, key, client_ca, min_version}`."""
+    key_node, node = pair
+    if address.is_udp:
+        raise _NodeError(
+            key_node, f"{name}.tls: TLS runs over TCP streams (no DTLS); {str(address)!r} is UDP"
+        )
+    if not isinstance(node, yaml.MappingNode):
+        flag = _scalar(_boolean)(loader, node, f"{name}.tls")
+        return dataclasses.replace(address, tls=flag)
+    files: dict[str, Any] = {}
+    for key, (option_node, value_node) in loader.pairs(node, f"{name}.tls").items():
+        if key not in _LISTEN_TLS_KEYS:
+            raise _NodeError(option_node, _unknown(key, f"{name}.tls", _LISTEN_TLS_KEYS))
+        where = f"{name}.tls.{key}"
+        if key == "min_version":
+            files[key] = _scalar(_tls_version)(loader, value_node, where)
+        else:
+            files[key] = _scalar(_optional_path)(loader, value_node, where)
+    return dataclasses.replace(
+        address, tls=True, **{f"tls_{key}": value for key, value in files.items()}
+    )
+
+
+def _tls_version(value: object) -> str:
+    """ "1.2" or "1.3"; YAML reads the unquoted 1.2 as a float, accepted as written."""
+    if value in ("1.2", "1.3") or (type(value) is float and value in (1.2, 1.3)):
+        return str(value)
+    raise _Invalid('expected "1.2" or "1.3"')
+
+
+def _read_sni(loader: _Loader, node: yaml.Node, name: str) -> tuple[SniEntry, ...]:
+    """tls.sni: a list of {names: [...], certificate, key}."""
+    if not isinstance(node, yaml.SequenceNode) or node.tag != _SEQ_TAG:
+        got = _got(loader.scalar(node, name), node)
+        raise _NodeError(
+            node, f"{name}: expected a list of {{names, certificate, key}} mappings, got {got}"
+        )
+    entries: list[SniEntry] = []
+    seen: dict[str, int] = {}
+    for index, item in enumerate(node.value):
+        where = f"{name}[{index}]"
+        options = loader.pairs(item, where)
+        for key, (key_node, _) in options.items():
+            if key not in ("names", "certificate", "key"):
+                raise _NodeError(key_node, _unknown(key, where, ("names", "certificate", "key")))
+        for needed in ("names", "certificate", "key"):
+            if needed not in options:
+                raise _NodeError(item, f"{where}: needs {needed}")
+        names_node = options["names"][1]
+        if not isinstance(names_node, yaml.SequenceNode) or not names_node.value:
+            raise _NodeError(names_node, f'{where}.names: expected a list such as ["a.example"]')
+        names: list[str] = []
+        for name_node in names_node.value:
+            text = loader.scalar(name_node, f"{where}.names")
+            if not isinstance(text, str) or not _SNI_NAME.fullmatch(text):
+                raise _NodeError(
+                    name_node,
+                    f'{where}.names: expected a host name such as "a.example" or'
+                    f' "*.b.example", got {_got(text, name_node)}',
+                )
+            lowered = text.lower()
+            if lowered in seen:
+                raise _NodeError(
+                    name_node, f"{where}.names: {text!r} is listed twice (line {seen[lowered]})"
+                )
+            seen[lowered] = _line(name_node)
+            names.append(lowered)
+        certificate = _scalar(_optional_path)(
+            loader, options["certificate"][1], f"{where}.certificate"
+        )
+        key = _scalar(_optional_path)(loader, options["key"][1], f"{where}.key")
+        if certificate is None or key is None:
+            raise _NodeError(item, f"{where}: certificate and key must both be set")
+        entries.append(SniEntry(tuple(names), certificate, key))
+    return tuple(entries)
+
+
+_SNI_NAME = re.compile(r"(\*\.)?([A-Za-z0-9-]{1,63}\.)*[A-Za-z0-9-]{1,63}")
+
+
+def _write_sni(entries: tuple[SniEntry, ...]) -> list[object]:
+    return [{"names": list(e.names), "certificate": e.certificate, "key": e.key} for e in entries]
 
 
 def _read_unix_path(loader: _Loader, path_node: yaml.Node, name: str) -> ListenAddress:
@@ -747,13 +917,20 @@ def _write_ports(ports: tuple[int, ...]) -> list[int]:
 
 
 def _write_address(a: ListenAddress) -> object:
-    if a.mode is None and not a.proxy_protocol:
+    if a.mode is None and not a.proxy_protocol and not a.tls:
         return str(a)
     entry: dict[str, object] = (
         {"address": str(a)} if a.mode is None else {"path": a.path, "mode": f"{a.mode:04o}"}
     )
     if a.proxy_protocol:
         entry["proxy_protocol"] = True
+    if a.tls:
+        files = {
+            name: getattr(a, f"tls_{name}")
+            for name in _LISTEN_TLS_KEYS
+            if getattr(a, f"tls_{name}") is not None
+        }
+        entry["tls"] = files or True
     return entry
 
 
@@ -823,6 +1000,9 @@ def _read_optional_address(loader: _Loader, node: yaml.Node, name: str) -> Liste
     if address.proxy_protocol:
         flag = loader.pairs(node, name)["proxy_protocol"][0]
         raise _NodeError(flag, f"{name}.proxy_protocol: only echo listeners take PROXY headers")
+    if address.tls:
+        flag = loader.pairs(node, name)["tls"][0]
+        raise _NodeError(flag, f"{name}.tls: the metrics endpoint serves plain HTTP")
     return address
 
 
@@ -856,6 +1036,73 @@ def _check_metrics_apart(loader: _Loader, root: yaml.Node, config: Config) -> No
             f"metrics.listen: {str(metrics)!r} and {str(address)!r} ({where}) cannot both be"
             " bound: the metrics endpoint needs a socket of its own",
         )
+
+
+def _check_tls(loader: _Loader, root: yaml.Node, config: Config) -> None:
+    """Every TLS listener has a certificate and key, and every configured file can be used
+    (read, PEM, the key matching its certificate): checked now, so that a start or a
+    reload with a file that cannot serve fails here, naming the file.
+
+    Raises:
+        _NodeError: at the option naming the file, or at the listen entry lacking one.
+    """
+    section = config.tls
+    top = loader.pairs(root, "")
+    used = [a for a in config.listen if a.tls]
+    if not used and section == TlsConfig():
+        return
+    from epolld.tls import certs  # imports ssl: only when TLS is configured
+
+    section_nodes = loader.pairs(top["tls"][1], "tls") if "tls" in top else {}
+
+    def at(name: str) -> yaml.Node:
+        return section_nodes[name][1] if name in section_nodes else root
+
+    def check(problem: str | None, node: yaml.Node, name: str) -> None:
+        if problem is not None:
+            raise _NodeError(node, f"{name}: {problem}")
+
+    if (section.certificate is None) != (section.key is None):
+        missing = "key" if section.key is None else "certificate"
+        present = "certificate" if missing == "key" else "key"
+        raise _NodeError(at(present), f"tls.{present} is set without tls.{missing}")
+    checked: set[tuple[str, str]] = set()
+    if section.certificate is not None and section.key is not None:
+        check(certs.check_certificate(section.certificate), at("certificate"), "tls.certificate")
+        check(certs.check_key(section.key), at("key"), "tls.key")
+        check(certs.check_pair(section.certificate, section.key), at("key"), "tls.key")
+        checked.add((section.certificate, section.key))
+    if section.client_ca is not None:
+        check(certs.check_ca(section.client_ca), at("client_ca"), "tls.client_ca")
+    if section.sni:
+        sni_nodes = section_nodes["sni"][1].value
+        for index, entry in enumerate(section.sni):
+            node, name = sni_nodes[index], f"tls.sni[{index}]"
+            check(certs.check_certificate(entry.certificate), node, f"{name}.certificate")
+            check(certs.check_key(entry.key), node, f"{name}.key")
+            check(certs.check_pair(entry.certificate, entry.key), node, f"{name}.key")
+    listen_items = top["listen"][1].value if "listen" in top else []
+    for index, address in enumerate(config.listen):
+        if not address.tls:
+            continue
+        item = listen_items[index]
+        name = f"listen[{index}].tls"
+        certificate = address.tls_certificate or section.certificate
+        key = address.tls_key or section.key
+        if certificate is None or key is None:
+            missing = "certificate" if certificate is None else "key"
+            raise _NodeError(
+                item,
+                f"{name}: a TLS listener needs a {missing}: set tls.{missing}"
+                f" (or this entry's tls: {{{missing}: ...}})",
+            )
+        if (certificate, key) not in checked:
+            check(certs.check_certificate(certificate), item, f"{name}.certificate")
+            check(certs.check_key(key), item, f"{name}.key")
+            check(certs.check_pair(certificate, key), item, f"{name}.key")
+            checked.add((certificate, key))
+        if address.tls_client_ca is not None:
+            check(certs.check_ca(address.tls_client_ca), item, f"{name}.client_ca")
 
 
 @dataclass(frozen=True, slots=True)
@@ -921,6 +1168,15 @@ _SCHEMA: tuple[_Entry, ...] = (
     )),
     _Section("metrics", "metrics", MetricsConfig, (
         _Option("listen", "listen", _read_optional_address, _write_optional_address),
+    )),
+    _Section("tls", "tls", TlsConfig, (
+        _Option("certificate", "certificate", _scalar(_optional_path), _same),
+        _Option("key", "key", _scalar(_optional_path), _same),
+        _Option("client_ca", "client_ca", _scalar(_optional_path), _same),
+        _Option("min_version", "min_version", _scalar(_tls_version), _same),
+        _Option("handshake_timeout", "handshake_timeout_s", _scalar(_positive_duration),
+                _write_duration),
+        _Option("sni", "sni", _read_sni, _write_sni),
     )),
     _Option("workers", "workers", _scalar(_workers), _same),
 )  # fmt: skip
@@ -1090,6 +1346,7 @@ def parse_config(text: str, path: str) -> Config:
             raise _NodeError(root, f"the top level must be a mapping of options, got {_kind(root)}")
         config = Config(**_read_entries(loader, root, _SCHEMA, ""), source=path)
         _check_metrics_apart(loader, root, config)
+        _check_tls(loader, root, config)
         return config
     except yaml.YAMLError as e:
         raise _syntax_error(path, text, e) from None
@@ -1133,7 +1390,10 @@ def render_config(config: Config) -> str:
 
 def describe(config: Config) -> str:
     """One line for --check-config: listeners, trigger and I/O modes, the metrics endpoint."""
-    listeners = " ".join(f"{a}{' (PROXY)' if a.proxy_protocol else ''}" for a in config.listen)
+    listeners = " ".join(
+        f"{a}{' (PROXY)' if a.proxy_protocol else ''}{' (TLS)' if a.tls else ''}"
+        for a in config.listen
+    )
     text = f"listeners: {listeners}; trigger: {config.trigger}; io: {config.io}"
     if config.metrics.listen is not None:
         text += f"; metrics: {config.metrics.listen}"
@@ -1152,6 +1412,8 @@ def _flatten(obj: Any, entries: tuple[_Entry, ...], prefix: str = "") -> dict[st
             flat[e.key] = [_address_text(a) for a in value]
         elif e.key == "trusted":
             flat[prefix + e.key] = [str(n) for n in value]
+        elif e.key == "sni":
+            flat[prefix + e.key] = _write_sni(value)
         elif isinstance(value, ListenAddress):
             flat[prefix + e.key] = _address_text(value)
         else:

@@ -28,6 +28,19 @@ DURATION_BUCKETS_S = (0.005, 0.05, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 1800.0, 360
 CLOSE_REASONS = ("eof", "reset", "error", "idle_timeout", "shutdown")
 REFUSE_LIMITS = ("max_connections", "max_connections_per_ip")
 RELOAD_RESULTS = ("success", "failure")
+HANDSHAKE_RESULTS = ("success", "failure")
+# Why a TLS handshake failed (tls/connection.py maps OpenSSL's reasons onto these).
+HANDSHAKE_FAILURES = (
+    "not_tls",
+    "unsupported_version",
+    "no_shared_cipher",
+    "no_client_certificate",
+    "bad_client_certificate",
+    "timeout",
+    "eof",
+    "reset",
+    "other",
+)
 
 
 def _zeros(keys: tuple[str, ...]) -> dict[str, int]:
@@ -92,6 +105,23 @@ class Counters:
     log_lines_dropped: int = 0
     # The one state among the totals: merged with `and` (every part's last reload worked).
     last_reload_ok: bool = True
+    # TLS (tls/): empty until a TLS listener is configured, so that no series appears
+    # without one.
+    tls_handshakes: dict[str, int] = field(default_factory=dict)  # by result
+    tls_handshake_failures: dict[str, int] = field(default_factory=dict)  # by reason
+    tls_handshake_durations: DurationHistogram = field(default_factory=DurationHistogram)
+
+    def count_handshake(self, failure: str | None, seconds: float = 0.0) -> None:
+        """Account for a TLS handshake that finished (failure None) or failed (its reason)."""
+        if not self.tls_handshakes:
+            self.tls_handshakes.update(_zeros(HANDSHAKE_RESULTS))
+            self.tls_handshake_failures.update(_zeros(HANDSHAKE_FAILURES))
+        if failure is None:
+            self.tls_handshakes["success"] += 1
+            self.tls_handshake_durations.observe(seconds)
+        else:
+            self.tls_handshakes["failure"] += 1
+            self.tls_handshake_failures[failure] = self.tls_handshake_failures.get(failure, 0) + 1
 
     def count_close(self, reason: str, seconds: float, received: int, sent: int) -> None:
         """Account for a served connection that closed."""
@@ -216,3 +246,5 @@ class Snapshot:
     accept_paused: bool
     udp: bool = False  # export the UDP series: UDP is configured, or has counted
     proxy: bool = False  # export the PROXY series: a PROXY listener, or it has counted
+    # certificate file -> its notAfter as a Unix time; None: no TLS listener
+    tls_certificates: Mapping[str, float] | None = None

@@ -40,12 +40,15 @@ Binder = Callable[[ListenAddress, int, bool], Listener]
 
 # A listener's kind: what serves it (service.py registers each with its handler: a
 # Listener accepts, udp.UdpEndpoint echoes datagrams, metrics.MetricsEndpoint answers
-# HTTP). A new kind is one module and one entry here and in the service's table.
-STREAM, UDP, METRICS = "stream", "udp", "metrics"
+# HTTP, a TLS listener accepts TLS connections: tls/). A new kind is one module and one
+# entry here and in the service's table.
+STREAM, UDP, METRICS, TLS = "stream", "udp", "metrics", "tls"
 
 
 def kind_of(listener: Listener) -> str:
-    return UDP if listener.is_udp else STREAM
+    if listener.is_udp:
+        return UDP
+    return TLS if listener.tls else STREAM
 
 
 @dataclass

@@ -97,10 +97,23 @@ class Listener:
     def is_udp(self) -> bool:
         return self.sock.type == socket.SOCK_DGRAM
 
+    @property
+    def tls(self) -> bool:
+        """Its clients speak TLS (tls/); what the file says of its address."""
+        return self.address is not None and self.address.tls
+
 
 def socket_of(address: ListenAddress) -> ListenAddress:
-    """The address without what does not change its socket (the PROXY flag)."""
-    return dataclasses.replace(address, proxy_protocol=False)
+    """The address without what does not change its socket (the PROXY flag, TLS)."""
+    return dataclasses.replace(
+        address,
+        proxy_protocol=False,
+        tls=False,
+        tls_certificate=None,
+        tls_key=None,
+        tls_client_ca=None,
+        tls_min_version=None,
+    )
 
 
 def match_bound_port(listener: Listener, addresses: tuple[ListenAddress, ...]) -> None:

@@ -179,6 +179,42 @@ class EchoCollector(Collector):
                 ),
                 c.proxy_header_errors,
             )
+        if c.tls_handshakes:
+            yield _labelled(
+                CounterMetricFamily(
+                    "epolld_tls_handshakes_total",
+                    "TLS handshakes finished, by result.",
+                    labels=["result"],
+                ),
+                c.tls_handshakes,
+            )
+            yield _labelled(
+                CounterMetricFamily(
+                    "epolld_tls_handshake_failures_total",
+                    "TLS handshakes that failed (the connection closed unechoed), by reason.",
+                    labels=["reason"],
+                ),
+                c.tls_handshake_failures,
+            )
+            yield _histogram(
+                HistogramMetricFamily(
+                    "epolld_tls_handshake_duration_seconds",
+                    "How long successful TLS handshakes took, from accept (or the end of a"
+                    " PROXY header).",
+                    unit="seconds",
+                ),
+                c.tls_handshake_durations.counts,
+                c.tls_handshake_durations.sum_s,
+            )
+        if s.tls_certificates is not None:
+            expiry = GaugeMetricFamily(
+                "epolld_tls_certificate_expiry_seconds",
+                "When each served certificate expires (notAfter), as a Unix time.",
+                labels=["certificate"],
+            )
+            for path, not_after in sorted(s.tls_certificates.items()):
+                expiry.add_metric([path], not_after)
+            yield expiry
 
 
 def _labelled(family: CounterMetricFamily, values: Mapping[str, int]) -> CounterMetricFamily:

@@ -34,6 +34,7 @@ from epolld.tcp.splice import SpliceConnection, connection_class, make_pipe
 
 if TYPE_CHECKING:
     from epolld.service.proxied import Proxied
+    from epolld.tls.serving import TlsServing  # imports ssl: only with a TLS listener
 
 log = structlog.get_logger("epolld")
 
@@ -54,7 +55,8 @@ class Admission:
         idle: the idle timer every open connection is filed in.
 
     The wiring sets `proxied` (the PROXY header readers, which take a proxy listener's
-    peers first) and `on_drained` (called when a stop finds nothing left open).
+    peers first) and `on_drained` (called when a stop finds nothing left open), and
+    `tls` once a TLS listener is served (its listeners' connections are TLS ones).
     """
 
     proxied: Proxied
@@ -78,6 +80,7 @@ class Admission:
         self._paused_since: float | None = None  # the current EMFILE episode
         self._splice_fallback = False  # no pipe to be had: new connections copy instead
         self.pipes = 0  # open splice connections, each holding a pipe (2 fds)
+        self.tls: TlsServing | None = None  # tls/serving.py: made with the first TLS listener
         # What the process holds before any client (stdio, epoll, listeners, ...), plus
         # room for log files and the pidfile.
         self._base_fds = len(os.listdir("/proc/self/fd")) + 16
@@ -233,7 +236,8 @@ class Admission:
             ip = sys.intern(ip)  # one string per address, not one per connection
             self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
         cls = self.conn_class
-        if self._splice:
+        context = self.tls.context_for(listener) if self.tls is not None else None
+        if self._splice and context is None:  # splice cannot carry TLS (no kernel TLS)
             # Pipes stay within a budget that leaves one descriptor for each of
             # max_connections: otherwise splice connections (3 fds each) would use up
             # RLIMIT_NOFILE and later clients would wait in the backlog instead of being
@@ -244,7 +248,19 @@ class Admission:
                 self._splice_unavailable("descriptor budget", budget=self._pipe_budget)
                 cls = self._copy_class
         now = self.reactor.now
-        conn = cls(sock, ip, buf=self.read_buf, shared=self.shared, now=now, peer=peer)
+        if context is not None and self.tls is not None:
+            conn: Connection = self.tls.open(
+                context,
+                sock,
+                ip,
+                buf=self.read_buf,
+                shared=self.shared,
+                now=now,
+                peer=peer,
+                edge=self.edge,
+            )
+        else:
+            conn = cls(sock, ip, buf=self.read_buf, shared=self.shared, now=now, peer=peer)
         self.conn_count += 1
         if not proxy:
             self.reactor.add(conn)
@@ -258,6 +274,7 @@ class Admission:
                 listener=listener,
                 io="splice" if isinstance(conn, SpliceConnection) else "copy",
                 **({"proxy": proxy} if proxy else {}),
+                **({"tls": True} if context is not None else {}),
             )
         return conn
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -25,7 +25,7 @@ from epolld import handoff
 from epolld.config import Config
 from epolld.core.counters import Counters, Snapshot
 from epolld.core.idle import IdleTimer
-from epolld.listening.listener_set import STREAM, UDP, ListenerSet, kind_of
+from epolld.listening.listener_set import STREAM, TLS, UDP, ListenerSet, kind_of
 from epolld.listening.sockets import Listener
 from epolld.process import HANDOFF_SIGNAL, ProcessShell
 from epolld.service.admission import Admission
@@ -36,6 +36,9 @@ from epolld.service.reload import Reload
 from epolld.service.report import Report
 from epolld.systemd import Notifier
 from epolld.udp.endpoint import UdpEndpoints
+
+if TYPE_CHECKING:
+    from epolld.tls.serving import TlsServing  # imports ssl: only with a TLS listener
 
 log = structlog.get_logger("epolld")
 
@@ -107,6 +110,7 @@ class EchoService(ProcessShell):
         self._serve_kind: dict[str, Callable[[Listener], None]] = {
             STREAM: admission.add_listener,
             UDP: self._udp.add,
+            TLS: self._serve_tls,
         }
         for listener in listeners:
             self.serve(listener)
@@ -168,6 +172,38 @@ class EchoService(ProcessShell):
     def serve(self, listener: Listener) -> None:
         """Serve a listening socket by its kind."""
         self._serve_kind[kind_of(listener)](listener)
+
+    def _serve_tls(self, listener: Listener) -> None:
+        """A TLS listener accepts as a plain one; admission makes TLS connections for it."""
+        self.tls_serving(self._config).listen(listener)
+        self.admission.add_listener(listener)
+
+    def tls_serving(self, config: Config) -> TlsServing:
+        """The TLS part (tls/serving.py), made when a TLS listener is first served: ssl is
+        imported only then."""
+        if self.admission.tls is None:
+            from epolld.tls.serving import TlsServing
+
+            self.admission.tls = TlsServing(self.reactor, self.counters, config)
+        return self.admission.tls
+
+    def prepare_tls(self, new: Config) -> Callable[[], None] | None:
+        """Read a new file's certificates and keys before anything changes (ConfigError
+        if one cannot be used); the returned call puts them in force."""
+        if self.admission.tls is None and not any(a.tls for a in new.listen):
+            return None
+        serving = self.tls_serving(new)
+        contexts = serving.prepare(new)
+        return lambda: serving.configure(new, contexts)
+
+    def restore_tls_closing(self, record: dict[str, Any], state: handoff.State) -> None:
+        """A TLS connection the previous process echoed and closed: send its last bytes."""
+        self.tls_serving(self._config).restore_closing(record, state)
+
+    def refresh_tls(self) -> None:
+        """Listeners that stay may have turned TLS on or off, or changed certificates."""
+        if self.admission.tls is not None or any(lst.tls for lst in self.listeners):
+            self.tls_serving(self._config).refresh(self.listeners)
 
     def serve_metrics(self, listener: Listener) -> None:
         self._metrics = self._metrics_endpoint(listener)

@@ -41,6 +41,12 @@ class HandsOver(Protocol):
     def restore_metrics(self, listener: Listener) -> None:
         """Serve the metrics endpoint on the socket the previous process handed over."""
 
+    def serve(self, listener: Listener) -> None:
+        """Serve a listening socket by its kind (TCP and Unix, TLS, UDP)."""
+
+    def restore_tls_closing(self, record: dict[str, Any], state: handoff.State) -> None:
+        """A TLS connection the previous process echoed and closed: send its last bytes."""
+
 
 class Handoff:
     """Write the service's records into a handoff, and restore them from one.
@@ -204,6 +210,7 @@ class Handoff:
             "metrics_listener": self._restore_metrics_listener,
             "udp": self._restore_udp,
             "proxy_header": self._proxied.restore_header_reader,
+            "tls_closing": self._process.restore_tls_closing,
             **(more or {}),
         }
         counts = handoff.restore(state, restorers)
@@ -228,7 +235,7 @@ class Handoff:
     def _restore_listener(self, record: dict[str, Any], state: handoff.State) -> None:
         listener = Listener.from_handoff(record, state)
         self.listener_set.add(listener)
-        self._admission.add_listener(listener)
+        self._process.serve(listener)
 
     def _restore_udp(self, record: dict[str, Any], state: handoff.State) -> None:
         listener = Listener.from_handoff(record, state)

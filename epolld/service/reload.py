@@ -43,6 +43,13 @@ class Reloaded(Protocol):
     def switch(self, new: Config) -> None:
         """Every part takes the new settings."""
 
+    def prepare_tls(self, new: Config) -> Callable[[], None] | None:
+        """Read the new certificates and keys (ConfigError if one cannot be used); the
+        call returned puts them in force. None without TLS."""
+
+    def refresh_tls(self) -> None:
+        """The listeners that stay take their TLS settings from the file in force."""
+
 
 class Reload:
     """Apply a configuration to the service's listeners and parts.
@@ -105,7 +112,13 @@ class Reload:
             BindError: a new address could not be bound; the old listeners stay.
         """
         old = self.config
-        self._apply_listeners(self._listener_set.plan(old, new), new)
+        # Certificates and keys are read again first: a file that cannot be used now
+        # refuses the whole reload (ConfigError) before anything changed.
+        tls_in_force = self._service.prepare_tls(new)
+        plan = self._listener_set.plan(old, new)
+        if tls_in_force is not None:
+            tls_in_force()
+        self._apply_listeners(plan, new)
         # Logged before a new log level applies, so that it is the old level that decides.
         log.info(
             "config_reloaded",
@@ -142,6 +155,7 @@ class Reload:
             self._service.serve_metrics(plan.metrics)
             if not before_start:
                 log.info("metrics_listening", address=plan.metrics.name)
+        self._service.refresh_tls()
 
     def _release_listener(self, listener: Listener) -> None:
         """Stop serving a removed listener and close it (its connections stay)."""

@@ -59,6 +59,9 @@ class Report:
             proxy=any(lst.proxy_protocol for lst in self._admission.listeners)
             or totals.proxy_headers_read > 0
             or any(totals.proxy_header_errors.values()),
+            tls_certificates=self._admission.tls.certificates()
+            if self._admission.tls is not None
+            else None,
         )
 
     def totals(self) -> Counters:

@@ -13,7 +13,7 @@ twice, and no total waits for a worker's first report.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from epolld.core.counters import Counters, Snapshot
@@ -106,7 +106,12 @@ class Sums:
             ],
         }
 
-    def snapshot(self, now: float, proxy_listening: bool) -> Snapshot:
+    def snapshot(
+        self,
+        now: float,
+        proxy_listening: bool,
+        tls_certificates: Mapping[str, float] | None = None,
+    ) -> Snapshot:
         """The metrics endpoint's view: the summed totals and the workers' live values."""
         totals = self.totals()
         stats = self.stats(now, totals)
@@ -119,6 +124,7 @@ class Sums:
             proxy=proxy_listening
             or totals.proxy_headers_read > 0
             or any(totals.proxy_header_errors.values()),
+            tls_certificates=tls_certificates,
         )
 
     def status_line(self, now: float, names: str) -> str:

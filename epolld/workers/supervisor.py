@@ -49,7 +49,7 @@ import structlog
 
 from epolld import config as config_mod
 from epolld import handoff
-from epolld.config import Config
+from epolld.config import Config, tls_certificate_files
 from epolld.core.counters import Counters, Snapshot
 from epolld.core.loop import Timer
 from epolld.errors import ConfigError, EpolldError
@@ -699,7 +699,17 @@ class Supervisor(ProcessShell):
 
     def snapshot(self) -> Snapshot:
         proxy = any(lst.proxy_protocol for lst in self._slots[0].listeners)
-        return self.sums.snapshot(self.reactor.now, proxy)
+        return self.sums.snapshot(self.reactor.now, proxy, self._tls_certificates())
+
+    def _tls_certificates(self) -> dict[str, float] | None:
+        """The served certificates' notAfter, read from the files (the workers hold the
+        contexts); None without a TLS listener (ssl is then not imported)."""
+        files = tls_certificate_files(self._config)
+        if not files:
+            return None
+        from epolld.tls import certs
+
+        return certs.expiries(files)
 
     def _status_line(self) -> str:
         names = " ".join(sorted({lst.name for lst in self._slots[0].listeners}))

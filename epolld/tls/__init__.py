@@ -1,0 +1,1 @@
+"""TLS echo: certificates, contexts per listener, the TLS connection handler."""
