@@ -284,12 +284,14 @@ def test_reload_swaps_the_certificate_and_a_broken_one_changes_nothing(
         assert _peer_certificate(kept) == _der(certs.server)
 
 
-def test_an_expired_certificate_is_served_with_a_warning(
-    tmp_path: Path, daemons: list[Daemon], certs: tls.Certs
+@pytest.mark.parametrize("problem", ["expired", "not_yet_valid"])
+def test_a_certificate_outside_its_dates_is_served_with_a_warning(
+    tmp_path: Path, daemons: list[Daemon], certs: tls.Certs, problem: str
 ) -> None:
-    """An expired certificate starts and serves (clients are tested against such), with a
-    warning at start and again at reload."""
-    expired = tls.make_expired(tmp_path)
+    """An expired or not-yet-valid certificate starts and serves (clients are tested
+    against such), with a warning at start and again at reload."""
+    make = tls.make_expired if problem == "expired" else tls.make_not_yet_valid
+    expired = make(tmp_path)
     daemon = _start(
         tmp_path,
         daemons,
@@ -298,7 +300,7 @@ def test_an_expired_certificate_is_served_with_a_warning(
     )
     warning = daemon.wait_for("tls_certificate_not_valid")[0]
     assert warning["certificate"] == str(expired.certificate)
-    assert warning["problem"] == "expired"
+    assert warning["problem"] == problem
     with tls.tls_connect(_port(daemon), tls.client_context()) as sock:
         assert _peer_certificate(sock) == _der(expired)
         assert tls.echo_python(sock, b"stale") == b"stale"

@@ -94,6 +94,32 @@ def make_expired(directory: Path) -> Pair:
     return Pair(cert, key)
 
 
+def make_not_yet_valid(directory: Path) -> Pair:
+    """A self-signed certificate valid from 2099 (openssl ca: x509 in OpenSSL 3.0 cannot
+    set notBefore)."""
+    ca_dir = directory / "future-ca"
+    ca_dir.mkdir()
+    (ca_dir / "index.txt").write_text("")
+    (ca_dir / "serial").write_text("01\n")
+    config = ca_dir / "ca.cnf"
+    config.write_text(
+        f"[ca]\ndefault_ca = d\n[d]\ndatabase = {ca_dir}/index.txt\n"
+        f"new_certs_dir = {ca_dir}\nserial = {ca_dir}/serial\npolicy = p\n"
+        "default_md = sha256\n[p]\ncommonName = supplied\n"
+    )
+    key, csr, cert = (directory / f"future.{ext}" for ext in ("key", "csr", "pem"))
+    _openssl(
+        "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+        "-keyout", str(key), "-out", str(csr), "-subj", "/CN=future.example",
+    )  # fmt: skip
+    _openssl(
+        "ca", "-batch", "-notext", "-config", str(config), "-selfsign", "-keyfile", str(key),
+        "-in", str(csr), "-startdate", "20991231000000Z", "-enddate", "21000101000000Z",
+        "-out", str(cert),
+    )  # fmt: skip
+    return Pair(cert, key)
+
+
 def make_certs(directory: Path) -> Certs:
     directory.mkdir(parents=True, exist_ok=True)
     ca = _self_signed(directory, "ca", "epolld test CA", ca=True)
