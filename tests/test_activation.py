@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ import pytest
 
 from epolld.errors import BindError
 from epolld.listening import activation
+from tests import tls_support as tls
+from tests.epolld_process import Daemon, write_config
 
 WAIT_S = 10.0
 
@@ -214,3 +217,41 @@ def test_malformed_listen_fds_is_a_bind_error() -> None:
     environ = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "two"}
     with pytest.raises(BindError, match="LISTEN_FDS: expected a number, got 'two'"):
         activation.inherited_sockets(environ)
+
+
+def test_socket_activated_listener_speaks_tls_when_its_listen_entry_says_so(
+    tmp_path: Path,
+) -> None:
+    """A socket systemd-socket-activate passes is served over TLS when the listen entry
+    for its address says `tls`, and its clients get their bytes echoed through TLS."""
+    tool = shutil.which("systemd-socket-activate")
+    assert tool, "systemd-socket-activate (package systemd) is missing"
+    certs = tls.make_certs(tmp_path / "certs")
+    path = str(tmp_path / "tls.sock")
+    config = write_config(
+        tmp_path / "epolld.yaml",
+        {
+            "listen": [{"address": f"unix:{path}", "tls": True}],
+            "tls": {"certificate": str(certs.server.certificate), "key": str(certs.server.key)},
+            "logging": {"level": "info", "connections": True},
+        },
+    )
+    daemon = Daemon(config, prefix=(tool, "-l", path, "--fdname=epolld"))
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while not os.path.exists(path):  # the activator binds, then waits for a client
+            assert time.monotonic() < deadline, "systemd-socket-activate did not listen"
+            time.sleep(0.02)
+        # The connection waits in the backlog until the exec'd daemon adopts and accepts it.
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        raw.settimeout(WAIT_S)
+        raw.connect(path)
+        with tls.client_context(certs=certs).wrap_socket(raw, server_hostname="localhost") as c:
+            payload = os.urandom(100_000)
+            assert tls.echo_python(c, payload) == payload
+        inherited = daemon.wait_for("socket_inherited")
+        assert [e["address"] for e in inherited] == [f"unix:{path}"]
+        established = daemon.wait_for("tls_established")
+        assert established[0]["version"] in ("TLSv1.2", "TLSv1.3")
+    finally:
+        daemon.stop()

@@ -364,8 +364,9 @@ def adopt_inherited(config: Config, passed: list[tuple[str, int]] | None) -> lis
             reason="sockets come from systemd socket activation",
             listen=[str(a) for a in config.listen],
         )
-    proxied = frozenset(str(a) for a in config.listen if a.proxy_protocol)
-    return [listeners.adopt(sock, proxied) for _, sock in inherited]
+    # The same name matching for PROXY and TLS: str(address) is what describe_socket() says.
+    configured = {str(a): a for a in config.listen if a.proxy_protocol or a.tls}
+    return [listeners.adopt(sock, configured) for _, sock in inherited]
 
 
 def bind_metrics(config: Config) -> Listener | None:

@@ -37,7 +37,9 @@ class Listener:
     """A listening socket, the address it serves, and the reactor handler for it."""
 
     sock: socket.socket
-    address: ListenAddress | None  # None: inherited from systemd, not from the config
+    # None: inherited from systemd at an address the file does not mention (socket
+    # activation); an inherited socket the file marks proxy_protocol or tls has its entry.
+    address: ListenAddress | None
     name: str  # what logs and STATUS show: "127.0.0.1:7080", "[::1]:7080", "unix:/path"
     inherited: bool = False
     # Served by several worker processes from this one socket: registered with
@@ -265,17 +267,20 @@ def _bind_message(name: str, e: OSError) -> str:
     return f"cannot listen on {name}: {e.strerror or e}"
 
 
-def adopt(sock: socket.socket, proxy_addresses: frozenset[str] = frozenset()) -> Listener:
+def adopt(sock: socket.socket, configured: dict[str, ListenAddress] | None = None) -> Listener:
     """Wrap a socket inherited from systemd; it is made non-blocking and never closed on reload.
 
     Args:
         sock: the inherited socket.
-        proxy_addresses: the configured addresses marked proxy_protocol, as str(address):
-            an inherited socket bound to one of them takes PROXY headers too.
+        configured: the listen entries of the file that say more than an address (PROXY,
+            TLS), by str(address): an inherited socket bound to one of them takes that
+            entry as its address, so it reads PROXY headers or speaks TLS as it says.
     """
     sock.setblocking(False)
     name = describe_socket(sock)
-    return Listener(sock, None, name, inherited=True, proxy_protocol=name in proxy_addresses)
+    address = (configured or {}).get(name)
+    proxy = address is not None and address.proxy_protocol
+    return Listener(sock, address, name, inherited=True, proxy_protocol=proxy)
 
 
 def close(listener: Listener) -> None:
