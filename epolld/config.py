@@ -735,10 +735,34 @@ def _read_listen_tls(
         if key == "min_version":
             files[key] = _scalar(_tls_version)(loader, value_node, where)
         else:
-            files[key] = _scalar(_optional_path)(loader, value_node, where)
+            files[key] = _scalar(_tls_file)(loader, value_node, where)
     return dataclasses.replace(
         address, tls=True, **{f"tls_{key}": value for key, value in files.items()}
     )
+
+
+CREDENTIAL_PREFIX = "credential:"
+
+
+def _tls_file(value: object) -> str | None:
+    """A TLS file: an absolute path, or `credential:NAME` for a systemd credential
+    (LoadCredential=NAME:/path in the unit), found in $CREDENTIALS_DIRECTORY/NAME.
+
+    Resolved when the file is read, so what is checked, served and printed is the path;
+    systemd copies a credential once, when the service starts.
+    """
+    if not (isinstance(value, str) and value.startswith(CREDENTIAL_PREFIX)):
+        return _optional_path(value)
+    name = value[len(CREDENTIAL_PREFIX) :]
+    if not name or "/" in name or name in (".", "..") or _text_problem(name):
+        raise _Invalid("expected credential:NAME with a credential name (no /)")
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        raise _Invalid(
+            "a credential needs $CREDENTIALS_DIRECTORY, which systemd sets for a unit with"
+            f" LoadCredential={name}:/path/to/file; it is not set"
+        )
+    return os.path.join(directory, name)
 
 
 def _tls_version(value: object) -> str:
@@ -785,10 +809,8 @@ def _read_sni(loader: _Loader, node: yaml.Node, name: str) -> tuple[SniEntry, ..
                 )
             seen[lowered] = _line(name_node)
             names.append(lowered)
-        certificate = _scalar(_optional_path)(
-            loader, options["certificate"][1], f"{where}.certificate"
-        )
-        key = _scalar(_optional_path)(loader, options["key"][1], f"{where}.key")
+        certificate = _scalar(_tls_file)(loader, options["certificate"][1], f"{where}.certificate")
+        key = _scalar(_tls_file)(loader, options["key"][1], f"{where}.key")
         if certificate is None or key is None:
             raise _NodeError(item, f"{where}: certificate and key must both be set")
         entries.append(SniEntry(tuple(names), certificate, key))
@@ -1170,9 +1192,9 @@ _SCHEMA: tuple[_Entry, ...] = (
         _Option("listen", "listen", _read_optional_address, _write_optional_address),
     )),
     _Section("tls", "tls", TlsConfig, (
-        _Option("certificate", "certificate", _scalar(_optional_path), _same),
-        _Option("key", "key", _scalar(_optional_path), _same),
-        _Option("client_ca", "client_ca", _scalar(_optional_path), _same),
+        _Option("certificate", "certificate", _scalar(_tls_file), _same),
+        _Option("key", "key", _scalar(_tls_file), _same),
+        _Option("client_ca", "client_ca", _scalar(_tls_file), _same),
         _Option("min_version", "min_version", _scalar(_tls_version), _same),
         _Option("handshake_timeout", "handshake_timeout_s", _scalar(_positive_duration),
                 _write_duration),

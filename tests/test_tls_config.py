@@ -135,3 +135,60 @@ def test_ssl_is_imported_only_with_tls(tmp_path: Path, certs: tls.Certs) -> None
             timeout=30,
         )
         assert out.stdout.strip() == expected
+
+
+def test_credentials_are_found_in_the_credentials_directory(
+    tmp_path: Path, certs: tls.Certs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """credential:NAME names $CREDENTIALS_DIRECTORY/NAME (systemd's LoadCredential=), in
+    the tls: section, a listen entry's tls mapping and an SNI entry, checked like a path."""
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    for name, source in (
+        ("cert", certs.server.certificate),
+        ("key", certs.server.key),
+        ("ca", certs.ca.certificate),
+        ("other-cert", certs.other.certificate),
+        ("other-key", certs.other.key),
+    ):
+        (credentials / name).write_bytes(source.read_bytes())
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+    text = """
+listen:
+  - {address: "127.0.0.1:7443", tls: true}
+  - {address: "127.0.0.1:7444", tls: {client_ca: "credential:ca"}}
+tls:
+  certificate: credential:cert
+  key: "credential:key"
+  sni:
+    - {names: [other.example], certificate: "credential:other-cert", key: "credential:other-key"}
+"""
+    config = _load(tmp_path, text)
+    settings = tls_of(config, config.listen[1])
+    assert settings is not None
+    assert settings.certificate == str(credentials / "cert")
+    assert settings.key == str(credentials / "key")
+    assert settings.client_ca == str(credentials / "ca")
+    assert config.tls.sni[0].certificate == str(credentials / "other-cert")
+    (credentials / "key").write_bytes(certs.other.key.read_bytes())
+    assert f"tls.key: {credentials / 'key'}: does not match" in _error(tmp_path, text)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("credential:cert", "tls.certificate: a credential needs $CREDENTIALS_DIRECTORY"),
+        ("credential:", "tls.certificate: expected credential:NAME with a credential name"),
+        ("credential:../cert", "tls.certificate: expected credential:NAME with a credential"),
+    ],
+)
+def test_credential_mistakes_are_refused_at_their_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str, expected: str
+) -> None:
+    """credential:NAME outside a unit with LoadCredential= (no $CREDENTIALS_DIRECTORY),
+    or with no name or a path for one, is an error at its line."""
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    if "needs" not in expected:
+        monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    message = _error(tmp_path, f'tls:\n  certificate: "{value}"\n  key: /k\n')
+    assert f"epolld.yaml:2: {expected}" in message
