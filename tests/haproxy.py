@@ -48,6 +48,22 @@ class Backend:
     name: str
     port: int
     send_proxy: str = "send-proxy-v2"  # "send-proxy" (v1), "send-proxy-v2" or "" (none)
+    # TLS to the server (epolld's `tls: true`), verified against this CA file; the health
+    # checks speak TLS too (check-ssl: HAProxy's default for an ssl server, said outright),
+    # after their PROXY header.
+    ssl_ca: str | None = None
+
+
+def _server_options(b: Backend) -> str:
+    options = f" {b.send_proxy}" if b.send_proxy else ""
+    if b.ssl_ca is not None:
+        options += f" ssl verify required ca-file {b.ssl_ca} verifyhost localhost"
+    options += " check"
+    if b.send_proxy:
+        options += " check-send-proxy"
+    if b.ssl_ca is not None:
+        options += " check-ssl"
+    return options
 
 
 def config_text(backends: list[Backend], frontend_fd: int, state_dir: Path) -> str:
@@ -58,8 +74,7 @@ def config_text(backends: list[Backend], frontend_fd: int, state_dir: Path) -> s
     v2, and a header for v1.
     """
     servers = "\n".join(
-        f"    server {b.name} 127.0.0.1:{b.port} source {PROXY_SOURCE}"
-        f" {b.send_proxy} check{' check-send-proxy' if b.send_proxy else ''}"
+        f"    server {b.name} 127.0.0.1:{b.port} source {PROXY_SOURCE}{_server_options(b)}"
         f" inter 300ms fall 2 rise 1"
         for b in backends
     )
