@@ -5,12 +5,15 @@
   a package.
 - epolld_container (module scope): a container with epolld installed from this checkout
   (install_checkout()) and the units from packaging/systemd; one boot serves a whole module.
+- debs (session scope): the .deb built from this checkout, and a copy repacked as a newer
+  version, for the tests that install the package with apt.
 
 Both skip, saying why, when not run as root.
 """
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,6 +22,8 @@ from nspawn import REPO, Container, ensure_tools, missing_privileges, rootfs
 
 GUEST_REPO = "/opt/epolld"
 UNIT_DIR = "/lib/systemd/system"  # where the Debian package puts them
+UPGRADE_VERSION = "0.1.0+upgradetest1"
+BUILD_TIMEOUT_S = 600.0  # build-deb may first install debhelper, dh-python and lintian
 
 # Runs the checkout on Debian 12's own python3 and libraries (python3-structlog 22.3.0, ...),
 # so the container tests prove the code works on the versions the package depends on.
@@ -32,6 +37,9 @@ exec /usr/bin/python3 -m epolld "$@"
 def install_checkout(container: Container) -> None:
     """Install /usr/bin/epolld (running the bind-mounted checkout) and the systemd units."""
     container.write_file("/usr/bin/epolld", WRAPPER, mode=0o755)
+    # The unit's SupplementaryGroups=ssl-cert needs the group (the package depends on
+    # ssl-cert, which creates it); without it systemd refuses to start the unit (216/GROUP).
+    container.sh("getent group ssl-cert >/dev/null || groupadd --system ssl-cert")
     for unit in ("epolld.service", "epolld.socket"):
         container.copy_in(REPO / "packaging" / "systemd" / unit, f"{UNIT_DIR}/{unit}", 0o644)
     container.systemctl("daemon-reload")
@@ -71,3 +79,37 @@ def epolld_container(container_factory: Callable[..., Container]) -> Container:
     container = container_factory(binds_ro={REPO: GUEST_REPO})
     install_checkout(container)
     return container
+
+
+@pytest.fixture(scope="session")
+def debs(tmp_path_factory: pytest.TempPathFactory, system_prerequisites: None) -> dict[str, Path]:
+    """The package built from this checkout, and a copy repacked as a newer version."""
+    out = tmp_path_factory.mktemp("debs")
+    result = subprocess.run(
+        [str(REPO / "packaging" / "dev" / "build-deb"), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=BUILD_TIMEOUT_S,
+    )
+    assert result.returncode == 0, f"build-deb failed:\n{result.stderr[-6000:]}"
+    built = Path(result.stdout.strip().splitlines()[-1])
+    return {"current": built, "newer": _repack_with_version(built, UPGRADE_VERSION, out)}
+
+
+def _repack_with_version(deb: Path, version: str, out: Path) -> Path:
+    """A copy of deb whose control file says version: what an upgrade looks like to dpkg."""
+    tree = out / f"tree-{version}"
+    subprocess.run(["dpkg-deb", "--raw-extract", str(deb), str(tree)], check=True, timeout=60)
+    control = tree / "DEBIAN" / "control"
+    lines = control.read_text().splitlines()
+    control.write_text(
+        "".join(f"Version: {version}\n" if ln.startswith("Version:") else ln + "\n" for ln in lines)
+    )
+    newer = out / f"epolld_{version}_all.deb"
+    subprocess.run(
+        ["dpkg-deb", "--root-owner-group", "--build", str(tree), str(newer)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return newer

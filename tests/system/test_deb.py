@@ -15,12 +15,12 @@ the host's network, to reach the package mirror.
 from __future__ import annotations
 
 import socket
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from nspawn import REPO, Container, ContainerError, wait_until
+from conftest import UPGRADE_VERSION
+from nspawn import Container, ContainerError, wait_until
 
 from tests.traffic import echo_until_eof
 
@@ -30,12 +30,10 @@ DEFAULT_ADDRESSES = [("127.0.0.1", 7080, socket.AF_INET), ("::1", 7080, socket.A
 # The operator's edited config moves the service to an address of its own.
 EDITED_HOST = "127.0.0.2"
 EDITED_PORT = 7083
-UPGRADE_VERSION = "0.1.0+upgradetest1"
 GUEST_DEB_DIR = "/tmp/debs"
 WAIT_S = 30.0  # for anything systemd, dpkg or the daemon does in response to a command
 IO_TIMEOUT_S = 10.0
 APT_TIMEOUT_S = 300.0  # apt-get update plus man-db's download, on a slow mirror
-BUILD_TIMEOUT_S = 600.0  # build-deb may first install debhelper, dh-python and lintian
 
 EDITED_CONFIG = f"""\
 # Edited by the operator: a listener of its own, and a shorter idle timeout.
@@ -44,40 +42,6 @@ listen:
 limits:
   idle_timeout: 42s
 """
-
-
-@pytest.fixture(scope="session")
-def debs(tmp_path_factory: pytest.TempPathFactory, system_prerequisites: None) -> dict[str, Path]:
-    """The package built from this checkout, and a copy repacked as a newer version."""
-    out = tmp_path_factory.mktemp("debs")
-    result = subprocess.run(
-        [str(REPO / "packaging" / "dev" / "build-deb"), str(out)],
-        capture_output=True,
-        text=True,
-        timeout=BUILD_TIMEOUT_S,
-    )
-    assert result.returncode == 0, f"build-deb failed:\n{result.stderr[-6000:]}"
-    built = Path(result.stdout.strip().splitlines()[-1])
-    return {"current": built, "newer": _repack_with_version(built, UPGRADE_VERSION, out)}
-
-
-def _repack_with_version(deb: Path, version: str, out: Path) -> Path:
-    """A copy of deb whose control file says version: what an upgrade looks like to dpkg."""
-    tree = out / f"tree-{version}"
-    subprocess.run(["dpkg-deb", "--raw-extract", str(deb), str(tree)], check=True, timeout=60)
-    control = tree / "DEBIAN" / "control"
-    lines = control.read_text().splitlines()
-    control.write_text(
-        "".join(f"Version: {version}\n" if ln.startswith("Version:") else ln + "\n" for ln in lines)
-    )
-    newer = out / f"epolld_{version}_all.deb"
-    subprocess.run(
-        ["dpkg-deb", "--root-owner-group", "--build", str(tree), str(newer)],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    return newer
 
 
 @pytest.fixture
@@ -107,7 +71,11 @@ def _apt(c: Container, *args: str) -> str:
 
 
 def _install(c: Container, deb: Path) -> None:
-    """apt-get install ./epolld_VERSION_all.deb, as the README tells operators."""
+    """apt-get install ./epolld_VERSION_all.deb, as the README tells operators (after an
+    apt-get update the first time: the cached root file system keeps no package lists, and
+    the package depends on ssl-cert, which comes from the mirror)."""
+    if c.sh("ls /var/lib/apt/lists/*_Packages", check=False).returncode != 0:
+        _apt(c, "update")
     _apt(c, "install", f"{GUEST_DEB_DIR}/{deb.name}")
 
 
