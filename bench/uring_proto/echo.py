@@ -28,8 +28,11 @@ from types import FrameType
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ring as uring
 
-ACCEPT, RECV, SEND = 1, 2, 3  # the low byte of user_data; then fd (32 bits), then buffer id
-FD_MASK = 0xFFFFFFFF
+# user_data: the kind in the low byte, then the fd (24 bits), for a send also the buffer id
+# (16 bits) and the bytes it sends (16 bits), so that a completion needs no lookup.
+ACCEPT, RECV, SEND = 1, 2, 3
+FD_MASK = 0xFFFFFF
+U32 = 0xFFFFFFFF
 BGID = 0
 
 
@@ -53,29 +56,32 @@ def shutdown(fd: int) -> None:
 
 
 def serve(lsock: socket.socket, buffers: int, buffer_size: int) -> dict[str, int]:
+    """The loop; the hot path (recv and send completions) writes SQEs and buffer-ring
+    entries inline, with everything it touches in local variables."""
+    if buffer_size > 0xFFFF:
+        raise ValueError("--buffer-size must fit the 16 bits of user_data it has")
     ring = uring.Ring(max(64, 2 * buffers))
     bufs = uring.BufRing(ring, BGID, buffers, buffer_size)
-    base, size = bufs.base, bufs.size
-    prep, enter, put = ring.prep, ring.enter, bufs.put
-    cqe_at = uring.CQE.unpack_from
-    rings, cqes, cq_mask, cq_head_i, cq_tail_i = (
-        ring.rings, ring.cqes, ring.cq_mask, ring.cq_head_i, ring.cq_tail_i
-    )  # fmt: skip
-    u32 = ring.u32
+    base, size, br, br_mask = bufs.base, bufs.size, bufs.ring_mem, bufs.mask
+    sqes, sq_mask, rings, cqes, cq_mask = (
+        ring.sqes,
+        ring.sq_mask,
+        ring.rings,
+        ring.cqes,
+        ring.cq_mask,
+    )
+    u32, cq_head_i, cq_tail_i = ring.u32, ring.cq_head_i, ring.cq_tail_i
+    sqe_pack, buf_pack, cqe_at = uring.SQE.pack_into, uring.BUF.pack_into, uring.CQE.unpack_from
+    enter = ring.enter
+    op_send, f_more, f_buffer = uring.OP_SEND, uring.CQE_F_MORE, uring.CQE_F_BUFFER
     sq_room = ring.sq_entries - 8  # a turn flushes before the SQ fills
-    # Per connection: the buffers waiting to be sent (bid, offset, length), the head of
-    # which is in flight; per buffer: the offset and length left to send.
-    queued: dict[int, collections.deque[tuple[int, int]]] = {}
-    send_off = [0] * buffers
-    send_left = [0] * buffers
+    # Per connection, in order: the sends (bid | length << 16), the first of them in flight.
+    queued: dict[int, collections.deque[int]] = {}
+    offsets: dict[int, int] = {}  # bid -> bytes already sent, only after a short send
     open_fds: set[int] = set()  # connections whose multishot recv is armed
     starved: list[int] = []  # recv ended with ENOBUFS: re-armed when a buffer is back
     stats = dict.fromkeys(("enters", "cqes", "short_sends", "enobufs"), 0)
     lfd = lsock.fileno()
-
-    def arm_recv(fd: int) -> None:
-        prep(uring.OP_RECV, fd, RECV | fd << 8, ioprio=uring.RECV_MULTISHOT,
-             sqe_flags=uring.IOSQE_BUFFER_SELECT, buf_group=BGID)  # fmt: skip
 
     def finish(fd: int) -> None:
         """Close fd once its recv has ended and nothing is left to send."""
@@ -83,85 +89,121 @@ def serve(lsock: socket.socket, buffers: int, buffer_size: int) -> dict[str, int
             del queued[fd]
             socket.close(fd)
 
-    prep(uring.OP_ACCEPT, lfd, ACCEPT, ioprio=uring.ACCEPT_MULTISHOT)
+    ring.prep(uring.OP_ACCEPT, lfd, ACCEPT, ioprio=uring.ACCEPT_MULTISHOT)
+    sq_tail = ring.sq_tail
+    br_tail = bufs.tail
     enters = cqe_count = 0
     try:
         while True:
+            ring.sq_tail = sq_tail & U32
             enter(1)
             enters += 1
             head, tail = u32[cq_head_i], u32[cq_tail_i]
-            cqe_count += (tail - head) & FD_MASK
+            cqe_count += (tail - head) & U32
             recycled = False
             while head != tail:
                 user_data, res, flags = cqe_at(rings, cqes + (head & cq_mask) * 16)
-                head = (head + 1) & FD_MASK
+                head = (head + 1) & U32
                 kind = user_data & 0xFF
-                if kind == RECV:
+                if kind == SEND:
+                    fd = (user_data >> 8) & FD_MASK
+                    bid = (user_data >> 32) & 0xFFFF
+                    left = user_data >> 48
+                    if 0 < res < left:  # short send: the rest from where it stopped
+                        stats["short_sends"] += 1
+                        off = offsets.get(bid, 0) + res
+                        offsets[bid] = off
+                        left -= res
+                        user_data = SEND | fd << 8 | bid << 32 | left << 48
+                        addr = base + bid * size + off
+                        sqe_pack(sqes, (sq_tail & sq_mask) << 6, op_send, 0, 0, fd, 0, addr,
+                                 left, 0, user_data, 0, 0, 0, 0, 0)  # fmt: skip
+                        sq_tail += 1
+                        continue
+                    if offsets:
+                        offsets.pop(bid, None)
+                    buf_pack(br, (br_tail & br_mask) << 4, base + bid * size, size, bid)
+                    br_tail += 1
+                    recycled = True
+                    q = queued[fd]
+                    q.popleft()
+                    if res < 0:  # the peer is gone: drop what is queued; recv ends by itself
+                        while q:
+                            b = q.popleft() & 0xFFFF
+                            buf_pack(br, (br_tail & br_mask) << 4, base + b * size, size, b)
+                            br_tail += 1
+                        shutdown(fd)
+                    elif q:
+                        nxt = q[0]
+                        b, n = nxt & 0xFFFF, nxt >> 16
+                        sqe_pack(sqes, (sq_tail & sq_mask) << 6, op_send, 0, 0, fd, 0,
+                                 base + b * size, n, 0, SEND | fd << 8 | nxt << 32,
+                                 0, 0, 0, 0, 0)  # fmt: skip
+                        sq_tail += 1
+                        continue
+                    if fd not in open_fds:
+                        finish(fd)
+                elif kind == RECV:
                     fd = user_data >> 8
                     if res > 0:
                         bid = flags >> 16
-                        send_off[bid], send_left[bid] = 0, res
                         q = queued[fd]
                         if not q:  # else a send is in flight: this one waits its turn
-                            prep(uring.OP_SEND, fd, SEND | fd << 8 | bid << 40,
-                                 base + bid * size, res)  # fmt: skip
-                        q.append(bid)
-                        if not flags & uring.CQE_F_MORE:
-                            arm_recv(fd)
+                            sqe_pack(sqes, (sq_tail & sq_mask) << 6, op_send, 0, 0, fd, 0,
+                                     base + bid * size, res, 0,
+                                     SEND | fd << 8 | bid << 32 | res << 48,
+                                     0, 0, 0, 0, 0)  # fmt: skip
+                            sq_tail += 1
+                        q.append(bid | res << 16)
+                        if flags & f_more:
+                            continue
+                        ring.sq_tail = sq_tail & U32  # re-arm (the kernel ended it)
+                        ring.prep(uring.OP_RECV, fd, RECV | fd << 8, ioprio=uring.RECV_MULTISHOT,
+                                  sqe_flags=uring.IOSQE_BUFFER_SELECT, buf_group=BGID)  # fmt: skip
+                        sq_tail = ring.sq_tail
                     elif res == -errno.ENOBUFS:
                         stats["enobufs"] += 1
                         starved.append(fd)
                     else:  # EOF or an error: the multishot recv has ended
-                        if flags & uring.CQE_F_BUFFER:
-                            put(flags >> 16)
+                        if flags & f_buffer:
+                            b = flags >> 16
+                            buf_pack(br, (br_tail & br_mask) << 4, base + b * size, size, b)
+                            br_tail += 1
                             recycled = True
-                        if not flags & uring.CQE_F_MORE:
+                        if not flags & f_more:
                             open_fds.discard(fd)
                             finish(fd)
-                elif kind == SEND:
-                    fd = (user_data >> 8) & FD_MASK
-                    bid = user_data >> 40
-                    q = queued[fd]
-                    if 0 < res < send_left[bid]:  # short send: the rest from where it stopped
-                        stats["short_sends"] += 1
-                        send_off[bid] += res
-                        send_left[bid] -= res
-                        prep(uring.OP_SEND, fd, user_data,
-                             base + bid * size + send_off[bid], send_left[bid])  # fmt: skip
-                        continue
-                    put(bid)
-                    recycled = True
-                    q.popleft()
-                    if res < 0:  # the peer is gone: drop what is queued; recv ends by itself
-                        while q:
-                            put(q.popleft())
-                        shutdown(fd)
-                    elif q:
-                        nxt = q[0]
-                        prep(uring.OP_SEND, fd, SEND | fd << 8 | nxt << 40,
-                             base + nxt * size + send_off[nxt], send_left[nxt])  # fmt: skip
-                    if not q:
-                        finish(fd)
                 elif kind == ACCEPT:
+                    ring.sq_tail = sq_tail & U32
                     if res >= 0:
                         open_fds.add(res)
                         queued[res] = collections.deque()
-                        arm_recv(res)
-                    if not flags & uring.CQE_F_MORE:
-                        prep(uring.OP_ACCEPT, lfd, ACCEPT, ioprio=uring.ACCEPT_MULTISHOT)
-                if ring.pending() >= sq_room:
+                        ring.prep(uring.OP_RECV, res, RECV | res << 8, ioprio=uring.RECV_MULTISHOT,
+                                  sqe_flags=uring.IOSQE_BUFFER_SELECT, buf_group=BGID)  # fmt: skip
+                    if not flags & f_more:
+                        ring.prep(uring.OP_ACCEPT, lfd, ACCEPT, ioprio=uring.ACCEPT_MULTISHOT)
+                    sq_tail = ring.sq_tail
+                if ((sq_tail - ring.submitted) & U32) >= sq_room:
                     u32[cq_head_i] = head
+                    ring.sq_tail = sq_tail & U32
                     enter(0, 0)
             u32[cq_head_i] = head
             if recycled:
+                br_tail &= 0xFFFF
+                bufs.tail = br_tail
                 bufs.publish()
-                while starved:
-                    arm_recv(starved.pop())
+                if starved:
+                    ring.sq_tail = sq_tail & U32
+                    while starved:
+                        fd = starved.pop()
+                        ring.prep(uring.OP_RECV, fd, RECV | fd << 8, ioprio=uring.RECV_MULTISHOT,
+                                  sqe_flags=uring.IOSQE_BUFFER_SELECT, buf_group=BGID)  # fmt: skip
+                    sq_tail = ring.sq_tail
     except Stop:
         pass
     stats["enters"], stats["cqes"] = enters, cqe_count
-    bufs.close()
     ring.close()
+    bufs.close()
     return stats
 
 
