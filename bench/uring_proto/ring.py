@@ -79,9 +79,14 @@ BUF = struct.Struct("<QIH")  # struct io_uring_buf without resv (bufs[0].resv is
 BUF_REG = struct.Struct("<QIHH5Q")  # struct io_uring_buf_reg: 40 bytes
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_syscall = _libc.syscall
+_syscall = _libc.syscall  # with pointers: every argument converted as a long
 _syscall.restype = ctypes.c_long
 _syscall.argtypes = [ctypes.c_long] * 7
+# The same function for io_uring_enter, whose arguments all fit a C int: without argtypes
+# ctypes passes Python ints as int (libffi widens them to the 64-bit register), which costs
+# half the time per call of the converted one (0.76 against 1.74 us, timeit, this machine).
+sys_enter = _libc["syscall"]
+sys_enter.restype = ctypes.c_long
 
 
 def _check(ret: int) -> int:
@@ -121,7 +126,7 @@ class Ring:
         for i in range(self.sq_entries):  # SQ slot i always holds SQE i
             self.u32[sq_array // 4 + i] = i
         self.sq_tail = self.u32[self.sq_tail_i]  # ours: the kernel only reads it
-        self.submitted = self.sq_tail
+        self.submitted = self.sq_tail  # SQEs the kernel has consumed (returns of enter)
 
     def pending(self) -> int:
         """SQEs written since the last enter()."""
@@ -150,7 +155,7 @@ class Ring:
         """Publish the SQ tail, submit what is pending and wait for min_complete CQEs."""
         to_submit = self.pending()
         self.u32[self.sq_tail_i] = self.sq_tail
-        ret = _syscall(SYS_ENTER, self.fd, to_submit, min_complete, flags, 0, 0, 0)
+        ret = sys_enter(SYS_ENTER, self.fd, to_submit, min_complete, flags, 0, 0)
         if ret < 0:
             err = ctypes.get_errno()
             if err in (errno.EINTR, errno.EAGAIN, errno.EBUSY):
