@@ -8,8 +8,11 @@ import importlib.util
 import json
 import random
 import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -120,3 +123,36 @@ def test_uses_only_what_linux_6_1_offers(proto: dict[str, Any]) -> None:
     assert not ring.SETUP_FLAGS & (1 << 16)  # IORING_SETUP_NO_SQARRAY, 6.6
     uses = proto["io_uring"]["uses"]
     assert uses == {name: f"{v[0]}.{v[1]}" for name, v in ring.FEATURES.items()}
+
+
+@pytest.mark.parametrize("proto", [["--sndbuf", "4096"]], ids=["sndbuf-4k"], indirect=True)
+def test_short_sends_resume_where_they_stopped(proto: dict[str, Any]) -> None:
+    """A slow reader behind small socket buffers gets short sends from the prototype, and each
+    one's remainder is sent from where it stopped: 256 KiB per connection come back exact."""
+    rng = random.Random(26)
+    payloads = [rng.randbytes(1 << 18) for _ in range(2)]
+    got = [bytearray() for _ in payloads]
+
+    def client(i: int) -> None:
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.settimeout(20)
+            sock.connect(("127.0.0.1", proto["port"]))
+            writer = threading.Thread(target=sock.sendall, args=(payloads[i],))
+            writer.start()
+            deadline = time.monotonic() + 30
+            while len(got[i]) < len(payloads[i]) and time.monotonic() < deadline:
+                time.sleep(0.001)  # read slowly, so that the server's sends fill its buffer
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                got[i] += chunk
+            writer.join(20)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(payloads))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(40)
+    assert [bytes(g) for g in got] == payloads
+    assert stop(proto["proc"])["short_sends"] > 0

@@ -10,7 +10,8 @@ One io_uring_enter per loop turn submits and reaps. No limits, timeouts or logs,
 bench/echo_server.c. Prints {"event": "listening", "address": "127.0.0.1:PORT", ...} once
 bound, and {"event": "stats", ...} (enters, completions) on SIGTERM.
 
-Usage: echo.py [--port 0] [--backlog 511] [--buffers 1024] [--buffer-size 16384] [--once]
+Usage: echo.py [--port 0] [--backlog 511] [--buffers 1024] [--buffer-size 16384]
+       [--sndbuf BYTES] [--once]
 """
 
 from __future__ import annotations
@@ -234,6 +235,12 @@ def main() -> int:
     parser.add_argument("--buffers", type=int, default=1024, help="a power of two")
     parser.add_argument("--buffer-size", type=int, default=16384)
     parser.add_argument(
+        "--sndbuf",
+        type=int,
+        default=0,
+        help="SO_SNDBUF of the listener, inherited by accepted sockets (small: short sends)",
+    )
+    parser.add_argument(
         "--once",
         action="store_true",
         help="exit when the last connection has closed (valgrind does not deliver SIGTERM"
@@ -245,6 +252,8 @@ def main() -> int:
     signal.signal(signal.SIGINT, _stop)
     lsock = socket.socket()
     lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if args.sndbuf:
+        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, args.sndbuf)
     lsock.bind(("127.0.0.1", args.port))
     lsock.listen(args.backlog)
     port = lsock.getsockname()[1]
