@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 from nspawn import Container, ensure_host_tool, wait_until
-from test_deb import UPGRADE_VERSION, _install, container, debs
+from test_deb import UPGRADE_VERSION, _install, container
 from test_service import c as c  # the checkout's units, reset (fixture)
 from test_service import cursor as cursor  # a journal cursor (fixture)
 from test_service import events
@@ -36,7 +36,7 @@ from test_service import events
 from tests.traffic import recv_exactly, recv_until_eof
 
 pytestmark = pytest.mark.system
-__all__ = ["container", "debs"]  # fixtures shared with test_deb
+__all__ = ["container"]  # a fixture shared with test_deb (debs is conftest.py's)
 
 WAIT_S = 30.0
 IO_TIMEOUT_S = 30.0
