@@ -1,4 +1,5 @@
-"""Benchmark epolld against a C epoll echo server, asyncio and uvloop (issues 6 and 9).
+"""Benchmark epolld against a C epoll echo server, asyncio and uvloop (issues 6 and 9), and
+its TLS echo against Go's crypto/tls, uvloop with ssl=, socat and ncat (issue 21).
 
 Usage:
   bench/run --quick             a short subset; writes bench/out/quick.{md,json}
@@ -170,7 +171,9 @@ def _main(opts: argparse.Namespace) -> int:
     data["commands"] = {
         "servers": {n: display_argv(s, example) for n, s in servers.items()},
         "loadgen": {
-            w.name: loadgen_argv(w.load.args(), 0, 0, opts.warmup, measured_seconds(w, opts))
+            w.name: loadgen_argv(
+                w.load.args(), 0, 0, opts.warmup, measured_seconds(w, opts), program=w.load.program
+            )
             for w in chosen
         },
     }
@@ -190,7 +193,8 @@ def _background_text(w: workloads.Workload) -> str:
     if w.firehoses:
         return f"{w.firehoses} firehoses, each `loadgen --hold-stdin {first}`"
     plural = "es" if len(runs) > 1 else ""
-    return f"{len(runs)} holder process{plural}, the first `loadgen --hold-stdin {first}`"
+    program = w.load.program
+    return f"{len(runs)} holder process{plural}, the first `{program} --hold-stdin {first}`"
 
 
 def _check_descriptors(chosen: list[workloads.Workload]) -> None:
