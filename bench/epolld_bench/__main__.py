@@ -8,6 +8,7 @@ Usage:
                                 some workloads (names or groups), quick-sized unless --full;
                                 writes bench/out/quick.* (or bench/out/partial.* with --full)
   bench/run --profile level     py-spy profile of epolld at 100 conns x 1 KiB ping-pong
+  bench/run --profile level --profile-workload tls-pingpong     the same over TLS
   bench/run --report FILE.json  rewrite the Markdown report from saved raw results
 
 The runner bootstraps what it needs: it compiles bench/*.c with the system gcc into
@@ -30,6 +31,7 @@ import signal
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from . import processes, workloads
 from .bootstrap import bootstrap, nofile_limit
@@ -52,6 +54,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     preset.add_argument("--full", action="store_true", help="everything -> docs/benchmarks.*")
     preset.add_argument("--profile", metavar="MODES", help="py-spy epolld: level,edge,splice")
     preset.add_argument("--report", metavar="JSON", help="rewrite the Markdown from saved results")
+    p.add_argument(
+        "--merge",
+        metavar="PART_JSON",
+        help="with --report: first replace the report's runs of PART_JSON's workloads by those"
+        " (a later --full --only run); the report names that run",
+    )
     p.add_argument("--servers", help="comma-separated subset of: " + ", ".join(SERVERS))
     p.add_argument(
         "--only",
@@ -87,6 +95,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--client-cpus", default="1", help="taskset list the load generators run on (default 1)"
     )
     p.add_argument("--profile-seconds", type=int, default=10)
+    p.add_argument(
+        "--profile-workload",
+        default="pp-1k-c100",
+        choices=[w.name for w in workloads.WORKLOADS if not w.holders and not w.udp],
+        help="the load under --profile (default pp-1k-c100; tls-pingpong for TLS)",
+    )
     p.add_argument("--native", action="store_true", help="py-spy --native (C frames too)")
     p.add_argument(
         "--nonblocking",
@@ -120,6 +134,9 @@ def _main(opts: argparse.Namespace) -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     if opts.report:
         data = json.loads(Path(opts.report).read_text())
+        if opts.merge:
+            data = merge(data, json.loads(Path(opts.merge).read_text()))
+            Path(opts.report).write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
         Path(opts.report).with_suffix(".md").write_text(render_markdown(data))
         return 0
     bootstrap()
@@ -184,6 +201,32 @@ def _main(opts: argparse.Namespace) -> int:
     )
     errors = sum(e["errors"] for per in data["summary"].values() for e in per.values())
     return 1 if errors else 0
+
+
+def merge(data: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
+    """The report data with the workloads of a later partial run (--full --only) put in its
+    place; data["merged"] says which run each came from."""
+    names = part["options"]["workloads"]
+    for key in ("raw", "summary", "titles", "background"):
+        data.setdefault(key, {}).update({n: part[key][n] for n in names if n in part.get(key, {})})
+    data["commands"]["loadgen"].update(part["commands"]["loadgen"])
+    data["commands"]["servers"].update(part["commands"]["servers"])
+    data["options"]["workloads"] += [n for n in names if n not in data["options"]["workloads"]]
+    data["options"]["servers"] += [
+        s for s in part["options"]["servers"] if s not in data["options"]["servers"]
+    ]
+    data.setdefault("merged", []).append(
+        {
+            "workloads": names,
+            "preset": part["options"]["preset"],
+            "reps": part["options"]["reps"],
+            "date_utc": part["machine"]["date_utc"],
+            "epolld_commit": part["machine"]["epolld_commit"],
+            "wall_s": part["wall_s"],
+        }
+    )
+    data["targets"] = evaluate(data["summary"], data["raw"])
+    return data
 
 
 def _background_text(w: workloads.Workload) -> str:

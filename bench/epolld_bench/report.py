@@ -413,6 +413,12 @@ def render_markdown(data: dict[str, Any]) -> str:
         f" (epolld {machine['epolld_commit']});"
         f" wall time {data['wall_s']:.0f} s. Raw results: `{opts['json_name']}`.",
         "",
+        *(
+            f"The workloads {', '.join(m['workloads'])} are from a later run,"
+            f" `bench/run {m['preset']}` ({m['reps']} repeats) on {m['date_utc']}"
+            f" (epolld {m['epolld_commit']}), merged in with `bench/run --report --merge`.\n"
+            for m in data.get("merged", [])
+        ),
         *method(data),
     ]
     if data["unavailable"]:
@@ -466,7 +472,8 @@ def render_markdown(data: dict[str, Any]) -> str:
         "",
         "epolld's generated config (`bench/out/epolld-*.yaml`) sets only"
         ' `listen: ["127.0.0.1:0"]`, `trigger`, for splice `io: splice`, and for the scale'
-        " workloads `limits.max_connections` (and the expiry run's `limits.idle_timeout`):"
+        " workloads `limits.max_connections` (and the expiry run's `limits.idle_timeout`),"
+        " for the TLS workloads `{address: ..., tls: true}` and `tls: {certificate, key}`:"
         " everything else (idle timeout, stats, logging at info) keeps its default. Each server"
         ' prints `{"event": "listening", "address": "127.0.0.1:PORT"}`; the runner reads the'
         " port from it.",

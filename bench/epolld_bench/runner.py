@@ -48,7 +48,7 @@ def loadgen_argv(
     warmup: float,
     duration: float,
     hold: bool = False,
-    program: str = "loadgen",  # or "udpgen" for UDP workloads
+    program: str = "loadgen",  # or udpgen, tlsload: Load.program
 ) -> list[str]:
     nice = processes.BACKGROUND_NICE_LEVEL if hold else processes.NICE_LEVEL
     argv = [
