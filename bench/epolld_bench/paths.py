@@ -21,5 +21,8 @@ ANALYSIS = BENCH / "analysis.md"  # notes included in the report
 
 
 def relative(arg: str) -> str:
-    """An argument with the repository's path stripped, for the report."""
-    return str(Path(arg).relative_to(ROOT)) if arg.startswith(str(ROOT)) else arg
+    """An argument with the repository's path stripped, for the report (also inside an
+    argument: socat's address options name the certificate)."""
+    if arg.startswith(str(ROOT)):
+        return str(Path(arg).relative_to(ROOT))
+    return arg.replace(f"{ROOT}/", "")

@@ -98,7 +98,10 @@ class ExternalServer(Server):
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.ports[workload.name] = probe.getsockname()[1]
-        values = {"port": self.ports[workload.name], "cert": TLS_CERT, "key": TLS_KEY}
+        return self.filled(self.ports[workload.name])
+
+    def filled(self, port: int | str) -> list[str]:
+        values = {"port": port, "cert": TLS_CERT, "key": TLS_KEY}
         return [arg.format(**values) for arg in self.template]
 
 
@@ -235,7 +238,10 @@ def start(
 def display_argv(server: Server, workload: Workload) -> list[str]:
     """The command line as the report shows it (repository-relative paths)."""
     try:
-        argv = server.argv(workload)
+        if isinstance(server, ExternalServer):  # the port is picked at start: say PORT
+            argv = [*processes.pinned(processes.SERVER_CPUS), *server.filled("PORT")]
+        else:
+            argv = server.argv(workload)
     except Unavailable:
         argv = [*processes.pinned(processes.SERVER_CPUS), *server.command(workload)]
     return [relative(a) for a in argv]
