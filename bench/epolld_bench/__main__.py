@@ -259,11 +259,13 @@ def estimate_s(
     chosen: list[workloads.Workload], servers: Mapping[str, object], opts: argparse.Namespace
 ) -> float:
     """A rough wall time: per run the measured time, the warm-up and ~0.4 s of start and stop,
-    plus ~1 s per 10,000 connections to establish and close (retries not counted)."""
+    plus ~1 s per 10,000 connections to establish and close, ~15 s per 10,000 TLS ones (a
+    full handshake each); retries not counted."""
     total = 0.0
     for w in chosen:
         runs = sum(1 for s in w.servers if s in servers) * opts.reps
-        per = opts.warmup + measured_seconds(w, opts) + 0.4 + w.conns / 10_000
+        per_conn = 1.5e-3 if w.tls else 1e-4
+        per = opts.warmup + measured_seconds(w, opts) + 0.4 + w.conns * per_conn
         total += runs * per
     return total
 
