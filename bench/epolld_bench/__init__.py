@@ -1,4 +1,5 @@
-"""epolld's benchmark: epolld against a C epoll echo server, asyncio and uvloop.
+"""epolld's benchmark: epolld against a C epoll echo server, asyncio and uvloop; over TLS against
+Go's crypto/tls, uvloop with ssl=, socat and ncat.
 
 Modules, each with one job:
   paths.py       where things are (the C programs, the venvs, the outputs)

@@ -1,4 +1,5 @@
-"""Benchmark epolld against a C epoll echo server, asyncio and uvloop (issues 6 and 9).
+"""Benchmark epolld against a C epoll echo server, asyncio and uvloop (issues 6 and 9), and
+its TLS echo against Go's crypto/tls, uvloop with ssl=, socat and ncat (issue 21).
 
 Usage:
   bench/run --quick             a short subset; writes bench/out/quick.{md,json}
@@ -7,6 +8,7 @@ Usage:
                                 some workloads (names or groups), quick-sized unless --full;
                                 writes bench/out/quick.* (or bench/out/partial.* with --full)
   bench/run --profile level     py-spy profile of epolld at 100 conns x 1 KiB ping-pong
+  bench/run --profile level --profile-workload tls-pingpong     the same over TLS
   bench/run --report FILE.json  rewrite the Markdown report from saved raw results
 
 The runner bootstraps what it needs: it compiles bench/*.c with the system gcc into
@@ -29,6 +31,7 @@ import signal
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from . import processes, workloads
 from .bootstrap import bootstrap, nofile_limit
@@ -51,6 +54,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     preset.add_argument("--full", action="store_true", help="everything -> docs/benchmarks.*")
     preset.add_argument("--profile", metavar="MODES", help="py-spy epolld: level,edge,splice")
     preset.add_argument("--report", metavar="JSON", help="rewrite the Markdown from saved results")
+    p.add_argument(
+        "--merge",
+        metavar="PART_JSON",
+        help="with --report: first replace the report's runs of PART_JSON's workloads by those"
+        " (a later --full --only run); the report names that run",
+    )
     p.add_argument("--servers", help="comma-separated subset of: " + ", ".join(SERVERS))
     p.add_argument(
         "--only",
@@ -86,6 +95,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--client-cpus", default="1", help="taskset list the load generators run on (default 1)"
     )
     p.add_argument("--profile-seconds", type=int, default=10)
+    p.add_argument(
+        "--profile-workload",
+        default="pp-1k-c100",
+        choices=[w.name for w in workloads.WORKLOADS if not w.holders and not w.udp],
+        help="the load under --profile (default pp-1k-c100; tls-pingpong for TLS)",
+    )
     p.add_argument("--native", action="store_true", help="py-spy --native (C frames too)")
     p.add_argument(
         "--nonblocking",
@@ -119,6 +134,9 @@ def _main(opts: argparse.Namespace) -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     if opts.report:
         data = json.loads(Path(opts.report).read_text())
+        if opts.merge:
+            data = merge(data, json.loads(Path(opts.merge).read_text()))
+            Path(opts.report).write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
         Path(opts.report).with_suffix(".md").write_text(render_markdown(data))
         return 0
     bootstrap()
@@ -170,7 +188,9 @@ def _main(opts: argparse.Namespace) -> int:
     data["commands"] = {
         "servers": {n: display_argv(s, example) for n, s in servers.items()},
         "loadgen": {
-            w.name: loadgen_argv(w.load.args(), 0, 0, opts.warmup, measured_seconds(w, opts))
+            w.name: loadgen_argv(
+                w.load.args(), 0, 0, opts.warmup, measured_seconds(w, opts), program=w.load.program
+            )
             for w in chosen
         },
     }
@@ -183,6 +203,32 @@ def _main(opts: argparse.Namespace) -> int:
     return 1 if errors else 0
 
 
+def merge(data: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
+    """The report data with the workloads of a later partial run (--full --only) put in its
+    place; data["merged"] says which run each came from."""
+    names = part["options"]["workloads"]
+    for key in ("raw", "summary", "titles", "background"):
+        data.setdefault(key, {}).update({n: part[key][n] for n in names if n in part.get(key, {})})
+    data["commands"]["loadgen"].update(part["commands"]["loadgen"])
+    data["commands"]["servers"].update(part["commands"]["servers"])
+    data["options"]["workloads"] += [n for n in names if n not in data["options"]["workloads"]]
+    data["options"]["servers"] += [
+        s for s in part["options"]["servers"] if s not in data["options"]["servers"]
+    ]
+    data.setdefault("merged", []).append(
+        {
+            "workloads": names,
+            "preset": part["options"]["preset"],
+            "reps": part["options"]["reps"],
+            "date_utc": part["machine"]["date_utc"],
+            "epolld_commit": part["machine"]["epolld_commit"],
+            "wall_s": part["wall_s"],
+        }
+    )
+    data["targets"] = evaluate(data["summary"], data["raw"])
+    return data
+
+
 def _background_text(w: workloads.Workload) -> str:
     """The background clients of a workload, for the report."""
     runs = w.background()
@@ -190,7 +236,8 @@ def _background_text(w: workloads.Workload) -> str:
     if w.firehoses:
         return f"{w.firehoses} firehoses, each `loadgen --hold-stdin {first}`"
     plural = "es" if len(runs) > 1 else ""
-    return f"{len(runs)} holder process{plural}, the first `loadgen --hold-stdin {first}`"
+    program = w.load.program
+    return f"{len(runs)} holder process{plural}, the first `{program} --hold-stdin {first}`"
 
 
 def _check_descriptors(chosen: list[workloads.Workload]) -> None:
@@ -212,11 +259,13 @@ def estimate_s(
     chosen: list[workloads.Workload], servers: Mapping[str, object], opts: argparse.Namespace
 ) -> float:
     """A rough wall time: per run the measured time, the warm-up and ~0.4 s of start and stop,
-    plus ~1 s per 10,000 connections to establish and close (retries not counted)."""
+    plus ~1 s per 10,000 connections to establish and close, ~15 s per 10,000 TLS ones (a
+    full handshake each); retries not counted."""
     total = 0.0
     for w in chosen:
         runs = sum(1 for s in w.servers if s in servers) * opts.reps
-        per = opts.warmup + measured_seconds(w, opts) + 0.4 + w.conns / 10_000
+        per_conn = 1.5e-3 if w.tls else 1e-4
+        per = opts.warmup + measured_seconds(w, opts) + 0.4 + w.conns * per_conn
         total += runs * per
     return total
 

@@ -1,8 +1,10 @@
-"""Compiling the C programs and creating the bench venv when they are missing or stale."""
+"""Compiling the C and Go programs, making the TLS certificate and creating the bench venv
+when they are missing or stale."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
 import shlex
 import shutil
@@ -10,9 +12,14 @@ import subprocess
 import sys
 from typing import Any
 
-from .paths import BENCH, BIN, ROOT, VENV, VENV_PY
+from .paths import BENCH, BIN, GO_BUILD, ROOT, TLS_CERT, TLS_DIR, TLS_KEY, VENV, VENV_PY
 
 C_PROGRAMS = ("loadgen", "echo_server", "udpgen", "udp_echo_server")
+# Go programs, the standard library only, each one file: its binary's name -> its source.
+GO_PROGRAMS = {
+    "tlsload": "tlsload.go",
+    "echo_tls": "servers/go/echo_tls.go",
+}
 
 
 def sh(argv: list[str], **kwargs: Any) -> None:
@@ -29,6 +36,11 @@ def bootstrap(need_venv: bool = True) -> None:
         src, exe = BENCH / f"{name}.c", BIN / name
         if not exe.exists() or exe.stat().st_mtime < src.stat().st_mtime:
             sh(["gcc", "-O2", "-Wall", "-Wextra", "-o", str(exe), str(src)])
+    _build_go()
+    for tool, package in (("openssl", "openssl"), ("socat", "socat"), ("ncat", "ncat")):
+        if shutil.which(tool) is None:  # the TLS baselines and the certificate
+            sh([str(ROOT / "packaging" / "dev" / "apt-install"), package])
+    _make_certificate()
     if need_venv:
         reqs = (BENCH / "requirements.txt").read_text()
         stamp = VENV / ".requirements"
@@ -52,6 +64,41 @@ def bootstrap(need_venv: bool = True) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, hard), hard))
+
+
+def _build_go() -> None:
+    """go build each of GO_PROGRAMS with Debian's golang-go: offline (GOPROXY=off, the local
+    toolchain only), its caches under bench/out/go."""
+    if shutil.which("go") is None:
+        sh([str(ROOT / "packaging" / "dev" / "apt-install"), "golang-go"])
+    env = {
+        **os.environ,
+        "GOCACHE": str(GO_BUILD / "cache"),
+        "GOPATH": str(GO_BUILD / "path"),
+        "GOTOOLCHAIN": "local",
+        "GOPROXY": "off",
+        "GOFLAGS": "",
+        "CGO_ENABLED": "0",
+    }
+    for name, source in GO_PROGRAMS.items():
+        src, exe = BENCH / source, BIN / name
+        if not exe.exists() or exe.stat().st_mtime < src.stat().st_mtime:
+            sh(["go", "build", "-o", str(exe), str(src)], env=env)
+
+
+def _make_certificate() -> None:
+    """A self-signed ECDSA P-256 certificate for 127.0.0.1, the one every TLS server uses."""
+    if TLS_CERT.exists() and TLS_KEY.exists():
+        return
+    TLS_DIR.mkdir(parents=True, exist_ok=True)
+    sh(
+        [
+            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-nodes", "-keyout", str(TLS_KEY), "-out", str(TLS_CERT), "-days", "3650",
+            "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
 
 
 def nofile_limit() -> int:

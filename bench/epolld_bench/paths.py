@@ -7,7 +7,11 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent.parent  # bench/
 ROOT = BENCH.parent
 OUT = BENCH / "out"
-BIN = OUT / "bin"  # the compiled C programs
+BIN = OUT / "bin"  # the compiled C and Go programs
+GO_BUILD = OUT / "go"  # GOCACHE and GOPATH of the Go builds (nothing is downloaded)
+TLS_DIR = OUT / "tls"  # the servers' certificate and key (bootstrap makes them)
+TLS_CERT = TLS_DIR / "cert.pem"
+TLS_KEY = TLS_DIR / "key.pem"
 VENV = BENCH / ".venv"  # uvloop and py-spy (bench/requirements.txt)
 VENV_PY = VENV / "bin" / "python"
 EPOLLD = ROOT / ".venv" / "bin" / "epolld"  # the worktree's epolld (make test-fast creates it)
@@ -17,5 +21,8 @@ ANALYSIS = BENCH / "analysis.md"  # notes included in the report
 
 
 def relative(arg: str) -> str:
-    """An argument with the repository's path stripped, for the report."""
-    return str(Path(arg).relative_to(ROOT)) if arg.startswith(str(ROOT)) else arg
+    """An argument with the repository's path stripped, for the report (also inside an
+    argument: socat's address options name the certificate)."""
+    if arg.startswith(str(ROOT)):
+        return str(Path(arg).relative_to(ROOT))
+    return arg.replace(f"{ROOT}/", "")

@@ -1,4 +1,5 @@
-"""--profile: py-spy stacks of epolld under 100 connections x 1 KiB ping-pong, summarized."""
+"""--profile: py-spy stacks of epolld under 100 connections x 1 KiB ping-pong (or the
+workload --profile-workload names, e.g. tls-pingpong), summarized."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def profile(modes: list[str], opts: argparse.Namespace) -> None:
 
     The .raw file is in the collapsed-stack format that flamegraph.pl and speedscope read.
     """
-    workload = WORKLOADS["pp-1k-c100"]
+    workload = WORKLOADS[opts.profile_workload]
     pyspy = VENV / "bin" / "py-spy"
     for mode in modes:
         server = BY_NAME.get(f"epolld-{mode}") or BY_NAME[mode]
@@ -34,7 +35,14 @@ def profile(modes: list[str], opts: argparse.Namespace) -> None:
         try:
             warmup, duration = 1.0, opts.profile_seconds + 2
             gen = processes.spawn(
-                loadgen_argv(workload.load.args(), port, proc.pid, warmup, duration),
+                loadgen_argv(
+                    workload.load.args(),
+                    port,
+                    proc.pid,
+                    warmup,
+                    duration,
+                    program=workload.load.program,
+                ),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,

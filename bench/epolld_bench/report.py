@@ -204,6 +204,65 @@ TABLES["udp"] = [
     ("other", col_other),
     ("errors", col_errors),
 ]
+
+
+def col_ms(key: str) -> Cell:
+    """A per-connection figure kept in s per million (or µs) shown in ms."""
+    return lambda e, _: mm(_scaled(e.get(key), 1e-3), 2)
+
+
+def _scaled(entry: Entry | None, factor: float) -> Entry | None:
+    if not entry:
+        return None
+    return {k: entry[k] * factor for k in ("median", "min", "max")}
+
+
+def col_tls(e: Entry, _: Context) -> str:
+    return ", ".join(e.get("tls") or []) or DASH
+
+
+# TLS (issue 21): the references are Go's crypto/tls server and uvloop with ssl= (Context's
+# c and uv for these workloads); a connect "round trip" is one whole connection.
+TABLES["tls-pingpong"] = [
+    ("rt/s", col_range("round_trips_per_s")),
+    ("CPU/Mrt", col_range("cpu_s_per_m_rt", 2)),
+    ("user", col_share("user_share")),
+    ("vs Go", col_vs("cpu_s_per_m_rt", "c")),
+    ("vs uvloop", col_vs("cpu_s_per_m_rt", "uv")),
+    ("p50 µs", col_median("p50_us")),
+    ("p99 µs", col_median("p99_us")),
+    ("RSS MiB", col_median("peak_rss_mib", 1)),
+    ("TLS", col_tls),
+    ("client", col_share("client_busy")),
+    ("other", col_other),
+    ("errors", col_errors),
+]
+TABLES["tls-connect"] = [
+    ("connections/s", col_range("round_trips_per_s")),
+    ("vs Go", col_vs("round_trips_per_s", "c")),
+    ("server CPU ms per connection", col_ms("cpu_s_per_m_rt")),
+    ("CPU vs Go", col_vs("cpu_s_per_m_rt", "c")),
+    ("user", col_share("user_share")),
+    ("p50 ms", lambda e, _: fmt((med(e, "p50_us") or 0) / 1000, 2)),
+    ("p99 ms", lambda e, _: fmt((med(e, "p99_us") or 0) / 1000, 2)),
+    ("RSS MiB", col_median("peak_rss_mib", 1)),
+    ("client", col_share("client_busy")),
+    ("other", col_other),
+    ("errors", col_errors),
+]
+TABLES["tls-idle"] = [
+    ("all echoing (s)", col_range("all_echoing_s", 2)),
+    ("start-up RSS MiB", col_median("start_rss_mib", 1)),
+    ("RSS MiB, all idle", col_range("established_rss_mib", 1)),
+    ("KiB per conn, RSS", col_range("idle_rss_kib_per_conn", 2)),
+    ("KiB per conn, Pss", col_range("idle_pss_kib_per_conn", 2)),
+    ("peak RSS MiB", col_median("peak_rss_mib", 1)),
+    ("KiB per conn, peak RSS", col_median("rss_per_conn_kib", 2)),
+    ("ping-pong p50 µs", col_median("p50_us")),
+    ("p99 µs", col_median("p99_us")),
+    ("other", col_other),
+    ("errors", col_errors),
+]
 TABLES["scale-expiry"] = [
     ("expired", col_median("expired")),
     ("wave (s)", col_range("wave_s", 3)),
@@ -264,12 +323,22 @@ def method(data: dict[str, Any]) -> list[str]:
         "fds** (splice) are its pipe ends. In the fairness table the client core's **other**"
         " includes the firehoses.",
         "",
+        "The **TLS** workloads use `bench/tlsload.go` (Go's crypto/tls, one goroutine per"
+        " connection, pinned like loadgen, every byte verified) and one self-signed ECDSA P-256"
+        " certificate (`bench/out/tls/`) for every server; the client skips verifying the chain,"
+        " not the handshake, and keeps no session cache, so each new connection is a full"
+        " handshake. The **TLS** column is what was negotiated. For the forking servers (socat,"
+        " ncat) the server CPU includes their children's (cutime+cstime of the reaped ones)."
+        " **KiB per conn, RSS / Pss** in the idle table is the server's RSS (Pss) once every"
+        " holder's connections were established and idle, above its start-up figure, per held"
+        " connection; the peak column includes what the 10,000 handshakes used on the way.",
+        "",
     ]
 
 
 def targets_table(data: dict[str, Any]) -> list[str]:
     out = [
-        "## Targets (issues 6 and 9)",
+        "## Targets (issues 6, 9, 10 and 21)",
         "",
         "Measured is the median (its ratio to the reference's median); a result is decided on"
         " those. **Paired** is the median (min-max) of the per-repeat ratios, each taken between"
@@ -310,11 +379,13 @@ def workload_tables(data: dict[str, Any], loadgen_args: dict[str, list[str]]) ->
             continue
         columns = TABLES.get(name) or TABLES[workload.table]
         c, uv = ("c-udp", "uvloop-datagram") if workload.udp else ("c-epoll", "uvloop-protocol")
+        if workload.tls:
+            c, uv = "go-tls", "uvloop-tls"
         ctx = Context(workload, per.get(c, {}), per.get(uv, {}))
         title = data.get("titles", {}).get(name, workload.heading)
         out += [f"## {title}", ""]
         args = loadgen_args.get(name) or workload.load.args()
-        program = "udpgen" if workload.udp else "loadgen"
+        program = workload.load.program
         out += [f"`{program} --port PORT --server-pid PID {' '.join(args)}`", ""]
         background = data.get("background", {}).get(name)
         if background:
@@ -342,6 +413,12 @@ def render_markdown(data: dict[str, Any]) -> str:
         f" (epolld {machine['epolld_commit']});"
         f" wall time {data['wall_s']:.0f} s. Raw results: `{opts['json_name']}`.",
         "",
+        *(
+            f"The workloads {', '.join(m['workloads'])} are from a later run,"
+            f" `bench/run {m['preset']}` ({m['reps']} repeats) on {m['date_utc']}"
+            f" (epolld {m['epolld_commit']}), merged in with `bench/run --report --merge`.\n"
+            for m in data.get("merged", [])
+        ),
         *method(data),
     ]
     if data["unavailable"]:
@@ -395,7 +472,8 @@ def render_markdown(data: dict[str, Any]) -> str:
         "",
         "epolld's generated config (`bench/out/epolld-*.yaml`) sets only"
         ' `listen: ["127.0.0.1:0"]`, `trigger`, for splice `io: splice`, and for the scale'
-        " workloads `limits.max_connections` (and the expiry run's `limits.idle_timeout`):"
+        " workloads `limits.max_connections` (and the expiry run's `limits.idle_timeout`),"
+        " for the TLS workloads `{address: ..., tls: true}` and `tls: {certificate, key}`:"
         " everything else (idle timeout, stats, logging at info) keeps its default. Each server"
         ' prints `{"event": "listening", "address": "127.0.0.1:PORT"}`; the runner reads the'
         " port from it.",

@@ -48,7 +48,7 @@ def loadgen_argv(
     warmup: float,
     duration: float,
     hold: bool = False,
-    program: str = "loadgen",  # or "udpgen" for UDP workloads
+    program: str = "loadgen",  # or udpgen, tlsload: Load.program
 ) -> list[str]:
     nice = processes.BACKGROUND_NICE_LEVEL if hold else processes.NICE_LEVEL
     argv = [
@@ -99,14 +99,19 @@ def run_once(server: Server, workload: Workload, rep: int, opts: argparse.Namesp
     log.parent.mkdir(parents=True, exist_ok=True)
     proc, listening = start(server, workload, log)
     port, duration = listening["port"], measured_seconds(workload, opts)
-    extra: Result = {"server_start_rss_kib": processes.status_kib(proc.pid, "VmRSS")}
+    extra: Result = {
+        "server_start_rss_kib": processes.status_kib(proc.pid, "VmRSS"),
+        "server_start_pss_kib": processes.pss_kib(proc.pid),
+    }
     background: list[subprocess.Popen[bytes]] = []
     bg_results: list[Result] = []
     pipes = None
     drops_before = processes.listen_drops()
     try:
         for args in workload.background():
-            argv = loadgen_argv(args, port, proc.pid, 0.0, HOLD_CAP_S, hold=True)
+            argv = loadgen_argv(
+                args, port, proc.pid, 0.0, HOLD_CAP_S, hold=True, program=workload.load.program
+            )
             background.append(
                 processes.spawn(
                     argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
@@ -130,7 +135,7 @@ def run_once(server: Server, workload: Workload, rep: int, opts: argparse.Namesp
             if server.io == "splice":
                 pipes = processes.count_pipes(proc.pid)
         before = processes.cpu_jiffies()
-        program = "udpgen" if workload.udp else "loadgen"
+        program = workload.load.program
         argv = loadgen_argv(
             workload.load.args(), port, proc.pid, opts.warmup, duration, program=program
         )
@@ -180,6 +185,7 @@ def run_once(server: Server, workload: Workload, rep: int, opts: argparse.Namesp
             result["rss_per_conn_kib"] = round(
                 (hwm - extra["server_start_rss_kib"]) / workload.conns, 3
             )
+    _idle_memory(result, extra, workload)
     if "io" in listening:
         result["io"] = listening["io"]
     elif pipes is not None:  # splice holds a pipe (two fds) per connection
@@ -190,6 +196,22 @@ def run_once(server: Server, workload: Workload, rep: int, opts: argparse.Namesp
     if workload.handoff:
         _handoff_figures(result, log, workload.conns)
     return result
+
+
+def _idle_memory(result: Result, extra: Result, workload: Workload) -> None:
+    """RSS and Pss once the holders had established their connections, above start-up, per
+    held connection: what an idle connection keeps (the peak includes what set-up used)."""
+    if not workload.holders or extra.get("background_failed"):
+        return
+    established_rss, start_rss = (
+        extra.get("server_established_rss_kib"),
+        extra.get("server_start_rss_kib"),
+    )
+    if established_rss and start_rss:
+        result["idle_rss_kib_per_conn"] = round((established_rss - start_rss) / workload.holders, 3)
+    pss, start_pss = extra.get("server_pss_mib"), extra.get("server_start_pss_kib")
+    if pss and start_pss:
+        result["idle_pss_kib_per_conn"] = round((pss * 1024 - start_pss) / workload.holders, 3)
 
 
 def _signal_handoff(proc: subprocess.Popen[bytes], after_s: float) -> None:
@@ -383,6 +405,13 @@ METRICS: dict[str, Callable[[Result], Any]] = {  # summary key: how to get it fr
     "peak_rss_mib": _field("server_peak_rss_mib"),
     "start_rss_mib": _field("server_start_rss_mib"),
     "rss_per_conn_kib": _field("rss_per_conn_kib"),
+    "idle_rss_kib_per_conn": _field("idle_rss_kib_per_conn"),
+    "idle_pss_kib_per_conn": _field("idle_pss_kib_per_conn"),
+    "established_rss_mib": lambda r: (
+        round(r["server_established_rss_kib"] / 1024, 2)
+        if r.get("server_established_rss_kib")
+        else None
+    ),
     "pss_mib": _field("server_pss_mib"),
     "max_process_pss_mib": _field("server_max_process_pss_mib"),
     "connect_all_s": _field("connect_all_s"),
@@ -427,6 +456,9 @@ def summarize(raw: dict[str, dict[str, list[Result]]]) -> dict[str, dict[str, An
                     kinds[k] = kinds.get(k, 0) + v
             entry["error_kinds"] = {k: v for k, v in kinds.items() if v}
             entry["io"] = sorted({r["io"] for r in runs if r.get("io")})
+            entry["tls"] = sorted(
+                {f"{r['tls_version']} {r['tls_cipher']}" for r in runs if r.get("tls_cipher")}
+            )
             for key, get in METRICS.items():
                 values = [v for v in map(get, runs) if v is not None]
                 if values:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import socket
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 from . import processes
-from .paths import BENCH, BIN, EPOLLD, OUT, ROOT, VENV_PY, relative
+from .paths import BENCH, BIN, EPOLLD, OUT, ROOT, TLS_CERT, TLS_KEY, VENV_PY, relative
 from .workloads import Workload
 
 START_TIMEOUT_S = 15.0  # for a server to print its listening address
@@ -33,6 +34,7 @@ class Server:
     title: str
 
     io: str = ""  # "splice": the runner checks that it really holds pipes
+    tls: bool = False  # serves TLS with bench/out/tls/{cert,key}.pem
 
     def command(self, workload: Workload) -> list[str]:
         """The server's command line (without the pinning prefix)."""
@@ -68,7 +70,39 @@ class PythonServer(Server):
 
     def command(self, workload: Workload) -> list[str]:
         path = BENCH / "servers" / self.script
-        return [str(VENV_PY), str(path), "--port", "0", "--backlog", str(BACKLOG)]
+        tls = ["--cert", str(TLS_CERT), "--key", str(TLS_KEY)] if self.tls else []
+        return [str(VENV_PY), str(path), "--port", "0", "--backlog", str(BACKLOG), *tls]
+
+
+@dataclasses.dataclass(frozen=True)
+class GoServer(Server):
+    """A Go program from bootstrap.GO_PROGRAMS (bench/servers/go/), with the same options."""
+
+    program: str = ""
+
+    def command(self, workload: Workload) -> list[str]:
+        tls = ["--cert", str(TLS_CERT), "--key", str(TLS_KEY)] if self.tls else []
+        return [str(BIN / self.program), "--port", "0", "--backlog", str(BACKLOG), *tls]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExternalServer(Server):
+    """A packaged tool (socat, ncat) that cannot announce its port: the bench picks a free
+    one ({port} in the template; {cert} and {key} are the TLS files) and waits until the
+    port is in LISTEN state."""
+
+    template: tuple[str, ...] = ()
+    ports: dict[str, int] = dataclasses.field(default_factory=dict)  # the last picked
+
+    def command(self, workload: Workload) -> list[str]:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.ports[workload.name] = probe.getsockname()[1]
+        return self.filled(self.ports[workload.name])
+
+    def filled(self, port: int | str) -> list[str]:
+        values = {"port": port, "cert": TLS_CERT, "key": TLS_KEY}
+        return [arg.format(**values) for arg in self.template]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +115,9 @@ class EpolldServer(Server):
 
     def config(self, workload: Workload) -> str:
         lines = ['listen: ["127.0.0.1:0"]', f"trigger: {self.trigger}"]
+        if workload.tls:
+            lines[0] = 'listen: [{address: "127.0.0.1:0", tls: true}]'
+            lines.append(f"tls: {{certificate: {TLS_CERT}, key: {TLS_KEY}}}")
         if self.workers != 1:
             lines.append(f"workers: {self.workers}")
         if workload.udp:  # UDP only, its limits off: the C and Python servers have none
@@ -125,6 +162,28 @@ SERVERS: list[Server] = [
     CUdpServer("c-udp-mmsg", "C epoll UDP, recvmmsg/sendmmsg (64 per call)", mmsg=True),
     PythonServer("asyncio-datagram", "asyncio DatagramProtocol", script="asyncio_datagram.py"),
     PythonServer("uvloop-datagram", "uvloop DatagramProtocol", script="uvloop_datagram.py"),
+    GoServer("go-tls", "Go crypto/tls, a goroutine per connection", tls=True, program="echo_tls"),
+    PythonServer("uvloop-tls", "uvloop Protocol with ssl=", tls=True, script="uvloop_tls.py"),
+    ExternalServer(
+        "socat-tls",
+        "socat OPENSSL-LISTEN,fork (a process per connection)",
+        tls=True,
+        template=(
+            "socat",
+            "OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,backlog=511,"
+            "cert={cert},key={key},verify=0",
+            "PIPE",
+        ),
+    ),
+    ExternalServer(
+        "ncat-tls",
+        "ncat --ssl -k --exec /bin/cat (a process per connection)",
+        tls=True,
+        template=(
+            *("ncat", "--ssl", "--ssl-cert", "{cert}", "--ssl-key", "{key}"),
+            *("-l", "127.0.0.1", "{port}", "-k", "-m", "1000", "--exec", "/bin/cat"),
+        ),
+    ),
 ]
 BY_NAME = {s.name: s for s in SERVERS}
 
@@ -156,6 +215,13 @@ def start(
     with log.open("wb") as out:
         proc = processes.spawn(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + START_TIMEOUT_S
+    while isinstance(server, ExternalServer) and time.monotonic() < deadline:
+        port = server.ports[workload.name]
+        if processes.tcp_listening(port):
+            return proc, {"event": "listening", "address": f"127.0.0.1:{port}", "port": port}
+        if proc.poll() is not None:
+            break
+        time.sleep(0.02)
     while time.monotonic() < deadline:
         for line in log.read_text(errors="replace").splitlines():
             event = listening_event(line)
@@ -172,7 +238,10 @@ def start(
 def display_argv(server: Server, workload: Workload) -> list[str]:
     """The command line as the report shows it (repository-relative paths)."""
     try:
-        argv = server.argv(workload)
+        if isinstance(server, ExternalServer):  # the port is picked at start: say PORT
+            argv = [*processes.pinned(processes.SERVER_CPUS), *server.filled("PORT")]
+        else:
+            argv = server.argv(workload)
     except Unavailable:
         argv = [*processes.pinned(processes.SERVER_CPUS), *server.command(workload)]
     return [relative(a) for a in argv]

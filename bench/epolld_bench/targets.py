@@ -95,6 +95,23 @@ TARGETS: list[Target] = [
       "udp-1k", "epolld-level", "cpu", "<=", "c-udp", 1.3, 10),
     T("U1-1k-uv", "UDP 1 KiB, level: CPU/datagram < uvloop",
       "udp-1k", "epolld-level", "cpu", "<", "uvloop-datagram", 1.0, 10),
+    # issue 21: TLS echo, against Go's crypto/tls, uvloop with ssl=, socat and ncat
+    T("TLS1-level", "TLS 1 KiB, level: CPU/rt <= 1.2x Go crypto/tls",
+      "tls-pingpong", "epolld-level", "cpu", "<=", "go-tls", 1.2, 21),
+    T("TLS1-edge", "TLS 1 KiB, edge: CPU/rt <= 1.2x Go crypto/tls",
+      "tls-pingpong", "epolld-edge", "cpu", "<=", "go-tls", 1.2, 21),
+    T("TLS2-level", "TLS 1 KiB, level: CPU/rt < uvloop ssl=",
+      "tls-pingpong", "epolld-level", "cpu", "<", "uvloop-tls", 1.0, 21),
+    T("TLS2-edge", "TLS 1 KiB, edge: CPU/rt < uvloop ssl=",
+      "tls-pingpong", "epolld-edge", "cpu", "<", "uvloop-tls", 1.0, 21),
+    T("TLS3-socat", "new TLS connections/s, level: ahead of socat (fork)",
+      "tls-connect", "epolld-level", "rtps", ">=", "socat-tls", 1.0, 21),
+    T("TLS3-ncat", "new TLS connections/s, level: ahead of ncat (fork)",
+      "tls-connect", "epolld-level", "rtps", ">=", "ncat-tls", 1.0, 21),
+    T("TLS4-level", "10,000 idle TLS connections, level: RSS above start-up <= 20 KiB per conn",
+      "tls-idle", "epolld-level", "idle_rss_kib_per_conn", "<=", "", 20.0, 21),
+    T("TLS4-edge", "10,000 idle TLS connections, edge: RSS above start-up <= 20 KiB per conn",
+      "tls-idle", "epolld-edge", "idle_rss_kib_per_conn", "<=", "", 20.0, 21),
 ]  # fmt: skip
 METRIC_KEY = {
     "rtps": "round_trips_per_s",

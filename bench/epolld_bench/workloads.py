@@ -54,6 +54,12 @@ class Load:
     window: int = 0  # stream: bytes in flight per connection
     idle: int = 0  # more connections that echo one byte, then stay open and idle
     extra: tuple[str, ...] = ()
+    tls: bool = False  # bench/tlsload.go instead of loadgen (modes pingpong and connect)
+
+    @property
+    def program(self) -> str:
+        """The load generator in bench/out/bin/ that runs these arguments."""
+        return "udpgen" if self.mode == "udp" else "tlsload" if self.tls else "loadgen"
 
     def args(self) -> list[str]:
         args = ["--mode", self.mode, "--conns", str(self.conns), "--size", str(self.size)]
@@ -87,6 +93,11 @@ class Workload:
         return self.load.mode == "udp"
 
     @property
+    def tls(self) -> bool:
+        """The servers listen with TLS and tlsload measures."""
+        return self.load.tls
+
+    @property
     def conns(self) -> int:
         """Connections open at once during the run."""
         return self.load.conns + self.load.idle + self.holders + self.firehoses
@@ -109,7 +120,7 @@ class Workload:
                 extra = ["--source-addrs", str(addrs), "--source-offset", str(i * share)]
                 if self.holders_expire:
                     extra.append("--expect-close")
-                out.append(Load(conns=0, idle=share, extra=tuple(extra)).args())
+                out.append(Load(conns=0, idle=share, extra=tuple(extra), tls=self.tls).args())
         return out
 
     def epolld_config(self) -> dict[str, str]:
@@ -142,6 +153,10 @@ SCALE_CONNS = 19_900  # this machine's RLIMIT_NOFILE is 20,000 per process
 IDLE_TIMEOUT_S = 8  # the expiry wave: a tick of 1 s collects the connections in one or two sweeps
 
 WORKERS = ("epolld-level", "epolld-workers-2")
+# TLS (issue 21): Go's crypto/tls as the compiled reference, uvloop with ssl=, and for new
+# connections the two tools that fork a process per connection.
+TLS_SERVERS = ("go-tls", "uvloop-tls", *EPOLLD_BOTH)
+TLS_CONNECTORS = 8  # tlsload workers, each connecting again as soon as its last one closed
 
 WORKLOADS = [
     Workload("pp-1k-c1", "ping-pong 1 KiB, 1 connection", Load(conns=1)),
@@ -258,6 +273,35 @@ WORKLOADS = [
         "workers: {conns:,} connections, then 1 KiB ping-pong on one (Pss of all processes)",
         servers=WORKERS,
         group="workers",
+    ),
+]
+WORKLOADS += [
+    Workload(
+        "tls-pingpong",
+        "TLS ping-pong 1 KiB, 100 connections (TLS 1.3, handshakes before the measurement)",
+        Load(conns=100, tls=True),
+        table="tls-pingpong",
+        servers=TLS_SERVERS,
+        group="tls",
+    ),
+    Workload(
+        "tls-connect",
+        f"new TLS connections: {TLS_CONNECTORS} clients each connect, complete a full"
+        " handshake, echo 1 KiB, close (close_notify, FIN), again",
+        Load("connect", TLS_CONNECTORS, tls=True),
+        table="tls-connect",
+        servers=(*TLS_SERVERS, "socat-tls", "ncat-tls"),
+        group="tls",
+    ),
+    Workload(
+        "tls-idle",
+        "{conns:,} TLS connections, handshake done and one byte echoed, idle; then 1 KiB"
+        " ping-pong on one",
+        Load(conns=1, tls=True),
+        table="tls-idle",
+        servers=("go-tls", *EPOLLD_BOTH),
+        group="tls",
+        holders=9_999,
     ),
 ]
 BY_NAME = {w.name: w for w in WORKLOADS}
