@@ -207,8 +207,11 @@ class TlsConnection(Connection):
             self.phase = ECHO
             self.tls_owner.handshake_done(self)
         if self.phase == ECHO:
-            tls = self.tls
-            while True:
+            tls, inbio = self.tls, self.inbio
+            # Only while there is something to read: the read after the last record could
+            # only raise SSLWantReadError, and building that exception per event cost ~40%
+            # of the server's CPU per round trip (bench/analysis.md, tls-pingpong).
+            while inbio.pending or tls.pending() or self.eof:
                 try:
                     data = tls.read(RECORD_BYTES)
                 except ssl.SSLWantReadError:
