@@ -18,8 +18,7 @@ from epolld import config as config_mod
 from epolld import takeover as takeover_mod
 from epolld.config import Config
 from epolld.errors import BindError, EpolldError
-from epolld.listening import activation
-from epolld.listening import sockets as listeners
+from epolld.listening import activation, sockets
 from epolld.listening.listener_set import ListenerSet
 from epolld.observability import journald, logsetup
 from epolld.pidfile import PidFile
@@ -262,11 +261,11 @@ def _resume_workers(
 def run_loop(
     args: argparse.Namespace,
     config: Config,
-    bound: list[listeners.Listener],
+    bound: list[sockets.Listener],
     notifier: Notifier,
-    metrics_listener: listeners.Listener | None = None,
+    metrics_listener: sockets.Listener | None = None,
     before_reload: Callable[[], None] = lambda: None,
-    slots: list[list[listeners.Listener]] | None = None,
+    slots: list[list[sockets.Listener]] | None = None,
     *,
     takeover: takeover_mod.Takeover | None = None,
     resumed: handoff_workers.Resumed | None = None,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from epolld.config import load_config
-from epolld.listening import sockets as listeners
+from epolld.listening import sockets
 from epolld.service.drain import IDLE_CLOSES_PER_TURN
 from epolld.service.echo import EchoService
 from epolld.systemd import Notifier
@@ -28,7 +28,7 @@ def service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[EchoSer
         "logging: {level: warning, format: json}\nwatchdog: false\nstats_interval: 0s\n"
     )
     config = load_config(str(path))
-    svc = EchoService(config, [listeners.bind(config.listen[0], config.backlog)], Notifier())
+    svc = EchoService(config, [sockets.bind(config.listen[0], config.backlog)], Notifier())
     yield svc
     svc._close_everything()
 

@@ -36,7 +36,7 @@ from epolld.config import ListenAddress
 from epolld.core.counters import DURATION_BUCKETS_S, Snapshot
 from epolld.core.loop import CLOSE, Reactor, Timer
 from epolld.errors import BindError
-from epolld.listening import sockets as listeners_mod
+from epolld.listening import sockets
 from epolld.listening.sockets import Listener
 from epolld.observability.http11 import HttpConversation, Reply, Request
 
@@ -285,7 +285,7 @@ class MetricsApp:
 class MetricsEndpoint:
     """The metrics listener and its clients, on the daemon's reactor.
 
-    The listener is a listeners.Listener handler; an event only queues an accept for after
+    The listener is a sockets.Listener handler; an event only queues an accept for after
     the batch (see loop.py on fd reuse). At most MAX_CLIENTS clients are served at once;
     one more is accepted and closed at once, so that it does not wait in the backlog.
 
@@ -467,6 +467,6 @@ def bind(address: ListenAddress) -> Listener:
         BindError: the address cannot be bound; the message names it as the metrics one.
     """
     try:
-        return listeners_mod.bind(address, LISTEN_BACKLOG)
+        return sockets.bind(address, LISTEN_BACKLOG)
     except BindError as e:
         raise BindError(f"metrics.listen: {e}", errno=e.errno) from None
