@@ -22,6 +22,7 @@ from epolld import __version__, handoff
 from epolld import config as config_mod
 from epolld.config import Config
 from epolld.core.loop import Reactor
+from epolld.observability.health import Readiness
 from epolld.systemd import Notifier
 
 if TYPE_CHECKING:  # epolld.metrics loads prometheus_client: imported only when metrics are on
@@ -58,6 +59,8 @@ class ProcessShell:
         self.handed_over = False  # everything is the next process's: let go, close nothing
         self._metrics_app: MetricsApp | None = None
         self._metrics: MetricsEndpoint | None = None
+        # /readyz and the agent check: ready, stopping, drained by the operator.
+        self.readiness = Readiness()
 
     # -- what a subclass provides ----------------------------------------------------
 
@@ -122,7 +125,18 @@ class ProcessShell:
 
     def _healthy(self) -> bool:
         """Whether this process may ping the watchdog (a supervisor asks its workers)."""
-        return True
+        return self.live_problem() is None
+
+    # -- health (observability/health.py) ------------------------------------------
+
+    def live_problem(self) -> str | None:
+        """/healthz: None while the loop runs (it is answering); a supervisor adds its
+        workers' heartbeats."""
+        return None
+
+    def ready_problem(self) -> str | None:
+        """/readyz: None while new clients are wanted (a supervisor adds its workers)."""
+        return self.readiness.problem()
 
     # -- the metrics endpoint --------------------------------------------------------
 
@@ -131,7 +145,9 @@ class ProcessShell:
         from epolld.observability import metrics
 
         if self._metrics_app is None:
-            self._metrics_app = metrics.MetricsApp(self.snapshot)
+            self._metrics_app = metrics.MetricsApp(
+                self.snapshot, self.live_problem, self.ready_problem
+            )
         return metrics.MetricsEndpoint(self.reactor, listener, self._metrics_app)
 
     @property

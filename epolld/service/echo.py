@@ -76,7 +76,7 @@ class EchoService(ProcessShell):
         self.proxied = admission.proxied = Proxied(reactor, config, admission)
         self._udp = UdpEndpoints(reactor, config.udp, edge=admission.edge)
         self.drain = Drain(
-            reactor, config, notifier, admission, self.proxied, self._udp, idle, self._stop_metrics
+            reactor, config, notifier, admission, self.proxied, self._udp, idle, self.readiness
         )
         admission.on_drained = self.drain.finish
         self.report = Report(reactor, self.counters, admission, self.proxied, self._udp)
@@ -142,6 +142,7 @@ class EchoService(ProcessShell):
         if self._metrics is not None:
             log.info("metrics_listening", address=self._metrics.listener.name)
         self._notifier.ready(self._status_line())
+        self.readiness.started = True
         self.handoff.log_handoff_complete(self._status_line)
 
     def _start_timers(self) -> None:
