@@ -22,13 +22,16 @@ from epolld import __version__, handoff
 from epolld import config as config_mod
 from epolld.config import Config
 from epolld.core.loop import Reactor
+from epolld.errors import EpolldError
 from epolld.observability.health import Readiness
 from epolld.systemd import Notifier
 
 if TYPE_CHECKING:  # epolld.metrics loads prometheus_client: imported only when metrics are on
+    from epolld.control import ControlEndpoint
     from epolld.core.counters import Snapshot
     from epolld.listening.listener_set import ListenerSet
     from epolld.listening.sockets import Listener
+    from epolld.observability.agent import AgentEndpoint
     from epolld.observability.metrics import MetricsApp, MetricsEndpoint
 
 log = structlog.get_logger("epolld")
@@ -61,6 +64,9 @@ class ProcessShell:
         self._metrics: MetricsEndpoint | None = None
         # /readyz and the agent check: ready, stopping, drained by the operator.
         self.readiness = Readiness()
+        self._agent: AgentEndpoint | None = None  # agent.listen: HAProxy's agent check
+        self._control: ControlEndpoint | None = None  # control.socket: epolld --drain
+        self._endpoints_open = False
 
     # -- what a subclass provides ----------------------------------------------------
 
@@ -85,6 +91,14 @@ class ProcessShell:
     def _close_everything(self) -> None:
         raise NotImplementedError
 
+    def open_connections(self) -> int:
+        """Client connections open now (every worker's), for the agent's weight."""
+        raise NotImplementedError
+
+    def _capacity(self) -> int:
+        """limits.max_connections times the number of processes that accept."""
+        return self._config.limits.max_connections
+
     # -- running -------------------------------------------------------------------
 
     def on_signals(self, table: dict[int, Callable[[int], None]]) -> None:
@@ -93,7 +107,12 @@ class ProcessShell:
             self.reactor.on_signal(signum, fn)
 
     def run(self) -> int:
-        """Report readiness and serve until stopped. Returns 0."""
+        """Report readiness and serve until stopped. Returns 0.
+
+        Raises:
+            BindError: agent.listen or control.socket cannot be bound.
+        """
+        self._open_endpoints()
         try:
             self.reactor.run(started=self._started)
             if not self.handed_over:
@@ -165,6 +184,102 @@ class ProcessShell:
             self.listener_set.metrics.close()
         self.listener_set.metrics = None
 
+    # -- the agent check and the control socket (main process only) ------------------
+
+    def _open_endpoints(self) -> None:
+        """Bind agent.listen and the control socket, in the process systemd and the
+        operator see (not in a worker: its listener set does not own the metrics)."""
+        if not self.listener_set.owns_metrics:
+            return
+        self._endpoints_open = True
+        try:
+            self._serve_agent(self._config)
+            self._serve_control(self._config)
+        except BaseException:
+            self.close_endpoints()
+            raise
+
+    def _serve_agent(self, config: Config) -> None:
+        if config.agent.listen is None:
+            return
+        from epolld.observability import agent
+
+        listener = agent.bind(config.agent.listen)
+        self._agent = agent.AgentEndpoint(self.reactor, listener, self.agent_line)
+        log.info("agent_listening", address=listener.name)
+
+    def _serve_control(self, config: Config) -> None:
+        path = config_mod.control_socket_path(config)
+        if path is None:
+            return
+        from epolld import control
+
+        self._control = control.ControlEndpoint(self.reactor, control.bind(path), self.control)
+        log.info("control_listening", address=self._control.listener.name)
+
+    def reconfigure_endpoints(self, old: Config, new: Config) -> None:
+        """After a reload: rebind what moved (a failure is logged, and it is off until
+        the next reload). Before run() (a takeover's reconcile) there is nothing yet."""
+        if not self._endpoints_open:
+            return
+        if old.agent.listen != new.agent.listen:
+            previous, self._agent = self._agent, None
+            self._rebind(previous, self._serve_agent, new, "agent")
+        if config_mod.control_socket_path(old) != config_mod.control_socket_path(new):
+            previous_control, self._control = self._control, None
+            self._rebind(previous_control, self._serve_control, new, "control")
+
+    def _rebind(
+        self,
+        previous: AgentEndpoint | ControlEndpoint | None,
+        serve: Callable[[Config], None],
+        new: Config,
+        what: str,
+    ) -> None:
+        if previous is not None:  # first: the new address may be the same port or path
+            log.info(f"{what}_closed", address=previous.listener.name)
+            previous.close()
+        try:
+            serve(new)
+        except EpolldError as e:
+            log.error(f"{what}_bind_failed", error=str(e))
+
+    def close_endpoints(self) -> None:
+        """At exit: close the agent and control sockets (the control file removed)."""
+        for endpoint in (self._agent, self._control):
+            if endpoint is not None:
+                endpoint.close()
+        self._agent = self._control = None
+
+    def endpoint_listeners(self) -> list[Listener]:
+        """The agent and control sockets: they do not travel in a restart handoff."""
+        return [e.listener for e in (self._agent, self._control) if e is not None]
+
+    def agent_line(self) -> str:
+        """HAProxy's agent line: `drain`, or `up ready N%` (observability/agent.py)."""
+        from epolld.observability import agent
+
+        return agent.answer(self.readiness.draining, self.open_connections(), self._capacity())
+
+    def control(self, command: str) -> dict[str, Any]:
+        """An operator's command from the control socket (control.py); the answer."""
+        readiness = self.readiness
+        if command == "drain" and not readiness.operator_drain:
+            readiness.operator_drain = True
+            log.warning("drain_started", by="operator", connections=self.open_connections())
+        elif command == "undrain" and readiness.operator_drain:
+            readiness.operator_drain = False
+            log.warning("drain_cancelled", by="operator", connections=self.open_connections())
+        problem = self.ready_problem()
+        return {
+            "pid": os.getpid(),
+            "operator_drain": readiness.operator_drain,
+            "stopping": readiness.stopping,
+            "ready": problem is None,
+            "reason": problem,
+            "connections": self.open_connections(),
+        }
+
     # -- the restart handoff -------------------------------------------------------
 
     def _handoff_destination(self) -> handoff.Destination | None:
@@ -186,6 +301,8 @@ class ProcessShell:
             "signal_at": signal_at,
             "config": config_mod.render_config(self._config),
             "config_source": self._config.source,
+            # An operator's drain lasts until cancelled, through restarts too.
+            "operator_drain": self.readiness.operator_drain,
         }
 
 

@@ -154,6 +154,7 @@ class EchoService(ProcessShell):
         self._every_watchdog(self._notifier.watchdog_interval_s())
 
     def _close_everything(self) -> None:
+        self.close_endpoints()
         self.proxied.close_readers()
         self.drain.close_all()
         self._stop_metrics()
@@ -218,7 +219,8 @@ class EchoService(ProcessShell):
 
     def switch(self, new: Config) -> None:
         """Every part takes a new configuration (a reload applied it to the listeners)."""
-        self._config = new
+        old, self._config = self._config, new
+        self.reconfigure_endpoints(old, new)
         self.admission.configure(new)
         self._udp.configure(new.udp, edge=self.admission.edge)
         self.proxied.configure(new)
@@ -319,6 +321,9 @@ class EchoService(ProcessShell):
 
     def _status_line(self) -> str:
         return self.report.status_line()
+
+    def open_connections(self) -> int:
+        return self.admission.conn_count
 
     def _on_stats_signal(self, signum: int) -> None:
         self.report.log_stats()

@@ -649,6 +649,7 @@ class Supervisor(ProcessShell):
         self.listener_set.commit(plan, release_metrics=self._release_metrics)
         if plan.metrics is not None:
             self._serve_metrics()
+        self.reconfigure_endpoints(old, new)
         self._reload_timer = self.reactor.call_later(REPLY_WAIT_S, self._reload_done)
         if not self._reload_waiting:
             self._reload_done()
@@ -724,6 +725,13 @@ class Supervisor(ProcessShell):
 
         return certs.expiries(files)
 
+    def open_connections(self) -> int:
+        """From the workers' last heartbeats (at most heartbeat_s old)."""
+        return sum(int(slot.stats.get("connections", 0)) for slot in self._live())
+
+    def _capacity(self) -> int:
+        return self._config.limits.max_connections * len(self._slots)
+
     def _status_line(self) -> str:
         names = " ".join(sorted({lst.name for lst in self._slots[0].listeners}))
         return self.sums.status_line(self.reactor.now, names)
@@ -741,6 +749,7 @@ class Supervisor(ProcessShell):
         log.info("metrics_listening", address=listener.name)
 
     def _close_everything(self) -> None:
+        self.close_endpoints()
         for slot in self._live():  # only if the loop itself failed: leave no orphans
             _kill(slot.pid, signal.SIGKILL)
         self._close_listeners()
