@@ -208,6 +208,8 @@ def ask(path: str, command: str, timeout_s: float = 5.0) -> dict[str, Any]:
             data = b""
             while chunk := sock.recv(4096):
                 data += chunk
+        except (BrokenPipeError, ConnectionResetError):
+            data = b""  # closed without a word: refused
         except FileNotFoundError:
             raise ControlError(
                 f"{path}: no such socket (is epolld running, with control.socket set?)"

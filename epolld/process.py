@@ -23,6 +23,7 @@ from epolld import config as config_mod
 from epolld.config import Config
 from epolld.core.loop import Reactor
 from epolld.errors import EpolldError
+from epolld.listening import sockets
 from epolld.observability.health import Readiness
 from epolld.systemd import Notifier
 
@@ -222,7 +223,8 @@ class ProcessShell:
         the next reload). Before run() (a takeover's reconcile) there is nothing yet."""
         if not self._endpoints_open:
             return
-        if old.agent.listen != new.agent.listen:
+        held = self._agent.listener if self._agent is not None else None
+        if not (sockets.is_at(held, new.agent.listen) if held else new.agent.listen is None):
             previous, self._agent = self._agent, None
             self._rebind(previous, self._serve_agent, new, "agent")
         if config_mod.control_socket_path(old) != config_mod.control_socket_path(new):
