@@ -131,7 +131,10 @@ class ProcessShell:
             self.reactor.every(lambda: STATUS_EVERY_S, self._send_status)
 
     def _send_status(self) -> None:
-        self._notifier.status(self._status_line())
+        line = self._status_line()
+        if self.readiness.operator_drain:  # systemctl status says so
+            line = f"drained by the operator (epolld --undrain ends it); {line}"
+        self._notifier.status(line)
 
     def _every_watchdog(self, interval_s: float | None) -> None:
         """WATCHDOG=1 from the loop itself, not a thread: a stuck loop stops pinging."""
@@ -272,6 +275,8 @@ class ProcessShell:
         elif command == "undrain" and readiness.operator_drain:
             readiness.operator_drain = False
             log.warning("drain_cancelled", by="operator", connections=self.open_connections())
+        if command != "status":
+            self._send_status()
         problem = self.ready_problem()
         return {
             "pid": os.getpid(),

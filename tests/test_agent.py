@@ -331,3 +331,32 @@ def test_control_socket_of_a_live_daemon_is_not_taken(
     missing = epolld_cli(second_path, "--drain")
     assert missing.returncode == 69
     assert "no such socket" in missing.stderr
+
+
+def test_reload_moves_and_removes_the_agent(tmp_path: Path, daemons: list[Daemon]) -> None:
+    """A reload binds a moved agent.listen (the old address then refuses) and closes it
+    when set to null; a file that keeps the address keeps the socket."""
+    daemon = start(tmp_path, daemons)
+    first = _port(daemon, "agent_listening")
+
+    def reload_with(**changes: Any) -> None:
+        settings = yaml.safe_load(daemon.config_path.read_text())
+        settings.update(changes)
+        daemon.config_path.write_text(yaml.safe_dump(settings))
+        before = len(daemon.events("config_reloaded"))
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_for("config_reloaded", count=before + 1)
+
+    reload_with(agent={"listen": f"127.0.0.1:{first}"})
+    assert len(daemon.events("agent_listening")) == 1  # the same socket
+    assert agent_line(first) == "up ready 100%\n"
+    reload_with(agent={"listen": "127.0.0.2:0"})
+    moved = daemon.wait_for("agent_listening", count=2)[-1]["address"]
+    assert moved.startswith("127.0.0.2:")
+    with socket.create_connection(("127.0.0.2", int(moved.rsplit(":", 1)[1])), WAIT_S) as sock:
+        assert recv_until_eof(sock) == b"up ready 100%\n"
+    with pytest.raises(ConnectionRefusedError):
+        agent_line(first)
+    reload_with(agent={"listen": None})
+    daemon.wait_for("agent_closed", count=2)
+    assert len(daemon.events("agent_listening")) == 2

@@ -82,6 +82,8 @@ def test_drain_command_for_the_dynamic_user_lasts_through_reload_and_restart(
     assert "operator drain: on" in drained.stdout
     assert agent_line() == "drain\n"
     assert ready_status() == 503
+    status = c.show("epolld.service", "StatusText")
+    assert status.startswith("drained by the operator (epolld --undrain ends it); "), status
 
     c.systemctl("reload", "epolld")
     wait_until(lambda: c.show("epolld.service", "ActiveState") == "active", 30, "the reload")
