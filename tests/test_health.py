@@ -210,3 +210,34 @@ def test_workers_stuck_worker_fails_healthz_until_it_is_replaced(
     daemon.wait_for("worker_ready", count=3)  # the replacement
     assert probe(port, "/healthz") == (200, "ok\n")
     assert probe(port, "/readyz") == (200, "ok\n")
+
+
+def test_workers_killed_worker_fails_readyz_until_its_replacement_is_ready(
+    tmp_path: Path, supervisors: list[Daemon]
+) -> None:
+    """A worker killed twice in a row waits out its back-off (0.5 s): meanwhile /readyz
+    says 503 naming it, and /healthz stays 200 (the supervisor is handling it); both are
+    200 once the replacement is ready."""
+    daemon = start_supervisor(tmp_path, supervisors)
+    port = metrics_port(daemon)
+    for count in (1, 2):
+        pid = daemon.wait_for("worker_started", count=count, worker=1)[-1]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        daemon.wait_for("worker_exited", count=count, worker=1)
+    respawn = daemon.wait_for("worker_respawning", count=2, worker=1)[-1]
+    assert respawn["delay_s"] == 0.5
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT_S)
+    try:
+        conn.request("GET", "/readyz")
+        response = conn.getresponse()
+        body = response.read().decode()
+        conn.request("GET", "/healthz")
+        health_response = conn.getresponse()
+        assert (health_response.status, health_response.read()) == (200, b"ok\n")
+    finally:
+        conn.close()
+    assert response.status == 503
+    assert body in ("worker 1 waiting\n", "worker 1 starting\n")
+    started = daemon.wait_for("worker_started", count=3, worker=1)[-1]["pid"]
+    daemon.wait_for("worker_ready", worker=1, pid=started)
+    assert probe(port, "/readyz") == (200, "ok\n")
