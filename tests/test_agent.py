@@ -360,3 +360,34 @@ def test_reload_moves_and_removes_the_agent(tmp_path: Path, daemons: list[Daemon
     reload_with(agent={"listen": None})
     daemon.wait_for("agent_closed", count=2)
     assert len(daemon.events("agent_listening")) == 2
+
+
+def test_daemon_mode_control_socket_beside_the_pidfile(tmp_path: Path) -> None:
+    """epolld --daemon with control.socket beside its pidfile: --drain reaches it, mode
+    0600 even under the daemon's umask 0, and the stop removes the socket."""
+    control_path = tmp_path / "epolld.control"
+    pidfile = tmp_path / "epolld.pid"
+    config = {
+        "listen": ["127.0.0.1:0"],
+        "daemon": {"pidfile": str(pidfile), "log_file": str(tmp_path / "epolld.log")},
+        "control": {"socket": str(control_path)},
+    }
+    config_path = write_config(tmp_path / "epolld.yaml", config)
+    started = epolld_cli(config_path, "--daemon")
+    assert started.returncode == 0, started.stderr
+    deadline = time.monotonic() + WAIT_S
+    while not control_path.exists():
+        assert time.monotonic() < deadline, "no control socket"
+        time.sleep(0.05)
+    pid = int(pidfile.read_text())
+    try:
+        assert control_path.stat().st_mode & 0o777 == 0o600
+        drained = epolld_cli(config_path, "--drain")
+        assert f"epolld {pid}: draining; operator drain: on" in drained.stdout, drained.stderr
+        os.kill(pid, signal.SIGTERM)
+        while control_path.exists() or pidfile.exists():
+            assert time.monotonic() < deadline + WAIT_S, "the daemon left its files"
+            time.sleep(0.05)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
