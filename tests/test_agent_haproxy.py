@@ -3,7 +3,7 @@ drain (epolld --drain) sends a backend no new client while its open clients fini
 restart handoff (SIGUSR2) never marks a backend down, and --undrain brings it back.
 
 HAProxy asks the agent (epolld's agent.listen) every 300 ms, and checks health (an echo
-line) every second, marking a server down after three failed checks (its default fall).
+line) every 2 s, marking a server down after three failed checks (its defaults).
 Clients connect from 127.0.0.2; HAProxy sends a PROXY v2 header, so each epolld logs the
 client's own address.
 """
@@ -55,9 +55,10 @@ class Pool:
             # A restart binds the agent again: on the port this process got.
             config["agent"] = {"listen": address}
             write_config(path, config)
-            # HAProxy's default fall 3, and a check may take 1 s: a re-exec of Python on a
-            # busy 2-core machine takes longer than the other tests' 300 ms.
-            timing = "inter 1s fall 3 rise 1"
+            # HAProxy's defaults (a check every 2 s, which may take as long; down after 3
+            # failures): a re-exec of Python on a busy 2-core machine takes longer than
+            # the other tests' 300 ms.
+            timing = "inter 2s fall 3 rise 1"
             backends.append(
                 Backend(name, daemon.port, agent_port=self.agent_ports[name], timing=timing)
             )
@@ -164,12 +165,14 @@ def test_drained_backend_gets_no_new_client_and_a_restart_never_marks_it_down(
                 daemon.signal(signal.SIGUSR2)
                 daemon.wait_for("handoff_complete")
                 daemon.wait_for("agent_listening", count=2)
-            time.sleep(3.0)  # three more health checks after the last restart
+            time.sleep(6.5)  # three more health checks after the last restart
         finally:
             watch.done.set()
             watch.join(WAIT_S)
-        assert watch.seen["e0"] == {"DRAIN (agent)"}, watch.seen
-        assert watch.seen["e1"] == {"UP"}, watch.seen
+        # A check may fail while a process re-executes ("UP 1/3"), never three in a row.
+        assert not any(s.startswith("DOWN") for seen in watch.seen.values() for s in seen)
+        assert all(s.startswith("DRAIN") for s in watch.seen["e0"]), watch.seen
+        assert all(s.startswith("UP") for s in watch.seen["e1"]), watch.seen
         for sock in held:
             if sock not in on_e0:  # e1's clients crossed its restart
                 roundtrip(sock, b"after the restart")
