@@ -29,6 +29,19 @@ from epolld.client.errors import (
 RECV_SIZE = 256 * 1024  # bytes per recv()
 TLS_SEND_MAX = 16 * 1024  # one TLS record: a retried SSL_write never shrinks below it
 HEX_SHOWN = 16  # bytes of expected and received data shown in a mismatch report
+CATCH_UP = 10  # intervals a paced sender may fall behind its schedule and then catch up
+
+
+def next_start(scheduled: float | None, now: float, interval: float) -> float:
+    """When the message after one starting now may start, under --rate or --interval.
+
+    A fixed schedule from the first start, so that poll()'s millisecond wake-ups do not
+    slow the rate down; a sender stalled for longer catches up at most CATCH_UP
+    messages back to back.
+    """
+    if scheduled is None:
+        scheduled = now
+    return max(scheduled, now - CATCH_UP * interval) + interval
 
 
 def recv_some(sock: socket.socket) -> bytes | None:
@@ -102,7 +115,7 @@ class Connection:
         self.window = window
         self.interval = interval
         self.stop_at = stop_at
-        self.next_start = 0.0  # monotonic time the next message may start (with interval)
+        self.next_start: float | None = None  # when the next message may start (interval)
         self.inflight: collections.deque[_Message] = collections.deque()
         self.completed: list[_Message] = []  # only when collecting echoes
         self.latencies: list[float] = []  # seconds, one per verified message
@@ -137,7 +150,9 @@ class Connection:
 
     def waiting_for_pace(self, now: float) -> bool:
         """True if the next message is due but its start time under --rate has not come."""
-        return self.interval is not None and self._next is not None and now < self.next_start
+        if self.interval is None or self._next is None or self.next_start is None:
+            return False
+        return now < self.next_start
 
     def wants_write(self) -> bool:
         """True if there are bytes to send now without exceeding the window."""
@@ -149,7 +164,7 @@ class Connection:
         if current is not None and current.sent < len(current.data):
             unsent = len(current.data) - current.sent
         elif self._next is not None and (self.window is not None or current is None):
-            if self.interval is not None and time.monotonic() < self.next_start:
+            if self.next_start is not None and time.monotonic() < self.next_start:
                 return 0
             unsent = len(self._next)  # ping-pong starts it only once every echo is complete
         else:
@@ -175,8 +190,8 @@ class Connection:
             )
             self.inflight.append(message)
             self._next = next(self._source, None)
-            if self.interval is not None:  # never faster than the rate, even after a stall
-                self.next_start = max(self.next_start + self.interval, time.monotonic())
+            if self.interval is not None:
+                self.next_start = next_start(self.next_start, time.monotonic(), self.interval)
         end = message.sent + budget
         if message.sent == 0:
             message.started_at = time.perf_counter()
@@ -299,7 +314,7 @@ def run(connections: Sequence[Connection], timeout: float | None) -> None:
             if not masks:
                 return
             wake_at = [deadlines[fd] for fd in masks] if timeout else []
-            wake_at += [c.next_start for c in connections if c.waiting_for_pace(now)]
+            wake_at += [c.next_start or now for c in connections if c.waiting_for_pace(now)]
             if stop_at := [c.stop_at for c in connections if c.stop_at is not None]:
                 wake_at.append(min(stop_at))
             # poll() takes milliseconds: round up, or it wakes just too early

@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 from epolld.client.connect import Options, Target, connect, open_datagram
+from epolld.client.engine import next_start
 from epolld.client.errors import ClosedEarly, Mismatch, Refused, TimedOut
 from epolld.client.payload import random_messages, random_pool
 from epolld.client.report import Report, rate
@@ -73,15 +74,15 @@ def run_discard(args: argparse.Namespace, target: Target, options: Options) -> R
     with sock:
         started = time.monotonic()
         stop_at = started + args.duration if args.duration is not None else None
-        next_start = started
+        scheduled = None
         for message in messages:
             now = time.monotonic()
             if stop_at is not None and now >= stop_at:
                 break
             if args.interval is not None:
-                if next_start > now:
-                    time.sleep(next_start - now)
-                next_start = max(next_start + args.interval, time.monotonic())
+                if scheduled is not None and scheduled > now:
+                    time.sleep(scheduled - now)
+                scheduled = next_start(scheduled, time.monotonic(), args.interval)
             _io(lambda m=message: sock.sendall(m), target, "to take more bytes")
             sent += len(message)
         back = _end_and_read(sock, target)
@@ -127,14 +128,15 @@ def _discard_udp(args: argparse.Namespace, target: Target, options: Options) -> 
     with sock:
         started = time.monotonic()
         stop_at = started + args.duration if args.duration is not None else None
-        next_start = started
+        scheduled = None
         for message in random_messages(random_pool(seed), seed, 1, count, args.size):
             now = time.monotonic()
             if stop_at is not None and now >= stop_at:
                 break
-            if args.interval is not None and next_start > now:
-                time.sleep(next_start - now)
-            next_start = max(next_start + (args.interval or 0.0), time.monotonic())
+            if args.interval is not None:
+                if scheduled is not None and scheduled > now:
+                    time.sleep(scheduled - now)
+                scheduled = next_start(scheduled, time.monotonic(), args.interval)
             try:
                 sock.send(message)
             except ConnectionRefusedError:

@@ -21,6 +21,7 @@ import time
 from collections.abc import Sequence
 
 from epolld.client.connect import Options, Target, open_datagram
+from epolld.client.engine import next_start
 from epolld.client.errors import EXIT_MISMATCH, Refused, TimedOut
 from epolld.client.payload import POOL_SIZE, random_pool
 from epolld.client.report import Report, latency_line, latency_summary, rate
@@ -45,7 +46,7 @@ class Flow:
     reordered: int = 0
     corrupt: int = 0
     latencies: list[float] = dataclasses.field(default_factory=list)
-    next_start: float = 0.0
+    next_start: float | None = None
 
 
 def datagram(pool: memoryview, flow: int, sequence: int, size: int) -> bytes:
@@ -114,7 +115,7 @@ def run_udp(args: argparse.Namespace, target: Target, options: Options) -> Repor
             ]
             for i in sending:
                 flow = flows[i]
-                if now >= flow.next_start:
+                if flow.next_start is None or now >= flow.next_start:
                     size = rng.randint(*args.size)
                     try:
                         socks[i].send(datagram(pool, flow.number, len(flow.sizes), size))
@@ -123,10 +124,10 @@ def run_udp(args: argparse.Namespace, target: Target, options: Options) -> Repor
                     except BlockingIOError:
                         continue  # the send buffer is full: try again at the next turn
                     flow.sizes.append(size)
-                    flow.next_start = max(flow.next_start + interval, now)
+                    flow.next_start = next_start(flow.next_start, now, interval)
                     last_sent = now
             if sending:
-                wake = min(flows[i].next_start for i in sending)
+                wake = min(flows[i].next_start or now for i in sending)
             else:
                 if all(len(f.seen) == len(f.sizes) for f in flows):
                     break

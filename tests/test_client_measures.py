@@ -1,0 +1,526 @@
+"""epolld-client measures (issue 22): --json, --rate/--interval/--duration, --udp, --tls,
+--proxy-header, --tos, -4/-6 and --service, each against the daemon as a real subprocess
+where it serves the thing, else against a small real server on loopback in the test.
+"""
+
+from __future__ import annotations
+
+import json
+import select
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from epolld.client import errors
+from tests import echo_servers
+from tests import tls_support as tls
+from tests.echo_servers import serving
+from tests.epolld_process import Daemon, write_config
+
+RUN_TIMEOUT_S = 60.0
+IP_PKTOPTIONS = 9  # linux/in.h: a TCP socket's last received IP options as cmsgs
+
+
+def run_client(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run `python -m epolld.client ARGS` with stdin from /dev/null and wait for it."""
+    return subprocess.run(
+        [sys.executable, "-m", "epolld.client", *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+        check=False,
+    )
+
+
+def run_json(*args: str) -> tuple[int, dict[str, Any]]:
+    """Run the client with --json; its stdout must be exactly one JSON object."""
+    result = run_client(*args, "--json")
+    (line,) = result.stdout.splitlines()
+    document = json.loads(line)
+    assert isinstance(document, dict)
+    assert document["exit_status"] == result.returncode, result.stderr
+    assert document["exit_meaning"] == errors.MEANINGS[result.returncode]
+    return result.returncode, document
+
+
+def at(port: int, host: str = "127.0.0.1") -> list[str]:
+    return ["--host", host, "--port", str(port)]
+
+
+# The daemon: one process for the module, one listener per kind
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> tls.Certs:
+    return tls.make_certs(tmp_path_factory.mktemp("certs"))
+
+
+class Served:
+    """The module's daemon and the port of each of its listeners, by name."""
+
+    def __init__(self, daemon: Daemon, ports: dict[str, int]) -> None:
+        self.daemon = daemon
+        self.ports = ports
+
+
+LISTENERS = {
+    "tcp4": "127.0.0.1:0",
+    "tcp6": "[::1]:0",
+    "udp4": "udp:127.0.0.1:0",
+    "udp6": "udp:[::1]:0",
+    "proxy": {"address": "127.0.0.2:0", "proxy_protocol": True},
+    "tls": {"address": "127.0.0.3:0", "tls": True},
+    "mtls": {"address": "127.0.0.4:0", "tls": {"client_ca": "CA"}},
+    "tls-proxy": {"address": "127.0.0.5:0", "tls": True, "proxy_protocol": True},
+}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory, certs: tls.Certs) -> Iterator[Served]:
+    listen: list[Any] = []
+    for entry in LISTENERS.values():
+        if isinstance(entry, dict) and isinstance(entry.get("tls"), dict):
+            entry = {**entry, "tls": {"client_ca": str(certs.ca.certificate)}}
+        listen.append(entry)
+    config = {
+        "listen": listen,
+        "tls": {
+            "certificate": str(certs.server.certificate),
+            "key": str(certs.server.key),
+            "sni": [
+                {
+                    "names": ["other.example"],
+                    "certificate": str(certs.other.certificate),
+                    "key": str(certs.other.key),
+                }
+            ],
+        },
+        "udp": {"rate": 0, "total_rate": 0, "byte_rate": 0},
+        "logging": {"level": "info", "connections": True},
+    }
+    path = write_config(tmp_path_factory.mktemp("daemon") / "epolld.yaml", config)
+    daemon = Daemon(path)
+    try:
+        listening = daemon.wait_for("listening", count=len(listen))
+        ports = {}
+        for name, entry in LISTENERS.items():
+            address = entry if isinstance(entry, str) else entry["address"]
+            host = address.rsplit(":", 1)[0]
+            (logged,) = [e["address"] for e in listening if e["address"].rsplit(":", 1)[0] == host]
+            ports[name] = int(logged.rsplit(":", 1)[1])
+        yield Served(daemon, ports)
+    finally:
+        print(daemon.tail(40))
+        daemon.stop()
+    assert not daemon.bad_lines
+
+
+# --json and the latency summary
+
+
+def test_json_check_against_epolld_has_sane_figures(served: Served) -> None:
+    """--check --json against epolld: one object, every figure present and consistent."""
+    code, doc = run_json(
+        "--check", *at(served.ports["tcp4"]), "--count=50", "--connections=2", "--size=2KiB"
+    )
+    assert code == 0
+    assert (doc["mode"], doc["messages"], doc["bytes_echoed"]) == ("echo", 100, 204800)
+    assert doc["target"] == f"127.0.0.1:{served.ports['tcp4']}"
+    assert doc["error"] is None
+    latency = doc["latency_ms"]
+    assert latency["count"] == 100
+    figures = [latency[k] for k in ("min", "p50", "p90", "p99", "p99.9", "max")]
+    assert figures[0] > 0
+    assert figures == sorted(figures)
+    assert latency["min"] <= latency["mean"] <= latency["max"]
+    assert doc["elapsed_s"] > 0
+    assert doc["throughput_bytes_per_s"] == pytest.approx(204800 / doc["elapsed_s"])
+
+
+def test_json_reports_a_failure_with_its_meaning() -> None:
+    """A refused connection still prints one JSON object: the status, its meaning, why."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))  # bound, never listening
+        code, doc = run_json("--check", *at(held.getsockname()[1]))
+    assert code == errors.EXIT_REFUSED
+    assert "connection refused" in doc["error"]
+    assert doc["exit_meaning"].startswith("connection refused")
+
+
+def delaying(seconds: float) -> echo_servers.Handler:
+    """A handler that echoes each chunk it reads after sleeping `seconds`."""
+
+    def handle(conn: socket.socket) -> None:
+        while data := conn.recv(echo_servers.RECV_SIZE):
+            time.sleep(seconds)
+            conn.sendall(data)
+
+    return handle
+
+
+def test_a_100ms_delay_shows_in_p50() -> None:
+    """Against a server that waits 100 ms before each echo, p50 is at least 100 ms."""
+    with serving(delaying(0.1)) as server:
+        code, doc = run_json("--check", *at(server.port), "--count=5", "--size=100")
+    assert code == 0
+    assert doc["latency_ms"]["p50"] >= 100
+    assert doc["latency_ms"]["min"] >= 100
+
+
+# Pacing
+
+
+class Stamping:
+    """An echo handler that notes when each chunk arrived."""
+
+    def __init__(self) -> None:
+        self.arrivals: list[float] = []
+
+    def __call__(self, conn: socket.socket) -> None:
+        while data := conn.recv(echo_servers.RECV_SIZE):
+            self.arrivals.append(time.monotonic())
+            conn.sendall(data)
+
+
+def test_rate_spaces_the_messages() -> None:
+    """--rate 50: the server sees 11 messages at least 10 x 20 ms apart from first to last."""
+    stamping = Stamping()
+    with serving(stamping) as server:
+        code, _ = run_json("--check", *at(server.port), "--rate=50", "--count=11", "--size=64")
+    assert code == 0
+    assert len(stamping.arrivals) == 11
+    # 1 ms of slack per interval for timer rounding; a loaded machine is only slower
+    assert stamping.arrivals[-1] - stamping.arrivals[0] >= 10 * 0.019
+
+
+def test_interval_and_duration_bound_the_messages() -> None:
+    """--interval 0.1 --duration 0.55 starts at most 6 messages (t = 0, 0.1, ... 0.5)."""
+    stamping = Stamping()
+    with serving(stamping) as server:
+        code, doc = run_json(
+            "--check", *at(server.port), "--interval=0.1", "--duration=0.55", "--size=64"
+        )
+    assert code == 0
+    assert 2 <= doc["messages"] == len(stamping.arrivals) <= 6
+    first = stamping.arrivals[0]  # message k starts no sooner than k intervals after the 1st
+    assert all(t - first >= k * 0.1 - 0.005 for k, t in enumerate(stamping.arrivals))
+
+
+def test_duration_alone_runs_until_it_ends() -> None:
+    """--duration without --count keeps sending until the time is up, then stops."""
+    with serving(echo_servers.echo) as server:
+        started = time.monotonic()
+        code, doc = run_json("--check", *at(server.port), "--duration=0.3", "--size=64")
+        took = time.monotonic() - started
+    assert code == 0
+    assert doc["messages"] > 10
+    assert doc["elapsed_s"] >= 0.3
+    assert took < 10
+
+
+# UDP
+
+
+def test_udp_against_epolld_on_ipv4_and_ipv6(served: Served) -> None:
+    """--udp: every datagram echoed once, in order, on 127.0.0.1 and [::1]."""
+    for host, name in (("127.0.0.1", "udp4"), ("::1", "udp6")):
+        code, doc = run_json(
+            "--udp", *at(served.ports[name], host), "--count=200", "--rate=2000", "--size=24-900"
+        )
+        assert code == 0, doc
+        assert (doc["sent"], doc["received"], doc["lost"]) == (200, 200, 0)
+        assert (doc["duplicates"], doc["reordered"], doc["corrupt"]) == (0, 0, 0)
+        assert doc["latency_ms"]["count"] == 200
+        assert doc["mode"] == "udp"
+
+
+class UdpServer:
+    """A real UDP server on 127.0.0.1 (or ::1) answering with `reply` in a thread."""
+
+    def __init__(
+        self,
+        reply: Callable[[socket.socket, bytes, Any, list[Any]], None],
+        family: int = socket.AF_INET,
+    ) -> None:
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1" if family == socket.AF_INET else "::1", 0))
+        self.port = int(self.sock.getsockname()[1])
+        self.received: list[bytes] = []
+        self.ancillary: list[Any] = []
+        self._reply = reply
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self) -> UdpServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self.sock.close()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            readable, _, _ = select.select([self.sock], [], [], 0.05)
+            if readable:
+                data, ancillary, _, peer = self.sock.recvmsg(65536, 256)
+                self.received.append(data)
+                self.ancillary.append(ancillary)
+                self._reply(self.sock, data, peer, self.received)
+
+
+def lossy(sock: socket.socket, data: bytes, peer: Any, received: list[Any]) -> None:
+    """Drop every 3rd datagram, send the 4th twice, hold the 5th back until after the 7th."""
+    n = len(received)
+    if n % 3 == 0:
+        return
+    if n == 5:
+        return
+    sock.sendto(data, peer)
+    if n == 4:
+        sock.sendto(data, peer)
+    if n == 7:
+        sock.sendto(received[4], peer)
+
+
+def test_udp_counts_loss_duplicates_and_reordering() -> None:
+    """Against a server that drops every 3rd datagram, repeats one and delays one,
+    30 datagrams give 10 lost, 1 duplicated, 1 reordered, 20 echoed."""
+    with UdpServer(lossy) as server:
+        code, doc = run_json("--udp", *at(server.port), "--count=30", "--rate=500", "--size=64")
+    assert code == 0, doc
+    assert (doc["sent"], doc["received"], doc["lost"]) == (30, 20, 10)
+    assert (doc["duplicates"], doc["reordered"], doc["corrupt"]) == (1, 1, 0)
+    assert doc["loss_percent"] == pytest.approx(100 / 3)
+    assert len(server.received) == 30
+
+
+def test_udp_corrupted_echo_exits_65() -> None:
+    """A datagram echoed with a flipped byte is counted corrupt and fails the run."""
+
+    def flipping(sock: socket.socket, data: bytes, peer: Any, received: list[Any]) -> None:
+        sock.sendto(data[:-1] + bytes([data[-1] ^ 1]) if len(received) == 2 else data, peer)
+
+    with UdpServer(flipping) as server:
+        result = run_client("--udp", *at(server.port), "--count=5", "--size=100")
+    assert result.returncode == errors.EXIT_MISMATCH
+    assert "4 echoed, 1 lost" in result.stdout
+    assert "1 corrupt" in result.stdout
+    assert "Error: 1 echoed datagrams differ" in result.stderr
+
+
+def test_udp_loss_against_a_rate_limited_epolld(tmp_path: Path) -> None:
+    """epolld limiting a source to 100 datagrams/s (burst 20): the client counts the rest lost."""
+    config = {"listen": ["udp:127.0.0.1:0"], "udp": {"rate": 100, "burst": 20}}
+    daemon = Daemon(write_config(tmp_path / "epolld.yaml", config))
+    try:
+        (address,) = [e["address"] for e in daemon.wait_for("listening")]
+        port = int(address.rsplit(":", 1)[1])
+        code, doc = run_json("--udp", *at(port), "--count=300", "--rate=3000", "--size=64")
+    finally:
+        daemon.stop()
+    assert code == 0, doc
+    assert doc["sent"] == 300
+    assert doc["received"] + doc["lost"] == 300
+    # the burst plus 100/s over the run's length, and a margin for a slow run
+    assert 20 <= doc["received"] <= 20 + 100 * (doc["elapsed_s"] + 1.0)
+    assert doc["lost"] > 100
+
+
+def test_udp_with_nothing_listening_is_refused() -> None:
+    """ICMP port unreachable on loopback gives the refused exit code."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = run_client("--udp", *at(port), "--count=3")
+    assert result.returncode == errors.EXIT_REFUSED, result.stderr
+    assert f"nothing listens on UDP 127.0.0.1:{port}" in result.stderr
+
+
+# TLS
+
+
+def tls_args(certs: tls.Certs, *more: str) -> list[str]:
+    return ["--tls", "--ca", str(certs.ca.certificate), *more]
+
+
+def test_tls_check_verifies_the_server(served: Served, certs: tls.Certs) -> None:
+    """--tls --ca --sni: the echo passes over TLS; the daemon logs the handshake."""
+    port = served.ports["tls"]
+    code, doc = run_json(
+        "--check", *at(port, "127.0.0.3"), *tls_args(certs, "--sni=localhost"), "--count=20"
+    )
+    assert code == 0, doc
+    assert (doc["transport"], doc["messages"]) == ("tls", 20)
+    established = served.daemon.wait_for("tls_established", sni="localhost")
+    assert established[-1]["version"] in ("TLSv1.2", "TLSv1.3")
+
+
+def test_tls_untrusted_or_misnamed_server_exits_77(served: Served, certs: tls.Certs) -> None:
+    """Without our CA, or asking for a name the certificate lacks, the handshake fails (77);
+    --insecure skips both checks."""
+    where = at(served.ports["tls"], "127.0.0.3")
+    untrusted = run_client("--check", *where, "--tls", "--sni=localhost")
+    assert untrusted.returncode == errors.EXIT_TLS
+    assert "failed: unable to get local issuer certificate" in untrusted.stderr
+    misnamed = run_client("--check", *where, *tls_args(certs))  # 127.0.0.3 is not in it
+    assert misnamed.returncode == errors.EXIT_TLS
+    assert "IP address mismatch" in misnamed.stderr
+    insecure = run_client("--check", *where, "--tls", "--insecure", "--count=3")
+    assert insecure.returncode == 0, insecure.stderr
+
+
+def test_tls_sni_picks_the_other_certificate(served: Served, certs: tls.Certs) -> None:
+    """--sni other.example gets tls.sni's certificate for that name, which verifies."""
+    code, doc = run_json(
+        "--check", *at(served.ports["tls"], "127.0.0.3"), *tls_args(certs, "--sni=other.example")
+    )
+    assert code == 0, doc
+    served.daemon.wait_for("tls_established", sni="other.example")
+
+
+def test_mutual_tls(served: Served, certs: tls.Certs) -> None:
+    """--cert/--key: a listener with client_ca echoes and logs our subject; without them
+    the server refuses us and the client says so."""
+    where = at(served.ports["mtls"], "127.0.0.4")
+    cert = ["--cert", str(certs.client.certificate), "--key", str(certs.client.key)]
+    code, doc = run_json("--check", *where, *tls_args(certs, "--sni=localhost", *cert))
+    assert code == 0, doc
+    logged = served.daemon.wait_for("tls_established")
+    assert any("CN=client.example" in (e.get("client_subject") or "") for e in logged)
+    refused = run_client("--check", *where, *tls_args(certs, "--sni=localhost"))
+    assert refused.returncode in (errors.EXIT_TLS, errors.EXIT_RESET), refused.stderr
+    assert "Error: " in refused.stderr
+
+
+def test_interactive_mode_over_tls(served: Served, certs: tls.Certs) -> None:
+    """Interactive (piped) mode speaks TLS too."""
+    result = subprocess.run(
+        [sys.executable, "-m", "epolld.client", *at(served.ports["tls"], "127.0.0.3"),
+         *tls_args(certs, "--sni=localhost")],
+        input=b"Input Something\n",
+        capture_output=True,
+        timeout=RUN_TIMEOUT_S,
+        check=False,
+    )  # fmt: skip
+    assert (result.returncode, result.stdout) == (0, b"Input Something\n"), result.stderr
+
+
+# PROXY header
+
+
+@pytest.mark.parametrize(
+    ("version", "source", "peer"),
+    [
+        ("v1", "192.0.2.7:4000", "192.0.2.7:4000"),
+        ("v2", "192.0.2.8:4001", "192.0.2.8:4001"),
+        ("v1", "[2001:db8::7]:5", "[2001:db8::7]:5"),
+        ("v2", "[2001:db8::8]:6", "[2001:db8::8]:6"),
+    ],
+)
+def test_proxy_header_names_the_source(
+    served: Served, version: str, source: str, peer: str
+) -> None:
+    """--proxy-header VERSION --source ADDR:PORT: epolld logs that address as the client."""
+    code, doc = run_json(
+        "--check", *at(served.ports["proxy"], "127.0.0.2"), f"--proxy-header={version}",
+        f"--source={source}", "--count=5",
+    )  # fmt: skip
+    assert code == 0, doc
+    opened = served.daemon.wait_for("connection_opened", peer=peer)[-1]
+    assert opened["proxy"].startswith("127.0.0.1:")
+
+
+def test_proxy_header_without_source_names_the_socket_itself(served: Served) -> None:
+    """Without --source the header names the client's own address, as a proxy's would."""
+    result = run_client(
+        "--check", *at(served.ports["proxy"], "127.0.0.2"), "--proxy-header=v2", "--count=2"
+    )
+    assert result.returncode == 0, result.stderr
+    opened = served.daemon.wait_for("connection_opened", proxy=None)
+    assert opened  # only the listener of PROXY headers logs a proxy field at all
+
+
+def test_proxy_header_then_tls(served: Served, certs: tls.Certs) -> None:
+    """The header goes before the ClientHello: a TLS + PROXY listener names the source."""
+    code, doc = run_json(
+        "--check", *at(served.ports["tls-proxy"], "127.0.0.5"), "--proxy-header=v1",
+        "--source=198.51.100.9:999", *tls_args(certs, "--sni=localhost"), "--count=5",
+    )  # fmt: skip
+    assert code == 0, doc
+    served.daemon.wait_for("tls_established", peer="198.51.100.9:999")
+
+
+def test_a_proxy_listener_refuses_a_client_without_header(served: Served) -> None:
+    """Without --proxy-header the same listener closes the connection: the flag matters."""
+    result = run_client("--check", *at(served.ports["proxy"], "127.0.0.2"), "--count=1")
+    assert result.returncode in (errors.EXIT_CLOSED_EARLY, errors.EXIT_RESET, errors.EXIT_TIMEOUT)
+
+
+# -4, -6 and --tos
+
+
+def test_ipv4_and_ipv6_flags(served: Served) -> None:
+    """-6 reaches [::1]; -4 with an IPv6 address (and -6 with an IPv4 one) cannot resolve."""
+    ok = run_client("--check", "-6", *at(served.ports["tcp6"], "::1"), "--count=5")
+    assert ok.returncode == 0, ok.stderr
+    assert f"echoed intact by [::1]:{served.ports['tcp6']}" in ok.stdout
+    for flag, host in (("-4", "::1"), ("-6", "127.0.0.1")):
+        result = run_client("--check", flag, *at(served.ports["tcp4"], host))
+        assert result.returncode == errors.EXIT_RESOLVE, (flag, result.stderr)
+
+
+def _tos_of(ancillary: list[tuple[int, int, bytes]]) -> int | None:
+    for level, kind, data in ancillary:
+        if (level, kind) in ((socket.IPPROTO_IP, socket.IP_TOS), (socket.IPPROTO_IPV6, 67)):
+            return data[0]  # IP_TOS is one byte; IPV6_TCLASS an int (little-endian here)
+    return None
+
+
+def echo_datagram(sock: socket.socket, data: bytes, peer: Any, received: list[Any]) -> None:
+    sock.sendto(data, peer)
+
+
+@pytest.mark.parametrize(("family", "tos"), [(socket.AF_INET, 0xB8), (socket.AF_INET6, 0x28)])
+def test_tos_marks_datagrams(family: int, tos: int) -> None:
+    """--tos marks each datagram (IPv4 TOS, IPv6 traffic class), as the server receives it."""
+    with UdpServer(echo_datagram, family) as server:
+        if family == socket.AF_INET:
+            server.sock.setsockopt(socket.IPPROTO_IP, socket.IP_RECVTOS, 1)
+            where = [*at(server.port), "-4"]
+        else:
+            server.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVTCLASS, 1)
+            where = [*at(server.port, "::1"), "-6"]
+        result = run_client("--udp", *where, f"--tos={tos:#x}", "--count=3", "--size=32")
+    assert result.returncode == 0, result.stderr
+    assert [_tos_of(a) for a in server.ancillary] == [tos] * 3
+
+
+def test_tos_marks_a_stream() -> None:
+    """--tos on TCP: the server's socket reports the TOS of the last segment it received."""
+    seen: list[bytes] = []
+
+    def recording(conn: socket.socket) -> None:
+        conn.setsockopt(socket.IPPROTO_IP, socket.IP_RECVTOS, 1)
+        while data := conn.recv(echo_servers.RECV_SIZE):
+            seen.append(conn.getsockopt(socket.IPPROTO_IP, IP_PKTOPTIONS, 64))
+            conn.sendall(data)
+
+    with serving(recording) as server:
+        server.listener.setsockopt(socket.IPPROTO_IP, socket.IP_RECVTOS, 1)
+        result = run_client("--check", *at(server.port), "--tos=0x48", "--count=3", "--size=64")
+    assert result.returncode == 0, result.stderr
+    # struct cmsghdr (size_t length, int level, int type), then the TOS byte in an int
+    tos = [(*struct.unpack_from("=Qii", c)[1:], c[16]) for c in seen if len(c) >= 17]
+    assert tos, seen
+    assert all(t == (socket.IPPROTO_IP, socket.IP_TOS, 0x48) for t in tos), seen
