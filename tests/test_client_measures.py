@@ -5,6 +5,7 @@ where it serves the thing, else against a small real server on loopback in the t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import select
 import socket
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 
 from epolld.client import errors
+from epolld.client.services import CYCLE, LINE
 from tests import echo_servers
 from tests import tls_support as tls
 from tests.echo_servers import serving
@@ -423,8 +425,6 @@ def test_interactive_mode_over_tls(served: Served, certs: tls.Certs) -> None:
     ("version", "source", "peer"),
     [
         ("v1", "192.0.2.7:4000", "192.0.2.7:4000"),
-        ("v2", "192.0.2.8:4001", "192.0.2.8:4001"),
-        ("v1", "[2001:db8::7]:5", "[2001:db8::7]:5"),
         ("v2", "[2001:db8::8]:6", "[2001:db8::8]:6"),
     ],
 )
@@ -447,8 +447,9 @@ def test_proxy_header_without_source_names_the_socket_itself(served: Served) -> 
         "--check", *at(served.ports["proxy"], "127.0.0.2"), "--proxy-header=v2", "--count=2"
     )
     assert result.returncode == 0, result.stderr
-    opened = served.daemon.wait_for("connection_opened", proxy=None)
-    assert opened  # only the listener of PROXY headers logs a proxy field at all
+    served.daemon.wait_for("connection_closed", count=1)
+    proxied = [e for e in served.daemon.events("connection_opened") if "proxy" in e]
+    assert any(e["peer"] == e["proxy"] for e in proxied), proxied
 
 
 def test_proxy_header_then_tls(served: Served, certs: tls.Certs) -> None:
@@ -524,3 +525,142 @@ def test_tos_marks_a_stream() -> None:
     tos = [(*struct.unpack_from("=Qii", c)[1:], c[16]) for c in seen if len(c) >= 17]
     assert tos, seen
     assert all(t == (socket.IPPROTO_IP, socket.IP_TOS, 0x48) for t in tos), seen
+
+
+# --service, against small real servers (epolld's own services are being built)
+
+
+def discarding(received: list[int]) -> echo_servers.Handler:
+    def handle(conn: socket.socket) -> None:
+        total = 0
+        while data := conn.recv(echo_servers.RECV_SIZE):
+            total += len(data)
+        received.append(total)  # then the handler returns: the server's FIN
+
+    return handle
+
+
+def test_discard_measures_one_way_throughput() -> None:
+    """--service discard sends --count x --size bytes; the figure counts what the server read."""
+    received: list[int] = []
+    with serving(discarding(received)) as server:
+        code, doc = run_json("--service=discard", *at(server.port), "--count=20", "--size=64KiB")
+    assert code == 0, doc
+    assert doc["bytes_sent"] == received[0] == 20 * 65536
+    assert doc["throughput_bytes_per_s"] > 0
+    assert doc["mode"] == "discard"
+
+
+def test_discard_server_that_answers_fails() -> None:
+    """An echo server is not a discard server: exit 65."""
+    with serving(echo_servers.echo) as server:
+        result = run_client("--service=discard", *at(server.port), "--count=3", "--size=100")
+    assert result.returncode == errors.EXIT_MISMATCH
+    assert "sent 300 bytes back" in result.stderr
+
+
+def chargen(first: int, broken_at: int | None = None) -> echo_servers.Handler:
+    """A chargen handler starting at printable character `first`; a wrong byte at broken_at."""
+
+    def handle(conn: socket.socket) -> None:
+        stream = CYCLE[first * LINE :] + CYCLE * 20
+        if broken_at is not None:
+            stream = stream[:broken_at] + b"\x00" + stream[broken_at + 1 :]
+        with contextlib.suppress(OSError):  # the client closes when it has read enough
+            conn.sendall(stream)
+
+    return handle
+
+
+@pytest.mark.parametrize("first", [0, 1, 94])
+def test_chargen_pattern_is_verified(first: int) -> None:
+    """--service chargen reads --count x --size bytes, whatever line the server starts on."""
+    with serving(chargen(first)) as server:
+        code, doc = run_json("--service=chargen", *at(server.port), "--count=10", "--size=10000")
+    assert code == 0, doc
+    assert (doc["bytes_received"], doc["lines"]) == (100000, 100000 // LINE)
+
+
+def test_chargen_pattern_broken_is_reported() -> None:
+    """A wrong byte at offset 5000 fails with exit 65 naming the offset, line and column."""
+    with serving(chargen(1, broken_at=5000)) as server:
+        result = run_client("--service=chargen", *at(server.port), "--count=10", "--size=1000")
+    assert result.returncode == errors.EXIT_MISMATCH
+    assert "chargen pattern broken at stream offset 5000 (line 68, column 43)" in result.stderr
+
+
+def test_chargen_pattern_is_rfc_864s() -> None:
+    """The checker's pattern: 72 printable characters, CR LF, each line one further on."""
+    first, second = CYCLE[:LINE], CYCLE[LINE : 2 * LINE]
+    assert first == bytes(range(32, 32 + 72)) + b"\r\n"
+    assert second == bytes(range(33, 33 + 72)) + b"\r\n"
+    assert CYCLE[94 * LINE : 95 * LINE] == b"~" + bytes(range(32, 32 + 71)) + b"\r\n"
+    assert len(CYCLE) == 95 * 74
+
+
+INFO = {"host": "backend-7", "peer": "127.0.0.1:5", "tls": {"version": "TLSv1.3"}}
+
+
+def test_info_is_printed() -> None:
+    """--service info prints each field the server sent; --json carries the object."""
+
+    def info(conn: socket.socket) -> None:
+        conn.sendall(json.dumps(INFO).encode() + b"\n")
+
+    with serving(info) as server:
+        text = run_client("--service=info", *at(server.port))
+        code, doc = run_json("--service=info", *at(server.port))
+    assert text.returncode == 0, text.stderr
+    assert "  host: backend-7\n" in text.stdout
+    assert "  tls.version: TLSv1.3\n" in text.stdout
+    assert (code, doc["info"]) == (0, INFO)
+
+
+def test_info_that_is_not_json_fails() -> None:
+    with serving(lambda conn: conn.sendall(b"hello\n")) as server:
+        result = run_client("--service=info", *at(server.port))
+    assert result.returncode == errors.EXIT_MISMATCH
+    assert "is not one line of JSON: 'hello\\n'" in result.stderr
+
+
+def test_udp_info_pads_its_request() -> None:
+    """Over UDP the request is padded to 512 bytes, so a server may answer without amplifying."""
+
+    def info(sock: socket.socket, data: bytes, peer: Any, received: list[Any]) -> None:
+        if len(data) >= 512:
+            sock.sendto(json.dumps(INFO).encode(), peer)
+
+    with UdpServer(info) as server:
+        code, doc = run_json("--service=info", "--udp", *at(server.port))
+    assert (code, doc["info"], doc["transport"]) == (0, INFO, "udp")
+    assert [len(d) for d in server.received] == [512]
+
+
+def test_udp_discard_sends_datagrams() -> None:
+    """--udp --service discard sends --count datagrams and expects none back."""
+    with UdpServer(lambda *_: None) as server:
+        code, doc = run_json(
+            "--service=discard", "--udp", *at(server.port), "--count=20", "--size=100",
+            "--rate=1000",
+        )  # fmt: skip
+    assert code == 0, doc
+    assert doc["datagrams_sent"] == 20
+    assert len(server.received) == 20
+
+
+def test_measuring_options_are_cross_checked() -> None:
+    """Options that cannot apply are refused with a usage error (exit 2)."""
+    for args, message in [
+        (["--json"], "--json only make sense with --check, --udp or --service"),
+        (["--check", "--ca=x"], "--ca only make sense with --tls"),
+        (["--check", "--rate=1", "--interval=1"], "not allowed with argument"),
+        (["--udp", "--tls"], "--udp excludes --tls"),
+        (["--udp", "--service=chargen"], "UDP chargen is an amplifier"),
+        (["--check", "--source=192.0.2.1:1"], "--source only makes sense with --proxy-header"),
+        (["--check", "--tos=256"], "a TOS byte is 0-255"),
+        (["--check", "-4", "-6"], "not allowed with argument"),
+        (["--udp", "--size=10"], "--size 24+"),
+    ]:
+        result = run_client(*args)
+        assert result.returncode == 2, args
+        assert message in result.stderr, (args, result.stderr)
