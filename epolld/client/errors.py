@@ -21,7 +21,7 @@ EXIT_TLS = os.EX_NOPERM  # 77
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 
 MEANINGS = {
-    EXIT_OK: "success: every byte came back intact (or stdin ended)",
+    EXIT_OK: "success: every check passed (every byte intact), or stdin ended",
     EXIT_USAGE: "bad command line",
     EXIT_MISMATCH: "the reply differs from what was expected (the report names the offset)",
     EXIT_RESOLVE: "the host name could not be resolved",

@@ -36,11 +36,12 @@ def percentile(ordered: Sequence[float], fraction: float) -> float:
 
 
 def latency_summary(latencies: Sequence[float]) -> dict[str, float] | None:
-    """Milliseconds: min, mean, p50, p90, p99, p99.9 and max of latencies in seconds."""
+    """The count, and in milliseconds min, mean, p50, p90, p99, p99.9 and max of
+    latencies in seconds."""
     if not latencies:
         return None
     ordered = sorted(latencies)
-    summary = {"count": float(len(ordered)), "min": ordered[0] * 1e3}
+    summary: dict[str, float] = {"count": len(ordered), "min": ordered[0] * 1e3}
     summary["mean"] = sum(ordered) / len(ordered) * 1e3
     for name, fraction in PERCENTILES:
         summary[name] = percentile(ordered, fraction) * 1e3

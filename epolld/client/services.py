@@ -24,6 +24,7 @@ from epolld.client.engine import next_start
 from epolld.client.errors import ClosedEarly, Mismatch, Refused, TimedOut
 from epolld.client.payload import random_messages, random_pool
 from epolld.client.report import Report, rate
+from epolld.client.udp import DEFAULT_RATE
 
 PRINTABLE = bytes(range(32, 127))  # the 95 printable ASCII characters, space first
 LINE_CHARS = 72
@@ -119,7 +120,8 @@ def _end_and_read(sock: socket.socket, target: Target) -> bytes:
 
 
 def _discard_udp(args: argparse.Namespace, target: Target, options: Options) -> Report:
-    """Send datagrams to a UDP discard server; any reply within half a second fails."""
+    """Send datagrams to a UDP discard server (at --rate, default the --udp one); any reply
+    within half a second fails."""
     count = args.count if args.count is not None or args.duration is None else None
     sock = open_datagram(target, options)
     sock.setblocking(True)
@@ -129,14 +131,14 @@ def _discard_udp(args: argparse.Namespace, target: Target, options: Options) -> 
         started = time.monotonic()
         stop_at = started + args.duration if args.duration is not None else None
         scheduled = None
+        interval = args.interval if args.interval is not None else 1 / DEFAULT_RATE
         for message in random_messages(random_pool(seed), seed, 1, count, args.size):
             now = time.monotonic()
             if stop_at is not None and now >= stop_at:
                 break
-            if args.interval is not None:
-                if scheduled is not None and scheduled > now:
-                    time.sleep(scheduled - now)
-                scheduled = next_start(scheduled, time.monotonic(), args.interval)
+            if scheduled is not None and scheduled > now:
+                time.sleep(scheduled - now)
+            scheduled = next_start(scheduled, time.monotonic(), interval)
             try:
                 sock.send(message)
             except ConnectionRefusedError:
