@@ -121,8 +121,9 @@ def run_udp(args: argparse.Namespace, target: Target, options: Options) -> Repor
                         socks[i].send(datagram(pool, flow.number, len(flow.sizes), size))
                     except ConnectionRefusedError:
                         raise _refused(target) from None
-                    except BlockingIOError:
-                        continue  # the send buffer is full: try again at the next turn
+                    except BlockingIOError:  # the send buffer is full: a millisecond later
+                        flow.next_start = now + 0.001
+                        continue
                     flow.sizes.append(size)
                     flow.next_start = next_start(flow.next_start, now, interval)
                     last_sent = now
