@@ -677,3 +677,19 @@ def test_measuring_options_are_cross_checked(
         cli.parse_args(args)
     assert exited.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("service", ["discard", "chargen", "info"])
+def test_service_reset_by_the_server_is_reported(service: str) -> None:
+    """A server resetting the connection gives the reset exit code and one line, no traceback."""
+
+    def reset(conn: socket.socket) -> None:
+        if service == "discard":
+            conn.recv(echo_servers.RECV_SIZE)  # the client's first bytes
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    with serving(reset) as server:
+        result = run_client(f"--service={service}", *at(server.port), "--size=1MiB")
+    assert result.returncode == errors.EXIT_RESET, result.stderr
+    assert result.stderr.startswith(f"Error: connection reset by 127.0.0.1:{server.port}")
+    assert result.stderr.count("\n") == 1

@@ -9,7 +9,14 @@ import socket
 import ssl
 from typing import Any
 
-from epolld.client.errors import ClientError, Refused, ResolveFailed, TimedOut, TlsFailed
+from epolld.client.errors import (
+    ClientError,
+    Refused,
+    Reset,
+    ResolveFailed,
+    TimedOut,
+    TlsFailed,
+)
 from epolld.client.proxy_header import build as build_proxy_header
 
 
@@ -181,6 +188,8 @@ def connect_error(exc: OSError, target: Target, timeout: float | None) -> Client
         return Refused(f"connection refused by {target} (is the server running?)")
     if isinstance(exc, FileNotFoundError) and target.unix_path:
         return Refused(f"no socket at {target.unix_path} (is the server running?)")
+    if isinstance(exc, ConnectionResetError):  # accepted and reset before connect() returned
+        return Reset(f"connection reset by {target} while connecting")
     if isinstance(exc, TimeoutError):
         return TimedOut(f"timed out after {timeout:g} s connecting to {target}")
     return ClientError(f"cannot connect to {target}: {exc.strerror or exc}")

@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 from epolld.client.connect import Options, Target, connect, open_datagram
-from epolld.client.engine import next_start
+from epolld.client.engine import io_error, next_start
 from epolld.client.errors import ClosedEarly, Mismatch, Refused, TimedOut
 from epolld.client.payload import random_messages, random_pool
 from epolld.client.report import Report, rate
@@ -51,11 +51,13 @@ def _blocking(target: Target, args: argparse.Namespace, options: Options) -> soc
 
 
 def _io(call: Any, target: Target, what: str) -> Any:
-    """Run one blocking socket call, naming a timeout after what was awaited."""
+    """Run one blocking socket call; a failure becomes the ClientError naming what was awaited."""
     try:
         return call()
     except TimeoutError:
         raise TimedOut(f"timed out waiting for {target} ({what})") from None
+    except OSError as exc:
+        raise io_error(exc, str(target), f"(waiting for {what})") from None
 
 
 def run_discard(args: argparse.Namespace, target: Target, options: Options) -> Report:
@@ -227,6 +229,8 @@ def run_chargen(args: argparse.Namespace, target: Target, options: Options) -> R
                 raise TimedOut(
                     f"timed out waiting for chargen from {target} ({checker.received} bytes so far)"
                 ) from None
+            except OSError as exc:
+                raise io_error(exc, str(target), f"after {checker.received} bytes") from None
             if not data:
                 raise ClosedEarly(
                     f"{target} closed the chargen stream after {checker.received} bytes"
@@ -293,13 +297,15 @@ def run_info(args: argparse.Namespace, target: Target, options: Options) -> Repo
 def _info_udp(args: argparse.Namespace, target: Target, options: Options) -> bytes:
     size = max(UDP_INFO_REQUEST, args.size[1]) if args.size_given else UDP_INFO_REQUEST
     with open_datagram(target, options) as sock:
-        sock.send(b"info\n".ljust(size, b" "))
-        readable, _, _ = select.select([sock], [], [], args.timeout)
-        if not readable:
-            raise TimedOut(f"no info reply from udp:{target} to a {size}-byte request")
-        with contextlib.suppress(BlockingIOError):
-            return sock.recv(65536)
-    raise TimedOut(f"no info reply from udp:{target}")
+        try:
+            sock.send(b"info\n".ljust(size, b" "))
+            readable, _, _ = select.select([sock], [], [], args.timeout)
+            if readable:
+                with contextlib.suppress(BlockingIOError):
+                    return sock.recv(65536)
+        except ConnectionRefusedError:
+            raise Refused(f"nothing listens on UDP {target} (ICMP port unreachable)") from None
+    raise TimedOut(f"no info reply from udp:{target} to a {size}-byte request")
 
 
 def _flatten(value: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
