@@ -20,8 +20,9 @@ from typing import Any
 
 import pytest
 
-from epolld.client import cli, errors
+from epolld.client import cli, errors, proxy_header
 from epolld.client.services import CYCLE, LINE
+from epolld.tcp.proxy import HeaderParser
 from tests import echo_servers
 from tests import tls_support as tls
 from tests.echo_servers import serving
@@ -693,3 +694,29 @@ def test_service_reset_by_the_server_is_reported(service: str) -> None:
     assert result.returncode == errors.EXIT_RESET, result.stderr
     assert result.stderr.startswith(f"Error: connection reset by 127.0.0.1:{server.port}")
     assert result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("version", "source", "destination", "family"),
+    [
+        ("v1", ("192.0.2.1", 1), ("198.51.100.2", 7080), "tcp4"),
+        ("v2", ("192.0.2.1", 65535), ("198.51.100.2", 7080), "tcp4"),
+        ("v1", ("2001:db8::1", 0), ("2001:db8::2", 7), "tcp6"),
+        ("v2", ("2001:db8::1", 4000), ("::1", 7), "tcp6"),
+        ("v2", ("2001:db8::1", 4000), ("127.0.0.1", 7), "tcp6"),  # destination of the other family
+    ],
+)
+def test_proxy_headers_parse_in_epolld(
+    version: str, source: tuple[str, int], destination: tuple[str, int], family: str
+) -> None:
+    """Each header the client builds is read back by the daemon's own parser."""
+    header = proxy_header.build(version, source, destination)
+    parsed = HeaderParser().feed(header + b"payload")
+    assert parsed is not None
+    assert parsed.rest == b"payload"
+    assert (parsed.header.version, parsed.header.family) == (int(version[1]), family)
+    assert parsed.header.source == source
+    if destination[0] == "127.0.0.1":
+        assert parsed.header.destination == ("::", 7)
+    else:
+        assert parsed.header.destination == destination
