@@ -76,6 +76,8 @@ _PKTINFO4_SIZE: Final = 12  # struct in_pktinfo: ifindex, spec_dst, addr
 _PKTINFO6_SIZE: Final = 20  # struct in6_pktinfo: addr, ifindex
 # IPv4 first octets that are no unicast host: 0/8 "this network", 224/4 multicast, 240/4.
 _NOT_UNICAST_V4: Final = frozenset({"0", *(str(n) for n in range(224, 256))})
+_NOT_UNICAST4_FIRST: Final = frozenset({0, *range(224, 256)})  # the same, as sin_addr's byte
+_NOT_UNICAST6_FIRST: Final = frozenset({0xFF})  # ff00::/8
 
 
 def _not_unicast(host: str, v6: bool) -> bool:
@@ -214,6 +216,12 @@ class UdpEndpoint:
         self._pktinfo_level = socket.IPPROTO_IPV6 if self._v6 else socket.IPPROTO_IP
         self._pktinfo_kind = socket.IPV6_PKTINFO if self._v6 else listeners_mod.IP_PKTINFO
         self._ancmin = socket.CMSG_LEN(size)  # a whole pktinfo message
+        # Across a batch: the offset of the address's first byte in a sockaddr, and the
+        # first bytes of sources that are no unicast host (see _not_unicast).
+        self._first_octet = 8 if self._v6 else 4
+        self._not_unicast_octets = _NOT_UNICAST6_FIRST if self._v6 else _NOT_UNICAST4_FIRST
+        self._refused_for: frozenset[int] | None = None
+        self._refused_raw: frozenset[int] = frozenset()
         self._batch: MmsgBatch | None = None
         self._batched = _batch_calls_usable(self.sock)
         self.set_max_datagram(max_datagram)
@@ -288,10 +296,15 @@ class UdpEndpoint:
         """
         stats = self._stats
         stats.received += n
+        limiter = self._limiter
+        if not (limiter.admit_each or self._wildcard) and self._all_plain(batch, n):
+            # Every datagram gets its echo: the lengths are copied in one slice, no loop.
+            batch.iov_words[2 : n << 2 : 4] = batch.words[14 : n << 4 : 16]
+            self._send_batch(batch, n)
+            return False
         dropped = stats.dropped
         words, names, name_words = batch.words, batch.names, batch.name_words
-        iov_lens = batch.iov_lens
-        limiter = self._limiter
+        iov_lens, raw = batch.iov_lens, batch.raw
         admit_each, refused = limiter.admit_each, limiter.refused_ports
         now = self._clock.now
         local_port, local_word, local_packed = self._local[1], self._local_word, self._local_packed
@@ -335,12 +348,30 @@ class UdpEndpoint:
             # What to reply: the echo is the datagram itself, slot i's buffer, all msg_len
             # bytes of it (another reply would be written there, its length set here).
             iov_lens[2 * i + 1] = words[w + 14]
-            if kept != i:
-                batch.keep(i, kept)
+            if kept != i:  # move its header next to the replies before it
+                raw[kept << 6 : (kept + 1) << 6] = raw[i << 6 : (i + 1) << 6]
             kept += 1
         if kept:
             self._send_batch(batch, kept)
         return reports
+
+    def _all_plain(self, batch: MmsgBatch, n: int) -> bool:
+        """Whether each of the n datagrams passes the checks of _echo_batch's loop, looked
+        at across the batch in C: no flags (MSG_TRUNC), no source that is not unicast, no
+        refused source port or our own (from ourselves?) port. Rate limits are off.
+        """
+        if any(batch.words[12 : n << 4 : 16]):  # msg_flags
+            return False
+        refused = self._limiter.refused_ports
+        if refused is not self._refused_for:
+            local_port = socket.htons(self._local[1])  # as the raw sin_port reads
+            self._refused_raw = frozenset({socket.htons(p) for p in refused} | {local_port})
+            self._refused_for = refused
+        stride = batch.name_size
+        if not self._refused_raw.isdisjoint(batch.port_halves[1 : (n * stride) >> 1 : stride >> 1]):
+            return False
+        first = batch.names[self._first_octet : n * stride : stride]
+        return self._not_unicast_octets.isdisjoint(first)
 
     def _check_destination(self, batch: MmsgBatch, i: int, port: int) -> str | None:
         """On a wildcard socket: slot i's destination from its pktinfo; prepare the reply's.

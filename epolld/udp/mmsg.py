@@ -103,8 +103,8 @@ class MmsgBatch:
     After recv() returns n, slot i (i < n) holds: words[16*i + W_LEN] the length,
     words[16*i + W_FLAGS] the flags, names[stride*i:...] the source sockaddr,
     controls[CONTROL_SIZE*i:...] the control data. To reply, the endpoint sets the
-    slot's iov length (iov_lens[2*i + 1]), moves admitted headers to the front
-    (keep()), and calls send(count).
+    slot's iov length (iov_lens[2*i + 1]), moves the replies' headers to the front
+    (64-byte slices of raw), and calls send(start, count); recv() restores the headers.
     """
 
     def __init__(self, sock: socket.socket, size: int, *, control: bool) -> None:
@@ -136,13 +136,15 @@ class MmsgBatch:
         raw = memoryview(self._meta).cast("B")
         self._restore_end = SLOTS * (HEADER_SIZE + IOVEC_SIZE)
         self._template = bytes(raw[: self._restore_end])  # headers and iovecs as recv wants
-        self._raw = raw
+        self.raw = raw
         self.words = raw[: SLOTS * HEADER_SIZE].cast("I")
         self.quads = raw[: SLOTS * HEADER_SIZE].cast("Q")
         self.iov_lens = raw[SLOTS * HEADER_SIZE : self._restore_end].cast("Q")
+        self.iov_words = raw[SLOTS * HEADER_SIZE : self._restore_end].cast("I")
         names_end = self._restore_end + SLOTS * self.name_size
         self.names = raw[self._restore_end : names_end]
         self.name_words = self.names.cast("I")
+        self.port_halves = self.names.cast("H")  # sin_port is half 1 of each sockaddr
         self.controls = raw[names_end:]
         self.control_words = self.controls.cast("I")
         self.data = memoryview(self._data)
@@ -158,7 +160,7 @@ class MmsgBatch:
             OSError: the first datagram's error (an ICMP error, or a refused call).
         """
         if self._dirty:  # the last reply changed lengths and moved headers
-            self._raw[: self._restore_end] = self._template
+            self.raw[: self._restore_end] = self._template
         n: int = self._recv(self.fd, self.headers_address, SLOTS, socket.MSG_DONTWAIT, None)
         self._dirty = n > 0
         if n < 0:
@@ -167,11 +169,6 @@ class MmsgBatch:
                 return 0
             raise OSError(code, errno.errorcode.get(code, str(code)))
         return n
-
-    def keep(self, source: int, target: int) -> None:
-        """Move slot source's header to slot target (< source): it is the target-th reply."""
-        start, end = source * HEADER_SIZE, target * HEADER_SIZE
-        self._raw[end : end + HEADER_SIZE] = self._raw[start : start + HEADER_SIZE]
 
     def send(self, start: int, count: int) -> int:
         """Send the replies in header slots start..count-1 without waiting.
@@ -191,8 +188,9 @@ class MmsgBatch:
 
     def close(self) -> None:
         """Release the data buffers (the memoryviews over them first)."""
-        for view in (self.data, self.words, self.quads, self.iov_lens, self.names,
-                     self.name_words, self.controls, self.control_words, self._raw):  # fmt: skip
+        for view in (self.data, self.words, self.quads, self.iov_lens, self.iov_words,
+                     self.names, self.name_words, self.port_halves, self.controls,
+                     self.control_words, self.raw):  # fmt: skip
             view.release()
         del self._data_ref
         self._data.close()
