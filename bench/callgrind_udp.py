@@ -34,7 +34,7 @@ LIMITS = {
     "off": "udp: {rate: 0, byte_rate: 0, total_rate: 0}",
     # The shipped limiter's work per datagram (buckets per source and in total, the table)
     # with rates no bench load reaches, so every datagram is still echoed.
-    "on": "udp: {rate: 10000000, burst: 10000000, byte_rate: 100GiB, total_rate: 10000000}",
+    "on": "udp: {rate: 10000000, burst: 10000000, byte_rate: 1GiB, total_rate: 10000000}",
 }
 
 

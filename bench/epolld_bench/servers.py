@@ -154,7 +154,7 @@ class EpolldServer(Server):
 # source and 10,000 in all per second, nearly every datagram of a bench load is dropped,
 # and there is no CPU per echo to compare.)
 UDP_LIMITS_OFF = "udp: {rate: 0, byte_rate: 0, total_rate: 0}"
-UDP_LIMITS_ON = "udp: {rate: 10000000, burst: 10000000, byte_rate: 100GiB, total_rate: 10000000}"
+UDP_LIMITS_ON = "udp: {rate: 10000000, burst: 10000000, byte_rate: 1GiB, total_rate: 10000000}"
 
 
 @dataclasses.dataclass(frozen=True)
