@@ -69,7 +69,7 @@ _ICMP_ERRNOS: Final = frozenset({
 _SEND_FULL: Final = frozenset({errno.EAGAIN, errno.ENOBUFS})
 # recvmmsg/sendmmsg refused to this process: no symbol, an old kernel, a seccomp filter.
 _UNAVAILABLE_ERRNOS: Final = frozenset({errno.ENOSYS, errno.EPERM, errno.EACCES})
-_MSG_TRUNC: Final = socket.MSG_TRUNC
+_MSG_TRUNC: Final = int(socket.MSG_TRUNC)  # a plain int: IntFlag & int runs enum code in Python
 _LIMITER_REASONS: Final = frozenset({RATE, BYTE_RATE, TOTAL_RATE})  # logged by reports
 
 _PKTINFO4_SIZE: Final = 12  # struct in_pktinfo: ifindex, spec_dst, addr
@@ -518,7 +518,7 @@ class UdpEndpoint:
     def _echo_from_destination(self, nbytes: int, ancdata: list[tuple[int, int, bytes]],
                                flags: int, addr: Any) -> str | None:  # fmt: skip
         """Echo a datagram on a wildcard socket, from the address it was sent to."""
-        if flags & socket.MSG_TRUNC:
+        if flags & _MSG_TRUNC:
             return TRUNCATED
         host, port = addr[0], addr[1]
         if _not_unicast(host, self._v6):

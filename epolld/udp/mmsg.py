@@ -42,6 +42,7 @@ Q_CONTROLLEN: Final = 5  # 64-bit word offset of msg_controllen
 # errnos that say "this process may not use the call", not "this datagram failed".
 UNAVAILABLE_ERRNOS: Final = frozenset({errno.ENOSYS, errno.EPERM, errno.EACCES})
 
+_DONTWAIT: Final = int(socket.MSG_DONTWAIT)  # a plain int for ctypes, not an IntFlag
 _calls: tuple[ctypes._CFuncPtr, ctypes._CFuncPtr] | None = None  # type: ignore[name-defined]
 _calls_error = ""
 
@@ -161,7 +162,7 @@ class MmsgBatch:
         """
         if self._dirty:  # the last reply changed lengths and moved headers
             self.raw[: self._restore_end] = self._template
-        n: int = self._recv(self.fd, self.headers_address, SLOTS, socket.MSG_DONTWAIT, None)
+        n: int = self._recv(self.fd, self.headers_address, SLOTS, _DONTWAIT, None)
         self._dirty = n > 0
         if n < 0:
             code = ctypes.get_errno()
@@ -180,7 +181,7 @@ class MmsgBatch:
             OSError: the first one failed (EAGAIN when the send buffer is full).
         """
         sent: int = self._send(self.fd, self.headers_address + start * HEADER_SIZE,
-                               count - start, socket.MSG_DONTWAIT)  # fmt: skip
+                               count - start, _DONTWAIT)  # fmt: skip
         if sent < 0:
             code = ctypes.get_errno()
             raise OSError(code, errno.errorcode.get(code, str(code)))

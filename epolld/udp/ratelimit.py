@@ -148,7 +148,10 @@ class UdpLimiter:
             if self._byte_rate and entry.bytes < size:
                 return self._drop(source, entry, BYTE_RATE, now)
         if self._total_rate:
-            self._refill_total(now)
+            elapsed = now - self._total_stamp  # _refill_total(), inline: once per datagram
+            if elapsed > 0:
+                self._total_stamp = now
+                self._total = min(self._total_burst, self._total + elapsed * self._total_rate)
             if self._total < 1.0:
                 self._total_dropped += 1
                 if now >= self._total_report_after:
