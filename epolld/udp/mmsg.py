@@ -66,9 +66,9 @@ def _libc_calls() -> tuple[ctypes._CFuncPtr, ctypes._CFuncPtr]:  # type: ignore[
         except (OSError, AttributeError) as e:
             _calls_error = f"no recvmmsg/sendmmsg in the C library: {e}"
             raise OSError(errno.ENOSYS, _calls_error) from None
-        recv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int,
-                         ctypes.c_void_p]  # fmt: skip
-        send.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int]
+        # No argtypes: converting each argument through them costs more than the call
+        # itself. The callers pass what needs no conversion: small ints (int), c_void_p
+        # objects made once for the addresses, None (NULL); the result is an int.
         recv.restype = send.restype = ctypes.c_int
         _calls = (recv, send)
     return _calls
@@ -124,7 +124,8 @@ class MmsgBatch:
         names = iovs + SLOTS * IOVEC_SIZE
         controls = names + SLOTS * self.name_size
         data = ctypes.addressof(self._data_ref)
-        self.headers_address = base
+        self._headers = ctypes.c_void_p(base)  # recvmmsg's vector
+        self._from_slot = [ctypes.c_void_p(base + i * HEADER_SIZE) for i in range(SLOTS)]
         for i in range(SLOTS):
             struct.pack_into("PQ", self._meta, SLOTS * HEADER_SIZE + i * IOVEC_SIZE,
                              data + i * size, size)  # fmt: skip
@@ -162,7 +163,7 @@ class MmsgBatch:
         """
         if self._dirty:  # the last reply changed lengths and moved headers
             self.raw[: self._restore_end] = self._template
-        n: int = self._recv(self.fd, self.headers_address, SLOTS, _DONTWAIT, None)
+        n: int = self._recv(self.fd, self._headers, SLOTS, _DONTWAIT, None)
         self._dirty = n > 0
         if n < 0:
             code = ctypes.get_errno()
@@ -180,8 +181,7 @@ class MmsgBatch:
         Raises:
             OSError: the first one failed (EAGAIN when the send buffer is full).
         """
-        sent: int = self._send(self.fd, self.headers_address + start * HEADER_SIZE,
-                               count - start, _DONTWAIT)  # fmt: skip
+        sent: int = self._send(self.fd, self._from_slot[start], count - start, _DONTWAIT)
         if sent < 0:
             code = ctypes.get_errno()
             raise OSError(code, errno.errorcode.get(code, str(code)))
