@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from epolld.config import ListenerTls
 from epolld.errors import ConfigError
@@ -47,22 +48,24 @@ def build_context(settings: ListenerTls) -> ssl.SSLContext:
     return default
 
 
-SniCallback = Callable[[ssl.SSLObject, "str | None", ssl.SSLContext], None]
+# The callback's first argument is the TlsConnection (the owner of its TLS session):
+# its `sni` is logged, and setting its `context` switches the session's.
+SniCallback = Callable[[Any, "str | None", ssl.SSLContext], None]
 
 
 def _chooser(exact: dict[str, ssl.SSLContext], wildcard: dict[str, ssl.SSLContext]) -> SniCallback:
-    def choose(sslobj: ssl.SSLObject, server_name: str | None, _current: ssl.SSLContext) -> None:
+    def choose(conn: Any, server_name: str | None, _current: ssl.SSLContext) -> None:
         """Pick the entry whose names match server_name; none matching keeps the default."""
         if server_name is None:
             return
         name = server_name.lower()
-        sslobj.epolld_sni = name  # type: ignore[attr-defined]  # for the connection log
+        conn.sni = name  # for the connection log
         context = exact.get(name)
         if context is None:
             _, _, parent = name.partition(".")
             context = wildcard.get(parent)  # "*.b.example" covers one label only
         if context is not None:
-            sslobj.context = context
+            conn.context = context
 
     return choose
 
