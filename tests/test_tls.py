@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import ssl
+import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -111,6 +112,33 @@ def test_cli_clients_echo_a_mebibyte(
     established = daemon.wait_for("tls_established")[0]
     assert established["version"] == f"TLSv{version}"
     assert established["cipher"]
+
+
+@pytest.mark.parametrize("version", ["1.2", "1.3"])
+def test_the_client_s_order_of_cipher_suites_wins(
+    tmp_path: Path, daemons: list[Daemon], certs: tls.Certs, tools: None, version: str
+) -> None:
+    """A client that lists AES-128-GCM before AES-256-GCM gets AES-128-GCM (Mozilla's
+    intermediate profile), and one that lists them the other way round gets AES-256-GCM:
+    the server imposes no order of its own."""
+    daemon = _start(tmp_path, daemons, certs)
+    suites = {
+        "1.2": ("ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES256-GCM-SHA384"),
+        "1.3": ("TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384"),
+    }[version]
+    for order in (suites, suites[::-1]):
+        option = "-cipher" if version == "1.2" else "-ciphersuites"
+        command = ["openssl", "s_client", "-connect", f"127.0.0.1:{_port(daemon)}",
+                   f"-tls{version.replace('.', '_')}", option, ":".join(order)]  # fmt: skip
+        if version == "1.2":
+            command += ["-ciphersuites", ""]  # no TLS 1.3 suites: only the 1.2 list counts
+        result = subprocess.run(
+            command, input=b"", capture_output=True, timeout=tls.WAIT_S, check=False
+        )
+        assert result.returncode == 0, result.stderr.decode()[-400:]
+        assert f"Cipher is {order[0]}" in result.stdout.decode()
+    ciphers = [e["cipher"] for e in daemon.wait_for("tls_established", count=2)]
+    assert ciphers == [suites[0], suites[1]]
 
 
 @pytest.mark.parametrize("trigger", ["level", "edge"])
