@@ -226,8 +226,12 @@ class TlsConnection(Connection):
                 self.eof = True
                 self.reading = False
                 return True
-            except ssl.SSLWantWriteError:  # OpenSSL must answer first (a key update)
-                self.shared.reschedule((self.fd, EPOLLOUT))
+            except ssl.SSLWantWriteError:
+                # OpenSSL must send an answer first (to a key update) and the socket is
+                # full. Read again next turn (until the socket takes it): the record has
+                # left the kernel's queue, so no EPOLLIN comes for it, and an EPOLLOUT
+                # event does not read.
+                self.shared.reschedule((self.fd, EPOLLIN))
                 return True
             except ssl.SSLError as e:
                 self.reason = "error"
