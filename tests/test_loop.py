@@ -6,6 +6,7 @@ import os
 import select
 import signal
 import socket
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -254,3 +255,12 @@ def test_signal_runs_in_the_loop_and_handler_is_restored(reactor: Reactor) -> No
     reactor.run()
     assert got == [signal.SIGUSR2]
     assert signal.getsignal(signal.SIGUSR2) is before
+
+
+def test_longest_turn_is_the_longest_work_between_two_polls(reactor: Reactor) -> None:
+    """A timer that keeps the loop 0.15 s shows as the longest turn (the stats line's
+    longest_turn_ms); quick turns before and after it do not lower the figure."""
+    reactor.call_soon(lambda: None)  # a quick turn first
+    reactor.call_later(0.02, lambda: time.sleep(0.15))
+    run_for(reactor, 0.3)
+    assert 0.15 <= reactor.longest_turn_s < 0.3

@@ -93,6 +93,7 @@ class Report:
             "splice_connections": self._admission.pipes,
             **self._udp.gauges(),
             "proxy_reading": len(self._proxied.readers),
+            "longest_turn_ms": round(self.reactor.longest_turn_s * 1000, 1),
         }
 
     def log_stats(self) -> None:
