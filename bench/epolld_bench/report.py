@@ -56,6 +56,8 @@ class Context:
     workload: Workload
     c: Entry
     uv: Entry
+    go: Entry = dataclasses.field(default_factory=dict)  # the peers (issue 24)
+    tokio: Entry = dataclasses.field(default_factory=dict)
 
 
 Cell = Callable[[Entry, Context], str]
@@ -112,6 +114,8 @@ CPU: list[Column] = [
     ("user", col_share("user_share")),
     ("vs C", col_vs("cpu_s_per_m_rt", "c")),
     ("vs uvloop", col_vs("cpu_s_per_m_rt", "uv")),
+    ("vs Go", col_vs("cpu_s_per_m_rt", "go")),
+    ("vs tokio", col_vs("cpu_s_per_m_rt", "tokio")),
 ]
 LATENCY: list[Column] = [
     ("p50 µs", col_median("p50_us")),
@@ -146,6 +150,8 @@ TABLES: dict[str, list[Column]] = {
         ("CPU s per GB", col_cpu_per_gb),
         ("vs C", col_vs("mb_per_s", "c")),
         ("vs uvloop", col_vs("mb_per_s", "uv")),
+        ("CPU vs Go", col_vs("cpu_s_per_m_rt", "go")),
+        ("CPU vs tokio", col_vs("cpu_s_per_m_rt", "tokio")),
         *TAIL,
     ],
     "fairness": [
@@ -165,11 +171,15 @@ TABLES: dict[str, list[Column]] = {
         ("start-up RSS MiB", col_median("start_rss_mib", 1)),
         ("peak RSS MiB", col_range("peak_rss_mib", 1)),
         ("KiB per conn", col_range("rss_per_conn_kib", 3)),
+        ("Pss KiB per conn, all processes", col_range("idle_pss_kib_per_conn", 3)),
         ("listen drops", col_range("listen_drops")),
         ("pipe fds", col_median("server_pipes")),
         ("ping-pong p50 µs", col_median("p50_us")),
         ("p99 µs", col_range("p99_us")),
         ("max µs", col_median("max_us")),
+        ("CPU/Mrt", col_range("cpu_s_per_m_rt", 2)),
+        ("CPU vs Go", col_vs("cpu_s_per_m_rt", "go")),
+        ("CPU vs tokio", col_vs("cpu_s_per_m_rt", "tokio")),
         ("other", col_other),
         ("errors", col_errors),
     ],
@@ -197,6 +207,7 @@ TABLES["udp"] = [
     ("user", col_share("user_share")),
     ("vs C", col_vs("cpu_s_per_m_rt", "c")),
     ("vs uvloop", col_vs("cpu_s_per_m_rt", "uv")),
+    ("vs Go", col_vs("cpu_s_per_m_rt", "go")),
     ("loss", lambda e, _: fmt((med(e, "loss_ratio") or 0) * 100, 2) + "%"),
     ("p50 µs", col_median("p50_us")),
     ("p99 µs", col_median("p99_us")),
@@ -381,7 +392,7 @@ def workload_tables(data: dict[str, Any], loadgen_args: dict[str, list[str]]) ->
         c, uv = ("c-udp", "uvloop-datagram") if workload.udp else ("c-epoll", "uvloop-protocol")
         if workload.tls:
             c, uv = "go-tls", "uvloop-tls"
-        ctx = Context(workload, per.get(c, {}), per.get(uv, {}))
+        ctx = Context(workload, per.get(c, {}), per.get(uv, {}), per.get("go", {}), per.get("tokio", {}))
         title = data.get("titles", {}).get(name, workload.heading)
         out += [f"## {title}", ""]
         args = loadgen_args.get(name) or workload.load.args()

@@ -113,6 +113,18 @@ TARGETS: list[Target] = [
     T("TLS4-edge", "10,000 idle TLS connections, edge: RSS above start-up <= 20 KiB per conn",
       "tls-idle", "epolld-edge", "idle_rss_kib_per_conn", "<=", "", 20.0, 21),
 ]  # fmt: skip
+# issue 24: the peers an engineer would pick. epolld (level, the default) at or below Go's CPU
+# per round trip on every ping-pong and scale row, and per GB streamed (CPU per chunk of a
+# fixed size); tokio's ratios are reported in the tables (vs tokio), not judged.
+PEER_ROWS = (
+    "pp-1k-c1", "pp-1k-c10", "pp-1k-c100", "pp-1k-c1000", "pp-64-c100", "pp-16k-c100",
+    "pp-128k-c100", "idle-10k", "stream-64k-c10", "scale", "scale-10k",
+)  # fmt: skip
+TARGETS += [
+    T(f"G1-{row}", f"{row}, level: CPU/{'GB' if row.startswith('stream') else 'rt'} <= Go",
+      row, "epolld-level", "cpu", "<=", "go", 1.0, 24)
+    for row in PEER_ROWS
+]  # fmt: skip
 METRIC_KEY = {
     "rtps": "round_trips_per_s",
     "cpu": "cpu_s_per_m_rt",

@@ -14,7 +14,10 @@ import math
 from collections.abc import Mapping
 
 KIB = 1024
-# The servers of the original matrix (issue 6); workloads name their servers explicitly.
+# The peers an engineer would pick instead of epolld (issue 24): Go's net and Rust's tokio.
+PEERS = ("go", "tokio")
+# The servers of the original matrix (issue 6) and the peers; workloads name their servers
+# explicitly.
 CLASSIC = (
     "c-epoll",
     "asyncio-protocol",
@@ -23,6 +26,7 @@ CLASSIC = (
     "epolld-level",
     "epolld-edge",
     "epolld-splice",
+    *PEERS,
 )
 EPOLLD_BOTH = ("epolld-level", "epolld-edge")
 # The UDP rows (issue 10): C with recvfrom/sendto and with recvmmsg/sendmmsg, asyncio and
@@ -34,6 +38,7 @@ UDP_SERVERS = (
     "uvloop-datagram",
     "epolld-level",
     "epolld-edge",
+    "go",  # its datagram loop (tokio's is not part of the comparison)
 )
 UDP_SOCKETS = 4  # connected client sockets
 UDP_WINDOW = 16  # datagrams in flight per socket
@@ -222,7 +227,7 @@ WORKLOADS = [
         "scale",
         SCALE_CONNS,
         "scale: {conns:,} connections, each echoing once, then 1 KiB ping-pong on one",
-        servers=("c-epoll", *EPOLLD_BOTH),
+        servers=("c-epoll", *EPOLLD_BOTH, *PEERS),
         scalable=True,
         quick=True,
     ),
@@ -230,7 +235,7 @@ WORKLOADS = [
         "scale-10k",
         10_000,
         "scale: {conns:,} connections (every io mode), then 1 KiB ping-pong on one",
-        servers=("c-epoll", *EPOLLD_BOTH, "epolld-splice"),
+        servers=("c-epoll", *EPOLLD_BOTH, "epolld-splice", *PEERS),
     ),
     scale(
         "scale-expiry",
