@@ -177,6 +177,7 @@ TABLES: dict[str, list[Column]] = {
         ("ping-pong p50 µs", col_median("p50_us")),
         ("p99 µs", col_range("p99_us")),
         ("max µs", col_median("max_us")),
+        ("loop's longest turn ms", col_median("longest_turn_ms", 1)),
         ("CPU/Mrt", col_range("cpu_s_per_m_rt", 2)),
         ("CPU vs Go", col_vs("cpu_s_per_m_rt", "go")),
         ("CPU vs tokio", col_vs("cpu_s_per_m_rt", "tokio")),
@@ -189,6 +190,8 @@ TABLES["handoff"] = [
     ("signal to READY=1 (s)", col_range("handoff_s", 3)),
     *((f"{step} ms (µs/conn)", _col_step(step)) for step in HANDOFF_STEPS),
     ("ping-pong max µs", col_range("max_us")),
+    ("echoing again afterwards", col_median("reprobed")),
+    ("loop's longest turn ms", col_range("longest_turn_ms", 1)),
     ("errors", col_errors),
 ]
 TABLES["workers-scale-10k"] = [
@@ -226,6 +229,13 @@ def _scaled(entry: Entry | None, factor: float) -> Entry | None:
     if not entry:
         return None
     return {k: entry[k] * factor for k in ("median", "min", "max")}
+
+
+def col_turns(e: Entry, _: Context) -> str:
+    """The longest turn of any epolld process's loop before the measured client started
+    and at its end: a larger second figure is the wave's (or the ping-pong's)."""
+    before, after = med(e, "longest_turn_before_ms"), med(e, "longest_turn_ms")
+    return f"{fmt(before, 1)} / {fmt(after, 1)}"
 
 
 def col_tls(e: Entry, _: Context) -> str:
@@ -280,6 +290,7 @@ TABLES["scale-expiry"] = [
     ("probe p50 µs", col_median("p50_us")),
     ("p99 µs", col_median("p99_us")),
     ("longest round trip µs", col_range("max_us")),
+    ("loop's longest turn ms, before / after", col_turns),
     ("peak RSS MiB", col_median("peak_rss_mib", 1)),
     ("other", col_other),
     ("errors", col_errors),
@@ -349,7 +360,7 @@ def method(data: dict[str, Any]) -> list[str]:
 
 def targets_table(data: dict[str, Any]) -> list[str]:
     out = [
-        "## Targets (issues 6, 9, 10 and 21)",
+        "## Targets (issues 6, 9, 10, 21 and 24)",
         "",
         "Measured is the median (its ratio to the reference's median); a result is decided on"
         " those. **Paired** is the median (min-max) of the per-repeat ratios, each taken between"
@@ -392,7 +403,9 @@ def workload_tables(data: dict[str, Any], loadgen_args: dict[str, list[str]]) ->
         c, uv = ("c-udp", "uvloop-datagram") if workload.udp else ("c-epoll", "uvloop-protocol")
         if workload.tls:
             c, uv = "go-tls", "uvloop-tls"
-        ctx = Context(workload, per.get(c, {}), per.get(uv, {}), per.get("go", {}), per.get("tokio", {}))
+        ctx = Context(
+            workload, per.get(c, {}), per.get(uv, {}), per.get("go", {}), per.get("tokio", {})
+        )
         title = data.get("titles", {}).get(name, workload.heading)
         out += [f"## {title}", ""]
         args = loadgen_args.get(name) or workload.load.args()

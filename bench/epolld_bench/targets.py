@@ -125,6 +125,18 @@ TARGETS += [
       row, "epolld-level", "cpu", "<=", "go", 1.0, 24)
     for row in PEER_ROWS
 ]  # fmt: skip
+# issue 24: 100,000 connections (bench/run --scale-conns 100000 --workers 6; the same at 19,900
+# on one process), and the restart handoff of all of them.
+TARGETS += [
+    T("S2-pss", "scale, level: Pss of all processes above start-up <= 0.5 KiB per connection",
+      "scale", "epolld-level", "idle_pss_kib_per_conn", "<=", "", 0.5, 24),
+    T("S7-level", "expiry wave, level: the loop's longest turn (every worker) <= 100 ms",
+      "scale-expiry", "epolld-level", "longest_turn_ms", "<=", "", 100.0, 24),
+    T("S7-edge", "expiry wave, edge: the loop's longest turn (every worker) <= 100 ms",
+      "scale-expiry", "epolld-edge", "longest_turn_ms", "<=", "", 100.0, 24),
+    T("H1-scale", "handoff-scale: signal to READY=1 <= 3 s",
+      "handoff-scale", "epolld-level", "handoff_s", "<=", "", 3.0, 24),
+]  # fmt: skip
 METRIC_KEY = {
     "rtps": "round_trips_per_s",
     "cpu": "cpu_s_per_m_rt",

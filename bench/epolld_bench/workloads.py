@@ -91,6 +91,7 @@ class Workload:
     epolld_limits: Mapping[str, str] = dataclasses.field(default_factory=dict)
     min_duration_s: float = 0.0  # measured at least this long (to cover an idle timeout)
     handoff: bool = False  # SIGUSR2 mid-run: the restart handoff (re-exec in place), timed
+    holders_reprobe: bool = False  # at the end every held connection echoes once more
 
     @property
     def udp(self) -> bool:
@@ -125,6 +126,10 @@ class Workload:
                 extra = ["--source-addrs", str(addrs), "--source-offset", str(i * share)]
                 if self.holders_expire:
                     extra.append("--expect-close")
+                if self.holders_reprobe:
+                    extra += ["--reprobe", "--drain-timeout", "10"]
+                if self.conns > 2 * HOLDERS_PER_PROCESS:  # all holders connect at once
+                    extra += ["--connect-timeout", str(10 + self.conns // 10_000)]
                 out.append(Load(conns=0, idle=share, extra=tuple(extra), tls=self.tls).args())
         return out
 
@@ -262,6 +267,23 @@ WORKLOADS = [
             min_duration_s=3.0,
         )
         for conns in (1_000, 10_000)
+    ),
+    # issue 24: the handoff at scale, every held connection echoing again afterwards;
+    # bench/run --only handoff-scale --scale-conns 100000 --workers 6
+    Workload(
+        "handoff-scale",
+        "handoff: {conns:,} connections handed to a re-executed epolld (SIGUSR2) while one"
+        " ping-pong client (1 KiB) keeps going, then every held one echoes once more; time"
+        " from the signal to READY=1",
+        Load(conns=1, size=KIB),
+        table="handoff",
+        group="scale-handoff",
+        servers=("epolld-level",),
+        holders=10_000 - 1,
+        handoff=True,
+        holders_reprobe=True,
+        scalable=True,
+        min_duration_s=8.0,
     ),
     # workers: the same load on 1 and on N processes. On this 2-core machine (server on
     # one core) they show the cost per round trip; with --server-cpus 0-7 the scaling.
