@@ -104,21 +104,6 @@ static void on_acceptable(int lfd, int backlog) {
     }
 }
 
-/* How many sockets listen on port in this network namespace (/proc/net/tcp, state 0A). */
-static int count_listeners(int port) {
-    FILE *f = fopen("/proc/net/tcp", "r");
-    if (!f) return 0;
-    char line[512];
-    int n = 0;
-    unsigned p, state;
-    while (fgets(line, sizeof line, f))
-        if (sscanf(line, " %*d: %*x:%x %*x:%*x %x", &p, &state) == 2 && p == (unsigned)port &&
-            state == 0x0A)
-            n++;
-    fclose(f);
-    return n;
-}
-
 /* A listening socket on 127.0.0.1:port; with reuseport, one of a SO_REUSEPORT group. */
 static int listen_on(int port, int backlog, int reuseport) {
     int lfd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
@@ -160,6 +145,8 @@ int main(int argc, char **argv) {
     socklen_t len = sizeof sa;
     getsockname(lfd, (struct sockaddr *)&sa, &len);
     pid_t leader = getpid();
+    int ready[2]; /* each sibling writes a byte here once it listens */
+    if (pipe(ready) < 0) die("pipe");
     for (int i = 1; i < processes; i++) {
         pid_t pid = fork();
         if (pid < 0) die("fork");
@@ -168,13 +155,17 @@ int main(int argc, char **argv) {
             if (getppid() != leader) return 0;
             close(lfd);
             lfd = listen_on(ntohs(sa.sin_port), backlog, 1);
+            if (write(ready[1], "r", 1) != 1) die("write");
             break;
         }
     }
-    if (getpid() == leader && processes > 1) { /* wait until every sibling listens */
-        for (int tries = 0; tries < 500 && count_listeners(ntohs(sa.sin_port)) < processes; tries++)
-            usleep(10000);
+    if (getpid() == leader) { /* wait until every sibling listens */
+        char c;
+        for (int i = 1; i < processes; i++)
+            if (read(ready[0], &c, 1) != 1) die("a sibling did not start");
     }
+    close(ready[0]);
+    close(ready[1]);
     if (getpid() == leader)
     printf("{\"event\": \"listening\", \"address\": \"127.0.0.1:%d\", \"server\": \"c-epoll\"}\n",
            ntohs(sa.sin_port));

@@ -124,7 +124,7 @@ def run_once(server: Server, workload: Workload, rep: int, opts: argparse.Namesp
                 )
             )
         problem = (
-            _wait_established(background, ESTABLISH_TIMEOUT_S + workload.conns * 5e-4)
+            _wait_established(background, ESTABLISH_TIMEOUT_S + workload.conns * 2e-3)
             if background
             else None
         )

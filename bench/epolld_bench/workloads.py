@@ -129,7 +129,8 @@ class Workload:
                 if self.holders_reprobe:
                     extra += ["--reprobe", "--drain-timeout", "10"]
                 if self.conns > 2 * HOLDERS_PER_PROCESS:  # all holders connect at once
-                    extra += ["--connect-timeout", str(10 + self.conns // 10_000)]
+                    extra += ["--connect-timeout", str(10 + self.conns // 1_000)]
+                    extra.append("--source-ports")  # connect()'s port search grows slow
                 out.append(Load(conns=0, idle=share, extra=tuple(extra), tls=self.tls).args())
         return out
 
@@ -144,7 +145,20 @@ class Workload:
         """The same workload with `conns` connections in all (--scale-conns)."""
         if not self.scalable:
             return self
-        return dataclasses.replace(self, holders=max(0, conns - self.load.conns))
+        resized = dataclasses.replace(self, holders=max(0, conns - self.load.conns))
+        if self.holders_expire and conns > SCALE_CONNS:
+            # The idle timeout runs from each accept: it must outlast establishing them all
+            # (seconds per 10,000 on this shared machine), or the first expire too early.
+            timeout = IDLE_TIMEOUT_S + math.ceil(conns / 5_000)
+            resized = dataclasses.replace(
+                resized,
+                epolld_limits={**self.epolld_limits, "idle_timeout": f"{timeout}s"},
+                min_duration_s=timeout + 2.5,
+                title=self.title.replace(
+                    f"idle_timeout {IDLE_TIMEOUT_S} s", f"idle_timeout {timeout} s"
+                ),
+            )
+        return resized
 
 
 def scale(name: str, conns: int, title: str, **kwargs: object) -> Workload:
