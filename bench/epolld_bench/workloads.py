@@ -121,9 +121,11 @@ class Workload:
         if self.holders:
             procs = math.ceil(self.holders / HOLDERS_PER_PROCESS)
             addrs = max(2, math.ceil(self.conns / CONNS_PER_SOURCE_ADDRESS))
+            offset = 0  # the connections before this process's: no two share a source port
             for i in range(procs):
                 share = self.holders // procs + (i < self.holders % procs)
-                extra = ["--source-addrs", str(addrs), "--source-offset", str(i * share)]
+                extra = ["--source-addrs", str(addrs), "--source-offset", str(offset)]
+                offset += share
                 if self.holders_expire:
                     extra.append("--expect-close")
                 if self.holders_reprobe:
