@@ -238,6 +238,14 @@ def col_turns(e: Entry, _: Context) -> str:
     return f"{fmt(before, 1)} / {fmt(after, 1)}"
 
 
+def col_deferred(e: Entry, _: Context) -> str:
+    """The same for the CPU of the loop's own deferred work in one turn (accepting, idle
+    sweeps, close batches): what the daemon did, not the waits for a shared core."""
+    before = med(e, "longest_deferred_cpu_before_ms")
+    after = med(e, "longest_deferred_cpu_ms")
+    return f"{fmt(before, 1)} / {fmt(after, 1)}"
+
+
 def col_tls(e: Entry, _: Context) -> str:
     return ", ".join(e.get("tls") or []) or DASH
 
@@ -291,6 +299,7 @@ TABLES["scale-expiry"] = [
     ("p99 µs", col_median("p99_us")),
     ("longest round trip µs", col_range("max_us")),
     ("loop's longest turn ms, before / after", col_turns),
+    ("its deferred work's CPU ms, before / after", col_deferred),
     ("peak RSS MiB", col_median("peak_rss_mib", 1)),
     ("other", col_other),
     ("errors", col_errors),

@@ -146,6 +146,9 @@ def run_once(server: Server, workload: Workload, rep: int, opts: argparse.Namesp
                 pipes = processes.count_pipes(proc.pid)
         if workload.holders and isinstance(server, EpolldServer):
             extra["longest_turn_before_ms"] = longest_turn_ms(proc, log)
+            extra["longest_deferred_cpu_before_ms"] = longest_turn_ms(
+                proc, log, "longest_deferred_cpu_ms"
+            )
         before = processes.cpu_jiffies()
         program = workload.load.program
         argv = loadgen_argv(
@@ -179,6 +182,7 @@ def run_once(server: Server, workload: Workload, rep: int, opts: argparse.Namesp
         hwm = processes.status_kib(proc.pid, "VmHWM")
         if alive and workload.holders and isinstance(server, EpolldServer):
             extra["longest_turn_ms"] = longest_turn_ms(proc, log)
+            extra["longest_deferred_cpu_ms"] = longest_turn_ms(proc, log, "longest_deferred_cpu_ms")
     finally:
         for client in background:
             processes.stop(client)
@@ -227,9 +231,12 @@ def _wait_processes(proc: subprocess.Popen[bytes], server: Server) -> None:
     time.sleep(0.2 if want > 1 else 0)  # a worker's own start-up, after its fork
 
 
-def longest_turn_ms(proc: subprocess.Popen[bytes], log: Path) -> float | None:
+def longest_turn_ms(
+    proc: subprocess.Popen[bytes], log: Path, key: str = "longest_turn_ms"
+) -> float | None:
     """The longest turn of epolld's loop so far, of all its processes (the stats line's
-    longest_turn_ms, per worker in the supervisor's): SIGUSR1, then the new stats line."""
+    longest_turn_ms, per worker in the supervisor's; or another such key, such as
+    longest_deferred_cpu_ms): SIGUSR1, then the new stats line."""
 
     def stats_lines() -> list[dict[str, Any]]:
         out = []
@@ -252,8 +259,8 @@ def longest_turn_ms(proc: subprocess.Popen[bytes], log: Path) -> float | None:
         lines = stats_lines()
         if len(lines) > seen:
             entry = lines[-1]
-            turns = [w.get("longest_turn_ms") for w in entry.get("workers", [])]
-            turns.append(entry.get("longest_turn_ms"))
+            turns = [w.get(key) for w in entry.get("workers", [])]
+            turns.append(entry.get(key))
             values = [float(t) for t in turns if t is not None]
             return max(values) if values else None
         time.sleep(0.05)
@@ -497,6 +504,8 @@ METRICS: dict[str, Callable[[Result], Any]] = {  # summary key: how to get it fr
     "reprobe_s": _field("reprobe_s"),
     "longest_turn_ms": _field("longest_turn_ms"),
     "longest_turn_before_ms": _field("longest_turn_before_ms"),
+    "longest_deferred_cpu_ms": _field("longest_deferred_cpu_ms"),
+    "longest_deferred_cpu_before_ms": _field("longest_deferred_cpu_before_ms"),
     "handoff_s": _field("handoff_s"),
     "handoff_conns": _field("handoff_conns"),
     **{

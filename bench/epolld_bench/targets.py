@@ -130,10 +130,12 @@ TARGETS += [
 TARGETS += [
     T("S2-pss", "scale, level: Pss of all processes above start-up <= 0.5 KiB per connection",
       "scale", "epolld-level", "idle_pss_kib_per_conn", "<=", "", 0.5, 24),
-    T("S7-level", "expiry wave, level: the loop's longest turn (every worker) <= 100 ms",
+    T("S7-level", "expiry wave, level: the loop's longest turn (every worker, wall) <= 100 ms",
       "scale-expiry", "epolld-level", "longest_turn_ms", "<=", "", 100.0, 24),
-    T("S7-edge", "expiry wave, edge: the loop's longest turn (every worker) <= 100 ms",
+    T("S7-edge", "expiry wave, edge: the loop's longest turn (every worker, wall) <= 100 ms",
       "scale-expiry", "epolld-edge", "longest_turn_ms", "<=", "", 100.0, 24),
+    T("S8-level", "expiry wave, level: CPU of the loop's deferred work in one turn <= 100 ms",
+      "scale-expiry", "epolld-level", "longest_deferred_cpu_ms", "<=", "", 100.0, 24),
     T("H1-scale", "handoff-scale: signal to READY=1 <= 3 s",
       "handoff-scale", "epolld-level", "handoff_s", "<=", "", 3.0, 24),
 ]  # fmt: skip
