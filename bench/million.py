@@ -55,6 +55,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--per-holder", type=int, default=16_000, help="connections per client")
     p.add_argument("--source-addrs", type=int, default=0, help="default: one per 20,000")
     p.add_argument("--floor-gib", type=float, default=2.0, help="stop under this MemAvailable")
+    p.add_argument(
+        "--worker-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a silent worker is given before the supervisor replaces it (10 by"
+        " default; set through WATCHDOG_USEC, 4x this, as WatchdogSec would under systemd)",
+    )
     p.add_argument("--max-seconds", type=float, default=0, help="stop adding after this long")
     p.add_argument(
         "--cpus", default="", help="one taskset list for server and clients (default: 0 and 1)"
@@ -108,7 +115,7 @@ class Namespace:
 
 
 def start_server(
-    ns: Namespace, workers: int, conns: int
+    ns: Namespace, workers: int, conns: int, worker_timeout_s: float
 ) -> tuple[subprocess.Popen[bytes], int, Path]:
     config = OUT / "million.yaml"
     config.write_text(
@@ -125,7 +132,13 @@ def start_server(
     argv = [*ns.prefix(), *pinned, str(EPOLLD),
             "--config", str(config), "--log-format", "json"]  # fmt: skip
     with log.open("wb") as out:
-        proc = processes.spawn(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        # Sixty workers on one shared core: a worker can go 10 s without a turn (one did,
+        # and was replaced with its connections). The supervisor's timeout is a quarter of
+        # WatchdogSec; no NOTIFY_SOCKET, so the pings themselves go nowhere.
+        env = {**os.environ, "WATCHDOG_USEC": str(int(worker_timeout_s * 4e6))}
+        proc = processes.spawn(
+            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env
+        )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         for line in log.read_text(errors="replace").splitlines():
@@ -173,9 +186,10 @@ def run(opts: argparse.Namespace, ns: Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"target": opts.conns, "workers": opts.workers,
                               "per_holder": opts.per_holder, "source_addrs": addrs,
                               "floor_gib": opts.floor_gib, "cpus": opts.cpus or "0 and 1",
+                              "worker_timeout_s": opts.worker_timeout,
                               "nice": opts.nice}  # fmt: skip
     mem_before = mem_available_kib()
-    proc, port, log = start_server(ns, opts.workers, opts.conns)
+    proc, port, log = start_server(ns, opts.workers, opts.conns, opts.worker_timeout)
     start_pss = server_pss_kib(proc)
     mem_started = mem_available_kib()
     result.update(
