@@ -120,7 +120,8 @@ def with_workers(conns: int, workers: int) -> int:
                 argv = [str(BIN / "loadgen"), "--port", "7080", "--warmup", "0",
                         "--duration", "900", "--hold-stdin", "--mode", "pingpong", "--conns", "0",
                         "--idle", str(share), "--source-addrs", str(addrs),
-                        "--source-offset", str(offset), "--connect-timeout", "200",
+                        "--source-offset", str(offset), "--source-ports",
+                        "--connect-timeout", "200",
                         "--reprobe", "--drain-timeout", "60"]  # fmt: skip
                 holders.append(
                     subprocess.Popen(
