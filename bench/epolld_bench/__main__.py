@@ -193,6 +193,7 @@ def _main(opts: argparse.Namespace) -> int:
     if opts.only:
         data["options"]["preset"] += f" --only {opts.only}"
     data["titles"] = {w.name: w.heading for w in chosen}
+    data["server_titles"] = {n: s.title for n, s in servers.items()}  # --workers renames
     data["background"] = {w.name: _background_text(w) for w in chosen if w.background()}
     data["targets"] = evaluate(data["summary"], data["raw"])
     example = workloads.BY_NAME["pp-1k-c100"]

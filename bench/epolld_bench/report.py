@@ -429,7 +429,7 @@ def workload_tables(data: dict[str, Any], loadgen_args: dict[str, list[str]]) ->
             entry = per.get(sname)
             if not entry:
                 continue
-            label = server.title
+            label = data.get("server_titles", {}).get(sname, server.title)
             if server and server.io == "splice" and "splice" not in entry.get("io", ["splice"]):
                 label += " — **ran as copy** (no pipes)"
             out.append(f"| {label} | " + " | ".join(cell(entry, ctx) for _, cell in columns) + " |")
