@@ -153,6 +153,14 @@ def with_workers(conns: int, workers: int) -> int:
                     h.wait()
         reprobed = sum(r["reprobed"] for r in results)
         errors = sum(r["error_total"] for r in results)
+        if errors:  # what the service said about it: its warnings and errors
+            for e in c.journal("-u", "epolld", "-p", "warning"):
+                print("journal:", e.get("MESSAGE"), e.get("EPOLLD_EVENT"), flush=True)
+            kinds: dict[str, int] = {}
+            for r in results:
+                for k, n in r["errors"].items():
+                    kinds[k] = kinds.get(k, 0) + n
+            print("client errors:", kinds, flush=True)
         print(
             json.dumps(
                 {
