@@ -46,10 +46,14 @@ class Server:
 
 @dataclasses.dataclass(frozen=True)
 class CServer(Server):
-    """bench/echo_server.c: the practical limit of this machine."""
+    """bench/echo_server.c: the practical limit of this machine; with processes > 1, that
+    many SO_REUSEPORT processes (bench/run --workers N)."""
+
+    processes: int = 1
 
     def command(self, workload: Workload) -> list[str]:
-        return [str(BIN / "echo_server"), "--port", "0", "--backlog", str(BACKLOG)]
+        argv = [str(BIN / "echo_server"), "--port", "0", "--backlog", str(BACKLOG)]
+        return argv + (["--processes", str(self.processes)] if self.processes > 1 else [])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +86,14 @@ class GoServer(Server):
 
     def command(self, workload: Workload) -> list[str]:
         tls = ["--cert", str(TLS_CERT), "--key", str(TLS_KEY)] if self.tls else []
-        return [str(BIN / self.program), "--port", "0", "--backlog", str(BACKLOG), *tls]
+        udp = ["--udp"] if workload.udp else []  # echo_go serves either
+        return [str(BIN / self.program), "--port", "0", "--backlog", str(BACKLOG), *tls, *udp]
+
+
+@dataclasses.dataclass(frozen=True)
+class RustServer(GoServer):
+    """A cargo package's binary (bootstrap.RUST_PROGRAMS, bench/servers/rust/), the same
+    options as the Go servers."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,6 +195,9 @@ SERVERS: list[Server] = [
     EpolldUdpLimitsServer(
         "epolld-edge-udp-limits", "epolld, edge, UDP limits on (not limiting)", trigger="edge"
     ),
+    # The peers an engineer would pick instead (issue 24), compiled from Debian's packages.
+    GoServer("go", "Go net, a goroutine per connection", program="echo_go"),
+    RustServer("tokio", "Rust tokio, a task per connection", program="echo_tokio"),
     GoServer("go-tls", "Go crypto/tls, a goroutine per connection", tls=True, program="echo_tls"),
     PythonServer("uvloop-tls", "uvloop Protocol with ssl=", tls=True, script="uvloop_tls.py"),
     ExternalServer(

@@ -93,6 +93,8 @@ class Report:
             "splice_connections": self._admission.pipes,
             **self._udp.gauges(),
             "proxy_reading": len(self._proxied.readers),
+            "longest_turn_ms": round(self.reactor.longest_turn_s * 1000, 1),
+            "longest_deferred_cpu_ms": round(self.reactor.longest_deferred_cpu_s * 1000, 1),
         }
 
     def log_stats(self) -> None:
