@@ -110,6 +110,16 @@ class Counters:
     tls_handshakes: dict[str, int] = field(default_factory=dict)  # by result
     tls_handshake_failures: dict[str, int] = field(default_factory=dict)  # by reason
     tls_handshake_durations: DurationHistogram = field(default_factory=DurationHistogram)
+    # The services other than echo (services/): bytes by "transport service direction"
+    # ("tcp chargen sent"), empty until one serves, so that no series appears without one.
+    service_bytes: dict[str, int] = field(default_factory=dict)
+
+    def count_service(self, service: str, transport: str, received: int, sent: int) -> None:
+        """Account for the bytes a discard, chargen or info connection (or datagram)
+        received and sent."""
+        for direction, n in (("received", received), ("sent", sent)):
+            key = f"{transport} {service} {direction}"
+            self.service_bytes[key] = self.service_bytes.get(key, 0) + n
 
     def count_handshake(self, failure: str | None, seconds: float = 0.0) -> None:
         """Account for a TLS handshake that finished (failure None) or failed (its reason)."""

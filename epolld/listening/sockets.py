@@ -106,9 +106,11 @@ class Listener:
 
 
 def socket_of(address: ListenAddress) -> ListenAddress:
-    """The address without what does not change its socket (the PROXY flag, TLS)."""
+    """The address without what does not change its socket (the PROXY flag, TLS, the
+    service)."""
     return dataclasses.replace(
         address,
+        service="echo",
         proxy_protocol=False,
         tls=False,
         tls_certificate=None,

@@ -21,6 +21,7 @@ from epolld.process import log_handoff_complete
 from epolld.service.admission import Admission
 from epolld.service.proxied import Proxied
 from epolld.service.report import Report
+from epolld.services import stream
 from epolld.systemd import Notifier
 from epolld.tcp.splice import SpliceConnection, connection_class
 from epolld.udp.endpoint import UdpEndpoints
@@ -207,6 +208,7 @@ class Handoff:
         restorers: dict[str, handoff.Restorer] = {
             "listener": self._restore_listener,
             "connection": self._restore_connection,
+            stream.HANDOFF_KIND: self._restore_service_connection,
             "metrics_listener": self._restore_metrics_listener,
             "udp": self._restore_udp,
             "proxy_header": self._proxied.restore_header_reader,
@@ -253,6 +255,14 @@ class Handoff:
         if record.get("proxy"):
             self._proxied.proxies[conn.fd] = str(record["proxy"])
         admission.adopt(conn, splice)
+
+    def _restore_service_connection(self, record: dict[str, Any], state: handoff.State) -> None:
+        """A discard, chargen or info connection (services/stream.py)."""
+        admission = self._admission
+        conn = stream.restore(record, state, buf=admission.read_buf, shared=admission.shared)
+        if record.get("proxy"):
+            self._proxied.proxies[conn.fd] = str(record["proxy"])
+        admission.adopt(conn, splice=False)
 
     def log_handoff_complete(self, status_line: Callable[[], str]) -> None:
         """Once the loop serves, if this process was started by a handoff."""
