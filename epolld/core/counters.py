@@ -240,6 +240,7 @@ class Counters:
             "proxy_headers_read": self.proxy_headers_read,
             "proxy_header_errors": dict(self.proxy_header_errors),
             "log_lines_dropped": self.log_lines_dropped,
+            **{f"service_{key.replace(' ', '_')}": n for key, n in self.service_bytes.items()},
         }
 
 

@@ -127,7 +127,8 @@ def match_bound_port(listener: Listener, addresses: tuple[ListenAddress, ...]) -
     if address is None or address.port or address.family == "unix":
         return
     bound = dataclasses.replace(address, port=listener.sock.getsockname()[1])
-    if bound in addresses:
+    # By its socket: the entry naming that port may also change the service or flags.
+    if socket_of(bound) in {socket_of(a) for a in addresses}:
         listener.address = bound
 
 
