@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from tests.traffic import recv_exactly, recv_until_eof
 pytestmark = pytest.mark.slow
 
 HOSTS = {"echo": "127.0.0.1", "discard": "127.0.0.2", "chargen": "127.0.0.3", "info": "127.0.0.4"}
-UDP_HOSTS = {"discard": "127.0.0.5", "info": "127.0.0.6"}
+UDP_HOSTS = {"discard": "127.0.0.5", "info": "127.0.0.6", "info6": "[::]"}
 HIGH_WATER = 256 * 1024
 
 
@@ -54,7 +55,8 @@ def _listen(**entry: Any) -> list[dict[str, Any]]:
     ]
     if not entry:
         listen += [
-            {"address": f"udp:{host}:0", "service": service} for service, host in UDP_HOSTS.items()
+            {"address": f"udp:{host}:0", "service": service.removesuffix("6")}
+            for service, host in UDP_HOSTS.items()
         ]
     return listen
 
@@ -264,9 +266,11 @@ def _tool(command: list[str], data: bytes = b"", limit: int | None = None) -> by
 @pytest.mark.parametrize("trigger", ["level", "edge"])
 def test_ncat_and_socat(tmp_path: Path, daemons: list[Daemon], trigger: str) -> None:
     """ncat and socat send to discard, read chargen's pattern (after closing their
-    input) and print info's line, over TCP; socat gets UDP info's reply."""
+    input) and print info's line, over TCP; socat gets UDP info's reply, also from a
+    wildcard listener; the metrics endpoint counts the services' bytes."""
     tls.install_tools()
-    daemon, ports = _start(tmp_path, daemons, _listen(), trigger=trigger)
+    metrics = {"listen": "127.0.0.9:0"}
+    daemon, ports = _start(tmp_path, daemons, _listen(), trigger=trigger, metrics=metrics)
     d, c, i = (f"{HOSTS[s]}:{ports[s]}" for s in ("discard", "chargen", "info"))
     payload = b"to be dropped\n" * 10_000
     ncat = ["ncat", "--no-shutdown"]
@@ -280,8 +284,16 @@ def test_ncat_and_socat(tmp_path: Path, daemons: list[Daemon], trigger: str) -> 
     udp = f"{UDP_HOSTS['info']}:{ports['udp info']}"
     reply = _tool(["socat", "-T", "2", "-", f"UDP:{udp}"], b"x" * 511 + b"\n")
     assert json.loads(reply)["transport"] == "udp"
+    wildcard = f"[::1]:{ports['udp info6']}"  # answered from the address it was sent to
+    reply = _tool(["socat", "-T", "2", "-", f"UDP6:{wildcard}"], b"x" * 511 + b"\n")
+    assert json.loads(reply)["client"]["address"] == "::1"
     daemon.wait_for("connection_closed", count=6)
     assert _stats(daemon)["service_tcp_discard_received"] == 2 * len(payload)
+    scrape = daemon.wait_for("metrics_listening")[0]["address"]
+    with urllib.request.urlopen(f"http://{scrape}/metrics", timeout=WAIT_S) as response:
+        text = response.read().decode()
+    line = 'epolld_service_bytes_total{direction="received",service="discard",transport="tcp"}'
+    assert f"{line} {float(2 * len(payload))}" in text, text
 
 
 # -- PROXY headers in front ---------------------------------------------------------------
