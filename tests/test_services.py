@@ -264,22 +264,31 @@ def _tool(command: list[str], data: bytes = b"", limit: int | None = None) -> by
 
 
 @pytest.mark.parametrize("trigger", ["level", "edge"])
-def test_ncat_and_socat(tmp_path: Path, daemons: list[Daemon], trigger: str) -> None:
-    """ncat and socat send to discard, read chargen's pattern (after closing their
+def test_nc_ncat_and_socat(tmp_path: Path, daemons: list[Daemon], trigger: str) -> None:
+    """ncat, socat and Debian's nc send to discard, read chargen's pattern (after closing their
     input) and print info's line, over TCP; socat gets UDP info's reply, also from a
     wildcard listener; the metrics endpoint counts the services' bytes."""
     tls.install_tools()
+    if shutil.which("nc.openbsd") is None:
+        subprocess.run([str(tls.APT_INSTALL), "netcat-openbsd"], check=True, timeout=600)
     metrics = {"listen": "127.0.0.9:0"}
     daemon, ports = _start(tmp_path, daemons, _listen(), trigger=trigger, metrics=metrics)
     d, c, i = (f"{HOSTS[s]}:{ports[s]}" for s in ("discard", "chargen", "info"))
     payload = b"to be dropped\n" * 10_000
     ncat = ["ncat", "--no-shutdown"]
+    nc = "nc.openbsd"  # Debian's nc
     assert _tool(["ncat", "--send-only", *d.split(":")], payload) == b""
     assert _tool(["socat", "-u", "-", f"TCP:{d}"], payload) == b""
+    assert _tool([nc, "-N", *d.split(":")], payload) == b""
     size = 200_000
     assert _tool([*ncat, *c.split(":")], limit=size) == pattern.expected(0, size)
     assert _tool(["socat", "-", f"TCP:{c}"], limit=size) == pattern.expected(0, size)
-    for command in (["ncat", "--recv-only", *i.split(":")], ["socat", "-u", f"TCP:{i}", "-"]):
+    assert _tool([nc, "-N", *c.split(":")], limit=size) == pattern.expected(0, size)
+    for command in (
+        ["ncat", "--recv-only", *i.split(":")],
+        ["socat", "-u", f"TCP:{i}", "-"],
+        [nc, "-d", *i.split(":")],
+    ):
         assert json.loads(_tool(command))["service"] == "info"
     udp = f"{UDP_HOSTS['info']}:{ports['udp info']}"
     reply = _tool(["socat", "-T", "2", "-", f"UDP:{udp}"], b"x" * 511 + b"\n")
@@ -287,13 +296,13 @@ def test_ncat_and_socat(tmp_path: Path, daemons: list[Daemon], trigger: str) -> 
     wildcard = f"[::1]:{ports['udp info6']}"  # answered from the address it was sent to
     reply = _tool(["socat", "-T", "2", "-", f"UDP6:{wildcard}"], b"x" * 511 + b"\n")
     assert json.loads(reply)["client"]["address"] == "::1"
-    daemon.wait_for("connection_closed", count=6)
-    assert _stats(daemon)["service_tcp_discard_received"] == 2 * len(payload)
+    daemon.wait_for("connection_closed", count=9)
+    assert _stats(daemon)["service_tcp_discard_received"] == 3 * len(payload)
     scrape = daemon.wait_for("metrics_listening")[0]["address"]
     with urllib.request.urlopen(f"http://{scrape}/metrics", timeout=WAIT_S) as response:
         text = response.read().decode()
     line = 'epolld_service_bytes_total{direction="received",service="discard",transport="tcp"}'
-    assert f"{line} {float(2 * len(payload))}" in text, text
+    assert f"{line} {float(3 * len(payload))}" in text, text
 
 
 # -- PROXY headers in front ---------------------------------------------------------------
