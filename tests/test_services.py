@@ -447,6 +447,7 @@ def test_handoff_carries_chargen_and_discard(
     daemon.signal(signal.SIGUSR2)
     complete = daemon.wait_for("handoff_complete")[0]
     assert complete["records"]["service_connection"] == 2, complete
+    assert complete["connections"] == 2, complete
     _check_chargen(chargen, 123_457, 3_000_000)
     discard.sendall(b"b" * 50_000)
     discard.shutdown(socket.SHUT_WR)

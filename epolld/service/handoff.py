@@ -130,7 +130,7 @@ class Handoff:
         conns = admission.connections()
         log.info(
             "handoff_started",
-            connections=counts.get("connection", 0),
+            connections=connections(counts),
             listeners=counts.get("listener", 0),
             paused=sum(1 for c in conns if not c.reading and not c.eof),
             half_closed=sum(1 for c in conns if c.eof),
@@ -273,7 +273,7 @@ class Handoff:
         steps["ready"] = round(handoff.now_monotonic() - self._restored_at, 4)
         counts = restored["counts"]
         log_handoff_complete(
-            counts.get("connection", 0),
+            connections(counts),
             {"listeners": counts.get("listener", 0), "records": counts},
             old_version=restored["old_version"],
             old_pid=restored["old_pid"],
@@ -281,9 +281,14 @@ class Handoff:
             steps=steps,
         )
         self._notifier.status(
-            f"{status_line()}; took over {counts.get('connection', 0)} connections "
+            f"{status_line()}; took over {connections(counts)} connections "
             f"from {restored['old_version']}"
         )
+
+
+def connections(counts: dict[str, int]) -> int:
+    """Client connections among a handoff's records: echo ones and the services'."""
+    return counts.get("connection", 0) + counts.get(stream.HANDOFF_KIND, 0)
 
 
 def _step(steps: dict[str, float], name: str, since: float) -> float:
