@@ -431,6 +431,23 @@ def test_reload_changes_a_service(tmp_path: Path, daemons: list[Daemon]) -> None
     old.close()
 
 
+def test_stop_ends_each_service_with_fin(tmp_path: Path, daemons: list[Daemon]) -> None:
+    """SIGTERM: open chargen and discard connections get a FIN (chargen's pattern intact
+    up to it), and the daemon exits 0 once their clients close."""
+    daemon, ports = _start(tmp_path, daemons, _listen(), trigger="edge")
+    chargen = _connect(ports, "chargen")
+    discard = _connect(ports, "discard")
+    _check_chargen(chargen, 0, 10_000)
+    discard.sendall(b"q" * 1000)
+    daemon.signal(signal.SIGTERM)
+    rest = recv_until_eof(chargen)
+    assert rest == pattern.expected(10_000, len(rest))
+    assert recv_until_eof(discard) == b""
+    chargen.close()
+    discard.close()
+    assert daemon.wait() == 0
+
+
 @pytest.mark.parametrize("trigger", ["level", "edge"])
 def test_handoff_carries_chargen_and_discard(
     tmp_path: Path, daemons: list[Daemon], trigger: str
