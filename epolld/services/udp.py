@@ -20,7 +20,18 @@ from epolld.udp.endpoint import NOT_UNICAST, TRUNCATED, UdpEndpoint, _not_unicas
 INFO_SHORT: Final = "info_short"  # a drop reason: the request was shorter than the reply
 
 
-class DiscardEndpoint(UdpEndpoint):
+class ServiceEndpoint(UdpEndpoint):
+    """A service's endpoint takes datagrams one at a time (the echo's _echo() path): the
+    recvmmsg/sendmmsg batches are echo's, and a service answers too few to need them."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self._batched:
+            self._batched = False
+            self.set_max_datagram(self._size)  # closes the batch, makes the single buffer
+
+
+class DiscardEndpoint(ServiceEndpoint):
     """Every admitted datagram is dropped and counted, none answered."""
 
     def _echo(self, nbytes: int, addr: Any) -> str | None:
@@ -45,7 +56,7 @@ class DiscardEndpoint(UdpEndpoint):
         return reason
 
 
-class InfoEndpoint(UdpEndpoint):
+class InfoEndpoint(ServiceEndpoint):
     """Each datagram at least as long as the reply is answered with the compact form."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
