@@ -86,6 +86,10 @@ class ListenAddress:
     tls_key: str | None = None
     tls_client_ca: str | None = None
     tls_min_version: str | None = None
+    # What the listener serves (services/): echo (RFC 862), discard (RFC 863), chargen
+    # (RFC 864, TCP only) or info (what the server saw, as JSON). Not part of the socket:
+    # a reload may change it, and new connections get the new one.
+    service: Literal["echo", "discard", "chargen", "info"] = "echo"
 
     def __str__(self) -> str:
         if self.family == "unix":
@@ -386,6 +390,8 @@ def _address_text(address: ListenAddress) -> str:
             value = getattr(address, f"tls_{name}")
             if value is not None:
                 text += f" {name}={value}"
+    if address.service != "echo":
+        text += f" service={address.service}"
     return text
 
 
@@ -736,7 +742,7 @@ def _scalar(convert: Convert) -> Read:
 _MODE = re.compile(r"0?[0-7]{3}")
 
 
-_ADDRESS_KEYS = ("address", "path", "mode", "proxy_protocol", "tls")
+_ADDRESS_KEYS = ("address", "path", "mode", "proxy_protocol", "tls", "service")
 _LISTEN_TLS_KEYS = ("certificate", "key", "client_ca", "min_version")
 
 
@@ -774,7 +780,33 @@ def _read_address(loader: _Loader, node: yaml.Node, name: str) -> ListenAddress:
         address = dataclasses.replace(address, proxy_protocol=flag)
     if "tls" in options:
         address = _read_listen_tls(loader, options["tls"], address, name)
+    if "service" in options:
+        address = _read_listen_service(loader, options["service"], address, name)
     return address
+
+
+SERVICES = ("echo", "discard", "chargen", "info")
+
+
+def _read_listen_service(
+    loader: _Loader, pair: tuple[yaml.Node, yaml.Node], address: ListenAddress, name: str
+) -> ListenAddress:
+    """A listen entry's `service: echo|discard|chargen|info` (services/)."""
+    _, node = pair
+    value = _scalar(lambda v: v)(loader, node, f"{name}.service")
+    if value not in SERVICES:
+        raise _NodeError(
+            node, f"{name}.service: expected one of {', '.join(SERVICES)}, got {value!r}"
+        )
+    if value == "chargen" and address.is_udp:
+        # RFC 864's UDP form answers each datagram with up to 512 bytes: a classic
+        # amplifier for spoofed sources.
+        raise _NodeError(
+            node,
+            f"{name}.service: chargen over UDP is refused (it amplifies spoofed requests);"
+            f" {str(address)!r} is UDP",
+        )
+    return dataclasses.replace(address, service=value)
 
 
 def _read_listen_tls(
@@ -1001,7 +1033,7 @@ def _write_ports(ports: tuple[int, ...]) -> list[int]:
 
 
 def _write_address(a: ListenAddress) -> object:
-    if a.mode is None and not a.proxy_protocol and not a.tls:
+    if a.mode is None and not a.proxy_protocol and not a.tls and a.service == "echo":
         return str(a)
     entry: dict[str, object] = (
         {"address": str(a)} if a.mode is None else {"path": a.path, "mode": f"{a.mode:04o}"}
@@ -1015,6 +1047,8 @@ def _write_address(a: ListenAddress) -> object:
             if getattr(a, f"tls_{name}") is not None
         }
         entry["tls"] = files or True
+    if a.service != "echo":
+        entry["service"] = a.service
     return entry
 
 
@@ -1087,6 +1121,9 @@ def _read_optional_address(loader: _Loader, node: yaml.Node, name: str) -> Liste
     if address.tls:
         flag = loader.pairs(node, name)["tls"][0]
         raise _NodeError(flag, f"{name}.tls: the metrics endpoint serves plain HTTP")
+    if address.service != "echo":
+        flag = loader.pairs(node, name)["service"][0]
+        raise _NodeError(flag, f"{name}.service: the metrics endpoint serves HTTP only")
     return address
 
 
@@ -1482,6 +1519,7 @@ def describe(config: Config) -> str:
     """One line for --check-config: listeners, trigger and I/O modes, the metrics endpoint."""
     listeners = " ".join(
         f"{a}{' (PROXY)' if a.proxy_protocol else ''}{' (TLS)' if a.tls else ''}"
+        f"{f' ({a.service})' if a.service != 'echo' else ''}"
         for a in config.listen
     )
     text = f"listeners: {listeners}; trigger: {config.trigger}; io: {config.io}"

@@ -207,6 +207,8 @@ class EchoCollector(Collector):
                 c.tls_handshake_durations.counts,
                 c.tls_handshake_durations.sum_s,
             )
+        if c.service_bytes:
+            yield _service_bytes(c.service_bytes)
         if s.tls_certificates is not None:
             expiry = GaugeMetricFamily(
                 "epolld_tls_certificate_expiry_seconds",
@@ -221,6 +223,18 @@ class EchoCollector(Collector):
 def _labelled(family: CounterMetricFamily, values: Mapping[str, int]) -> CounterMetricFamily:
     for label, value in values.items():
         family.add_metric([label], value)
+    return family
+
+
+def _service_bytes(counts: Mapping[str, int]) -> CounterMetricFamily:
+    """epolld_service_bytes_total{transport,service,direction} (services/)."""
+    family = CounterMetricFamily(
+        "epolld_service_bytes_total",
+        "Bytes the discard, chargen and info services received and sent.",
+        labels=["transport", "service", "direction"],
+    )
+    for key, value in sorted(counts.items()):
+        family.add_metric(key.split(" ", 2), value)
     return family
 
 

@@ -34,6 +34,7 @@ from epolld.service.handoff import Handoff
 from epolld.service.proxied import Proxied
 from epolld.service.reload import Reload
 from epolld.service.report import Report
+from epolld.services import udp as udp_services
 from epolld.systemd import Notifier
 from epolld.udp.endpoint import UdpEndpoints
 
@@ -75,6 +76,7 @@ class EchoService(ProcessShell):
         self.admission = admission = Admission(reactor, config, self.counters, idle)
         self.proxied = admission.proxied = Proxied(reactor, config, admission)
         self._udp = UdpEndpoints(reactor, config.udp, edge=admission.edge)
+        self._udp.service_classes = udp_services.ENDPOINTS
         self.drain = Drain(
             reactor, config, notifier, admission, self.proxied, self._udp, idle, self.readiness
         )

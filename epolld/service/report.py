@@ -71,6 +71,9 @@ class Report:
         for conn in self._admission.connections():
             totals.bytes_received += conn.bytes_in
             totals.bytes_sent += conn.bytes_out
+            service = getattr(conn, "SERVICE", None)  # services/ connections
+            if service is not None:
+                totals.count_service(service, "tcp", conn.bytes_in, conn.bytes_out)
         return totals
 
     def stored_totals(self) -> Counters:

@@ -158,9 +158,11 @@ class TlsServing:
         now: float,
         peer: str | None,
         edge: bool,
+        cls: type[TlsConnection] = TlsConnection,
     ) -> TlsConnection:
-        """A TlsConnection for an accepted socket; its handshake is timed from now."""
-        conn = TlsConnection(
+        """A TlsConnection (cls: a service's, services/tls.py) for an accepted socket; its
+        handshake is timed from now."""
+        conn = cls(
             sock,
             ip,
             buf=buf,

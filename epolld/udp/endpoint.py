@@ -150,13 +150,14 @@ class UdpStats:
     service's totals (counters.Counters) when it reports: add_to().
     """
 
-    __slots__ = ("dropped", "echoed", "icmp_errors", "received")
+    __slots__ = ("dropped", "echoed", "icmp_errors", "received", "service_bytes")
 
     def __init__(self) -> None:
         self.received = 0
         self.echoed = 0
         self.icmp_errors = 0  # recv() errors from ICMP messages, skipped
         self.dropped = dict.fromkeys(DROP_REASONS, 0)
+        self.service_bytes: dict[str, int] = {}  # services/udp.py: Counters.service_bytes
 
     def add_to(self, totals: Counters) -> None:
         """Add these counts to totals (a copy the service reports)."""
@@ -166,6 +167,8 @@ class UdpStats:
         dropped = totals.udp_dropped
         for reason, n in self.dropped.items():
             dropped[reason] = dropped.get(reason, 0) + n
+        for key, n in self.service_bytes.items():
+            totals.service_bytes[key] = totals.service_bytes.get(key, 0) + n
 
 
 class UdpEndpoint:
@@ -611,6 +614,9 @@ class UdpEndpoints:
         self.limiter = UdpLimiter(settings, reactor.now)
         self.stats = UdpStats()
         self._endpoints: dict[int, UdpEndpoint] = {}
+        # A listener's service -> its endpoint class, other than echo (services/udp.py;
+        # the service wires it, so that this module does not import the services).
+        self.service_classes: dict[str, type[UdpEndpoint]] = {}
 
     def __len__(self) -> int:
         return len(self._endpoints)
@@ -622,9 +628,13 @@ class UdpEndpoints:
     def endpoints(self) -> list[UdpEndpoint]:
         return list(self._endpoints.values())
 
+    def _class_for(self, listener: Listener) -> type[UdpEndpoint]:
+        service = listener.address.service if listener.address is not None else "echo"
+        return self.service_classes.get(service, UdpEndpoint)
+
     def add(self, listener: Listener) -> None:
-        """Serve a bound (or inherited) UDP socket."""
-        endpoint = UdpEndpoint(
+        """Serve a bound (or inherited) UDP socket with its listener's service."""
+        endpoint = self._class_for(listener)(
             listener,
             self._reactor,
             self.limiter,
@@ -654,6 +664,17 @@ class UdpEndpoints:
                 self._reactor.set_mask(endpoint, mask)
         self._settings = settings
         self._edge = edge
+        for endpoint in list(self._endpoints.values()):  # a reload may change a service
+            cls = self._class_for(endpoint.listener)
+            if type(endpoint) is not cls:
+                new = cls(
+                    endpoint.listener, self._reactor, self.limiter, self.stats,
+                    edge=edge, max_datagram=settings.max_datagram_bytes,
+                )  # fmt: skip
+                self._endpoints[new.fd] = new
+                self._reactor.replace(endpoint, new)
+                if endpoint._batch is not None:  # the old one's buffers
+                    endpoint._batch.close()
 
     def close_all(self) -> None:
         """Close every UDP socket at once (a graceful stop has nothing to drain for UDP)."""
