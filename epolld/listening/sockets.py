@@ -106,10 +106,11 @@ class Listener:
 
 
 def socket_of(address: ListenAddress) -> ListenAddress:
-    """The address without what does not change its socket (the PROXY flag, TLS)."""
+    """The address without what does not change its socket (the PROXY flag, TLS, faults)."""
     return dataclasses.replace(
         address,
         proxy_protocol=False,
+        faults=None,
         tls=False,
         tls_certificate=None,
         tls_key=None,
