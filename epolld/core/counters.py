@@ -110,6 +110,9 @@ class Counters:
     tls_handshakes: dict[str, int] = field(default_factory=dict)  # by result
     tls_handshake_failures: dict[str, int] = field(default_factory=dict)  # by reason
     tls_handshake_durations: DurationHistogram = field(default_factory=DurationHistogram)
+    # Faults injected (faults/), by kind: delay, bandwidth, close, reset, drop; empty
+    # until a fault listener counts one.
+    faults: dict[str, int] = field(default_factory=dict)
 
     def count_handshake(self, failure: str | None, seconds: float = 0.0) -> None:
         """Account for a TLS handshake that finished (failure None) or failed (its reason)."""

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from epolld.config import Config
+from epolld.config import Config, Faults
 from epolld.core.counters import Counters
 from epolld.core.idle import IdleTimer
 from epolld.core.loop import Reactor
@@ -33,6 +33,7 @@ from epolld.tcp.connection import EPOLLIN, Connection, SharedSettings, format_pe
 from epolld.tcp.splice import SpliceConnection, connection_class, make_pipe
 
 if TYPE_CHECKING:
+    from epolld.faults.stream import FaultPlan
     from epolld.service.proxied import Proxied
     from epolld.tls.serving import TlsServing  # imports ssl: only with a TLS listener
 
@@ -105,6 +106,10 @@ class Admission:
         self._listen_mask = EPOLLIN | select.EPOLLET if self.edge else EPOLLIN
         self.reactor.trace = config.logging.level == "trace"
         self._splice = config.io == "splice"
+        # Fault listeners (faults/): a plan per listener's faults, made at its first
+        # connection; a reload starts afresh, open connections keep the plan they have.
+        self._faults = any(a.faults is not None and not a.is_udp for a in config.listen)
+        self._fault_plans: dict[Faults, FaultPlan] = {}
         self.conn_class = connection_class(self.edge, self._splice)
         self._copy_class = connection_class(self.edge, splice=False)
         self.shared.high_water = config.buffers.high_water_bytes
@@ -237,7 +242,8 @@ class Admission:
             self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
         cls = self.conn_class
         context = self.tls.context_for(listener) if self.tls is not None else None
-        if self._splice and context is None:  # splice cannot carry TLS (no kernel TLS)
+        plan = self._fault_plan(listener) if self._faults else None
+        if self._splice and context is None and plan is None:  # no splice for TLS, faults
             # Pipes stay within a budget that leaves one descriptor for each of
             # max_connections: otherwise splice connections (3 fds each) would use up
             # RLIMIT_NOFILE and later clients would wait in the backlog instead of being
@@ -259,6 +265,10 @@ class Admission:
                 peer=peer,
                 edge=self.edge,
             )
+        elif plan is not None:
+            conn = plan.open(
+                sock, ip, buf=self.read_buf, shared=self.shared, now=now, peer=peer, edge=self.edge
+            )
         else:
             conn = cls(sock, ip, buf=self.read_buf, shared=self.shared, now=now, peer=peer)
         self.conn_count += 1
@@ -274,9 +284,31 @@ class Admission:
                 listener=listener,
                 io="splice" if isinstance(conn, SpliceConnection) else "copy",
                 **({"proxy": proxy} if proxy else {}),
+                **({"faults": plan.faults.active()} if plan is not None else {}),
                 **({"tls": True} if context is not None else {}),
             )
         return conn
+
+    def _fault_plan(self, name: str) -> FaultPlan | None:
+        """The plan of the faults of the listener called name (the file's current entry:
+        listening.sockets.follow() keeps it), or None. Once per connection, never per event."""
+        for listener in self.listeners:
+            if listener.name == name:
+                faults = listener.address.faults if listener.address is not None else None
+                break
+        else:
+            return None
+        if faults is None:
+            return None
+        plan = self._fault_plans.get(faults)
+        if plan is None:
+            import random
+
+            from epolld.faults.stream import FaultPlan  # only with a fault listener
+
+            plan = FaultPlan(faults, self.reactor, self.counters.faults, random.Random())
+            self._fault_plans[faults] = plan
+        return plan
 
     def adopt(self, conn: Connection, splice: bool) -> None:
         """A connection the previous process handed over: counted and served as accepted."""
