@@ -28,6 +28,7 @@ DURATION_BUCKETS_S = (0.005, 0.05, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 1800.0, 360
 CLOSE_REASONS = ("eof", "reset", "error", "idle_timeout", "shutdown")
 REFUSE_LIMITS = ("max_connections", "max_connections_per_ip")
 RELOAD_RESULTS = ("success", "failure")
+FAULT_KINDS = ("delay", "bandwidth", "close", "reset", "drop")  # faults/
 HANDSHAKE_RESULTS = ("success", "failure")
 # Why a TLS handshake failed (tls/connection.py maps OpenSSL's reasons onto these).
 HANDSHAKE_FAILURES = (

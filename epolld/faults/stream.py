@@ -56,7 +56,6 @@ RESET_WAIT_MAX_S: Final = 10.0  # a peer that acknowledges nothing gets its RST 
 # at most once (HUP and ERR are reported whatever the mask).
 PARKED: Final = EPOLLRDHUP | EPOLLET
 SO_LINGER_RESET: Final = struct.pack("ii", 1, 0)
-FAULT_KINDS: Final = ("delay", "bandwidth", "close", "reset", "drop")
 
 
 class FaultPlan:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from epolld.config import Config, Faults
-from epolld.core.counters import Counters
+from epolld.core.counters import FAULT_KINDS, Counters
 from epolld.core.idle import IdleTimer
 from epolld.core.loop import Reactor
 from epolld.listening.sockets import Listener
@@ -110,6 +110,9 @@ class Admission:
         # connection; a reload starts afresh, open connections keep the plan they have.
         self._faults = any(a.faults is not None and not a.is_udp for a in config.listen)
         self._fault_plans: dict[Faults, FaultPlan] = {}
+        if any(a.faults is not None for a in config.listen):  # every series from the start
+            for kind in FAULT_KINDS:
+                self.counters.faults.setdefault(kind, 0)
         self.conn_class = connection_class(self.edge, self._splice)
         self._copy_class = connection_class(self.edge, splice=False)
         self.shared.high_water = config.buffers.high_water_bytes

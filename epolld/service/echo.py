@@ -75,6 +75,7 @@ class EchoService(ProcessShell):
         self.admission = admission = Admission(reactor, config, self.counters, idle)
         self.proxied = admission.proxied = Proxied(reactor, config, admission)
         self._udp = UdpEndpoints(reactor, config.udp, edge=admission.edge)
+        self._udp.fault_counts = self.counters.faults
         self.drain = Drain(
             reactor, config, notifier, admission, self.proxied, self._udp, idle, self._stop_metrics
         )
@@ -138,6 +139,7 @@ class EchoService(ProcessShell):
                 trigger=self._config.trigger,
                 io="copy" if listener.is_udp else self._config.io,  # no splice for UDP
                 inherited=listener.inherited,
+                **_faults_of(listener),
             )
         if self._metrics is not None:
             log.info("metrics_listening", address=self._metrics.listener.name)
@@ -325,3 +327,9 @@ class EchoService(ProcessShell):
     def _periodic_stats(self) -> None:
         if self._config.stats_interval_s > 0:
             self.report.log_stats()
+
+
+def _faults_of(listener: Listener) -> dict[str, Any]:
+    """The listening line's `faults` field, for a listener that has some."""
+    faults = listener.address.faults if listener.address is not None else None
+    return {"faults": faults.active()} if faults is not None else {}

@@ -43,6 +43,7 @@ from epolld.udp.ratelimit import BYTE_RATE, RATE, SOURCE_PORT, TOTAL_RATE, UdpLi
 
 if TYPE_CHECKING:
     from epolld.core.counters import Counters
+    from epolld.faults.datagram import DatagramFaults
     from epolld.handoff import StateWriter
 
 log = structlog.get_logger("epolld")
@@ -154,6 +155,7 @@ class UdpEndpoint:
         size = _PKTINFO6_SIZE if self._v6 else _PKTINFO4_SIZE
         self._ancsize = socket.CMSG_SPACE(size) if self._wildcard else 0
         self.set_max_datagram(max_datagram)
+        self.faults: DatagramFaults | None = None  # faults/datagram.py: drop, delay
 
     def __repr__(self) -> str:
         return f"<UdpEndpoint fd={self.fd} {self.listener.name} max_datagram={self._size}>"
@@ -216,6 +218,10 @@ class UdpEndpoint:
         reason = self._limiter.admit(host, port, nbytes, self._clock.now)
         if reason is not None:
             return reason
+        if self.faults is not None and self.faults.intercept(
+            self._view[:nbytes], addr, [], self._clock.now
+        ):
+            return None  # dropped or held by a fault: counted there
         try:
             self.sock.sendto(self._view[:nbytes], addr)
         except OSError as e:
@@ -252,6 +258,10 @@ class UdpEndpoint:
         reason = self._limiter.admit(host, port, nbytes, self._clock.now)
         if reason is not None:
             return reason
+        if self.faults is not None and self.faults.intercept(
+            self._view[:nbytes], addr, reply_anc, self._clock.now
+        ):
+            return None  # dropped or held by a fault: counted there
         try:
             self.sock.sendmsg([self._view[:nbytes]], reply_anc, 0, addr)
         except OSError as e:
@@ -291,6 +301,8 @@ class UdpEndpoint:
 
     def close(self) -> None:
         """Close the socket (the reactor has unregistered it)."""
+        if self.faults is not None:
+            self.faults.close()
         listeners_mod.close(self.listener)
 
     def handoff_state(self, out: StateWriter) -> dict[str, Any] | None:
@@ -316,6 +328,7 @@ class UdpEndpoints:
         self.limiter = UdpLimiter(settings, reactor.now)
         self.stats = UdpStats()
         self._endpoints: dict[int, UdpEndpoint] = {}
+        self.fault_counts: dict[str, int] = {}  # Counters.faults; the service wires it
 
     def __len__(self) -> int:
         return len(self._endpoints)
@@ -338,7 +351,24 @@ class UdpEndpoints:
             max_datagram=self._settings.max_datagram_bytes,
         )
         self._endpoints[endpoint.fd] = endpoint
+        self._set_faults(endpoint)
         self._reactor.add(endpoint)
+
+    def _set_faults(self, endpoint: UdpEndpoint) -> None:
+        """The faults its listen entry names now (a reload's take effect at once)."""
+        address = endpoint.listener.address
+        faults = address.faults if address is not None else None
+        current = endpoint.faults
+        if (current.faults if current is not None else None) == faults:
+            return
+        if faults is None:
+            endpoint.faults = None
+            return
+        from epolld.faults.datagram import DatagramFaults  # only with a fault listener
+
+        endpoint.faults = DatagramFaults(
+            faults, self._reactor, endpoint.sock, self.stats, self.fault_counts
+        )
 
     def remove(self, listener: Listener) -> None:
         """Stop serving a UDP socket and close it."""
@@ -359,6 +389,8 @@ class UdpEndpoints:
                 self._reactor.set_mask(endpoint, mask)
         self._settings = settings
         self._edge = edge
+        for endpoint in self._endpoints.values():
+            self._set_faults(endpoint)
 
     def close_all(self) -> None:
         """Close every UDP socket at once (a graceful stop has nothing to drain for UDP)."""
