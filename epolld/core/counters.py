@@ -234,6 +234,7 @@ class Counters:
             "proxy_headers_read": self.proxy_headers_read,
             "proxy_header_errors": dict(self.proxy_header_errors),
             "log_lines_dropped": self.log_lines_dropped,
+            **({"faults": dict(self.faults)} if self.faults else {}),
         }
 
 

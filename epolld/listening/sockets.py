@@ -126,7 +126,8 @@ def match_bound_port(listener: Listener, addresses: tuple[ListenAddress, ...]) -
     if address is None or address.port or address.family == "unix":
         return
     bound = dataclasses.replace(address, port=listener.sock.getsockname()[1])
-    if bound in addresses:
+    # By socket: the entry may change what does not make the socket (faults, PROXY, TLS).
+    if socket_of(bound) in {socket_of(a) for a in addresses if a is not None}:
         listener.address = bound
 
 
