@@ -791,9 +791,9 @@ def _bandwidth(value: object) -> int:
 
 
 def _fraction(value: object) -> float:
-    if type(value) not in (int, float) or not 0 <= value <= 1:  # type(): a bool is no number
+    # type(): a bool is no number
+    if not (type(value) is int or type(value) is float) or not 0 <= value <= 1:
         raise _Invalid("expected a fraction from 0 to 1 (0.1 drops one datagram in ten)")
-    assert isinstance(value, int | float)
     return float(value) + 0.0
 
 

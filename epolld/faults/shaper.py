@@ -128,9 +128,7 @@ class Shaper:
         return out, held
 
     def _refill(self, now: float) -> int:
-        self._tokens = min(
-            float(BURST_BYTES), self._tokens + (now - self._tokens_at) * self._rate
-        )
+        self._tokens = min(float(BURST_BYTES), self._tokens + (now - self._tokens_at) * self._rate)
         self._tokens_at = now
         return int(self._tokens)
 

@@ -171,7 +171,8 @@ class FaultyConnection(Connection):
         if ev & EPOLLHUP_ERR:
             return self._on_hangup()
         plan = self.plan
-        assert plan is not None and self.shaper is not None
+        assert plan is not None
+        assert self.shaper is not None
         now = plan.reactor.now
         if ev & EPOLLIN and self.reading:
             edge = self.mask & EPOLLET
@@ -204,7 +205,8 @@ class FaultyConnection(Connection):
     def _advance(self, now: float) -> int:
         """Release what is due, send, resume reading, end when the time has come."""
         shaper = self.shaper
-        assert shaper is not None and self.plan is not None
+        assert shaper is not None
+        assert self.plan is not None
         if shaper.queued:
             data, held = shaper.release(now)
             if data is not None:
@@ -341,7 +343,8 @@ class FaultyConnection(Connection):
     def handoff_state(self, out: StateWriter) -> dict[str, Any]:
         """A connection record whose pending output includes the delayed chunks, with the
         faults it keeps and how many of those bytes were delayed (they wait again)."""
-        assert self.plan is not None and self.shaper is not None
+        assert self.plan is not None
+        assert self.shaper is not None
         held = self.out
         delayed = self.shaper.take_all()
         self.out = bytes(held) + delayed if delayed else held
