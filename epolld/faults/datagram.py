@@ -18,19 +18,25 @@ import heapq
 import itertools
 import random
 import socket
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from epolld.config import Faults
 
 if TYPE_CHECKING:
     from epolld.core.loop import Reactor, Timer
-    from epolld.udp.endpoint import UdpStats
 
 MAX_HELD: Final = 4096  # datagrams waiting for their delay, per UDP socket
 MAX_HELD_BYTES: Final = 4 * 1024 * 1024
 SEND_BUFFER: Final = "send_buffer"  # udp/endpoint.py's reason for a reply it could not send
 SEND_ERROR: Final = "send_error"
 _SEND_FULL_ERRNOS: Final = frozenset({11, 105})  # EAGAIN, ENOBUFS
+
+
+class ReplyStats(Protocol):
+    """What this module counts in udp/endpoint.py's UdpStats (not imported: it imports us)."""
+
+    echoed: int
+    dropped: dict[str, int]
 
 
 class DatagramFaults:
@@ -49,7 +55,7 @@ class DatagramFaults:
         faults: Faults,
         reactor: Reactor,
         sock: socket.socket,
-        stats: UdpStats,
+        stats: ReplyStats,
         counts: dict[str, int],
     ) -> None:
         self.faults = faults
