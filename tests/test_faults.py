@@ -327,3 +327,19 @@ def test_workers_serve_fault_listeners(tmp_path: Path, daemons: list[Daemon]) ->
             sock.close()
     opened = daemon.wait_for("connection_opened", count=6)
     assert all(line["faults"] == faults.active() for line in opened)
+
+
+def test_stop_lets_delayed_echoes_out_then_fin(tmp_path: Path, daemons: list[Daemon]) -> None:
+    """SIGTERM: what waits for its delay still goes out, then a FIN, and the daemon exits 0."""
+    faults = Faults(delay_s=0.3)
+    daemon = Daemon(
+        write_config(tmp_path / "epolld.yaml", {"listen": [entry("127.0.0.1:0", faults)]})
+    )
+    daemons.append(daemon)
+    host, port = address_of(daemon, faults)
+    with connect(port, host) as sock:
+        sock.sendall(b"still echoed")
+        time.sleep(0.05)
+        daemon.signal(signal.SIGTERM)
+        assert recv_until_eof(sock) == b"still echoed"
+    assert daemon.wait() == 0
