@@ -264,6 +264,8 @@ def test_reload_gives_new_connections_the_new_faults(tmp_path: Path, daemons: li
     daemons.append(daemon)
     host, port = address_of(daemon, Faults(delay_s=0.3))
     old = connect(port, host)
+    old.sendall(b"accepted")  # accepted before the reload: it has the old faults
+    assert recv_exactly(old, 8) == b"accepted"
     settings["listen"] = [entry(f"{host}:{port}", Faults(close_after_bytes=3))]
     write_config(path, settings)
     daemon.signal(signal.SIGHUP)
@@ -333,13 +335,17 @@ def test_stop_lets_delayed_echoes_out_then_fin(tmp_path: Path, daemons: list[Dae
     """SIGTERM: what waits for its delay still goes out, then a FIN, and the daemon exits 0."""
     faults = Faults(delay_s=0.3)
     daemon = Daemon(
-        write_config(tmp_path / "epolld.yaml", {"listen": [entry("127.0.0.1:0", faults)]})
+        write_config(
+            tmp_path / "epolld.yaml",
+            {"listen": [entry("127.0.0.1:0", faults)], "logging": {"connections": True}},
+        )
     )
     daemons.append(daemon)
     host, port = address_of(daemon, faults)
     with connect(port, host) as sock:
         sock.sendall(b"still echoed")
-        time.sleep(0.05)
+        daemon.wait_for("connection_opened")
+        time.sleep(0.05)  # read: waiting for its delay
         daemon.signal(signal.SIGTERM)
         assert recv_until_eof(sock) == b"still echoed"
     assert daemon.wait() == 0
