@@ -9,10 +9,12 @@ the bandwidth plus one burst): a slow machine may be slower, never faster.
 from __future__ import annotations
 
 import contextlib
+import re
 import signal
 import socket
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -79,6 +81,7 @@ def daemon(
         "buffers": {"high_water": "1MiB", "low_water": "256KiB"},
         "logging": {"level": "info", "connections": True},
         "stats_interval": "0s",
+        "metrics": {"listen": "127.0.0.1:0"},
     }
     path = write_config(tmp_path_factory.mktemp("faults") / "epolld.yaml", config)
     started = Daemon(path)
@@ -242,6 +245,29 @@ def test_udp_drop_and_delay(daemon: Daemon) -> None:
     after = stats(daemon)["faults"]
     assert after["drop"] - before.get("drop", 0) == 100 - answered
     assert after["delay"] - before.get("delay", 0) >= 5
+
+
+def faults_metric(daemon: Daemon) -> dict[str, float]:
+    """epolld_faults_total by kind, scraped from the metrics endpoint."""
+    address = daemon.wait_for("metrics_listening")[0]["address"]
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=WAIT_S) as response:
+        text = response.read().decode()
+    found = re.findall(r'^epolld_faults_total\{kind="(\w+)"\} (\S+)$', text, re.MULTILINE)
+    return {kind: float(value) for kind, value in found}
+
+
+def test_metrics_count_faults_by_kind(daemon: Daemon) -> None:
+    """epolld_faults_total{kind} has every kind from the start and counts a close."""
+    before = faults_metric(daemon)
+    assert set(before) == {"delay", "bandwidth", "close", "reset", "drop"}
+    host, port = address_of(daemon, CLOSE_BYTES)
+    with connect(port, host) as sock:
+        sock.sendall(b"c" * 20_000)
+        assert len(recv_until_eof(sock)) == CLOSE_BYTES.close_after_bytes
+    deadline = time.monotonic() + WAIT_S
+    while faults_metric(daemon)["close"] == before["close"]:
+        assert time.monotonic() < deadline, "the close was not counted"
+        time.sleep(0.05)
 
 
 # -- a reload, the restart handoff, workers --------------------------------------------
