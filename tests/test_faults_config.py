@@ -140,7 +140,7 @@ def test_shaper_delays_and_keeps_order() -> None:
     assert shaper.release(0.29) == (None, False)
     assert shaper.wake_at(0.29) == pytest.approx(0.3)
     data, _ = shaper.release(0.31)
-    assert data == b"firstsecond"  # the second waited for the first: it was due at 0.25
+    assert bytes(data or b"") == b"firstsecond"  # the second waited for the first: it was due at 0.25
     assert shaper.queued == 0
 
 
@@ -174,4 +174,4 @@ def test_shaper_takes_no_more_than_the_byte_limit() -> None:
     assert shaper.push(b"12345", 0.0) == 5
     assert shaper.push(b"67890", 0.0) == 2
     assert shaper.exhausted
-    assert shaper.release(0.0)[0] == b"1234567"
+    assert bytes(shaper.release(0.0)[0] or b"") == b"1234567"
