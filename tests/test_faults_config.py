@@ -140,7 +140,8 @@ def test_shaper_delays_and_keeps_order() -> None:
     assert shaper.release(0.29) == (None, False)
     assert shaper.wake_at(0.29) == pytest.approx(0.3)
     data, _ = shaper.release(0.31)
-    assert bytes(data or b"") == b"firstsecond"  # the second waited for the first: it was due at 0.25
+    # The second waited for the first: it was due at 0.25.
+    assert bytes(data or b"") == b"firstsecond"
     assert shaper.queued == 0
 
 
