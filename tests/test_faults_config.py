@@ -1,5 +1,6 @@
 """`faults:` on a listen entry: what is read, what is refused at which line, what is printed;
-and the Shaper (faults/shaper.py) on bytes alone: order, delay, bandwidth, byte limit."""
+and the Shaper (faults/shaper.py) on bytes alone: order, delay, bandwidth, byte limit; the
+bound on held UDP replies (faults/datagram.py) in process."""
 
 from __future__ import annotations
 
@@ -176,3 +177,36 @@ def test_shaper_takes_no_more_than_the_byte_limit() -> None:
     assert shaper.push(b"67890", 0.0) == 2
     assert shaper.exhausted
     assert bytes(shaper.release(0.0)[0] or b"") == b"1234567"
+
+
+def test_held_udp_replies_are_bounded() -> None:
+    """Delayed UDP replies wait in a bounded heap: past MAX_HELD they are dropped and counted
+    (send_buffer), never queued; those held are sent once due."""
+    import socket
+
+    from epolld.core.loop import Reactor
+    from epolld.faults.datagram import MAX_HELD, DatagramFaults
+    from epolld.udp.endpoint import UdpStats
+
+    reactor = Reactor()
+    stats, counts = UdpStats(), {}  # type: ignore[var-annotated]
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client,
+    ):
+        server.bind(("127.0.0.1", 0))
+        client.bind(("127.0.0.1", 0))
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+        faults = DatagramFaults(Faults(delay_s=0.01), reactor, server, stats, counts)
+        target = client.getsockname()
+        for i in range(MAX_HELD + 100):
+            assert faults.intercept(memoryview(b"%d" % i), target, [], reactor.now)
+        assert stats.dropped["send_buffer"] == 100
+        assert counts["delay"] == MAX_HELD
+        reactor.now += 0.02
+        reactor._run_timers(reactor.now)
+        assert stats.echoed + stats.dropped["send_buffer"] - 100 == MAX_HELD
+        client.settimeout(1)
+        assert client.recv(100) == b"0"
+        faults.close()
+    reactor.release()
