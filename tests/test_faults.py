@@ -24,6 +24,10 @@ import pytest
 from epolld.config import Faults
 from epolld.faults.shaper import BURST_BYTES
 from tests.epolld_process import WAIT_S, Daemon, write_config
+from tests.test_handoff_store import FakeSystemd
+from tests.test_handoff_store import _hand_over as hand_over
+from tests.test_handoff_store import _start as store_start
+from tests.test_handoff_store import systemd as systemd  # the fixture
 from tests.traffic import connect, recv_exactly, recv_until_eof
 
 DELAY = Faults(delay_s=0.15, jitter_s=0.05)
@@ -376,3 +380,27 @@ def test_stop_lets_delayed_echoes_out_then_fin(tmp_path: Path, daemons: list[Dae
         daemon.signal(signal.SIGTERM)
         assert recv_until_eof(sock) == b"still echoed"
     assert daemon.wait() == 0
+
+
+def test_fd_store_handoff_carries_delayed_chunks(
+    tmp_path: Path, daemons: list[Daemon], systemd: FakeSystemd
+) -> None:
+    """Through systemd's file descriptor store (played by the test, as in
+    test_handoff_store.py) delayed echoes travel too, and the connection keeps its faults."""
+    faults = Faults(delay_s=0.4, close_after_bytes=20_000)
+    config_path = write_config(tmp_path / "epolld.yaml", {"listen": [entry("127.0.0.1:0", faults)]})
+    first = store_start(config_path, systemd, [])
+    daemons.append(first)
+    host, port = address_of(first, faults)
+    payload = bytes(range(256)) * 40  # 10,240 bytes
+    with connect(port, host) as sock:
+        started = time.monotonic()
+        sock.sendall(payload)
+        time.sleep(0.05)  # read by the daemon, waiting for its delay
+        second = store_start(config_path, systemd, hand_over(first, systemd))
+        daemons.append(second)
+        assert second.wait_for("handoff_complete")[0]["connections"] == 1
+        assert recv_exactly(sock, len(payload)) == payload
+        assert time.monotonic() - started >= faults.delay_s
+        sock.sendall(payload)  # the faults it was accepted with: cut at 20,000 bytes
+        assert recv_until_eof(sock) == payload[: 20_000 - len(payload)]
