@@ -28,6 +28,8 @@ Decisions an operator can rely on (etc/epolld.yaml repeats them as comments):
 - pidfile and log_file are absolute paths (the daemon runs from /) or null.
 - metrics.listen is null (no metrics endpoint) or one address in the forms of listen; it
   cannot share a socket or port with an echo address.
+- agent.listen is null (no agent check) or one TCP address; control.socket is "auto"
+  (systemd's runtime directory, else none), an absolute path, or null.
 """
 
 from __future__ import annotations
@@ -276,6 +278,23 @@ class MetricsConfig:
     listen: ListenAddress | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    """HAProxy's agent check (observability/agent.py); off while listen is None."""
+
+    listen: ListenAddress | None = None
+
+
+CONTROL_AUTO = "auto"  # $RUNTIME_DIRECTORY/control.sock under systemd, else no socket
+
+
+@dataclass(frozen=True, slots=True)
+class ControlConfig:
+    """The operator's control socket (control.py): a path, "auto", or None (none)."""
+
+    socket: str | None = CONTROL_AUTO
+
+
 DEFAULT_LISTEN = (
     ListenAddress("ipv4", host="127.0.0.1", port=7080),
     ListenAddress("ipv6", host="::1", port=7080),
@@ -300,6 +319,8 @@ class Config:
     udp: UdpConfig = field(default_factory=UdpConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     workers: int | Literal["auto"] = 1  # worker processes; see worker_count()
     source: str = ""  # the file it came from, for messages
@@ -689,6 +710,47 @@ def _got(value: object, node: yaml.Node) -> str:
     if isinstance(value, str | int | float):
         return _show(value)
     return f"{_show(node.value)} (read by YAML as a {type(value).__name__})"
+
+
+# --- the agent check and the control socket (issue 23) -----------------------------------
+
+
+def _read_agent_address(loader: _Loader, node: yaml.Node, name: str) -> ListenAddress | None:
+    """null, or one TCP address as a listen entry is written: HAProxy's agent connects
+    over TCP and reads one line."""
+    if not isinstance(node, yaml.MappingNode) and loader.scalar(node, name) is None:
+        return None
+    address = _read_address(loader, node, name)
+    if address.is_udp or address.family == "unix":
+        raise _NodeError(
+            node, f"{name}: HAProxy's agent check connects over TCP, got {str(address)!r}"
+        )
+    if address.proxy_protocol or address.tls:
+        raise _NodeError(node, f"{name}: the agent answers plain TCP (no PROXY header, no TLS)")
+    return address
+
+
+def _control_socket(value: object) -> str | None:
+    if value is None or value == CONTROL_AUTO:
+        return value
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise _Invalid('expected an absolute path, "auto" or null')
+    if problem := _text_problem(value):
+        raise _Invalid(problem)
+    if len(value.encode()) > MAX_UNIX_PATH_BYTES:
+        raise _Invalid(f"a unix socket path is at most {MAX_UNIX_PATH_BYTES} bytes (unix(7))")
+    return value
+
+
+def control_socket_path(config: Config, environ: dict[str, str] | None = None) -> str | None:
+    """Where the control socket is: control.socket, or with "auto" the runtime directory
+    systemd made for the unit (RuntimeDirectory=, $RUNTIME_DIRECTORY), else None."""
+    configured = config.control.socket
+    if configured != CONTROL_AUTO:
+        return configured
+    runtime = (os.environ if environ is None else environ).get("RUNTIME_DIRECTORY", "")
+    first = runtime.split(":")[0]  # systemd lists several, colon-separated
+    return os.path.join(first, "control.sock") if first.startswith("/") else None
 
 
 # --- the schema -------------------------------------------------------------------------
@@ -1303,6 +1365,12 @@ _SCHEMA: tuple[_Entry, ...] = (
     _Section("metrics", "metrics", MetricsConfig, (
         _Option("listen", "listen", _read_optional_address, _write_optional_address),
     )),
+    _Section("agent", "agent", AgentConfig, (
+        _Option("listen", "listen", _read_agent_address, _write_optional_address),
+    )),
+    _Section("control", "control", ControlConfig, (
+        _Option("socket", "socket", _scalar(_control_socket), _same),
+    )),
     _Section("tls", "tls", TlsConfig, (
         _Option("certificate", "certificate", _scalar(_tls_file), _same),
         _Option("key", "key", _scalar(_tls_file), _same),
@@ -1532,6 +1600,8 @@ def describe(config: Config) -> str:
     text = f"listeners: {listeners}; trigger: {config.trigger}; io: {config.io}"
     if config.metrics.listen is not None:
         text += f"; metrics: {config.metrics.listen}"
+    if config.agent.listen is not None:
+        text += f"; agent: {config.agent.listen}"
     if config.workers != 1:
         text += f"; workers: {config.workers}"
     return text

@@ -122,7 +122,7 @@ class EpolldServer(Server):
             lines.append(f"workers: {self.workers}")
         if workload.udp:  # UDP only, its limits off: the C and Python servers have none
             lines[0] = 'listen: ["udp:127.0.0.1:0"]'
-            lines.append("udp: {rate: 0, byte_rate: 0, total_rate: 0}")
+            lines.append(UDP_LIMITS_OFF)
         if self.io:
             lines.append(f"io: {self.io}")
         limits = workload.epolld_config()
@@ -147,6 +147,24 @@ class EpolldServer(Server):
         return super().argv(workload)
 
 
+# issue 24: the UDP rows with the limiter at work. The shipped udp: section (per-source
+# buckets of datagrams and bytes, the total bucket, the 8,192-source table, the refused
+# ports) with its three rates raised above any bench load: every datagram goes through
+# UdpLimiter.admit() and still gets its echo. (With the shipped rates themselves, 100 per
+# source and 10,000 in all per second, nearly every datagram of a bench load is dropped,
+# and there is no CPU per echo to compare.)
+UDP_LIMITS_OFF = "udp: {rate: 0, byte_rate: 0, total_rate: 0}"
+UDP_LIMITS_ON = "udp: {rate: 10000000, burst: 10000000, byte_rate: 1GiB, total_rate: 10000000}"
+
+
+@dataclasses.dataclass(frozen=True)
+class EpolldUdpLimitsServer(EpolldServer):
+    """epolld over UDP with its rate limits on (UDP_LIMITS_ON), not off as in the other rows."""
+
+    def config(self, workload: Workload) -> str:
+        return super().config(workload).replace(UDP_LIMITS_OFF, UDP_LIMITS_ON)
+
+
 SERVERS: list[Server] = [
     CServer("c-epoll", "C epoll (bench/echo_server.c)"),
     PythonServer("asyncio-protocol", "asyncio Protocol", script="asyncio_protocol.py"),
@@ -162,6 +180,10 @@ SERVERS: list[Server] = [
     CUdpServer("c-udp-mmsg", "C epoll UDP, recvmmsg/sendmmsg (64 per call)", mmsg=True),
     PythonServer("asyncio-datagram", "asyncio DatagramProtocol", script="asyncio_datagram.py"),
     PythonServer("uvloop-datagram", "uvloop DatagramProtocol", script="uvloop_datagram.py"),
+    EpolldUdpLimitsServer("epolld-level-udp-limits", "epolld, level, UDP limits on (not limiting)"),
+    EpolldUdpLimitsServer(
+        "epolld-edge-udp-limits", "epolld, edge, UDP limits on (not limiting)", trigger="edge"
+    ),
     GoServer("go-tls", "Go crypto/tls, a goroutine per connection", tls=True, program="echo_tls"),
     PythonServer("uvloop-tls", "uvloop Protocol with ssl=", tls=True, script="uvloop_tls.py"),
     ExternalServer(

@@ -34,6 +34,8 @@ UDP_SERVERS = (
     "uvloop-datagram",
     "epolld-level",
     "epolld-edge",
+    "epolld-level-udp-limits",  # issue 24: the limiter at work on each datagram
+    "epolld-edge-udp-limits",
 )
 UDP_SOCKETS = 4  # connected client sockets
 UDP_WINDOW = 16  # datagrams in flight per socket

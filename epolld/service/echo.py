@@ -77,7 +77,7 @@ class EchoService(ProcessShell):
         self._udp = UdpEndpoints(reactor, config.udp, edge=admission.edge)
         self._udp.fault_counts = self.counters.faults
         self.drain = Drain(
-            reactor, config, notifier, admission, self.proxied, self._udp, idle, self._stop_metrics
+            reactor, config, notifier, admission, self.proxied, self._udp, idle, self.readiness
         )
         admission.on_drained = self.drain.finish
         self.report = Report(reactor, self.counters, admission, self.proxied, self._udp)
@@ -144,6 +144,7 @@ class EchoService(ProcessShell):
         if self._metrics is not None:
             log.info("metrics_listening", address=self._metrics.listener.name)
         self._notifier.ready(self._status_line())
+        self.readiness.started = True
         self.handoff.log_handoff_complete(self._status_line)
 
     def _start_timers(self) -> None:
@@ -155,6 +156,7 @@ class EchoService(ProcessShell):
         self._every_watchdog(self._notifier.watchdog_interval_s())
 
     def _close_everything(self) -> None:
+        self.close_endpoints()
         self.proxied.close_readers()
         self.drain.close_all()
         self._stop_metrics()
@@ -219,7 +221,8 @@ class EchoService(ProcessShell):
 
     def switch(self, new: Config) -> None:
         """Every part takes a new configuration (a reload applied it to the listeners)."""
-        self._config = new
+        old, self._config = self._config, new
+        self.reconfigure_endpoints(old, new)
         self.admission.configure(new)
         self._udp.configure(new.udp, edge=self.admission.edge)
         self.proxied.configure(new)
@@ -320,6 +323,9 @@ class EchoService(ProcessShell):
 
     def _status_line(self) -> str:
         return self.report.status_line()
+
+    def open_connections(self) -> int:
+        return self.admission.conn_count
 
     def _on_stats_signal(self, signum: int) -> None:
         self.report.log_stats()

@@ -38,6 +38,9 @@ class HandsOver(Protocol):
     def handoff_meta(self, signal_at: float) -> dict[str, Any]:
         """The state document's keys every process writes."""
 
+    def endpoint_listeners(self) -> list[Listener]:
+        """The agent and control sockets, which the next process binds again."""
+
     def restore_metrics(self, listener: Listener) -> None:
         """Serve the metrics endpoint on the socket the previous process handed over."""
 
@@ -107,6 +110,8 @@ class Handoff:
         left_behind: dict[str, int] = {}
         metrics_listener = self._process.metrics_listener
         staying = set() if listeners_travel else {id(x) for x in self._listener_handlers()}
+        # The agent and control sockets are bound again by the next process.
+        staying.update(id(x) for x in self._process.endpoint_listeners())
         proxies = self._proxied.proxies
         for source in [*admission.listeners, *self.reactor.handlers(), *self.sources]:
             contribute = getattr(source, "handoff_state", None)
