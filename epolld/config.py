@@ -68,6 +68,33 @@ MAX_RATE = 10_000_000  # datagrams per second; more is a typo, not a plan
 
 
 @dataclass(frozen=True, slots=True)
+class Faults:
+    """A listener's injected faults (epolld/faults/), each off at its default.
+
+    TCP: delay_s + uniform(0, jitter_s) per chunk read, bandwidth_bytes_per_s (bursts of
+    at most 64 KiB), and a FIN (close_*) or an RST (reset_*) after so many bytes echoed or
+    so long after accept. UDP: drop (a fraction of datagrams) and delay_s/jitter_s.
+    """
+
+    delay_s: float = 0.0
+    jitter_s: float = 0.0
+    bandwidth_bytes_per_s: int = 0
+    close_after_bytes: int | None = None
+    close_after_s: float | None = None
+    reset_after_bytes: int | None = None
+    reset_after_s: float | None = None
+    drop: float = 0.0
+
+    def active(self) -> dict[str, object]:
+        """The faults that are on, by their YAML key (the log line, --print-config)."""
+        return {
+            key: write(getattr(self, attr))
+            for key, attr, _, write, _ in _FAULT_KEYS
+            if getattr(self, attr) != getattr(NO_FAULTS, attr)
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class ListenAddress:
     """One address to listen on: TCP or UDP over IPv4 or IPv6, or a Unix stream socket path."""
 
@@ -90,6 +117,14 @@ class ListenAddress:
     # (RFC 864, TCP only) or info (what the server saw, as JSON). Not part of the socket:
     # a reload may change it, and new connections get the new one.
     service: Literal["echo", "discard", "chargen", "info"] = "echo"
+    # faults: (fault injection, epolld/faults/): None, or what this listener does wrong.
+    # Not part of the socket (listening.sockets.socket_of() drops it): a reload that changes
+    # it keeps the socket.
+    faults: Faults | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.faults, dict):  # a handoff record, written by asdict()
+            object.__setattr__(self, "faults", Faults(**self.faults))
 
     def __str__(self) -> str:
         if self.family == "unix":
@@ -392,6 +427,8 @@ def _address_text(address: ListenAddress) -> str:
                 text += f" {name}={value}"
     if address.service != "echo":
         text += f" service={address.service}"
+    if address.faults is not None:
+        text += "".join(f" {k}={v}" for k, v in address.faults.active().items())
     return text
 
 
@@ -742,7 +779,7 @@ def _scalar(convert: Convert) -> Read:
 _MODE = re.compile(r"0?[0-7]{3}")
 
 
-_ADDRESS_KEYS = ("address", "path", "mode", "proxy_protocol", "tls", "service")
+_ADDRESS_KEYS = ("address", "path", "mode", "proxy_protocol", "tls", "service", "faults")
 _LISTEN_TLS_KEYS = ("certificate", "key", "client_ca", "min_version")
 
 
@@ -782,6 +819,8 @@ def _read_address(loader: _Loader, node: yaml.Node, name: str) -> ListenAddress:
         address = _read_listen_tls(loader, options["tls"], address, name)
     if "service" in options:
         address = _read_listen_service(loader, options["service"], address, name)
+    if "faults" in options:  # after tls: faults refuse a TLS entry
+        address = _read_faults(loader, options["faults"], address, name)
     return address
 
 
@@ -833,6 +872,81 @@ def _read_listen_tls(
     return dataclasses.replace(
         address, tls=True, **{f"tls_{key}": value for key, value in files.items()}
     )
+
+
+def _bandwidth(value: object) -> int:
+    """Bytes per second: a size, optionally with "/s" (1MiB/s, 64KiB, 500000)."""
+    if isinstance(value, str) and value.strip().endswith("/s"):
+        value = value.strip()[:-2]
+    try:
+        return int(_size(1, 10 * GiB)(value))
+    except _Invalid:
+        raise _Invalid("expected bytes per second such as 1MiB/s, 64KiB/s or 500000") from None
+
+
+def _fraction(value: object) -> float:
+    # type(): a bool is no number
+    if not (type(value) is int or type(value) is float) or not 0 <= value <= 1:
+        raise _Invalid("expected a fraction from 0 to 1 (0.1 drops one datagram in ten)")
+    return float(value) + 0.0
+
+
+def _write_fraction(value: float) -> float:
+    return value
+
+
+def _optional(write: Callable[[Any], object]) -> Callable[[Any], object]:
+    return lambda value: None if value is None else write(value)
+
+
+# key, Faults field, converter, writer, the transports it applies to
+_FAULT_KEYS: tuple[tuple[str, str, Convert, Callable[[Any], object], tuple[str, ...]], ...] = (
+    ("delay", "delay_s", _duration, _write_duration, ("tcp", "udp")),
+    ("jitter", "jitter_s", _duration, _write_duration, ("tcp", "udp")),
+    ("bandwidth", "bandwidth_bytes_per_s", _bandwidth, lambda v: f"{_write_size(v)}/s", ("tcp",)),
+    ("close_after_bytes", "close_after_bytes", _integer(0, 2**62), _same, ("tcp",)),
+    ("close_after", "close_after_s", _duration, _write_duration, ("tcp",)),
+    ("reset_after_bytes", "reset_after_bytes", _integer(0, 2**62), _same, ("tcp",)),
+    ("reset_after", "reset_after_s", _duration, _write_duration, ("tcp",)),
+    ("drop", "drop", _fraction, _write_fraction, ("udp",)),
+)
+NO_FAULTS = Faults()
+
+
+def _read_faults(
+    loader: _Loader, pair: tuple[yaml.Node, yaml.Node], address: ListenAddress, name: str
+) -> ListenAddress:
+    """A listen entry's `faults: {delay, jitter, bandwidth, close_after[_bytes],
+    reset_after[_bytes], drop}`; every key is checked at its own line, and a key that does
+    not apply to the entry's transport is refused there. All off (or {}) is no faults."""
+    key_node, node = pair
+    where = f"{name}.faults"
+    if not isinstance(node, yaml.MappingNode):
+        raise _NodeError(
+            node, f"{where}: expected a mapping such as {{delay: 200ms}}, got {_kind(node)}"
+        )
+    transport = address.transport
+    known = {key: (attr, convert, kinds) for key, attr, convert, _, kinds in _FAULT_KEYS}
+    values: dict[str, Any] = {}
+    for key, (option_node, value_node) in loader.pairs(node, where).items():
+        if key not in known:
+            raise _NodeError(option_node, _unknown(key, where, known))
+        attr, convert, kinds = known[key]
+        if transport not in kinds:
+            raise _NodeError(
+                option_node,
+                f"{where}.{key}: applies to {' and '.join(kinds).upper()} listeners only;"
+                f" {str(address)!r} is {transport.upper()}",
+            )
+        values[attr] = _scalar(convert)(loader, value_node, f"{where}.{key}")
+    faults = Faults(**values)
+    if address.tls and faults != NO_FAULTS:
+        raise _NodeError(key_node, f"{where}: faults are not available on TLS listeners yet")
+    if address.service != "echo" and faults != NO_FAULTS:
+        raise _NodeError(
+            key_node, f"{where}: faults are not available on {address.service} listeners yet"
+        )
+    return dataclasses.replace(address, faults=None if faults == NO_FAULTS else faults)
 
 
 CREDENTIAL_PREFIX = "credential:"
@@ -1033,7 +1147,13 @@ def _write_ports(ports: tuple[int, ...]) -> list[int]:
 
 
 def _write_address(a: ListenAddress) -> object:
-    if a.mode is None and not a.proxy_protocol and not a.tls and a.service == "echo":
+    if (
+        a.mode is None
+        and not a.proxy_protocol
+        and not a.tls
+        and a.service == "echo"
+        and a.faults is None
+    ):
         return str(a)
     entry: dict[str, object] = (
         {"address": str(a)} if a.mode is None else {"path": a.path, "mode": f"{a.mode:04o}"}
@@ -1049,6 +1169,8 @@ def _write_address(a: ListenAddress) -> object:
         entry["tls"] = files or True
     if a.service != "echo":
         entry["service"] = a.service
+    if a.faults is not None:
+        entry["faults"] = a.faults.active()
     return entry
 
 
@@ -1520,6 +1642,7 @@ def describe(config: Config) -> str:
     listeners = " ".join(
         f"{a}{' (PROXY)' if a.proxy_protocol else ''}{' (TLS)' if a.tls else ''}"
         f"{f' ({a.service})' if a.service != 'echo' else ''}"
+        f"{' (faults)' if a.faults else ''}"
         for a in config.listen
     )
     text = f"listeners: {listeners}; trigger: {config.trigger}; io: {config.io}"

@@ -28,6 +28,7 @@ DURATION_BUCKETS_S = (0.005, 0.05, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 1800.0, 360
 CLOSE_REASONS = ("eof", "reset", "error", "idle_timeout", "shutdown")
 REFUSE_LIMITS = ("max_connections", "max_connections_per_ip")
 RELOAD_RESULTS = ("success", "failure")
+FAULT_KINDS = ("delay", "bandwidth", "close", "reset", "drop")  # faults/
 HANDSHAKE_RESULTS = ("success", "failure")
 # Why a TLS handshake failed (tls/connection.py maps OpenSSL's reasons onto these).
 HANDSHAKE_FAILURES = (
@@ -120,6 +121,10 @@ class Counters:
         for direction, n in (("received", received), ("sent", sent)):
             key = f"{transport} {service} {direction}"
             self.service_bytes[key] = self.service_bytes.get(key, 0) + n
+
+    # Faults injected (faults/), by kind: delay, bandwidth, close, reset, drop; empty
+    # until a fault listener counts one.
+    faults: dict[str, int] = field(default_factory=dict)
 
     def count_handshake(self, failure: str | None, seconds: float = 0.0) -> None:
         """Account for a TLS handshake that finished (failure None) or failed (its reason)."""
@@ -241,6 +246,7 @@ class Counters:
             "proxy_header_errors": dict(self.proxy_header_errors),
             "log_lines_dropped": self.log_lines_dropped,
             **{f"service_{key.replace(' ', '_')}": n for key, n in self.service_bytes.items()},
+            **({"faults": dict(self.faults)} if self.faults else {}),
         }
 
 

@@ -107,11 +107,12 @@ class Listener:
 
 def socket_of(address: ListenAddress) -> ListenAddress:
     """The address without what does not change its socket (the PROXY flag, TLS, the
-    service)."""
+    service, faults)."""
     return dataclasses.replace(
         address,
         service="echo",
         proxy_protocol=False,
+        faults=None,
         tls=False,
         tls_certificate=None,
         tls_key=None,
@@ -127,8 +128,9 @@ def match_bound_port(listener: Listener, addresses: tuple[ListenAddress, ...]) -
     if address is None or address.port or address.family == "unix":
         return
     bound = dataclasses.replace(address, port=listener.sock.getsockname()[1])
-    # By its socket: the entry naming that port may also change the service or flags.
-    if socket_of(bound) in {socket_of(a) for a in addresses}:
+    # By socket: the entry may change what does not make the socket (service, faults, PROXY,
+    # TLS).
+    if socket_of(bound) in {socket_of(a) for a in addresses if a is not None}:
         listener.address = bound
 
 

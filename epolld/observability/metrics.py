@@ -209,6 +209,17 @@ class EchoCollector(Collector):
             )
         if c.service_bytes:
             yield _service_bytes(c.service_bytes)
+        if c.faults:
+            yield _labelled(
+                CounterMetricFamily(
+                    "epolld_faults_total",
+                    "Faults injected by fault listeners, by kind (delay and bandwidth: chunks"
+                    " or datagrams held back; close and reset: connections ended; drop:"
+                    " datagrams not answered).",
+                    labels=["kind"],
+                ),
+                c.faults,
+            )
         if s.tls_certificates is not None:
             expiry = GaugeMetricFamily(
                 "epolld_tls_certificate_expiry_seconds",

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from epolld.config import Config
-from epolld.core.counters import Counters
+from epolld.config import Config, Faults
+from epolld.core.counters import FAULT_KINDS, Counters
 from epolld.core.idle import IdleTimer
 from epolld.core.loop import Reactor
 from epolld.listening.sockets import Listener
@@ -36,6 +36,7 @@ from epolld.tcp.splice import SpliceConnection, connection_class, make_pipe
 if TYPE_CHECKING:
     import ssl
 
+    from epolld.faults.stream import FaultPlan
     from epolld.service.proxied import Proxied
     from epolld.tcp.proxy import ProxyHeader
     from epolld.tls.serving import TlsServing  # imports ssl: only with a TLS listener
@@ -112,6 +113,13 @@ class Admission:
         self._listen_mask = EPOLLIN | select.EPOLLET if self.edge else EPOLLIN
         self.reactor.trace = config.logging.level == "trace"
         self._splice = config.io == "splice"
+        # Fault listeners (faults/): a plan per listener's faults, made at its first
+        # connection; a reload starts afresh, open connections keep the plan they have.
+        self._faults = any(a.faults is not None and not a.is_udp for a in config.listen)
+        self._fault_plans: dict[Faults, FaultPlan] = {}
+        if any(a.faults is not None for a in config.listen):  # every series from the start
+            for kind in FAULT_KINDS:
+                self.counters.faults.setdefault(kind, 0)
         self.conn_class = connection_class(self.edge, self._splice)
         self._copy_class = connection_class(self.edge, splice=False)
         self.shared.high_water = config.buffers.high_water_bytes
@@ -262,7 +270,14 @@ class Admission:
             self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
         context = self.tls.context_for(listener) if self.tls is not None else None
         service = self.services.get(listener) if self.services else None
-        if service is None:
+        plan = self._fault_plan(listener) if self._faults and service is None else None
+        conn: Connection
+        if service is None and plan is not None:  # faults: plain listeners only (config.py)
+            conn = plan.open(
+                sock, ip, buf=self.read_buf, shared=self.shared, now=self.reactor.now,
+                peer=peer, edge=self.edge,
+            )  # fmt: skip
+        elif service is None:
             conn = self._make_echo(sock, ip, peer, context)
         else:
             conn = self._start_service(service, sock, ip, peer, listener, context, header)
@@ -279,6 +294,7 @@ class Admission:
                 listener=listener,
                 io="splice" if isinstance(conn, SpliceConnection) else "copy",
                 **({"proxy": proxy} if proxy else {}),
+                **({"faults": plan.faults.active()} if plan is not None else {}),
                 **({"tls": True} if context is not None else {}),
                 **({"service": service} if service is not None else {}),
             )
@@ -341,6 +357,27 @@ class Admission:
         # Chargen and info start sending without waiting for an event the client causes.
         self.reactor.reschedule((conn.fd, EPOLLOUT))
         return conn
+
+    def _fault_plan(self, name: str) -> FaultPlan | None:
+        """The plan of the faults of the listener called name (the file's current entry:
+        listening.sockets.follow() keeps it), or None. Once per connection, never per event."""
+        for listener in self.listeners:
+            if listener.name == name:
+                faults = listener.address.faults if listener.address is not None else None
+                break
+        else:
+            return None
+        if faults is None:
+            return None
+        plan = self._fault_plans.get(faults)
+        if plan is None:
+            import random
+
+            from epolld.faults.stream import FaultPlan  # only with a fault listener
+
+            plan = FaultPlan(faults, self.reactor, self.counters.faults, random.Random())
+            self._fault_plans[faults] = plan
+        return plan
 
     def adopt(self, conn: Connection, splice: bool) -> None:
         """A connection the previous process handed over: counted and served as accepted."""

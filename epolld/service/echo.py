@@ -77,6 +77,7 @@ class EchoService(ProcessShell):
         self.proxied = admission.proxied = Proxied(reactor, config, admission)
         self._udp = UdpEndpoints(reactor, config.udp, edge=admission.edge)
         self._udp.service_classes = udp_services.ENDPOINTS
+        self._udp.fault_counts = self.counters.faults
         self.drain = Drain(
             reactor, config, notifier, admission, self.proxied, self._udp, idle, self.readiness
         )
@@ -140,6 +141,7 @@ class EchoService(ProcessShell):
                 trigger=self._config.trigger,
                 io="copy" if listener.is_udp else self._config.io,  # no splice for UDP
                 inherited=listener.inherited,
+                **_faults_of(listener),
             )
         if self._metrics is not None:
             log.info("metrics_listening", address=self._metrics.listener.name)
@@ -333,3 +335,9 @@ class EchoService(ProcessShell):
     def _periodic_stats(self) -> None:
         if self._config.stats_interval_s > 0:
             self.report.log_stats()
+
+
+def _faults_of(listener: Listener) -> dict[str, Any]:
+    """The listening line's `faults` field, for a listener that has some."""
+    faults = listener.address.faults if listener.address is not None else None
+    return {"faults": faults.active()} if faults is not None else {}

@@ -253,6 +253,9 @@ class Handoff:
         self._process.restore_metrics(Listener.from_handoff(record, state))
 
     def _restore_connection(self, record: dict[str, Any], state: handoff.State) -> None:
+        if record.get("faults") is not None:
+            self._restore_faulty(record, state)
+            return
         splice = record.get("io") == "splice"
         cls = connection_class(bool(record["edge"]), splice)
         admission = self._admission
@@ -265,6 +268,23 @@ class Handoff:
         """A discard, chargen or info connection (services/stream.py)."""
         admission = self._admission
         conn = stream.restore(record, state, buf=admission.read_buf, shared=admission.shared)
+        if record.get("proxy"):
+            self._proxied.proxies[conn.fd] = str(record["proxy"])
+        admission.adopt(conn, splice=False)
+
+    def _restore_faulty(self, record: dict[str, Any], state: handoff.State) -> None:
+        """A fault listener's connection: its faults travel with it (faults/stream.py)."""
+        from epolld.faults import stream as faulty  # only when one was handed over
+
+        admission = self._admission
+        conn = faulty.restore(
+            record,
+            state,
+            reactor=self.reactor,
+            counts=admission.counters.faults,
+            buf=admission.read_buf,
+            shared=admission.shared,
+        )
         if record.get("proxy"):
             self._proxied.proxies[conn.fd] = str(record["proxy"])
         admission.adopt(conn, splice=False)

@@ -1,14 +1,15 @@
 """discard, chargen and info over TLS (imported only when such a listener is served).
 
-Each is a TlsConnection (tls/connection.py) whose handshake, backpressure, close_notify
-and lingering are the echo's; what differs is what it does with the plaintext once
-the handshake is done (`_serve`): discard drops it, chargen drops it and writes the
-pattern (ciphertext kept below high_water: the pattern is written only while less
-waits), info writes its line with the session's version, cipher, SNI and the client
+Each is a TlsConnection (tls/connection.py) whose handshake, backpressure, close_notify,
+stop, restart and lingering are the echo's; what differs is what it does with the
+plaintext once the handshake is done: discard drops it; chargen drops it and writes the
+pattern, a record at a time, while the socket takes it (a record OpenSSL could not send
+waits in `out`, and nothing more is generated until it has gone: nothing is buffered past
+one record); info writes its line with the session's version, cipher, SNI and the client
 certificate's subject, then close_notify and FIN.
 
 A TLS session cannot travel through a restart handoff: as for TLS echo, what is queued
-is sent and closed by the next process (tls_closing records).
+is sent with close_notify and the socket closed by the next process (tls_closing records).
 """
 
 from __future__ import annotations
@@ -20,79 +21,81 @@ from typing import Any, ClassVar, Final
 from epolld.core.loop import CLOSE
 from epolld.services import info
 from epolld.services.stream import CYCLE_BYTES, WINDOW
-from epolld.tcp.connection import EPOLLOUT, SharedSettings
-from epolld.tls.connection import (
-    ECHO,
-    HANDSHAKE,
-    RECORD_BYTES,
-    TlsConnection,
-    failure_reason,
-)
+from epolld.tcp.connection import EPOLLIN, EPOLLOUT, EPOLLRDHUP, SharedSettings
+from epolld.tls.connection import CLOSING, ECHO, RECORD_BYTES, TlsConnection, receive_queued
 from epolld.tls.serving import TlsServing
 
-GENERATE_ROUNDS: Final = 4  # chargen: write-and-send rounds per event before yielding
+GENERATE_RECORDS: Final = 8  # chargen: records written per event before yielding the loop
 
 
 class TlsService(TlsConnection):
-    """The handshake as TLS echo's; then the service instead of the echo."""
+    """The handshake as TLS echo's; then the service instead of the echo. bytes_in counts
+    the plaintext received (and dropped), bytes_out what the service sent."""
 
-    __slots__ = ("about",)
+    __slots__ = ("about", "sent")
     SERVICE: ClassVar[str]
-    about: tuple[str, Any]  # the listener's name, the PROXY header (None without)
 
-    def _progress(self) -> int:
-        if self.phase == HANDSHAKE:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sent = 0
+        self.about: tuple[str, Any] = ("", None)  # the listener's name, the PROXY header
+
+    @property
+    def bytes_out(self) -> int:
+        return self.sent
+
+    def _read(self, ev: int, budget: int) -> bool:
+        """Decrypt and drop the records received (at most budget of them, as the echo
+        reads them); False: close now."""
+        tls, buf = self.tls, self.buf
+        size = len(buf)
+        while True:
             try:
-                self.tls.do_handshake()
+                n = tls.read(size, buf)
             except ssl.SSLWantReadError:
-                if self.eof:
-                    return self._failed("eof", "the peer closed during the handshake")
-                self._collect()
-                return self._send_and_wait()
-            except ssl.SSLError as e:
-                self._collect()
-                self._send_once()
-                return self._failed(failure_reason(e), str(e.reason or e))
-            self.phase = ECHO
-            self.tls_owner.handshake_done(self)
-            self._started()
-        if self.phase == ECHO:
-            if not self._drop_records():
-                return CLOSE
-            self._collect()
-        return self._send_and_wait()
-
-    def _started(self) -> None:
-        """Right after the handshake (info writes its line here)."""
-
-    def _drop_records(self) -> bool:
-        """Read and drop the plaintext received; False on a TLS error (reason set)."""
-        tls, inbio = self.tls, self.inbio
-        while self.phase == ECHO and (inbio.pending or tls.pending() or self.eof):
-            try:
-                data = tls.read(RECORD_BYTES)
-            except ssl.SSLWantReadError:
-                break
-            except ssl.SSLZeroReturnError:
-                data = b""
-            except ssl.SSLEOFError:  # a FIN without close_notify
+                return True
+            except ssl.SSLEOFError:  # a FIN without close_notify: the stream is over
                 self.reason = "truncated"
-                break
+                self.eof = True
+                self.reading = False
+                return True
+            except ssl.SSLWantWriteError:  # as in TlsConnection._read
+                self.shared.reschedule((self.fd, EPOLLIN))
+                return True
             except ssl.SSLError as e:
                 self.reason = "error"
                 self.error = f"tls: {e.reason or e}"
                 return False
-            if not data:  # the client's close_notify
+            except OSError as e:
+                self._fail(e)
+                return False
+            if not n:  # the client's close_notify: ours follows once what waits is sent
                 self.reason = self.reason or "eof"
-                self._close_notify()
-                break
-            self.bytes_in += len(data)
-        return True
+                self.phase = CLOSING
+                self.reading = False
+                return True
+            self.bytes_in += n
+            if n == size and tls.pending():
+                continue
+            budget -= 1
+            if not budget or (not ev & EPOLLRDHUP and not receive_queued(self.fd)):
+                if not budget and self.edge_mode:
+                    self.shared.reschedule((self.fd, ev & (EPOLLIN | EPOLLRDHUP) or EPOLLIN))
+                return True
 
-    def _progress_no_send(self) -> None:
-        """A stop or a handoff: drop what arrived (never echo it)."""
-        self._drop_records()
-        self._collect()
+    def _send(self, data: bytes | memoryview) -> bool:
+        """Hand data to OpenSSL; what the socket does not take waits in `out` (written
+        before anything else). False: the connection failed."""
+        try:
+            self.tls.write(data)
+        except ssl.SSLWantWriteError:
+            self.out = bytes(data)  # a retry must start with the same bytes
+        except (ssl.SSLError, OSError) as e:
+            self.reason = "error"
+            self.error = f"tls: {e}"
+            return False
+        self.sent += len(data)
+        return True
 
 
 class TlsDiscard(TlsService):
@@ -101,52 +104,47 @@ class TlsDiscard(TlsService):
 
 
 class TlsChargen(TlsService):
-    """The pattern in records while less than low_water of ciphertext waits; the
-    client's FIN without close_notify ends it as for echo (a TLS stream is over)."""
+    """The pattern in records while the socket takes them."""
 
     __slots__ = ()
     SERVICE = "chargen"
 
-    def _send_and_wait(self) -> int:
-        if self.phase == ECHO and not self.eof:
-            for _ in range(GENERATE_ROUNDS):
-                self._generate()
-                if not self._flush():
-                    return CLOSE
-                if self.out:
-                    break  # the socket is full: EPOLLOUT says when to go on
-            else:
-                self.shared.reschedule((self.fd, EPOLLOUT))
-        return super()._send_and_wait()
+    def _established(self) -> None:
+        self.shared.reschedule((self.fd, EPOLLOUT))  # start without waiting for the client
 
-    def _generate(self) -> None:
-        low = self.shared.low_water
-        while len(self.out) <= low:
-            start = self.echoed % CYCLE_BYTES
-            self.tls.write(WINDOW[start : start + RECORD_BYTES])
-            self.echoed += RECORD_BYTES
-            self._collect()
+    def on_event(self, ev: int) -> int:
+        mask = super().on_event(ev)
+        if mask == CLOSE or self.phase != ECHO or self.eof or self.out:
+            return mask
+        for _ in range(GENERATE_RECORDS):
+            start = self.sent % CYCLE_BYTES
+            if not self._send(WINDOW[start : start + RECORD_BYTES]):
+                return CLOSE
+            if self.out:  # the socket is full: EPOLLOUT says when to go on
+                return self._wait()
+        self.shared.reschedule((self.fd, EPOLLOUT))  # more next turn, after the others
+        return mask
 
 
 class TlsInfo(TlsService):
     __slots__ = ()
     SERVICE = "info"
 
-    def _started(self) -> None:
+    def _established(self) -> None:
         listener, header = self.about
         try:
             fields = info.tcp_fields(self.sock, listener, header)
         except OSError:
             return
-        fields["tls"] = tls_fields(self.tls)
-        line = info.line(fields)
-        self.tls.write(line)
-        self.echoed += len(line)
-        self._close_notify()
+        fields["tls"] = tls_fields(self)
+        if self._send(info.line(fields)):
+            self.phase = CLOSING  # then close_notify, FIN, and linger until the client's FIN
+            self.reading = False
 
 
-def tls_fields(tls: ssl.SSLObject) -> dict[str, Any]:
+def tls_fields(conn: TlsConnection) -> dict[str, Any]:
     """The session as info reports it."""
+    tls = conn.tls
     cipher = tls.cipher()
     subject = None
     cert = tls.getpeercert()
@@ -156,7 +154,7 @@ def tls_fields(tls: ssl.SSLObject) -> dict[str, Any]:
     return {
         "version": tls.version(),
         "cipher": cipher[0] if cipher else None,
-        "sni": getattr(tls, "epolld_sni", None),
+        "sni": conn.sni,
         "client_subject": subject,
     }
 
@@ -168,8 +166,8 @@ _CLASSES: Final[dict[str, type[TlsService]]] = {
 }
 
 
-def _record_sni(sslobj: ssl.SSLObject, name: str | None, context: ssl.SSLContext) -> None:
-    sslobj.epolld_sni = name  # type: ignore[attr-defined]  # read by tls_fields()
+def _record_sni(conn: Any, name: str | None, context: ssl.SSLContext) -> None:
+    conn.sni = name.lower() if name else None  # read by tls_fields()
 
 
 def open_tls_service(

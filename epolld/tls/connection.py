@@ -87,7 +87,7 @@ def failure_reason(error: ssl.SSLError) -> str:
     return _FAILURE_REASONS.get(str(error.reason), "other")
 
 
-def _queued(fd: int) -> bool:
+def receive_queued(fd: int) -> bool:
     """Whether the socket's receive queue holds bytes (FIONREAD: no read, no exception)."""
     return fcntl.ioctl(fd, termios.FIONREAD, _NOTHING_QUEUED) != _NOTHING_QUEUED
 
@@ -199,11 +199,16 @@ class TlsConnection(Connection):
             return self._failed("reset", str(e))
         self.phase = ECHO
         self.tls_owner.handshake_done(self)
+        self._established()
         # Records may have come behind the client's Finished: read them now (in edge
         # mode their edge was this event's).
-        if ev & EPOLLRDHUP or _queued(self.fd):
+        if ev & EPOLLRDHUP or receive_queued(self.fd):
             return self.on_event(ev | EPOLLIN)
         return self._wait()
+
+    def _established(self) -> None:
+        """Right after the handshake, once per connection (services/tls.py starts
+        chargen and writes info's line here)."""
 
     def _read(self, ev: int, budget: int) -> bool:
         """Decrypt records and echo them, at most budget of them; False: close now.
@@ -269,7 +274,7 @@ class TlsConnection(Connection):
                 if self.edge_mode:
                     self.shared.reschedule((self.fd, ev & (EPOLLIN | EPOLLRDHUP) or EPOLLIN))
                 return True
-            if not ev & EPOLLRDHUP and not _queued(self.fd):
+            if not ev & EPOLLRDHUP and not receive_queued(self.fd):
                 return True
 
     def _flush(self) -> bool:

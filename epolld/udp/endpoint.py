@@ -45,6 +45,7 @@ from epolld.udp.ratelimit import BYTE_RATE, RATE, SOURCE_PORT, TOTAL_RATE, UdpLi
 
 if TYPE_CHECKING:
     from epolld.core.counters import Counters
+    from epolld.faults.datagram import DatagramFaults
     from epolld.handoff import StateWriter
     from epolld.udp.mmsg import MmsgBatch
 
@@ -228,6 +229,7 @@ class UdpEndpoint:
         self._batch: MmsgBatch | None = None
         self._batched = _batch_calls_usable(self.sock)
         self.set_max_datagram(max_datagram)
+        self.faults: DatagramFaults | None = None  # faults/datagram.py: drop, delay
 
     def __repr__(self) -> str:
         return f"<UdpEndpoint fd={self.fd} {self.listener.name} max_datagram={self._size}>"
@@ -250,6 +252,16 @@ class UdpEndpoint:
             self._view = memoryview(b"")
         else:
             self._view = memoryview(bytearray(size))
+
+    def set_faults(self, faults: DatagramFaults | None) -> None:
+        """Serve with faults (faults/datagram.py), or without again. A fault endpoint is
+        served one datagram at a time (recvfrom/sendto), where intercept() is called; the
+        batch path stays free of any fault check."""
+        if self.faults is not None:
+            self.faults.close()
+        self.faults = faults
+        self._batched = faults is None and _batch_calls_usable(self.sock)
+        self.set_max_datagram(self._size)
 
     def on_event(self, events: int) -> int:
         """Handle up to DATAGRAMS_PER_EVENT datagrams; reschedule the rest in edge mode."""
@@ -511,6 +523,10 @@ class UdpEndpoint:
         reason = self._limiter.admit(host, port, nbytes, self._clock.now)
         if reason is not None:
             return reason
+        if self.faults is not None and self.faults.intercept(
+            self._view[:nbytes], addr, [], self._clock.now
+        ):
+            return None  # dropped or held by a fault: counted there
         try:
             self.sock.sendto(self._view[:nbytes], addr)
         except OSError as e:
@@ -547,6 +563,10 @@ class UdpEndpoint:
         reason = self._limiter.admit(host, port, nbytes, self._clock.now)
         if reason is not None:
             return reason
+        if self.faults is not None and self.faults.intercept(
+            self._view[:nbytes], addr, reply_anc, self._clock.now
+        ):
+            return None  # dropped or held by a fault: counted there
         try:
             self.sock.sendmsg([self._view[:nbytes]], reply_anc, 0, addr)
         except OSError as e:
@@ -586,6 +606,8 @@ class UdpEndpoint:
 
     def close(self) -> None:
         """Close the socket (the reactor has unregistered it) and free the batch buffers."""
+        if self.faults is not None:
+            self.faults.close()
         if self._batch is not None:
             self._batch.close()
             self._batch = None
@@ -617,6 +639,7 @@ class UdpEndpoints:
         # A listener's service -> its endpoint class, other than echo (services/udp.py;
         # the service wires it, so that this module does not import the services).
         self.service_classes: dict[str, type[UdpEndpoint]] = {}
+        self.fault_counts: dict[str, int] = {}  # Counters.faults; the service wires it
 
     def __len__(self) -> int:
         return len(self._endpoints)
@@ -643,7 +666,24 @@ class UdpEndpoints:
             max_datagram=self._settings.max_datagram_bytes,
         )
         self._endpoints[endpoint.fd] = endpoint
+        self._set_faults(endpoint)
         self._reactor.add(endpoint)
+
+    def _set_faults(self, endpoint: UdpEndpoint) -> None:
+        """The faults its listen entry names now (a reload's take effect at once)."""
+        address = endpoint.listener.address
+        faults = address.faults if address is not None else None
+        current = endpoint.faults
+        if (current.faults if current is not None else None) == faults:
+            return
+        if faults is None:
+            endpoint.set_faults(None)
+            return
+        from epolld.faults.datagram import DatagramFaults  # only with a fault listener
+
+        endpoint.set_faults(
+            DatagramFaults(faults, self._reactor, endpoint.sock, self.stats, self.fault_counts)
+        )
 
     def remove(self, listener: Listener) -> None:
         """Stop serving a UDP socket and close it."""
@@ -675,6 +715,8 @@ class UdpEndpoints:
                 self._reactor.replace(endpoint, new)
                 if endpoint._batch is not None:  # the old one's buffers
                     endpoint._batch.close()
+        for endpoint in self._endpoints.values():
+            self._set_faults(endpoint)
 
     def close_all(self) -> None:
         """Close every UDP socket at once (a graceful stop has nothing to drain for UDP)."""
