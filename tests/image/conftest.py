@@ -1,0 +1,18 @@
+"""Fixtures for the image tests (see podman.py): epolld's image, built or loaded once.
+
+They skip, saying why, when not run as root.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.image.podman import missing_privileges
+
+
+@pytest.fixture(scope="session")
+def image_prerequisites() -> None:
+    """Skip without root: building the image and running containers need it."""
+    reason = missing_privileges()
+    if reason:
+        pytest.skip(f"image test {reason}")
