@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 REPO = Path(__file__).resolve().parents[2]
 CACHE_DIR = REPO / ".cache" / "image"
 BUILD_SCRIPT = REPO / "packaging" / "image" / "build-image"
+APT_INSTALL = REPO / "packaging" / "dev" / "apt-install"
 EMULATION_SCRIPT = REPO / "packaging" / "image" / "emulation"
 CONTAINERS_CONF = Path(__file__).resolve().parent / "containers.conf"
 # What the image is made of: the package's sources and the build scripts (not tests or docs).
@@ -48,6 +49,16 @@ def missing_privileges() -> str | None:
     if os.geteuid() != 0:
         return "needs root: mmdebstrap, podman's networks and binfmt_misc require it"
     return None
+
+
+def ensure_tools() -> None:
+    """Install what the tests run besides the image build's own tools: podman with runc
+    (containers.conf), catatonit (kube play builds its pause image with it), skopeo."""
+    subprocess.run(
+        [str(APT_INSTALL), "podman", "runc", "catatonit", "skopeo", "util-linux"],
+        check=True,
+        timeout=600,
+    )
 
 
 def podman(*args: str, timeout: float = COMMAND_TIMEOUT_S, check: bool = True) -> str:

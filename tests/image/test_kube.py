@@ -7,6 +7,7 @@ Root only (podman's networks, the image build): skipped with the reason otherwis
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,13 +62,10 @@ def replicas(
 
 
 def _containers() -> list[str]:
-    """The Deployment's containers (kube play names them POD-CONTAINER), not the infra ones."""
-    out = podman("ps", "--format", "{{.Names}} {{.PodName}} {{.IsInfra}}")
-    return sorted(
-        name
-        for name, pod, infra in (line.split() for line in out.splitlines() if line.strip())
-        if pod.startswith(f"{DEPLOYMENT}-pod-") and infra == "false"
-    )
+    """The Deployment's running containers: kube play names them DEPLOYMENT-pod-N-CONTAINER
+    (the pods' infra containers are ID-infra)."""
+    names = podman("ps", "--format", "{{.Names}}").split()
+    return sorted(n for n in names if re.fullmatch(rf"{DEPLOYMENT}-pod-\d+-epolld", n))
 
 
 def test_two_replicas_echo_with_the_configmaps_settings(replicas: list[Container]) -> None:
