@@ -296,6 +296,14 @@ def finish(sock: socket.socket) -> bytes:
     return got
 
 
+def read_to_eof(sock: socket.socket) -> bytes:
+    """Read until the server's FIN, without closing our side first."""
+    got = b""
+    while chunk := sock.recv(65536):
+        got += chunk
+    return got
+
+
 def http_get(address: str, port: int, path: str, timeout: float = 5.0) -> tuple[int, str]:
     """GET path over HTTP/1.1 (Connection: close); the status code and the body."""
     with socket.create_connection((address, port), timeout=timeout) as sock:
