@@ -6,10 +6,12 @@ Root only (podman's networks, the image build): skipped with the reason otherwis
 
 from __future__ import annotations
 
+import json
 import os
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -76,8 +78,20 @@ def test_image_is_small_and_runs_epolld_as_its_user(tag: str) -> None:
     /etc/epolld/epolld.yaml` as uid 10001, and holds no documentation or man pages."""
     (archive,) = CACHE_DIR.glob(f"epolld-{tag.split('-')[1]}-{HOST_ARCH}.oci.tar")
     assert archive.stat().st_size < MAX_COMPRESSED_MB * 1e6
-    with tarfile.open(archive) as oci:  # the layers inside are gzip-compressed
-        assert any(m.name.startswith("blobs/sha256/") for m in oci.getmembers())
+    with tarfile.open(archive) as oci:  # an OCI layout whose layers are gzip-compressed
+
+        def blob(digest: str) -> dict[str, Any]:
+            member = oci.extractfile(f"blobs/sha256/{digest.split(':')[1]}")
+            assert member is not None
+            return dict(json.load(member))
+
+        index_file = oci.extractfile("index.json")
+        assert index_file is not None
+        (manifest_ref,) = json.load(index_file)["manifests"]
+        layers = blob(manifest_ref["digest"])["layers"]
+        assert [layer["mediaType"] for layer in layers] == [
+            "application/vnd.oci.image.layer.v1.tar+gzip"
+        ]
     assert int(podman("image", "inspect", "--format", "{{.Size}}", tag)) < MAX_UNPACKED_MB * 1e6
     config = podman("image", "inspect", "--format", "{{json .Config}}", tag)
     assert '"User":"10001:10001"' in config.replace(" ", "")
