@@ -226,12 +226,17 @@ class Container:
 
         def found() -> dict[str, Any] | None:
             entries = [e for e in self.logs() if e.get("event") == event]
-            return entries[count - 1] if len(entries) >= count else None
+            if len(entries) >= count:
+                return entries[count - 1]
+            if self.inspect("{{.State.Status}}") == "exited":  # it will never come
+                raise TimeoutError(f"{self.name} exited")
+            return None
 
         try:
             return wait_until(found, timeout, f"{event} in {self.name}'s log")
-        except TimeoutError:
-            raise AssertionError(f"no {event}; log:\n{podman('logs', self.name)[-4000:]}") from None
+        except TimeoutError as e:
+            log = podman("logs", self.name)[-4000:]
+            raise AssertionError(f"no {event} ({e}); log:\n{log}") from None
 
     def kill(self, signal_name: str) -> None:
         podman("kill", "--signal", signal_name, self.name)

@@ -25,8 +25,9 @@ EMULATED_START_S = 180.0  # python under qemu on a loaded 2-core machine
 
 @pytest.fixture(scope="module")
 def arm64_tag(image_prerequisites: None) -> Iterator[str]:
+    tag = image(ARCH)  # a build turns the emulation on and off again by itself
     with emulation(ARCH):
-        yield image(ARCH)
+        yield tag
 
 
 def test_arm64_image_starts_echoes_and_stops_on_sigterm(arm64_tag: str, tmp_path: Path) -> None:
