@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 CONSTRAINTS := tests/constraints-debian12.txt
 PYTEST_ARGS ?=
 
-.PHONY: run test test-fast check lint bench bench-quick soak deb clean
+.PHONY: run test test-fast check lint bench bench-quick soak deb image clean
 
 run: $(STAMP)
 	$(BIN)/epolld --config etc/epolld.yaml
@@ -44,6 +44,12 @@ soak: $(STAMP)
 
 deb:
 	@packaging/dev/build-deb
+
+# The OCI image from Debian 12's packages (as root): podman's localhost/epolld:VERSION and
+# dist/epolld_VERSION_ARCH.oci.tar. ARCH=arm64 builds another architecture under qemu.
+ARCH ?= $(shell dpkg --print-architecture)
+image:
+	@packaging/image/build-image --arch $(ARCH)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache

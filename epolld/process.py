@@ -335,3 +335,30 @@ def log_handoff_complete(
         duration_s=round(now - signal_at, 4) if isinstance(signal_at, float) else None,
         steps=steps,
     )
+
+
+# -- PID 1 ---------------------------------------------------------------------------
+
+
+def is_init() -> bool:
+    """True when this process is PID 1 of its PID namespace (a container's command)."""
+    return os.getpid() == 1
+
+
+def reap_orphans(signum: int = signal.SIGCHLD) -> None:
+    """As PID 1, collect every exited child; elsewhere do nothing.
+
+    Orphans anywhere in the PID namespace are re-parented to PID 1 (the background child
+    of a probe's or a `podman exec`'s shell): unreaped, each stays a zombie and holds a
+    PID. A single process has no child of its own to wait for, so it waits for any; the
+    supervisor's SIGCHLD handler already waits for any PID.
+    """
+    if not is_init():
+        return
+    while True:
+        try:
+            pid, _status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:  # no child left
+            return
+        if pid == 0:  # children left, none exited
+            return

@@ -27,7 +27,7 @@ from epolld.core.counters import Counters, Snapshot
 from epolld.core.idle import IdleTimer
 from epolld.listening.listener_set import STREAM, TLS, UDP, ListenerSet, kind_of
 from epolld.listening.sockets import Listener
-from epolld.process import HANDOFF_SIGNAL, ProcessShell
+from epolld.process import HANDOFF_SIGNAL, ProcessShell, is_init, reap_orphans
 from epolld.service.admission import Admission
 from epolld.service.drain import Drain
 from epolld.service.handoff import Handoff
@@ -107,6 +107,8 @@ class EchoService(ProcessShell):
                 signal.SIGHUP: self._on_reload_signal,
                 signal.SIGUSR1: self._on_stats_signal,
                 **({HANDOFF_SIGNAL: self._on_handoff_signal} if handoff_signal else {}),
+                # a container's command inherits the namespace's orphans
+                **({signal.SIGCHLD: reap_orphans} if is_init() else {}),
             }
         )
         # A listener's kind -> what serves it (listener_set.py).
@@ -132,6 +134,7 @@ class EchoService(ProcessShell):
 
     def _started(self) -> None:
         """Signals are handled from here on: tell the world we serve."""
+        reap_orphans()  # those that exited before (a re-exec in place keeps PID 1's)
         self._start_timers()
         for listener in [*self.listeners, *self._udp.listeners]:
             log.info(
