@@ -51,7 +51,7 @@ class Faults:
 
 
 class Namespaces:
-    """A server namespace `<tag>-s` and client namespaces linked to it (use as a context manager)."""
+    """A server namespace `<tag>-s` and client namespaces linked to it (a context manager)."""
 
     def __init__(self, tag: str) -> None:
         self.tag = tag
@@ -85,12 +85,23 @@ class Namespaces:
         dev_c, dev_s = f"chaos{n}c", f"chaos{n}s"
         relay = subprocess.Popen(
             [
-                sys.executable, "-m", "tests.chaos.relay", client, dev_c, self.server, dev_s,
-                f"--loss={faults.loss}", f"--delay-ms={faults.delay_ms}",
-                f"--jitter-ms={faults.jitter_ms}", f"--duplicate={faults.duplicate}",
+                sys.executable,
+                "-m",
+                "tests.chaos.relay",
+                client,
+                dev_c,
+                self.server,
+                dev_s,
+                f"--loss={faults.loss}",
+                f"--delay-ms={faults.delay_ms}",
+                f"--jitter-ms={faults.jitter_ms}",
+                f"--duplicate={faults.duplicate}",
                 f"--seed={seed}",
             ],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
         )
         self._relays.append(relay)
         assert relay.stdout is not None
@@ -109,7 +120,19 @@ class Namespaces:
         client = f"{self.tag}-c{n}"
         self._add(client)
         dev_c, dev_s = f"chaos{n}c", f"chaos{n}s"
-        ip("link", "add", dev_c, "netns", client, "type", "veth", "peer", dev_s, "netns", self.server)
+        ip(
+            "link",
+            "add",
+            dev_c,
+            "netns",
+            client,
+            "type",
+            "veth",
+            "peer",
+            dev_s,
+            "netns",
+            self.server,
+        )
         client_addr, server_addr = f"10.77.{n}.1", f"10.77.{n}.2"
         for ns, dev, addr in ((client, dev_c, client_addr), (self.server, dev_s, server_addr)):
             ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
@@ -125,7 +148,8 @@ class Namespaces:
     def sysctl(self, name: str, key: str, value: str) -> None:
         subprocess.run(
             [*self.exec_prefix(name), "sysctl", "-q", "-w", f"{key}={value}"],
-            check=True, capture_output=True,
+            check=True,
+            capture_output=True,
         )
 
     def close(self) -> None:
@@ -160,7 +184,7 @@ def _readline(proc: subprocess.Popen[str], timeout: float) -> str:
 
 @contextlib.contextmanager
 def inside(name: str) -> Iterator[None]:
-    """Runs the block with the calling thread in namespace `name` (sockets made there stay there)."""
+    """Runs the block with the calling thread in namespace `name` (its sockets stay there)."""
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     try:
         enter_netns(name)

@@ -67,9 +67,20 @@ def _daemon_errors(daemon: Daemon) -> int:
 
 def _start_probe(ns: Namespaces, client: str, host: str, seconds: float) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [*ns.exec_prefix(client), sys.executable, "-m", "tests.chaos.probe", host, str(PORT),
-         f"--conns={PROBE_CONNS}", f"--seconds={seconds}"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+        [
+            *ns.exec_prefix(client),
+            sys.executable,
+            "-m",
+            "tests.chaos.probe",
+            host,
+            str(PORT),
+            f"--conns={PROBE_CONNS}",
+            f"--seconds={seconds}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
     )
 
 
@@ -96,9 +107,10 @@ def _idle_connections(client: str, host: str, row: Row) -> None:
             sock.close()
         waited = time.monotonic() - quiet_since
         row.require(data == b"", f"an idle connection received {data!r}")
-        row.require(
+        row.require_timing(
             IDLE_TIMEOUT_S - 0.5 <= waited <= IDLE_TIMEOUT_S + IDLE_TICK_S + SLACK_S,
-            f"an idle connection was closed after {waited:.2f} s (idle_timeout {IDLE_TIMEOUT_S:g}s)",
+            f"an idle connection was closed after {waited:.2f} s"
+            f" (idle_timeout {IDLE_TIMEOUT_S:g}s)",
         )
 
 
@@ -115,7 +127,9 @@ def _drain_on_sigterm(daemon: Daemon, client: str, host: str, row: Row) -> None:
         stuck = socket.create_connection((host, PORT), timeout=30)
         pending = socket.create_connection((host, PORT), timeout=30)
     stuck.setblocking(False)
-    with contextlib.suppress(BlockingIOError):  # fills its echo and the buffers between; never reads
+    with contextlib.suppress(
+        BlockingIOError
+    ):  # fills its echo and the buffers between; never reads
         for _ in range(1000):
             stuck.send(os.urandom(65536))
     pending.sendall(payload)
@@ -138,9 +152,10 @@ def _drain_on_sigterm(daemon: Daemon, client: str, host: str, row: Row) -> None:
     row.require(complete, f"the draining client got {len(received):,} of {len(payload):,} bytes")
     row.bytes_verified += len(received) if complete else 0
     row.require(code == 0, f"the daemon exited {code} after SIGTERM")
-    row.require(
+    row.require_timing(
         SHUTDOWN_TIMEOUT_S - 0.5 <= took <= SHUTDOWN_TIMEOUT_S + SLACK_S,
-        f"the drain with a stuck client took {took:.2f} s (shutdown_timeout {SHUTDOWN_TIMEOUT_S:g}s)",
+        f"the drain with a stuck client took {took:.2f} s"
+        f" (shutdown_timeout {SHUTDOWN_TIMEOUT_S:g}s)",
     )
     row.notes.append(f"SIGTERM with a stuck client: exit {code} after {took:.2f} s")
 
@@ -172,7 +187,10 @@ def bad_network(seconds: float, seed: int, trigger: str = "level") -> Row:
             row.bytes_verified += traffic.verified + result["bytes_verified"]
             row.connections_lost += traffic.error_count + result["errors"]
             row.worst_latency_ms = result["max_ms"]
-            row.notes.append(f"probes over the link: p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms")
+            row.notes.append(
+                f"probes over the link: p50 {result['p50_ms']:.1f} ms,"
+                f" p99 {result['p99_ms']:.1f} ms"
+            )
             for message in traffic.errors + result["error_samples"]:
                 row.failures.append(message)
             row.require(not runner.is_alive(), "the client mix did not finish")
@@ -219,28 +237,52 @@ def syn_flood(seconds: float, seed: int, trigger: str = "level") -> Row:
             quiet = probe_result(probe, 60)
             probe = _start_probe(ns, probes_ns, host, flood_s)
             flood = subprocess.Popen(
-                [*ns.exec_prefix(flood_ns), "timeout", f"{flood_s:g}", "hping3", "--quiet", "-S",
-                 "-p", str(PORT), "--rand-source", "-i", "u10", "-c", str(FLOOD_PACKETS), flood_host],
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                [
+                    *ns.exec_prefix(flood_ns),
+                    "timeout",
+                    f"{flood_s:g}",
+                    "hping3",
+                    "--quiet",
+                    "-S",
+                    "-p",
+                    str(PORT),
+                    "--rand-source",
+                    "-i",
+                    "u10",
+                    "-c",
+                    str(FLOOD_PACKETS),
+                    flood_host,
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
             )
             flood_cpu = _cpu_during(daemon, flood_s)
             flood.wait(flood_s + 10)
             result = probe_result(probe, 60)
             cookies = _netstat(ns, "TcpExt", "SyncookiesSent")
-            row.load = f"{PROBE_CONNS} probes on a clean link, {flood_s:g} s without and {flood_s:g} s with the flood"
-            row.faults = f"hping3 SYNs from random sources for {flood_s:g} s: {cookies:,} syncookies sent"
+            row.load = (
+                f"{PROBE_CONNS} probes on a clean link,"
+                f" {flood_s:g} s without and {flood_s:g} s with the flood"
+            )
+            row.faults = (
+                f"hping3 SYNs from random sources for {flood_s:g} s: {cookies:,} syncookies sent"
+            )
             row.bytes_verified = quiet["bytes_verified"] + result["bytes_verified"]
             row.connections_lost = quiet["errors"] + result["errors"]
             row.worst_latency_ms = result["max_ms"]
             row.errors = _daemon_errors(daemon)
             ratio = flood_cpu / quiet_cpu if quiet_cpu > 0 else float("inf")
             row.notes.append(
-                f"daemon CPU {quiet_cpu:.2f} s without the flood, {flood_cpu:.2f} s with it ({ratio:.2f}x);"
+                f"daemon CPU {quiet_cpu:.2f} s without the flood,"
+                f" {flood_cpu:.2f} s with it ({ratio:.2f}x);"
                 f" probes p99 {quiet['p99_ms']:.1f} ms without, {result['p99_ms']:.1f} ms with it"
             )
             row.failures.extend(quiet["error_samples"] + result["error_samples"])
             row.require(cookies > 0, "the flood never made the kernel send a syncookie")
-            row.require(ratio <= FLOOD_CPU_RATIO_MAX, f"the daemon's CPU grew {ratio:.2f}x under the flood")
+            row.require_timing(
+                ratio <= FLOOD_CPU_RATIO_MAX, f"the daemon's CPU grew {ratio:.2f}x under the flood"
+            )
             row.require(result["round_trips"] > 0, "the probes made no round trip")
         finally:
             daemon.stop()
@@ -248,10 +290,14 @@ def syn_flood(seconds: float, seed: int, trigger: str = "level") -> Row:
 
 
 def _netstat(ns: Namespaces, group: str, name: str) -> int:
-    text = subprocess.run([*ns.exec_prefix(ns.server), "cat", "/proc/net/netstat"],
-                          capture_output=True, text=True, check=True).stdout.splitlines()
-    for keys, values in zip(text[::2], text[1::2]):
+    text = subprocess.run(
+        [*ns.exec_prefix(ns.server), "cat", "/proc/net/netstat"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    for keys, values in zip(text[::2], text[1::2], strict=True):
         if keys.startswith(group + ":"):
-            table = dict(zip(keys.split()[1:], values.split()[1:]))
+            table = dict(zip(keys.split()[1:], values.split()[1:], strict=True))
             return int(table.get(name, 0))
     return 0

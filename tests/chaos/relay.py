@@ -49,7 +49,7 @@ def enter_netns(name: str) -> None:
 
 
 def open_tun(netns: str, device: str) -> int:
-    """A TUN device named `device` in `netns`, without packet information; it lives while the fd does."""
+    """A TUN device `device` in `netns`, without packet information; it lives while the fd does."""
     enter_netns(netns)
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
     fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", device.encode(), IFF_TUN | IFF_NO_PI))
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     print("ready", flush=True)
     while not stopping:
         now = time.monotonic()
-        for fd, events in poller.poll(max(1, int(link.timeout(now) * 1000 + 0.999))):
+        for fd, _ in poller.poll(max(1, int(link.timeout(now) * 1000 + 0.999))):
             if fd == sys.stdin.fileno():
                 if not os.read(fd, 4096):
                     stopping = True

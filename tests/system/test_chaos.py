@@ -1,0 +1,37 @@
+"""The fault campaign's short version (`make chaos` runs it long: tests/chaos/).
+
+Scenarios 1 and 3 for a minute or so each, in a real systemd 252 with the package installed:
+restarts and an upgrade under the soak's client mix, and journald stopped under a crowd with
+connection logging on. They assert that no byte and no connection is lost and none hangs;
+the campaign's bounds on time are left to `make chaos` on a quiet machine.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.chaos.journal import sick_journal
+from tests.chaos.outcome import table
+from tests.chaos.restarts import restarts_under_load
+
+pytestmark = pytest.mark.system
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_restarts_and_an_upgrade_under_load_lose_nothing(
+    debs: dict[str, Path], workers: int
+) -> None:
+    row = restarts_under_load(
+        24, workers, workers=workers, restart_every=8, upgrade_every=16, package=debs["current"]
+    )
+    assert not row.failures, table([row])
+    assert row.bytes_verified > 0, table([row])
+    assert " 0 restarts" not in row.load, table([row])
+
+
+def test_sick_journal_loses_nothing(debs: dict[str, Path]) -> None:
+    row = sick_journal(16, 3, package=debs["current"])
+    assert not row.failures, table([row])
+    assert row.bytes_verified > 0, table([row])
