@@ -1,9 +1,10 @@
 """The fault campaign's short version (`make chaos` runs it long: tests/chaos/).
 
-Scenarios 1 and 3 for a minute or so each, in a real systemd 252 with the package installed:
-restarts and an upgrade under the soak's client mix, and journald stopped under a crowd with
-connection logging on. They assert that no byte and no connection is lost and none hangs;
-the campaign's bounds on time are left to `make chaos` on a quiet machine.
+Scenarios 1 to 3 for a minute or so each, in a real systemd 252 with the package installed:
+restarts and an upgrade under the soak's client mix, kills at two steps of a handoff, and
+journald stopped under a crowd with connection logging on. They assert that no byte and no
+connection is lost and none hangs; the campaign's bounds on time are left to `make chaos` on
+a quiet machine.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.chaos.journal import sick_journal
+from tests.chaos.kills import kills_mid_handoff
 from tests.chaos.outcome import table
 from tests.chaos.restarts import restarts_under_load
 
@@ -35,3 +37,10 @@ def test_sick_journal_loses_nothing(debs: dict[str, Path]) -> None:
     row = sick_journal(16, 3, package=debs["current"])
     assert not row.failures, table([row])
     assert row.bytes_verified > 0, table([row])
+
+
+def test_kills_in_the_middle_of_a_handoff_leave_no_connection_hanging(
+    debs: dict[str, Path],
+) -> None:
+    row = kills_mid_handoff(0, 4, package=debs["current"], points=(1, 3))
+    assert not row.failures, table([row])
