@@ -93,6 +93,9 @@ def _one_kill(service: PackagedService, workers: int, when: int, row: Row) -> di
         if workers > 1:  # a worker, killed while it hands its transport to the supervisor
             children = service.c.sh(f"ps -o pid= --ppid {main}").stdout.split()
             target = int(children[0])
+        # Each kill point is an experiment of its own: systemd's start limit (5 starts in
+        # 10 s) would otherwise count the previous points' restarts against this one.
+        service.c.systemctl("reset-failed", "epolld", check=False)
         tracer = _kill_at(service, target, when)
         service.c.systemctl("restart", "epolld", check=False)  # may end in a SIGKILL
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -161,7 +164,19 @@ def kills_mid_handoff(
         for workers in (1, 2):
             service.configure(CONFIG.format(port=PORT, workers=workers))
             for when in points:
-                answers = _one_kill(service, workers, when, row)
+                try:
+                    answers = _one_kill(service, workers, when, row)
+                except OSError as e:  # the service is not there to connect to
+                    journal = service.c.run(
+                        "journalctl", "--no-pager", "-u", "epolld", "-n", "25", check=False
+                    ).stdout
+                    row.failures.append(
+                        f"workers: {workers}, killed at sendmsg {when}, then: {e!r};"
+                        f" state {service.c.show('epolld', 'ActiveState')}; journal:\n{journal}"
+                    )
+                    service.c.systemctl("reset-failed", "epolld", check=False)
+                    service.c.systemctl("start", "epolld", check=False)
+                    continue
                 kills += 1
                 recovered += answers["echo"]
                 closed += answers["closed"]
