@@ -7,7 +7,13 @@
  * until EAGAIN. No features: no limits, timeouts, logs or stats. Prints
  * {"event": "listening", "address": "127.0.0.1:PORT"} on stdout once bound.
  *
- * Usage: echo_server [--port 0] [--backlog 511]
+ * --processes N: N processes, each with its own SO_REUSEPORT listener on the same port (the
+ * kernel spreads the connections by 4-tuple), as epolld's `workers: N` does: the reference of
+ * the 100,000-connection workload, where one process may hold at most 20,000 descriptors.
+ * The first process binds (port 0 picks the port), forks the others, and prints the address
+ * once they all listen; they exit when it does (PR_SET_PDEATHSIG).
+ *
+ * Usage: echo_server [--port 0] [--backlog 511] [--processes 1]
  * Build: gcc -O2 -Wall -o echo_server echo_server.c
  */
 #define _GNU_SOURCE
@@ -19,6 +25,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -97,12 +104,31 @@ static void on_acceptable(int lfd, int backlog) {
     }
 }
 
+/* A listening socket on 127.0.0.1:port; with reuseport, one of a SO_REUSEPORT group. */
+static int listen_on(int port, int backlog, int reuseport) {
+    int lfd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (lfd < 0) die("socket");
+    int one = 1;
+    setsockopt(lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (reuseport && setsockopt(lfd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) < 0)
+        die("SO_REUSEPORT");
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (bind(lfd, (struct sockaddr *)&sa, sizeof sa) < 0) die("bind");
+    if (listen(lfd, backlog) < 0) die("listen");
+    return lfd;
+}
+
 int main(int argc, char **argv) {
-    int port = 0, backlog = 511;
+    int port = 0, backlog = 511, processes = 1;
     for (int i = 1; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--port")) port = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--backlog")) backlog = atoi(argv[i + 1]);
-        else { fprintf(stderr, "usage: echo_server [--port N] [--backlog N]\n"); return 2; }
+        else if (!strcmp(argv[i], "--processes")) processes = atoi(argv[i + 1]);
+        else {
+            fprintf(stderr, "usage: echo_server [--port N] [--backlog N] [--processes N]\n");
+            return 2;
+        }
     }
     signal(SIGPIPE, SIG_IGN);
     struct rlimit rl;
@@ -114,16 +140,33 @@ int main(int argc, char **argv) {
     char *buf = malloc(RECV_SIZE);
     if (!pend || !buf) die("malloc");
 
-    int lfd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (lfd < 0) die("socket");
-    int one = 1;
-    setsockopt(lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
-    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (bind(lfd, (struct sockaddr *)&sa, sizeof sa) < 0) die("bind");
-    if (listen(lfd, backlog) < 0) die("listen");
+    int lfd = listen_on(port, backlog, processes > 1);
+    struct sockaddr_in sa;
     socklen_t len = sizeof sa;
     getsockname(lfd, (struct sockaddr *)&sa, &len);
+    pid_t leader = getpid();
+    int ready[2]; /* each sibling writes a byte here once it listens */
+    if (pipe(ready) < 0) die("pipe");
+    for (int i = 1; i < processes; i++) {
+        pid_t pid = fork();
+        if (pid < 0) die("fork");
+        if (pid == 0) { /* a sibling: a listener of its own in the same group, then serve */
+            prctl(PR_SET_PDEATHSIG, SIGTERM);
+            if (getppid() != leader) return 0;
+            close(lfd);
+            lfd = listen_on(ntohs(sa.sin_port), backlog, 1);
+            if (write(ready[1], "r", 1) != 1) die("write");
+            break;
+        }
+    }
+    if (getpid() == leader) { /* wait until every sibling listens */
+        char c;
+        for (int i = 1; i < processes; i++)
+            if (read(ready[0], &c, 1) != 1) die("a sibling did not start");
+    }
+    close(ready[0]);
+    close(ready[1]);
+    if (getpid() == leader)
     printf("{\"event\": \"listening\", \"address\": \"127.0.0.1:%d\", \"server\": \"c-epoll\"}\n",
            ntohs(sa.sin_port));
     fflush(stdout);

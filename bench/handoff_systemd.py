@@ -3,6 +3,12 @@
 `systemctl restart`, each step's time from the new process's handoff_complete entry.
 
     .venv/bin/python bench/handoff_systemd.py --conns 10000 --restarts 2     # as root, ~1 min
+    .venv/bin/python bench/handoff_systemd.py --conns 100000 --workers 6     # issue 24, ~3 min
+
+With --workers (more connections than one process may hold: 20,000 descriptors here) the
+connections come from bench/loadgen.c holder processes of 10,000 each on source addresses
+127.0.0.2, .3, ... in the container's network, and one restart is measured: at their release
+each of them echoes one more byte (loadgen --reprobe), or the run fails.
 
 The container runs this checkout (as tests/system do: the packaged unit, Debian's python3);
 the clients live in its network namespace. After each restart every connection must echo
@@ -15,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,7 +47,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--conns", type=int, default=10_000)
     parser.add_argument("--restarts", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=0, help="workers: N, loadgen clients")
     opts = parser.parse_args()
+    if opts.workers:
+        return with_workers(opts.conns, opts.workers)
     with Container(binds_ro={REPO: GUEST_REPO}) as c:
         install_checkout(c)
         c.write_file("/etc/epolld.yaml", CONFIG)
@@ -80,6 +90,95 @@ def main() -> int:
             for sock in socks:
                 sock.close()
     return 0
+
+
+def with_workers(conns: int, workers: int) -> int:
+    """One `systemctl restart` of an epolld with `workers: N` holding `conns` connections
+    from loadgen holders; every connection must echo again afterwards."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from epolld_bench.bootstrap import bootstrap
+    from epolld_bench.paths import BIN
+
+    bootstrap(need_venv=False)  # loadgen
+    per_holder, addrs = 10_000, max(2, -(-conns // 20_000))
+    with Container(binds_ro={REPO: GUEST_REPO}) as c:
+        install_checkout(c)
+        c.write_file(
+            "/etc/epolld.yaml",
+            'listen: ["127.0.0.1:7080"]\n'
+            f"workers: {workers}\n"
+            f"limits: {{max_connections: {conns + 1000}, idle_timeout: 0}}\n"
+            "logging: {connections: false}\n",
+        )
+        c.systemctl("start", "epolld")
+        c.wait_for_state("epolld", ["active"], 60)
+        holders = []
+        started = time.monotonic()
+        with c.network():
+            for offset in range(0, conns, per_holder):
+                share = min(per_holder, conns - offset)
+                argv = [str(BIN / "loadgen"), "--port", "7080", "--warmup", "0",
+                        "--duration", "900", "--hold-stdin", "--mode", "pingpong", "--conns", "0",
+                        "--idle", str(share), "--source-addrs", str(addrs),
+                        "--source-offset", str(offset), "--source-ports",
+                        "--connect-timeout", "200",
+                        "--reprobe", "--drain-timeout", "60"]  # fmt: skip
+                holders.append(
+                    subprocess.Popen(
+                        argv,
+                        stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE,
+                    )
+                )
+        try:
+            for h in holders:
+                assert h.stderr is not None
+                line = h.stderr.readline()
+                assert line.strip() == b"established", line
+            established_s = time.monotonic() - started
+            before = len(handoffs(c))
+            started = time.monotonic()
+            c.systemctl("restart", "epolld")
+            restart_s = time.monotonic() - started
+            entry = wait_until(lambda: handoffs(c)[before:] or None, 120, "the handoff")[0]
+            results = []
+            for h in holders:
+                out, _ = h.communicate(input=b"", timeout=300)
+                results.append(json.loads(out))
+        finally:
+            for h in holders:
+                if h.poll() is None:
+                    h.kill()
+                    h.wait()
+        reprobed = sum(r["reprobed"] for r in results)
+        errors = sum(r["error_total"] for r in results)
+        if errors:  # what the service said about it: its warnings and errors
+            for e in c.journal("-u", "epolld", "-p", "warning"):
+                print("journal:", e.get("MESSAGE"), e.get("EPOLLD_EVENT"), flush=True)
+            kinds: dict[str, int] = {}
+            for r in results:
+                for k, n in r["errors"].items():
+                    kinds[k] = kinds.get(k, 0) + n
+            print("client errors:", kinds, flush=True)
+        print(
+            json.dumps(
+                {
+                    "connections": int(entry["EPOLLD_CONNECTIONS"]),
+                    "workers": workers,
+                    "established_s": round(established_s, 1),
+                    "signal_to_ready_s": float(entry["EPOLLD_DURATION_S"]),
+                    "steps_s": json.loads(entry["EPOLLD_STEPS"]),
+                    "systemctl_restart_s": round(restart_s, 3),
+                    "echoing_again": reprobed,
+                    "echoing_again_s": max(r["reprobe_s"] for r in results),
+                    "client_errors": errors,
+                    "store_after": c.show("epolld", "NFileDescriptorStore"),
+                }
+            ),
+            flush=True,
+        )
+        return 0 if errors == 0 and reprobed == conns else 1
 
 
 if __name__ == "__main__":

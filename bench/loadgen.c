@@ -22,6 +22,14 @@
  *   --source-addrs K  bind connection i to 127.0.0.(2 + (OFFSET + i) % K) before connect()
  *                     (IP_BIND_ADDRESS_NO_PORT: the port is picked per 4-tuple), so that more
  *                     connections than one address's ephemeral ports fit; --source-offset OFFSET
+ *   --source-ports    with --source-addrs: bind connection i to a port of its own too,
+ *                     10000 + (OFFSET + i) / K, instead of letting connect() search for a free
+ *                     one: that search walks the ports in use, and grows slow (milliseconds
+ *                     per connect) with tens of thousands per address; a taken port falls back
+ *                     to the search
+ *   --reprobe         on release, every idle connection echoes one more byte (within the
+ *                     drain timeout; one that does not is "stalled"): that each of them still
+ *                     echoes after what happened meanwhile (a restart handoff); reprobed, reprobe_s
  *   --expect-close    an idle connection the server closes (an idle timeout) is counted in
  *                     closed_by_server with the first and last time, not as an error
  * Times of the phases are also printed on CLOCK_MONOTONIC (*_mono_s), so that the
@@ -97,6 +105,10 @@ static uint64_t total_rcvd;          /* every connection, every phase: for the s
 static int n_connecting, n_probing, n_active; /* connections in those states */
 static struct errors err;
 static int expect_close, released;   /* --expect-close; stdin reached EOF (--hold-stdin) */
+static int reprobe;                  /* --reprobe */
+static int source_ports;             /* --source-ports */
+#define SOURCE_PORT_BASE 10000u
+#define SOURCE_PORTS 55000u          /* 10000-64999 */
 static uint64_t closed_by_server, first_close_ns, last_close_ns;
 
 static uint64_t now_ns(void) {
@@ -390,7 +402,7 @@ static void usage(void) {
             "  [--size BYTES] [--window BYTES] [--idle N] [--warmup S] [--duration S]\n"
             "  [--max-round-trips N] [--max-bytes N] [--server-pid PID] [--connect-timeout S]\n"
             "  [--drain-timeout S] [--stall-timeout S] [--watch-cpu N] [--hold-stdin]\n"
-            "  [--source-addrs K] [--source-offset N] [--expect-close]\n");
+            "  [--source-addrs K] [--source-offset N] [--expect-close] [--reprobe]\n  [--source-ports]\n");
     exit(2);
 }
 
@@ -407,7 +419,7 @@ int main(int argc, char **argv) {
         {"server-pid", 1, 0, 'P'}, {"connect-timeout", 1, 0, 'C'}, {"drain-timeout", 1, 0, 'D'},
         {"stall-timeout", 1, 0, 'S'}, {"watch-cpu", 1, 0, 'X'}, {"hold-stdin", 0, 0, 'H'},
         {"source-addrs", 1, 0, 'A'}, {"source-offset", 1, 0, 'O'}, {"expect-close", 0, 0, 'E'},
-        {0, 0, 0, 0}};
+        {"reprobe", 0, 0, 'r'}, {"source-ports", 0, 0, 'q'}, {0, 0, 0, 0}};
     for (int o; (o = getopt_long(argc, argv, "", opts, NULL)) != -1;) {
         switch (o) {
         case 'h': host = optarg; break;
@@ -434,6 +446,8 @@ int main(int argc, char **argv) {
         case 'A': source_addrs = atoi(optarg); break;
         case 'O': source_offset = atoi(optarg); break;
         case 'E': expect_close = 1; break;
+        case 'r': reprobe = 1; break;
+        case 'q': source_ports = 1; break;
         default: usage();
         }
     }
@@ -489,8 +503,19 @@ int main(int argc, char **argv) {
             struct sockaddr_in src = {.sin_family = AF_INET};
             src.sin_addr.s_addr =
                 htonl(0x7F000002u + (uint32_t)((source_offset + i) % source_addrs));
-            setsockopt(c->fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one);
-            if (bind(c->fd, (struct sockaddr *)&src, sizeof src) < 0) die("bind source address");
+            int bound = 0;
+            if (source_ports) {
+                uint32_t g = (uint32_t)(source_offset + i) / (uint32_t)source_addrs;
+                src.sin_port = htons((uint16_t)(SOURCE_PORT_BASE + g % SOURCE_PORTS));
+                setsockopt(c->fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+                bound = bind(c->fd, (struct sockaddr *)&src, sizeof src) == 0;
+                src.sin_port = 0; /* taken (by another program): let connect() search */
+            }
+            if (!bound) {
+                setsockopt(c->fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one);
+                if (bind(c->fd, (struct sockaddr *)&src, sizeof src) < 0)
+                    die("bind source address");
+            }
         }
         c->state = C_IDLE; /* placeholder until set_state counts it */
         set_state(c, C_CONNECTING);
@@ -589,6 +614,27 @@ int main(int argc, char **argv) {
         }
     }
 
+    /* --reprobe: one more byte echoed on every idle connection, all at once. */
+    uint64_t reprobed = 0;
+    double reprobe_s = 0;
+    if (reprobe) {
+        phase = P_PROBE;
+        uint64_t t_reprobe = now_ns();
+        for (int i = 0; i < nconns; i++) {
+            struct conn *c = &conns[i];
+            if (c->state != C_IDLE) continue;
+            c->target = c->sent + 1;
+            set_state(c, C_PROBING);
+            pump_send(c);
+        }
+        int asked = n_probing;
+        deadline = t_reprobe + (uint64_t)(drain_timeout * 1e9);
+        while (n_probing && now_ns() < deadline) poll_once(10);
+        reprobe_s = (double)(now_ns() - t_reprobe) / 1e9;
+        reprobed = (uint64_t)(asked - n_probing);
+        err.stalled += (uint64_t)n_probing;
+    }
+
     /* Phase drain: no new messages; whatever does not come back in time is lost. */
     phase = P_DRAIN;
     deadline = now_ns() + (uint64_t)(drain_timeout * 1e9);
@@ -633,6 +679,7 @@ int main(int argc, char **argv) {
            " \"measure_start_mono_s\": %.6f, \"measure_end_mono_s\": %.6f,",
            (double)t_begin / 1e9, (double)t_begin / 1e9 + connect_all_s, (double)t_probed / 1e9,
            (double)t_measure / 1e9, (double)t_end / 1e9);
+    printf(" \"reprobed\": %llu, \"reprobe_s\": %.4f,", (unsigned long long)reprobed, reprobe_s);
     printf(" \"closed_by_server\": %llu, \"first_close_mono_s\": %.6f,"
            " \"last_close_mono_s\": %.6f,",
            (unsigned long long)closed_by_server, (double)first_close_ns / 1e9,

@@ -71,6 +71,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="detach into the background (hosts without systemd only)",
     )
     parser.add_argument("--pidfile", metavar="PATH", help="with --daemon: override daemon.pidfile")
+    operator = parser.add_mutually_exclusive_group()
+    operator.add_argument(
+        "--drain",
+        action="store_true",
+        help="ask the running daemon to drain: /readyz answers 503 and HAProxy's agent "
+        "check `drain` until --undrain, through reloads and restarts (control.socket)",
+    )
+    operator.add_argument(
+        "--undrain", action="store_true", help="cancel an operator's drain (--drain)"
+    )
+    operator.add_argument(
+        "--drain-status",
+        action="store_true",
+        help="print whether the running daemon drains, and why",
+    )
     parser.add_argument("--version", action="version", version=f"epolld {__version__}")
     return parser.parse_args(argv)
 
@@ -110,11 +125,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.print_config and config is not None:
         print(config_mod.render_config(config), end="")
         return 0
+    if (args.drain or args.undrain or args.drain_status) and config is not None:
+        return operate(args, config)
     notifier = Notifier()
     try:
         return serve(args, config, notifier, config_error=config_error, started_at=started_at)
     except EpolldError as e:
         return report(e, notifier)
+
+
+def operate(args: argparse.Namespace, config: Config) -> int:
+    """--drain, --undrain, --drain-status: ask the running daemon over its control socket
+    (control.py) and print its answer."""
+    from epolld import control
+
+    command = "drain" if args.drain else "undrain" if args.undrain else "status"
+    path = config_mod.control_socket_path(config)
+    if path is None and config.control.socket == config_mod.CONTROL_AUTO:
+        path = control.DEFAULT_SYSTEMD_PATH  # from outside the unit: its RuntimeDirectory
+    if path is None:
+        return report(control.ControlError("control.socket is null: no control socket"), None)
+    try:
+        reply = control.ask(path, command)
+    except EpolldError as e:
+        return report(e, None)
+    state = "draining" if reply.get("operator_drain") or reply.get("stopping") else "serving"
+    print(
+        f"epolld {reply.get('pid')}: {state}; operator drain: "
+        f"{'on' if reply.get('operator_drain') else 'off'}; ready: "
+        f"{'yes' if reply.get('ready') else 'no (' + str(reply.get('reason')) + ')'}; "
+        f"connections: {reply.get('connections')}"
+    )
+    return 0
 
 
 def report(error: EpolldError, notifier: Notifier | None) -> int:
@@ -248,6 +290,7 @@ def _resume_workers(
         held.metrics,
         slots=held.slots,
         resumed=resumed,
+        operator_drain=takeover.operator_drain,
     )
     if not args.daemon:
         return loop()
@@ -270,6 +313,7 @@ def run_loop(
     takeover: takeover_mod.Takeover | None = None,
     resumed: handoff_workers.Resumed | None = None,
     pidfiles: list[PidFile] | None = None,
+    operator_drain: bool = False,
 ) -> int:
     def reload() -> Config:
         # First, so that a rotated log file is let go even when the new config is invalid.
@@ -289,13 +333,17 @@ def run_loop(
             resumed=resumed,
             handoff_sources=list(pidfiles or []),
         )
+        supervisor.readiness.operator_drain = operator_drain
         try:
             return supervisor.run()
+        except EpolldError:  # agent.listen or control.socket: exit 69, as for listen
+            raise
         except Exception:
             log.exception("loop_crashed")
             notifier.fatal("crashed: see the journal")
             return os.EX_SOFTWARE
     service = EchoService(config, bound, notifier, reload=reload, metrics_listener=metrics_listener)
+    service.readiness.operator_drain = takeover.operator_drain if takeover else operator_drain
     try:
         if takeover is not None:
             try:
@@ -305,6 +353,8 @@ def run_loop(
         for lock in takeover.pidfiles if takeover is not None else pidfiles or []:
             service.add_handoff_source(lock)
         return service.run()
+    except EpolldError:  # agent.listen or control.socket: exit 69, as for listen
+        raise
     except Exception:
         log.exception("loop_crashed")
         notifier.fatal("crashed: see the journal")

@@ -28,6 +28,8 @@ Decisions an operator can rely on (etc/epolld.yaml repeats them as comments):
 - pidfile and log_file are absolute paths (the daemon runs from /) or null.
 - metrics.listen is null (no metrics endpoint) or one address in the forms of listen; it
   cannot share a socket or port with an echo address.
+- agent.listen is null (no agent check) or one TCP address; control.socket is "auto"
+  (systemd's runtime directory, else none), an absolute path, or null.
 """
 
 from __future__ import annotations
@@ -84,6 +86,10 @@ class ListenAddress:
     tls_key: str | None = None
     tls_client_ca: str | None = None
     tls_min_version: str | None = None
+    # What the listener serves (services/): echo (RFC 862), discard (RFC 863), chargen
+    # (RFC 864, TCP only) or info (what the server saw, as JSON). Not part of the socket:
+    # a reload may change it, and new connections get the new one.
+    service: Literal["echo", "discard", "chargen", "info"] = "echo"
 
     def __str__(self) -> str:
         if self.family == "unix":
@@ -241,6 +247,23 @@ class MetricsConfig:
     listen: ListenAddress | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    """HAProxy's agent check (observability/agent.py); off while listen is None."""
+
+    listen: ListenAddress | None = None
+
+
+CONTROL_AUTO = "auto"  # $RUNTIME_DIRECTORY/control.sock under systemd, else no socket
+
+
+@dataclass(frozen=True, slots=True)
+class ControlConfig:
+    """The operator's control socket (control.py): a path, "auto", or None (none)."""
+
+    socket: str | None = CONTROL_AUTO
+
+
 DEFAULT_LISTEN = (
     ListenAddress("ipv4", host="127.0.0.1", port=7080),
     ListenAddress("ipv6", host="::1", port=7080),
@@ -265,6 +288,8 @@ class Config:
     udp: UdpConfig = field(default_factory=UdpConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     workers: int | Literal["auto"] = 1  # worker processes; see worker_count()
     source: str = ""  # the file it came from, for messages
@@ -365,6 +390,8 @@ def _address_text(address: ListenAddress) -> str:
             value = getattr(address, f"tls_{name}")
             if value is not None:
                 text += f" {name}={value}"
+    if address.service != "echo":
+        text += f" service={address.service}"
     return text
 
 
@@ -654,6 +681,47 @@ def _got(value: object, node: yaml.Node) -> str:
     return f"{_show(node.value)} (read by YAML as a {type(value).__name__})"
 
 
+# --- the agent check and the control socket (issue 23) -----------------------------------
+
+
+def _read_agent_address(loader: _Loader, node: yaml.Node, name: str) -> ListenAddress | None:
+    """null, or one TCP address as a listen entry is written: HAProxy's agent connects
+    over TCP and reads one line."""
+    if not isinstance(node, yaml.MappingNode) and loader.scalar(node, name) is None:
+        return None
+    address = _read_address(loader, node, name)
+    if address.is_udp or address.family == "unix":
+        raise _NodeError(
+            node, f"{name}: HAProxy's agent check connects over TCP, got {str(address)!r}"
+        )
+    if address.proxy_protocol or address.tls:
+        raise _NodeError(node, f"{name}: the agent answers plain TCP (no PROXY header, no TLS)")
+    return address
+
+
+def _control_socket(value: object) -> str | None:
+    if value is None or value == CONTROL_AUTO:
+        return value
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise _Invalid('expected an absolute path, "auto" or null')
+    if problem := _text_problem(value):
+        raise _Invalid(problem)
+    if len(value.encode()) > MAX_UNIX_PATH_BYTES:
+        raise _Invalid(f"a unix socket path is at most {MAX_UNIX_PATH_BYTES} bytes (unix(7))")
+    return value
+
+
+def control_socket_path(config: Config, environ: dict[str, str] | None = None) -> str | None:
+    """Where the control socket is: control.socket, or with "auto" the runtime directory
+    systemd made for the unit (RuntimeDirectory=, $RUNTIME_DIRECTORY), else None."""
+    configured = config.control.socket
+    if configured != CONTROL_AUTO:
+        return configured
+    runtime = (os.environ if environ is None else environ).get("RUNTIME_DIRECTORY", "")
+    first = runtime.split(":")[0]  # systemd lists several, colon-separated
+    return os.path.join(first, "control.sock") if first.startswith("/") else None
+
+
 # --- the schema -------------------------------------------------------------------------
 
 # A reader turns a value node into a field value; `name` is the dotted option name.
@@ -674,7 +742,7 @@ def _scalar(convert: Convert) -> Read:
 _MODE = re.compile(r"0?[0-7]{3}")
 
 
-_ADDRESS_KEYS = ("address", "path", "mode", "proxy_protocol", "tls")
+_ADDRESS_KEYS = ("address", "path", "mode", "proxy_protocol", "tls", "service")
 _LISTEN_TLS_KEYS = ("certificate", "key", "client_ca", "min_version")
 
 
@@ -712,7 +780,33 @@ def _read_address(loader: _Loader, node: yaml.Node, name: str) -> ListenAddress:
         address = dataclasses.replace(address, proxy_protocol=flag)
     if "tls" in options:
         address = _read_listen_tls(loader, options["tls"], address, name)
+    if "service" in options:
+        address = _read_listen_service(loader, options["service"], address, name)
     return address
+
+
+SERVICES = ("echo", "discard", "chargen", "info")
+
+
+def _read_listen_service(
+    loader: _Loader, pair: tuple[yaml.Node, yaml.Node], address: ListenAddress, name: str
+) -> ListenAddress:
+    """A listen entry's `service: echo|discard|chargen|info` (services/)."""
+    _, node = pair
+    value = _scalar(lambda v: v)(loader, node, f"{name}.service")
+    if value not in SERVICES:
+        raise _NodeError(
+            node, f"{name}.service: expected one of {', '.join(SERVICES)}, got {value!r}"
+        )
+    if value == "chargen" and address.is_udp:
+        # RFC 864's UDP form answers each datagram with up to 512 bytes: a classic
+        # amplifier for spoofed sources.
+        raise _NodeError(
+            node,
+            f"{name}.service: chargen over UDP is refused (it amplifies spoofed requests);"
+            f" {str(address)!r} is UDP",
+        )
+    return dataclasses.replace(address, service=value)
 
 
 def _read_listen_tls(
@@ -939,7 +1033,7 @@ def _write_ports(ports: tuple[int, ...]) -> list[int]:
 
 
 def _write_address(a: ListenAddress) -> object:
-    if a.mode is None and not a.proxy_protocol and not a.tls:
+    if a.mode is None and not a.proxy_protocol and not a.tls and a.service == "echo":
         return str(a)
     entry: dict[str, object] = (
         {"address": str(a)} if a.mode is None else {"path": a.path, "mode": f"{a.mode:04o}"}
@@ -953,6 +1047,8 @@ def _write_address(a: ListenAddress) -> object:
             if getattr(a, f"tls_{name}") is not None
         }
         entry["tls"] = files or True
+    if a.service != "echo":
+        entry["service"] = a.service
     return entry
 
 
@@ -1025,6 +1121,9 @@ def _read_optional_address(loader: _Loader, node: yaml.Node, name: str) -> Liste
     if address.tls:
         flag = loader.pairs(node, name)["tls"][0]
         raise _NodeError(flag, f"{name}.tls: the metrics endpoint serves plain HTTP")
+    if address.service != "echo":
+        flag = loader.pairs(node, name)["service"][0]
+        raise _NodeError(flag, f"{name}.service: the metrics endpoint serves HTTP only")
     return address
 
 
@@ -1190,6 +1289,12 @@ _SCHEMA: tuple[_Entry, ...] = (
     )),
     _Section("metrics", "metrics", MetricsConfig, (
         _Option("listen", "listen", _read_optional_address, _write_optional_address),
+    )),
+    _Section("agent", "agent", AgentConfig, (
+        _Option("listen", "listen", _read_agent_address, _write_optional_address),
+    )),
+    _Section("control", "control", ControlConfig, (
+        _Option("socket", "socket", _scalar(_control_socket), _same),
     )),
     _Section("tls", "tls", TlsConfig, (
         _Option("certificate", "certificate", _scalar(_tls_file), _same),
@@ -1414,11 +1519,14 @@ def describe(config: Config) -> str:
     """One line for --check-config: listeners, trigger and I/O modes, the metrics endpoint."""
     listeners = " ".join(
         f"{a}{' (PROXY)' if a.proxy_protocol else ''}{' (TLS)' if a.tls else ''}"
+        f"{f' ({a.service})' if a.service != 'echo' else ''}"
         for a in config.listen
     )
     text = f"listeners: {listeners}; trigger: {config.trigger}; io: {config.io}"
     if config.metrics.listen is not None:
         text += f"; metrics: {config.metrics.listen}"
+    if config.agent.listen is not None:
+        text += f"; agent: {config.agent.listen}"
     if config.workers != 1:
         text += f"; workers: {config.workers}"
     return text

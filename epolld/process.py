@@ -22,12 +22,17 @@ from epolld import __version__, handoff
 from epolld import config as config_mod
 from epolld.config import Config
 from epolld.core.loop import Reactor
+from epolld.errors import EpolldError
+from epolld.listening import sockets
+from epolld.observability.health import Readiness
 from epolld.systemd import Notifier
 
 if TYPE_CHECKING:  # epolld.metrics loads prometheus_client: imported only when metrics are on
+    from epolld.control import ControlEndpoint
     from epolld.core.counters import Snapshot
     from epolld.listening.listener_set import ListenerSet
     from epolld.listening.sockets import Listener
+    from epolld.observability.agent import AgentEndpoint
     from epolld.observability.metrics import MetricsApp, MetricsEndpoint
 
 log = structlog.get_logger("epolld")
@@ -58,6 +63,11 @@ class ProcessShell:
         self.handed_over = False  # everything is the next process's: let go, close nothing
         self._metrics_app: MetricsApp | None = None
         self._metrics: MetricsEndpoint | None = None
+        # /readyz and the agent check: ready, stopping, drained by the operator.
+        self.readiness = Readiness()
+        self._agent: AgentEndpoint | None = None  # agent.listen: HAProxy's agent check
+        self._control: ControlEndpoint | None = None  # control.socket: epolld --drain
+        self._endpoints_open = False
 
     # -- what a subclass provides ----------------------------------------------------
 
@@ -82,6 +92,14 @@ class ProcessShell:
     def _close_everything(self) -> None:
         raise NotImplementedError
 
+    def open_connections(self) -> int:
+        """Client connections open now (every worker's), for the agent's weight."""
+        raise NotImplementedError
+
+    def _capacity(self) -> int:
+        """limits.max_connections times the number of processes that accept."""
+        return self._config.limits.max_connections
+
     # -- running -------------------------------------------------------------------
 
     def on_signals(self, table: dict[int, Callable[[int], None]]) -> None:
@@ -90,7 +108,12 @@ class ProcessShell:
             self.reactor.on_signal(signum, fn)
 
     def run(self) -> int:
-        """Report readiness and serve until stopped. Returns 0."""
+        """Report readiness and serve until stopped. Returns 0.
+
+        Raises:
+            BindError: agent.listen or control.socket cannot be bound.
+        """
+        self._open_endpoints()
         try:
             self.reactor.run(started=self._started)
             if not self.handed_over:
@@ -108,7 +131,10 @@ class ProcessShell:
             self.reactor.every(lambda: STATUS_EVERY_S, self._send_status)
 
     def _send_status(self) -> None:
-        self._notifier.status(self._status_line())
+        line = self._status_line()
+        if self.readiness.operator_drain:  # systemctl status says so
+            line = f"drained by the operator (epolld --undrain ends it); {line}"
+        self._notifier.status(line)
 
     def _every_watchdog(self, interval_s: float | None) -> None:
         """WATCHDOG=1 from the loop itself, not a thread: a stuck loop stops pinging."""
@@ -122,7 +148,18 @@ class ProcessShell:
 
     def _healthy(self) -> bool:
         """Whether this process may ping the watchdog (a supervisor asks its workers)."""
-        return True
+        return self.live_problem() is None
+
+    # -- health (observability/health.py) ------------------------------------------
+
+    def live_problem(self) -> str | None:
+        """/healthz: None while the loop runs (it is answering); a supervisor adds its
+        workers' heartbeats."""
+        return None
+
+    def ready_problem(self) -> str | None:
+        """/readyz: None while new clients are wanted (a supervisor adds its workers)."""
+        return self.readiness.problem()
 
     # -- the metrics endpoint --------------------------------------------------------
 
@@ -131,7 +168,9 @@ class ProcessShell:
         from epolld.observability import metrics
 
         if self._metrics_app is None:
-            self._metrics_app = metrics.MetricsApp(self.snapshot)
+            self._metrics_app = metrics.MetricsApp(
+                self.snapshot, self.live_problem, self.ready_problem
+            )
         return metrics.MetricsEndpoint(self.reactor, listener, self._metrics_app)
 
     @property
@@ -148,6 +187,105 @@ class ProcessShell:
         elif self.listener_set.metrics is not None:
             self.listener_set.metrics.close()
         self.listener_set.metrics = None
+
+    # -- the agent check and the control socket (main process only) ------------------
+
+    def _open_endpoints(self) -> None:
+        """Bind agent.listen and the control socket, in the process systemd and the
+        operator see (not in a worker: its listener set does not own the metrics)."""
+        if not self.listener_set.owns_metrics:
+            return
+        self._endpoints_open = True
+        try:
+            self._serve_agent(self._config)
+            self._serve_control(self._config)
+        except BaseException:
+            self.close_endpoints()
+            raise
+
+    def _serve_agent(self, config: Config) -> None:
+        if config.agent.listen is None:
+            return
+        from epolld.observability import agent
+
+        listener = agent.bind(config.agent.listen)
+        self._agent = agent.AgentEndpoint(self.reactor, listener, self.agent_line)
+        log.info("agent_listening", address=listener.name)
+
+    def _serve_control(self, config: Config) -> None:
+        path = config_mod.control_socket_path(config)
+        if path is None:
+            return
+        from epolld import control
+
+        self._control = control.ControlEndpoint(self.reactor, control.bind(path), self.control)
+        log.info("control_listening", address=self._control.listener.name)
+
+    def reconfigure_endpoints(self, old: Config, new: Config) -> None:
+        """After a reload: rebind what moved (a failure is logged, and it is off until
+        the next reload). Before run() (a takeover's reconcile) there is nothing yet."""
+        if not self._endpoints_open:
+            return
+        held = self._agent.listener if self._agent is not None else None
+        if not (sockets.is_at(held, new.agent.listen) if held else new.agent.listen is None):
+            previous, self._agent = self._agent, None
+            self._rebind(previous, self._serve_agent, new, "agent")
+        if config_mod.control_socket_path(old) != config_mod.control_socket_path(new):
+            previous_control, self._control = self._control, None
+            self._rebind(previous_control, self._serve_control, new, "control")
+
+    def _rebind(
+        self,
+        previous: AgentEndpoint | ControlEndpoint | None,
+        serve: Callable[[Config], None],
+        new: Config,
+        what: str,
+    ) -> None:
+        if previous is not None:  # first: the new address may be the same port or path
+            log.info(f"{what}_closed", address=previous.listener.name)
+            previous.close()
+        try:
+            serve(new)
+        except EpolldError as e:
+            log.error(f"{what}_bind_failed", error=str(e))
+
+    def close_endpoints(self) -> None:
+        """At exit: close the agent and control sockets (the control file removed)."""
+        for endpoint in (self._agent, self._control):
+            if endpoint is not None:
+                endpoint.close()
+        self._agent = self._control = None
+
+    def endpoint_listeners(self) -> list[Listener]:
+        """The agent and control sockets: they do not travel in a restart handoff."""
+        return [e.listener for e in (self._agent, self._control) if e is not None]
+
+    def agent_line(self) -> str:
+        """HAProxy's agent line: `drain`, or `up ready N%` (observability/agent.py)."""
+        from epolld.observability import agent
+
+        return agent.answer(self.readiness.draining, self.open_connections(), self._capacity())
+
+    def control(self, command: str) -> dict[str, Any]:
+        """An operator's command from the control socket (control.py); the answer."""
+        readiness = self.readiness
+        if command == "drain" and not readiness.operator_drain:
+            readiness.operator_drain = True
+            log.warning("drain_started", by="operator", connections=self.open_connections())
+        elif command == "undrain" and readiness.operator_drain:
+            readiness.operator_drain = False
+            log.warning("drain_cancelled", by="operator", connections=self.open_connections())
+        if command != "status":
+            self._send_status()
+        problem = self.ready_problem()
+        return {
+            "pid": os.getpid(),
+            "operator_drain": readiness.operator_drain,
+            "stopping": readiness.stopping,
+            "ready": problem is None,
+            "reason": problem,
+            "connections": self.open_connections(),
+        }
 
     # -- the restart handoff -------------------------------------------------------
 
@@ -170,6 +308,8 @@ class ProcessShell:
             "signal_at": signal_at,
             "config": config_mod.render_config(self._config),
             "config_source": self._config.source,
+            # An operator's drain lasts until cancelled, through restarts too.
+            "operator_drain": self.readiness.operator_drain,
         }
 
 

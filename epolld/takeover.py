@@ -49,6 +49,11 @@ class Takeover:
         self.pidfiles: list[PidFile] = []
 
     @property
+    def operator_drain(self) -> bool:
+        """An operator's drain (epolld --drain) the previous process was under: it lasts."""
+        return self.state.document.get("operator_drain") is True
+
+    @property
     def of_supervisor(self) -> bool:
         """Written by a supervisor (workers: > 1): its slots come back, not one service."""
         return handoff_workers.is_supervisor_state(self.state)

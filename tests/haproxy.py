@@ -52,6 +52,10 @@ class Backend:
     # checks speak TLS too (check-ssl: HAProxy's default for an ssl server, said outright),
     # after their PROXY header.
     ssl_ca: str | None = None
+    # HAProxy's agent check on epolld's agent.listen (observability/agent.py), if set.
+    agent_port: int | None = None
+    # How often a health check runs, its timeout (inter), and how many decide.
+    timing: str = "inter 300ms fall 2 rise 1"
 
 
 def _server_options(b: Backend) -> str:
@@ -63,6 +67,9 @@ def _server_options(b: Backend) -> str:
         options += " check-send-proxy"
     if b.ssl_ca is not None:
         options += " check-ssl"
+    if b.agent_port is not None:
+        # The agent's N% applies to the server's weight: at the default weight 1, 99% is 0.
+        options += f" weight 100 agent-check agent-port {b.agent_port} agent-inter 300ms"
     return options
 
 
@@ -75,7 +82,7 @@ def config_text(backends: list[Backend], frontend_fd: int, state_dir: Path) -> s
     """
     servers = "\n".join(
         f"    server {b.name} 127.0.0.1:{b.port} source {PROXY_SOURCE}{_server_options(b)}"
-        f" inter 300ms fall 2 rise 1"
+        f" {b.timing}"
         for b in backends
     )
     return f"""\

@@ -6,6 +6,7 @@ import os
 import select
 import signal
 import socket
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -254,3 +255,27 @@ def test_signal_runs_in_the_loop_and_handler_is_restored(reactor: Reactor) -> No
     reactor.run()
     assert got == [signal.SIGUSR2]
     assert signal.getsignal(signal.SIGUSR2) is before
+
+
+def test_longest_turn_is_the_longest_work_between_two_polls(reactor: Reactor) -> None:
+    """A timer that keeps the loop 0.15 s shows as the longest turn (the stats line's
+    longest_turn_ms); quick turns before and after it do not lower the figure."""
+    reactor.call_soon(lambda: None)  # a quick turn first
+    reactor.call_later(0.02, lambda: time.sleep(0.15))
+    run_for(reactor, 0.3)
+    assert 0.15 <= reactor.longest_turn_s < 0.3
+    assert reactor.longest_deferred_cpu_s < 0.05  # sleeping is no CPU
+
+
+def test_longest_deferred_cpu_counts_the_work_of_timers_and_call_soon(reactor: Reactor) -> None:
+    """CPU spent in a timer shows in longest_deferred_cpu_s (the stats line's
+    longest_deferred_cpu_ms), a figure that waiting for the core does not inflate."""
+
+    def spin() -> None:
+        end = time.thread_time() + 0.08
+        while time.thread_time() < end:
+            pass
+
+    reactor.call_later(0.02, spin)
+    run_for(reactor, 0.5)
+    assert 0.08 <= reactor.longest_deferred_cpu_s < 0.5

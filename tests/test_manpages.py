@@ -14,7 +14,8 @@ from pathlib import Path
 
 import yaml
 
-from epolld import client, config
+from epolld import config
+from epolld.client import cli as client
 
 MAN_DIR = Path(__file__).resolve().parents[1] / "packaging" / "man"
 

@@ -89,6 +89,9 @@ def test_sigusr1_logs_statistics(start_daemon: StartDaemon) -> None:
     assert stats["connections"] == 1
     assert stats["accepted"] == 1
     assert stats["bytes_in"] == stats["bytes_out"] == 1000
+    # The loop's longest turn so far, in ms: a few ms at most for one round trip.
+    assert 0 <= stats["longest_turn_ms"] < 1000
+    assert 0 <= stats["longest_deferred_cpu_ms"] <= stats["longest_turn_ms"] + 1
 
 
 def test_sighup_applies_new_listener_and_keeps_connections(

@@ -4,11 +4,13 @@ GnuTLS (gnutls-cli) on loopback (issue 21)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import socket
 import ssl
+import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -111,6 +113,33 @@ def test_cli_clients_echo_a_mebibyte(
     established = daemon.wait_for("tls_established")[0]
     assert established["version"] == f"TLSv{version}"
     assert established["cipher"]
+
+
+@pytest.mark.parametrize("version", ["1.2", "1.3"])
+def test_the_client_s_order_of_cipher_suites_wins(
+    tmp_path: Path, daemons: list[Daemon], certs: tls.Certs, tools: None, version: str
+) -> None:
+    """A client that lists AES-128-GCM before AES-256-GCM gets AES-128-GCM (Mozilla's
+    intermediate profile), and one that lists them the other way round gets AES-256-GCM:
+    the server imposes no order of its own."""
+    daemon = _start(tmp_path, daemons, certs)
+    suites = {
+        "1.2": ("ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES256-GCM-SHA384"),
+        "1.3": ("TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384"),
+    }[version]
+    for order in (suites, suites[::-1]):
+        option = "-cipher" if version == "1.2" else "-ciphersuites"
+        command = ["openssl", "s_client", "-connect", f"127.0.0.1:{_port(daemon)}",
+                   f"-tls{version.replace('.', '_')}", option, ":".join(order)]  # fmt: skip
+        if version == "1.2":
+            command += ["-ciphersuites", ""]  # no TLS 1.3 suites: only the 1.2 list counts
+        result = subprocess.run(
+            command, input=b"", capture_output=True, timeout=tls.WAIT_S, check=False
+        )
+        assert result.returncode == 0, result.stderr.decode()[-400:]
+        assert f"Cipher is {order[0]}" in result.stdout.decode()
+    ciphers = [e["cipher"] for e in daemon.wait_for("tls_established", count=2)]
+    assert ciphers == [suites[0], suites[1]]
 
 
 @pytest.mark.parametrize("trigger", ["level", "edge"])
@@ -383,6 +412,86 @@ def test_proxy_header_then_tls(tmp_path: Path, daemons: list[Daemon], certs: tls
         daemon.wait_for("connection_refused", limit="max_connections_per_ip")
 
 
+def _v2_header(source: tuple[str, int], destination: tuple[str, int]) -> bytes:
+    """A PROXY v2 header for TCP over IPv4 (HAProxy's proxy-protocol.txt, section 2.2)."""
+    addresses = socket.inet_aton(source[0]) + socket.inet_aton(destination[0])
+    ports = source[1].to_bytes(2, "big") + destination[1].to_bytes(2, "big")
+    return b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c" + addresses + ports
+
+
+class _BioClient:
+    """A TLS client over memory BIOs on a plain socket, so that a test decides what goes
+    into each send(): here the PROXY header and the ClientHello in one segment."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        context = tls.client_context()
+        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_hostname="localhost")
+
+    def handshake(self, prefix: bytes) -> None:
+        """Handshake, sending prefix in the same send() as the ClientHello."""
+        while True:
+            try:
+                self.tls.do_handshake()
+                done = True
+            except ssl.SSLWantReadError:
+                done = False
+            out = prefix + self.outgoing.read()
+            prefix = b""
+            if out:
+                self.sock.sendall(out)
+            if done:
+                return
+            self._receive()
+
+    def _receive(self) -> None:
+        data = self.sock.recv(65536)
+        assert data, "the server closed during the handshake"
+        self.incoming.write(data)
+
+    def echo(self, payload: bytes) -> bytes:
+        self.tls.write(payload)
+        self.sock.sendall(self.outgoing.read())
+        got = b""
+        while len(got) < len(payload):
+            try:
+                got += self.tls.read(65536)
+            except ssl.SSLWantReadError:
+                self._receive()
+        return got
+
+
+@pytest.mark.parametrize("trigger", ["level", "edge"])
+@pytest.mark.parametrize("version", [1, 2])
+def test_proxy_header_and_client_hello_in_one_segment(
+    tmp_path: Path, daemons: list[Daemon], certs: tls.Certs, trigger: str, version: int
+) -> None:
+    """A proxy that sends its PROXY header (v1 or v2) and the ClientHello in one segment:
+    the header reader takes only the header, OpenSSL finds the ClientHello behind it in
+    the kernel, in both trigger modes, and the header's address names the client."""
+    daemon = _start(
+        tmp_path,
+        daemons,
+        certs,
+        trigger=trigger,
+        listen=[{"address": "127.0.0.1:0", "tls": True, "proxy_protocol": True}],
+    )
+    source, destination = ("192.0.2.9", 40009), ("127.0.0.1", 7443)
+    if version == 1:
+        header = b"PROXY TCP4 192.0.2.9 127.0.0.1 40009 7443\r\n"
+    else:
+        header = _v2_header(source, destination)
+    with socket.create_connection(("127.0.0.1", _port(daemon)), timeout=10) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        client = _BioClient(sock)
+        client.handshake(header)
+        payload = os.urandom(100_000)
+        assert client.echo(payload) == payload
+        established = daemon.wait_for("tls_established")[0]
+        assert established["peer"] == "192.0.2.9:40009"
+
+
 # --- hostile and slow peers ---------------------------------------------------------------
 
 
@@ -494,11 +603,12 @@ def test_a_client_that_writes_without_reading_stays_bounded(
 # --- SIGTERM and the restart handoff --------------------------------------------------
 
 
+@pytest.mark.parametrize("trigger", ["level", "edge"])
 def test_sigterm_drains_with_close_notify_and_fin(
-    tmp_path: Path, daemons: list[Daemon], certs: tls.Certs
+    tmp_path: Path, daemons: list[Daemon], certs: tls.Certs, trigger: str
 ) -> None:
     """SIGTERM echoes what a TLS client sent, then sends close_notify and a FIN."""
-    daemon = _start(tmp_path, daemons, certs)
+    daemon = _start(tmp_path, daemons, certs, trigger=trigger)
     sock = tls.tls_connect(_port(daemon), tls.client_context(None, certs))
     assert tls.echo_python(sock, b"first") == b"first"
     sock.sendall(b"last words")
@@ -514,8 +624,9 @@ def test_sigterm_drains_with_close_notify_and_fin(
     assert daemon.wait() == 0
 
 
+@pytest.mark.parametrize("trigger", ["level", "edge"])
 def test_restart_handoff_closes_tls_cleanly_and_plain_travels(
-    tmp_path: Path, daemons: list[Daemon], certs: tls.Certs
+    tmp_path: Path, daemons: list[Daemon], certs: tls.Certs, trigger: str
 ) -> None:
     """SIGUSR2 (re-exec without systemd): a TLS connection gets what it sent echoed, then
     close_notify and FIN; a plain connection goes on in the new process; the TLS listener
@@ -524,6 +635,7 @@ def test_restart_handoff_closes_tls_cleanly_and_plain_travels(
         tmp_path,
         daemons,
         certs,
+        trigger=trigger,
         listen=["127.0.0.2:0", {"address": "127.0.0.1:0", "tls": True}],
     )
     plain_port, tls_port = _port(daemon, 0), _port(daemon, 1)
@@ -547,3 +659,46 @@ def test_restart_handoff_closes_tls_cleanly_and_plain_travels(
     assert daemon.proc.poll() is None
     plain.close()
     sock.close()
+
+
+def test_restart_waits_a_bounded_time_for_a_tls_client_that_does_not_read(
+    tmp_path: Path, daemons: list[Daemon], certs: tls.Certs
+) -> None:
+    """A TLS client that stopped reading holds its echo in OpenSSL, which cannot travel:
+    the old process waits for its socket within a bound (0.3 s), then hands over; the new
+    process is ready at once and serves TLS, and the stuck client is closed."""
+    daemon = _start(
+        tmp_path, daemons, certs, buffers={"high_water": "256KiB", "low_water": "64KiB"}
+    )
+    port = _port(daemon)
+    stuck = tls.tls_connect(port, tls.client_context(None, certs))
+    stuck.settimeout(1.0)
+    chunk = os.urandom(64 * 1024)
+    with contextlib.suppress(TimeoutError, ssl.SSLError):
+        for _ in range(4096):  # until epolld stops reading (backpressure)
+            stuck.sendall(chunk)
+    started = time.monotonic()
+    daemon.signal(signal.SIGUSR2)
+    complete = daemon.wait_for("handoff_complete")[0]
+    assert time.monotonic() - started < 3.0  # the re-exec and start-up, plus at most 0.3 s
+    assert complete["records"].get("tls_closing") == 1
+    with tls.tls_connect(port, tls.client_context(None, certs)) as fresh:
+        assert tls.echo_python(fresh, b"after the restart") == b"after the restart"
+    stuck.settimeout(tls.WAIT_S)
+    with contextlib.suppress(OSError):  # the tail of the echo, then no close_notify
+        while stuck.recv(65536):
+            pass
+    stuck.close()
+
+
+@pytest.mark.parametrize("trigger", ["level", "edge"])
+def test_a_read_buffer_smaller_than_a_record(
+    tmp_path: Path, daemons: list[Daemon], certs: tls.Certs, trigger: str
+) -> None:
+    """With buffers.read_size below a TLS record's 16 KiB, a record is decrypted in
+    several reads (the rest waits in OpenSSL, not in the kernel, so no event says so):
+    1 MiB is still echoed byte-exact."""
+    daemon = _start(tmp_path, daemons, certs, trigger=trigger, buffers={"read_size": "1KiB"})
+    payload = os.urandom(PAYLOAD_BYTES)
+    with tls.tls_connect(_port(daemon), tls.client_context(None, certs)) as sock:
+        assert tls.echo_python(sock, payload) == payload

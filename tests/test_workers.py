@@ -104,6 +104,9 @@ def test_connections_spread_within_20_percent(start_workers: Any, count: int) ->
     pids = {e["pid"] for e in stats["workers"]}
     assert len(pids) == count
     assert w.daemon.pid not in pids
+    # Each worker's loop: its longest turn and the CPU of its deferred work, in ms.
+    assert all(0 <= e["longest_turn_ms"] < 1000 for e in stats["workers"]), stats["workers"]
+    assert all(0 <= e["longest_deferred_cpu_ms"] < 1000 for e in stats["workers"])
 
 
 @pytest.mark.parametrize("count", WORKER_COUNTS)

@@ -1,5 +1,6 @@
-"""epolld's benchmark: epolld against a C epoll echo server, asyncio and uvloop; over TLS against
-Go's crypto/tls, uvloop with ssl=, socat and ncat.
+"""epolld's benchmark: epolld against a C epoll echo server, asyncio, uvloop, and the peers an
+engineer would pick (Go's net, Rust's tokio); over TLS against Go's crypto/tls, uvloop with
+ssl=, socat and ncat.
 
 Modules, each with one job:
   paths.py       where things are (the C programs, the venvs, the outputs)

@@ -25,6 +25,7 @@ See bench/README.md to add a workload or a baseline.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -41,7 +42,7 @@ from .pyspy import profile
 from .report import render_markdown
 from .runner import loadgen_argv, measured_seconds, run_matrix, summarize
 from .servers import BY_NAME as SERVERS
-from .servers import display_argv
+from .servers import CServer, EpolldServer, display_argv
 from .targets import evaluate
 
 
@@ -78,6 +79,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="N",
         help=f"connections of the scale workloads (default {workloads.SCALE_CONNS:,}; the"
         " server needs N + 20 descriptors, the clients spread over processes)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="run epolld with `workers: N` and the C server as N SO_REUSEPORT processes, only"
+        " those (the 100,000-connection workload: --scale-conns 100000 --workers 6)",
     )
     p.add_argument(
         "--retry",
@@ -156,7 +164,9 @@ def _main(opts: argparse.Namespace) -> int:
         if unknown:
             raise ValueError(f"unknown servers: {', '.join(sorted(unknown))}")
     servers = {n: s for n, s in SERVERS.items() if not opts.servers or n in opts.servers.split(",")}
-    _check_descriptors(chosen)
+    if opts.workers:
+        servers = with_processes(servers, opts.workers)
+    _check_descriptors(chosen, opts.workers or 1)
     if opts.output:
         base = Path(opts.output)
     elif not full:
@@ -178,10 +188,12 @@ def _main(opts: argparse.Namespace) -> int:
         "json_name": base.with_suffix(".json").name,
         "retry": opts.retry,
         "scale_conns": opts.scale_conns or workloads.SCALE_CONNS,
+        "workers": opts.workers or 1,
     }
     if opts.only:
         data["options"]["preset"] += f" --only {opts.only}"
     data["titles"] = {w.name: w.heading for w in chosen}
+    data["server_titles"] = {n: s.title for n, s in servers.items()}  # --workers renames
     data["background"] = {w.name: _background_text(w) for w in chosen if w.background()}
     data["targets"] = evaluate(data["summary"], data["raw"])
     example = workloads.BY_NAME["pp-1k-c100"]
@@ -240,7 +252,25 @@ def _background_text(w: workloads.Workload) -> str:
     return f"{len(runs)} holder process{plural}, the first `{program} --hold-stdin {first}`"
 
 
-def _check_descriptors(chosen: list[workloads.Workload]) -> None:
+def with_processes(servers: dict[str, Any], n: int) -> dict[str, Any]:
+    """--workers N: epolld with `workers: N` and the C server as N SO_REUSEPORT processes,
+    under their usual names (so that the targets apply); the servers that cannot spread
+    their connections over processes are left out."""
+    out: dict[str, Any] = {}
+    for name, server in servers.items():
+        if isinstance(server, CServer):
+            title = f"C epoll, {n} SO_REUSEPORT processes (bench/echo_server.c --processes {n})"
+            out[name] = dataclasses.replace(server, processes=n, title=title)
+        elif isinstance(server, EpolldServer) and server.workers == 1:
+            title = f"{server.title}, workers: {n}"
+            out[name] = dataclasses.replace(server, workers=n, title=title)
+    if not out:
+        raise ValueError("--workers: none of the chosen servers runs more than one process")
+    SERVERS.update(out)  # the report's rows take these titles
+    return out
+
+
+def _check_descriptors(chosen: list[workloads.Workload], processes: int = 1) -> None:
     """A scale workload larger than the descriptor limit fails up front, with the reason.
 
     Raises:
@@ -248,10 +278,13 @@ def _check_descriptors(chosen: list[workloads.Workload]) -> None:
     """
     limit = nofile_limit()
     for w in chosen:
-        if w.conns + 20 > limit:
+        each = -(-w.conns // processes)  # SO_REUSEPORT spreads them about evenly
+        slack = 0.95 if processes > 1 else 1.0  # the 4-tuple hash is not exactly even
+        if each + 20 > limit * slack:
             raise ValueError(
-                f"{w.name}: {w.conns:,} connections need {w.conns + 20:,} descriptors in the"
-                f" server, RLIMIT_NOFILE is {limit:,} (ulimit -Hn); use --scale-conns"
+                f"{w.name}: {w.conns:,} connections need about {each + 20:,} descriptors in"
+                f" each of {processes} server processes, RLIMIT_NOFILE is {limit:,}"
+                " (ulimit -Hn); use --scale-conns, or --workers"
             )
 
 

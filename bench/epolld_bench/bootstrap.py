@@ -12,14 +12,21 @@ import subprocess
 import sys
 from typing import Any
 
-from .paths import BENCH, BIN, GO_BUILD, ROOT, TLS_CERT, TLS_DIR, TLS_KEY, VENV, VENV_PY
+from .paths import BENCH, BIN, GO_BUILD, ROOT, RUST_BUILD, TLS_CERT, TLS_DIR, TLS_KEY, VENV, VENV_PY
 
 C_PROGRAMS = ("loadgen", "echo_server", "udpgen", "udp_echo_server")
 # Go programs, the standard library only, each one file: its binary's name -> its source.
 GO_PROGRAMS = {
     "tlsload": "tlsload.go",
     "echo_tls": "servers/go/echo_tls.go",
+    "echo_go": "servers/go/echo.go",
 }
+# The Rust programs: a cargo package under bench/servers/ -> its binary's name.
+RUST_PROGRAMS = {"echo_tokio": "servers/rust"}
+# Debian 12's own cargo and rustc, whatever else PATH holds (a rustup toolchain, say): the
+# crates are Debian's (librust-*-dev), built for that compiler.
+DEBIAN_CARGO, DEBIAN_RUSTC = "/usr/bin/cargo", "/usr/bin/rustc"
+RUST_PACKAGES = ("cargo", "rustc", "librust-tokio-dev")
 
 
 def sh(argv: list[str], **kwargs: Any) -> None:
@@ -37,6 +44,7 @@ def bootstrap(need_venv: bool = True) -> None:
         if not exe.exists() or exe.stat().st_mtime < src.stat().st_mtime:
             sh(["gcc", "-O2", "-Wall", "-Wextra", "-o", str(exe), str(src)])
     _build_go()
+    _build_rust()
     for tool, package in (("openssl", "openssl"), ("socat", "socat"), ("ncat", "ncat")):
         if shutil.which(tool) is None:  # the TLS baselines and the certificate
             sh([str(ROOT / "packaging" / "dev" / "apt-install"), package])
@@ -84,6 +92,35 @@ def _build_go() -> None:
         src, exe = BENCH / source, BIN / name
         if not exe.exists() or exe.stat().st_mtime < src.stat().st_mtime:
             sh(["go", "build", "-o", str(exe), str(src)], env=env)
+
+
+def _build_rust() -> None:
+    """cargo build --release --offline each of RUST_PROGRAMS with Debian's cargo, its only
+    source Debian's packaged crates (a directory source replacing crates.io in a CARGO_HOME
+    of its own under bench/out/cargo), its target directory bench/out/rust."""
+    sh([str(ROOT / "packaging" / "dev" / "apt-install"), *RUST_PACKAGES])
+    home = RUST_BUILD / "home"
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(
+        "# Written by bench/epolld_bench/bootstrap.py: Debian's crates only, offline.\n"
+        '[source.crates-io]\nreplace-with = "debian"\n'
+        '[source.debian]\ndirectory = "/usr/share/cargo/registry"\n'
+        "[net]\noffline = true\n"
+    )
+    env = {
+        **os.environ,
+        "CARGO_HOME": str(home),
+        "CARGO_TARGET_DIR": str(RUST_BUILD / "target"),
+        "RUSTC": DEBIAN_RUSTC,  # not a rustup proxy that PATH may find first
+    }
+    for name, package in RUST_PROGRAMS.items():
+        sources = [BENCH / package / "Cargo.toml", *(BENCH / package / "src").glob("*.rs")]
+        exe = BIN / name
+        if exe.exists() and all(exe.stat().st_mtime >= s.stat().st_mtime for s in sources):
+            continue
+        manifest = str(BENCH / package / "Cargo.toml")
+        sh([DEBIAN_CARGO, "build", "--release", "--offline", "--manifest-path", manifest], env=env)
+        shutil.copy2(RUST_BUILD / "target" / "release" / name, exe)
 
 
 def _make_certificate() -> None:

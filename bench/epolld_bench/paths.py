@@ -9,6 +9,7 @@ ROOT = BENCH.parent
 OUT = BENCH / "out"
 BIN = OUT / "bin"  # the compiled C and Go programs
 GO_BUILD = OUT / "go"  # GOCACHE and GOPATH of the Go builds (nothing is downloaded)
+RUST_BUILD = OUT / "rust"  # cargo's home (Debian's crates as its only source) and target
 TLS_DIR = OUT / "tls"  # the servers' certificate and key (bootstrap makes them)
 TLS_CERT = TLS_DIR / "cert.pem"
 TLS_KEY = TLS_DIR / "key.pem"

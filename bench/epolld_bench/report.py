@@ -56,6 +56,8 @@ class Context:
     workload: Workload
     c: Entry
     uv: Entry
+    go: Entry = dataclasses.field(default_factory=dict)  # the peers (issue 24)
+    tokio: Entry = dataclasses.field(default_factory=dict)
 
 
 Cell = Callable[[Entry, Context], str]
@@ -112,6 +114,8 @@ CPU: list[Column] = [
     ("user", col_share("user_share")),
     ("vs C", col_vs("cpu_s_per_m_rt", "c")),
     ("vs uvloop", col_vs("cpu_s_per_m_rt", "uv")),
+    ("vs Go", col_vs("cpu_s_per_m_rt", "go")),
+    ("vs tokio", col_vs("cpu_s_per_m_rt", "tokio")),
 ]
 LATENCY: list[Column] = [
     ("p50 µs", col_median("p50_us")),
@@ -146,6 +150,8 @@ TABLES: dict[str, list[Column]] = {
         ("CPU s per GB", col_cpu_per_gb),
         ("vs C", col_vs("mb_per_s", "c")),
         ("vs uvloop", col_vs("mb_per_s", "uv")),
+        ("CPU vs Go", col_vs("cpu_s_per_m_rt", "go")),
+        ("CPU vs tokio", col_vs("cpu_s_per_m_rt", "tokio")),
         *TAIL,
     ],
     "fairness": [
@@ -165,11 +171,16 @@ TABLES: dict[str, list[Column]] = {
         ("start-up RSS MiB", col_median("start_rss_mib", 1)),
         ("peak RSS MiB", col_range("peak_rss_mib", 1)),
         ("KiB per conn", col_range("rss_per_conn_kib", 3)),
+        ("Pss KiB per conn, all processes", col_range("idle_pss_kib_per_conn", 3)),
         ("listen drops", col_range("listen_drops")),
         ("pipe fds", col_median("server_pipes")),
         ("ping-pong p50 µs", col_median("p50_us")),
         ("p99 µs", col_range("p99_us")),
         ("max µs", col_median("max_us")),
+        ("loop's longest turn ms", col_median("longest_turn_ms", 1)),
+        ("CPU/Mrt", col_range("cpu_s_per_m_rt", 2)),
+        ("CPU vs Go", col_vs("cpu_s_per_m_rt", "go")),
+        ("CPU vs tokio", col_vs("cpu_s_per_m_rt", "tokio")),
         ("other", col_other),
         ("errors", col_errors),
     ],
@@ -179,6 +190,8 @@ TABLES["handoff"] = [
     ("signal to READY=1 (s)", col_range("handoff_s", 3)),
     *((f"{step} ms (µs/conn)", _col_step(step)) for step in HANDOFF_STEPS),
     ("ping-pong max µs", col_range("max_us")),
+    ("echoing again afterwards", col_median("reprobed")),
+    ("loop's longest turn ms", col_range("longest_turn_ms", 1)),
     ("errors", col_errors),
 ]
 TABLES["workers-scale-10k"] = [
@@ -197,6 +210,7 @@ TABLES["udp"] = [
     ("user", col_share("user_share")),
     ("vs C", col_vs("cpu_s_per_m_rt", "c")),
     ("vs uvloop", col_vs("cpu_s_per_m_rt", "uv")),
+    ("vs Go", col_vs("cpu_s_per_m_rt", "go")),
     ("loss", lambda e, _: fmt((med(e, "loss_ratio") or 0) * 100, 2) + "%"),
     ("p50 µs", col_median("p50_us")),
     ("p99 µs", col_median("p99_us")),
@@ -215,6 +229,21 @@ def _scaled(entry: Entry | None, factor: float) -> Entry | None:
     if not entry:
         return None
     return {k: entry[k] * factor for k in ("median", "min", "max")}
+
+
+def col_turns(e: Entry, _: Context) -> str:
+    """The longest turn of any epolld process's loop before the measured client started
+    and at its end: a larger second figure is the wave's (or the ping-pong's)."""
+    before, after = med(e, "longest_turn_before_ms"), med(e, "longest_turn_ms")
+    return f"{fmt(before, 1)} / {fmt(after, 1)}"
+
+
+def col_deferred(e: Entry, _: Context) -> str:
+    """The same for the CPU of the loop's own deferred work in one turn (accepting, idle
+    sweeps, close batches): what the daemon did, not the waits for a shared core."""
+    before = med(e, "longest_deferred_cpu_before_ms")
+    after = med(e, "longest_deferred_cpu_ms")
+    return f"{fmt(before, 1)} / {fmt(after, 1)}"
 
 
 def col_tls(e: Entry, _: Context) -> str:
@@ -269,6 +298,8 @@ TABLES["scale-expiry"] = [
     ("probe p50 µs", col_median("p50_us")),
     ("p99 µs", col_median("p99_us")),
     ("longest round trip µs", col_range("max_us")),
+    ("loop's longest turn ms, before / after", col_turns),
+    ("its deferred work's CPU ms, before / after", col_deferred),
     ("peak RSS MiB", col_median("peak_rss_mib", 1)),
     ("other", col_other),
     ("errors", col_errors),
@@ -338,7 +369,7 @@ def method(data: dict[str, Any]) -> list[str]:
 
 def targets_table(data: dict[str, Any]) -> list[str]:
     out = [
-        "## Targets (issues 6, 9, 10 and 21)",
+        "## Targets (issues 6, 9, 10, 21 and 24)",
         "",
         "Measured is the median (its ratio to the reference's median); a result is decided on"
         " those. **Paired** is the median (min-max) of the per-repeat ratios, each taken between"
@@ -381,7 +412,9 @@ def workload_tables(data: dict[str, Any], loadgen_args: dict[str, list[str]]) ->
         c, uv = ("c-udp", "uvloop-datagram") if workload.udp else ("c-epoll", "uvloop-protocol")
         if workload.tls:
             c, uv = "go-tls", "uvloop-tls"
-        ctx = Context(workload, per.get(c, {}), per.get(uv, {}))
+        ctx = Context(
+            workload, per.get(c, {}), per.get(uv, {}), per.get("go", {}), per.get("tokio", {})
+        )
         title = data.get("titles", {}).get(name, workload.heading)
         out += [f"## {title}", ""]
         args = loadgen_args.get(name) or workload.load.args()
@@ -396,7 +429,7 @@ def workload_tables(data: dict[str, Any], loadgen_args: dict[str, list[str]]) ->
             entry = per.get(sname)
             if not entry:
                 continue
-            label = server.title
+            label = data.get("server_titles", {}).get(sname, server.title)
             if server and server.io == "splice" and "splice" not in entry.get("io", ["splice"]):
                 label += " — **ran as copy** (no pipes)"
             out.append(f"| {label} | " + " | ".join(cell(entry, ctx) for _, cell in columns) + " |")

@@ -24,7 +24,7 @@ from typing import Any
 
 from . import processes
 from .paths import BIN, OUT
-from .servers import Server, Unavailable, start
+from .servers import CServer, EpolldServer, Server, Unavailable, start
 from .workloads import Workload
 
 # The steps of a handoff as handoff_complete reports them (epolld/service/; with workers,
@@ -66,9 +66,11 @@ def measured_seconds(workload: Workload, opts: argparse.Namespace) -> float:
     return max(float(opts.duration), workload.min_duration_s)
 
 
-def _wait_established(clients: list[subprocess.Popen[bytes]]) -> str | None:
+def _wait_established(
+    clients: list[subprocess.Popen[bytes]], timeout_s: float = ESTABLISH_TIMEOUT_S
+) -> str | None:
     """Wait for each background client's "established" line; None, or what went wrong."""
-    deadline = time.monotonic() + ESTABLISH_TIMEOUT_S
+    deadline = time.monotonic() + timeout_s
     for proc in clients:
         assert proc.stderr is not None
         line = b""
@@ -99,9 +101,13 @@ def run_once(server: Server, workload: Workload, rep: int, opts: argparse.Namesp
     log.parent.mkdir(parents=True, exist_ok=True)
     proc, listening = start(server, workload, log)
     port, duration = listening["port"], measured_seconds(workload, opts)
+    _wait_processes(proc, server)
     extra: Result = {
         "server_start_rss_kib": processes.status_kib(proc.pid, "VmRSS"),
-        "server_start_pss_kib": processes.pss_kib(proc.pid),
+        # Every process of the server (epolld's workers, the C server's siblings).
+        "server_start_pss_kib": sum(
+            processes.pss_kib(pid) or 0 for pid in processes.tree_pids(proc.pid)
+        ),
     }
     background: list[subprocess.Popen[bytes]] = []
     bg_results: list[Result] = []
@@ -117,7 +123,11 @@ def run_once(server: Server, workload: Workload, rep: int, opts: argparse.Namesp
                     argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
                 )
             )
-        problem = _wait_established(background) if background else None
+        problem = (
+            _wait_established(background, ESTABLISH_TIMEOUT_S + workload.conns * 2e-3)
+            if background
+            else None
+        )
         if problem:
             extra["background_failed"] = problem
         if workload.holders:
@@ -134,6 +144,11 @@ def run_once(server: Server, workload: Workload, rep: int, opts: argparse.Namesp
             extra["server_pss_mib_each"] = [round(kib / 1024, 2) for kib in pss]
             if server.io == "splice":
                 pipes = processes.count_pipes(proc.pid)
+        if workload.holders and isinstance(server, EpolldServer):
+            extra["longest_turn_before_ms"] = longest_turn_ms(proc, log)
+            extra["longest_deferred_cpu_before_ms"] = longest_turn_ms(
+                proc, log, "longest_deferred_cpu_ms"
+            )
         before = processes.cpu_jiffies()
         program = workload.load.program
         argv = loadgen_argv(
@@ -165,6 +180,9 @@ def run_once(server: Server, workload: Workload, rep: int, opts: argparse.Namesp
             bg_results.append(_json(out, err))
         alive = proc.poll() is None
         hwm = processes.status_kib(proc.pid, "VmHWM")
+        if alive and workload.holders and isinstance(server, EpolldServer):
+            extra["longest_turn_ms"] = longest_turn_ms(proc, log)
+            extra["longest_deferred_cpu_ms"] = longest_turn_ms(proc, log, "longest_deferred_cpu_ms")
     finally:
         for client in background:
             processes.stop(client)
@@ -196,6 +214,57 @@ def run_once(server: Server, workload: Workload, rep: int, opts: argparse.Namesp
     if workload.handoff:
         _handoff_figures(result, log, workload.conns)
     return result
+
+
+def _wait_processes(proc: subprocess.Popen[bytes], server: Server) -> None:
+    """Until every process of a multi-process server exists (epolld's supervisor may say
+    "listening" before it has forked its workers), so that start-up Pss counts them all."""
+    if isinstance(server, CServer):
+        want = server.processes
+    elif isinstance(server, EpolldServer) and isinstance(server.workers, int):
+        want = server.workers + 1 if server.workers > 1 else 1
+    else:
+        return
+    deadline = time.monotonic() + 30
+    while len(processes.tree_pids(proc.pid)) < want and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2 if want > 1 else 0)  # a worker's own start-up, after its fork
+
+
+def longest_turn_ms(
+    proc: subprocess.Popen[bytes], log: Path, key: str = "longest_turn_ms"
+) -> float | None:
+    """The longest turn of epolld's loop so far, of all its processes (the stats line's
+    longest_turn_ms, per worker in the supervisor's; or another such key, such as
+    longest_deferred_cpu_ms): SIGUSR1, then the new stats line."""
+
+    def stats_lines() -> list[dict[str, Any]]:
+        out = []
+        for line in log.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                # The supervisor's line (or the single process's): a worker's names it.
+                if (
+                    isinstance(entry, dict)
+                    and entry.get("event") == "stats"
+                    and "worker" not in entry
+                ):
+                    out.append(entry)
+        return out
+
+    seen = len(stats_lines())
+    os.kill(proc.pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        lines = stats_lines()
+        if len(lines) > seen:
+            entry = lines[-1]
+            turns = [w.get(key) for w in entry.get("workers", [])]
+            turns.append(entry.get(key))
+            values = [float(t) for t in turns if t is not None]
+            return max(values) if values else None
+        time.sleep(0.05)
+    return None
 
 
 def _idle_memory(result: Result, extra: Result, workload: Workload) -> None:
@@ -291,6 +360,9 @@ def _merge_background(result: Result, bg: list[Result], workload: Workload) -> N
         begin = min(r["t_begin_mono_s"] for r in holders)
         result["all_connected_s"] = round(max(r["t_connected_mono_s"] for r in holders) - begin, 4)
         result["all_echoing_s"] = round(max(r["t_probed_mono_s"] for r in holders) - begin, 4)
+    if workload.holders_reprobe:
+        result["reprobed"] = sum(r.get("reprobed", 0) for r in holders)
+        result["reprobe_s"] = max((r.get("reprobe_s", 0) for r in holders), default=None)
     if workload.holders_expire:
         closed = sum(r.get("closed_by_server", 0) for r in holders)
         result["expired"] = closed
@@ -428,6 +500,12 @@ METRICS: dict[str, Callable[[Result], Any]] = {  # summary key: how to get it fr
     "server_cpu_busy": lambda r: (r.get("cpu_busy") or {}).get(f"cpu{processes.SERVER_CPU}"),
     "foreign_load": _field("foreign_load"),
     "client_foreign_load": _field("client_foreign_load"),
+    "reprobed": _field("reprobed"),
+    "reprobe_s": _field("reprobe_s"),
+    "longest_turn_ms": _field("longest_turn_ms"),
+    "longest_turn_before_ms": _field("longest_turn_before_ms"),
+    "longest_deferred_cpu_ms": _field("longest_deferred_cpu_ms"),
+    "longest_deferred_cpu_before_ms": _field("longest_deferred_cpu_before_ms"),
     "handoff_s": _field("handoff_s"),
     "handoff_conns": _field("handoff_conns"),
     **{

@@ -46,10 +46,14 @@ class Server:
 
 @dataclasses.dataclass(frozen=True)
 class CServer(Server):
-    """bench/echo_server.c: the practical limit of this machine."""
+    """bench/echo_server.c: the practical limit of this machine; with processes > 1, that
+    many SO_REUSEPORT processes (bench/run --workers N)."""
+
+    processes: int = 1
 
     def command(self, workload: Workload) -> list[str]:
-        return [str(BIN / "echo_server"), "--port", "0", "--backlog", str(BACKLOG)]
+        argv = [str(BIN / "echo_server"), "--port", "0", "--backlog", str(BACKLOG)]
+        return argv + (["--processes", str(self.processes)] if self.processes > 1 else [])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +86,14 @@ class GoServer(Server):
 
     def command(self, workload: Workload) -> list[str]:
         tls = ["--cert", str(TLS_CERT), "--key", str(TLS_KEY)] if self.tls else []
-        return [str(BIN / self.program), "--port", "0", "--backlog", str(BACKLOG), *tls]
+        udp = ["--udp"] if workload.udp else []  # echo_go serves either
+        return [str(BIN / self.program), "--port", "0", "--backlog", str(BACKLOG), *tls, *udp]
+
+
+@dataclasses.dataclass(frozen=True)
+class RustServer(GoServer):
+    """A cargo package's binary (bootstrap.RUST_PROGRAMS, bench/servers/rust/), the same
+    options as the Go servers."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +133,7 @@ class EpolldServer(Server):
             lines.append(f"workers: {self.workers}")
         if workload.udp:  # UDP only, its limits off: the C and Python servers have none
             lines[0] = 'listen: ["udp:127.0.0.1:0"]'
-            lines.append("udp: {rate: 0, byte_rate: 0, total_rate: 0}")
+            lines.append(UDP_LIMITS_OFF)
         if self.io:
             lines.append(f"io: {self.io}")
         limits = workload.epolld_config()
@@ -147,6 +158,24 @@ class EpolldServer(Server):
         return super().argv(workload)
 
 
+# issue 24: the UDP rows with the limiter at work. The shipped udp: section (per-source
+# buckets of datagrams and bytes, the total bucket, the 8,192-source table, the refused
+# ports) with its three rates raised above any bench load: every datagram goes through
+# UdpLimiter.admit() and still gets its echo. (With the shipped rates themselves, 100 per
+# source and 10,000 in all per second, nearly every datagram of a bench load is dropped,
+# and there is no CPU per echo to compare.)
+UDP_LIMITS_OFF = "udp: {rate: 0, byte_rate: 0, total_rate: 0}"
+UDP_LIMITS_ON = "udp: {rate: 10000000, burst: 10000000, byte_rate: 1GiB, total_rate: 10000000}"
+
+
+@dataclasses.dataclass(frozen=True)
+class EpolldUdpLimitsServer(EpolldServer):
+    """epolld over UDP with its rate limits on (UDP_LIMITS_ON), not off as in the other rows."""
+
+    def config(self, workload: Workload) -> str:
+        return super().config(workload).replace(UDP_LIMITS_OFF, UDP_LIMITS_ON)
+
+
 SERVERS: list[Server] = [
     CServer("c-epoll", "C epoll (bench/echo_server.c)"),
     PythonServer("asyncio-protocol", "asyncio Protocol", script="asyncio_protocol.py"),
@@ -162,6 +191,13 @@ SERVERS: list[Server] = [
     CUdpServer("c-udp-mmsg", "C epoll UDP, recvmmsg/sendmmsg (64 per call)", mmsg=True),
     PythonServer("asyncio-datagram", "asyncio DatagramProtocol", script="asyncio_datagram.py"),
     PythonServer("uvloop-datagram", "uvloop DatagramProtocol", script="uvloop_datagram.py"),
+    EpolldUdpLimitsServer("epolld-level-udp-limits", "epolld, level, UDP limits on (not limiting)"),
+    EpolldUdpLimitsServer(
+        "epolld-edge-udp-limits", "epolld, edge, UDP limits on (not limiting)", trigger="edge"
+    ),
+    # The peers an engineer would pick instead (issue 24), compiled from Debian's packages.
+    GoServer("go", "Go net, a goroutine per connection", program="echo_go"),
+    RustServer("tokio", "Rust tokio, a task per connection", program="echo_tokio"),
     GoServer("go-tls", "Go crypto/tls, a goroutine per connection", tls=True, program="echo_tls"),
     PythonServer("uvloop-tls", "uvloop Protocol with ssl=", tls=True, script="uvloop_tls.py"),
     ExternalServer(

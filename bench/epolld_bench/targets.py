@@ -95,6 +95,19 @@ TARGETS: list[Target] = [
       "udp-1k", "epolld-level", "cpu", "<=", "c-udp", 1.3, 10),
     T("U1-1k-uv", "UDP 1 KiB, level: CPU/datagram < uvloop",
       "udp-1k", "epolld-level", "cpu", "<", "uvloop-datagram", 1.0, 10),
+    # issue 24: UDP in batches (recvmmsg/sendmmsg), limits off, against both C servers
+    T("U2-64-c", "UDP 64 B, level: CPU/datagram <= 1.1x C (recvfrom/sendto)",
+      "udp-64", "epolld-level", "cpu", "<=", "c-udp", 1.1, 24),
+    T("U2-64-mmsg", "UDP 64 B, level: CPU/datagram <= 1.1x C (recvmmsg/sendmmsg)",
+      "udp-64", "epolld-level", "cpu", "<=", "c-udp-mmsg", 1.1, 24),
+    T("U2-64-uv", "UDP 64 B, level: CPU/datagram < uvloop",
+      "udp-64", "epolld-level", "cpu", "<", "uvloop-datagram", 1.0, 24),
+    T("U2-1k-c", "UDP 1 KiB, level: CPU/datagram <= 1.1x C (recvfrom/sendto)",
+      "udp-1k", "epolld-level", "cpu", "<=", "c-udp", 1.1, 24),
+    T("U2-1k-mmsg", "UDP 1 KiB, level: CPU/datagram <= 1.1x C (recvmmsg/sendmmsg)",
+      "udp-1k", "epolld-level", "cpu", "<=", "c-udp-mmsg", 1.1, 24),
+    T("U2-1k-uv", "UDP 1 KiB, level: CPU/datagram < uvloop",
+      "udp-1k", "epolld-level", "cpu", "<", "uvloop-datagram", 1.0, 24),
     # issue 21: TLS echo, against Go's crypto/tls, uvloop with ssl=, socat and ncat
     T("TLS1-level", "TLS 1 KiB, level: CPU/rt <= 1.2x Go crypto/tls",
       "tls-pingpong", "epolld-level", "cpu", "<=", "go-tls", 1.2, 21),
@@ -112,6 +125,32 @@ TARGETS: list[Target] = [
       "tls-idle", "epolld-level", "idle_rss_kib_per_conn", "<=", "", 20.0, 21),
     T("TLS4-edge", "10,000 idle TLS connections, edge: RSS above start-up <= 20 KiB per conn",
       "tls-idle", "epolld-edge", "idle_rss_kib_per_conn", "<=", "", 20.0, 21),
+]  # fmt: skip
+# issue 24: the peers an engineer would pick. epolld (level, the default) at or below Go's CPU
+# per round trip on every ping-pong and scale row, and per GB streamed (CPU per chunk of a
+# fixed size); tokio's ratios are reported in the tables (vs tokio), not judged.
+PEER_ROWS = (
+    "pp-1k-c1", "pp-1k-c10", "pp-1k-c100", "pp-1k-c1000", "pp-64-c100", "pp-16k-c100",
+    "pp-128k-c100", "idle-10k", "stream-64k-c10", "scale", "scale-10k",
+)  # fmt: skip
+TARGETS += [
+    T(f"G1-{row}", f"{row}, level: CPU/{'GB' if row.startswith('stream') else 'rt'} <= Go",
+      row, "epolld-level", "cpu", "<=", "go", 1.0, 24)
+    for row in PEER_ROWS
+]  # fmt: skip
+# issue 24: 100,000 connections (bench/run --scale-conns 100000 --workers 6; the same at 19,900
+# on one process), and the restart handoff of all of them.
+TARGETS += [
+    T("S2-pss", "scale, level: Pss of all processes above start-up <= 0.5 KiB per connection",
+      "scale", "epolld-level", "idle_pss_kib_per_conn", "<=", "", 0.5, 24),
+    T("S7-level", "expiry wave, level: the loop's longest turn (every worker, wall) <= 100 ms",
+      "scale-expiry", "epolld-level", "longest_turn_ms", "<=", "", 100.0, 24),
+    T("S7-edge", "expiry wave, edge: the loop's longest turn (every worker, wall) <= 100 ms",
+      "scale-expiry", "epolld-edge", "longest_turn_ms", "<=", "", 100.0, 24),
+    T("S8-level", "expiry wave, level: CPU of the loop's deferred work in one turn <= 100 ms",
+      "scale-expiry", "epolld-level", "longest_deferred_cpu_ms", "<=", "", 100.0, 24),
+    T("H1-scale", "handoff-scale: signal to READY=1 <= 3 s",
+      "handoff-scale", "epolld-level", "handoff_s", "<=", "", 3.0, 24),
 ]  # fmt: skip
 METRIC_KEY = {
     "rtps": "round_trips_per_s",

@@ -14,7 +14,10 @@ import math
 from collections.abc import Mapping
 
 KIB = 1024
-# The servers of the original matrix (issue 6); workloads name their servers explicitly.
+# The peers an engineer would pick instead of epolld (issue 24): Go's net and Rust's tokio.
+PEERS = ("go", "tokio")
+# The servers of the original matrix (issue 6) and the peers; workloads name their servers
+# explicitly.
 CLASSIC = (
     "c-epoll",
     "asyncio-protocol",
@@ -23,6 +26,7 @@ CLASSIC = (
     "epolld-level",
     "epolld-edge",
     "epolld-splice",
+    *PEERS,
 )
 EPOLLD_BOTH = ("epolld-level", "epolld-edge")
 # The UDP rows (issue 10): C with recvfrom/sendto and with recvmmsg/sendmmsg, asyncio and
@@ -34,6 +38,9 @@ UDP_SERVERS = (
     "uvloop-datagram",
     "epolld-level",
     "epolld-edge",
+    "epolld-level-udp-limits",  # issue 24: the limiter at work on each datagram
+    "epolld-edge-udp-limits",
+    "go",  # its datagram loop (tokio's is not part of the comparison)
 )
 UDP_SOCKETS = 4  # connected client sockets
 UDP_WINDOW = 16  # datagrams in flight per socket
@@ -86,6 +93,7 @@ class Workload:
     epolld_limits: Mapping[str, str] = dataclasses.field(default_factory=dict)
     min_duration_s: float = 0.0  # measured at least this long (to cover an idle timeout)
     handoff: bool = False  # SIGUSR2 mid-run: the restart handoff (re-exec in place), timed
+    holders_reprobe: bool = False  # at the end every held connection echoes once more
 
     @property
     def udp(self) -> bool:
@@ -115,11 +123,18 @@ class Workload:
         if self.holders:
             procs = math.ceil(self.holders / HOLDERS_PER_PROCESS)
             addrs = max(2, math.ceil(self.conns / CONNS_PER_SOURCE_ADDRESS))
+            offset = 0  # the connections before this process's: no two share a source port
             for i in range(procs):
                 share = self.holders // procs + (i < self.holders % procs)
-                extra = ["--source-addrs", str(addrs), "--source-offset", str(i * share)]
+                extra = ["--source-addrs", str(addrs), "--source-offset", str(offset)]
+                offset += share
                 if self.holders_expire:
                     extra.append("--expect-close")
+                if self.holders_reprobe:
+                    extra += ["--reprobe", "--drain-timeout", "10"]
+                if self.conns > 2 * HOLDERS_PER_PROCESS:  # all holders connect at once
+                    extra += ["--connect-timeout", str(10 + self.conns // 1_000)]
+                    extra.append("--source-ports")  # connect()'s port search grows slow
                 out.append(Load(conns=0, idle=share, extra=tuple(extra), tls=self.tls).args())
         return out
 
@@ -134,7 +149,20 @@ class Workload:
         """The same workload with `conns` connections in all (--scale-conns)."""
         if not self.scalable:
             return self
-        return dataclasses.replace(self, holders=max(0, conns - self.load.conns))
+        resized = dataclasses.replace(self, holders=max(0, conns - self.load.conns))
+        if self.holders_expire and conns > SCALE_CONNS:
+            # The idle timeout runs from each accept: it must outlast establishing them all
+            # (seconds per 10,000 on this shared machine), or the first expire too early.
+            timeout = IDLE_TIMEOUT_S + math.ceil(conns / 5_000)
+            resized = dataclasses.replace(
+                resized,
+                epolld_limits={**self.epolld_limits, "idle_timeout": f"{timeout}s"},
+                min_duration_s=timeout + 2.5,
+                title=self.title.replace(
+                    f"idle_timeout {IDLE_TIMEOUT_S} s", f"idle_timeout {timeout} s"
+                ),
+            )
+        return resized
 
 
 def scale(name: str, conns: int, title: str, **kwargs: object) -> Workload:
@@ -222,7 +250,7 @@ WORKLOADS = [
         "scale",
         SCALE_CONNS,
         "scale: {conns:,} connections, each echoing once, then 1 KiB ping-pong on one",
-        servers=("c-epoll", *EPOLLD_BOTH),
+        servers=("c-epoll", *EPOLLD_BOTH, *PEERS),
         scalable=True,
         quick=True,
     ),
@@ -230,7 +258,7 @@ WORKLOADS = [
         "scale-10k",
         10_000,
         "scale: {conns:,} connections (every io mode), then 1 KiB ping-pong on one",
-        servers=("c-epoll", *EPOLLD_BOTH, "epolld-splice"),
+        servers=("c-epoll", *EPOLLD_BOTH, "epolld-splice", *PEERS),
     ),
     scale(
         "scale-expiry",
@@ -257,6 +285,23 @@ WORKLOADS = [
             min_duration_s=3.0,
         )
         for conns in (1_000, 10_000)
+    ),
+    # issue 24: the handoff at scale, every held connection echoing again afterwards;
+    # bench/run --only handoff-scale --scale-conns 100000 --workers 6
+    Workload(
+        "handoff-scale",
+        "handoff: {conns:,} connections handed to a re-executed epolld (SIGUSR2) while one"
+        " ping-pong client (1 KiB) keeps going, then every held one echoes once more; time"
+        " from the signal to READY=1",
+        Load(conns=1, size=KIB),
+        table="handoff",
+        group="scale-handoff",
+        servers=("epolld-level",),
+        holders=10_000 - 1,
+        handoff=True,
+        holders_reprobe=True,
+        scalable=True,
+        min_duration_s=8.0,
     ),
     # workers: the same load on 1 and on N processes. On this 2-core machine (server on
     # one core) they show the cost per round trip; with --server-cpus 0-7 the scaling.

@@ -110,6 +110,16 @@ class Counters:
     tls_handshakes: dict[str, int] = field(default_factory=dict)  # by result
     tls_handshake_failures: dict[str, int] = field(default_factory=dict)  # by reason
     tls_handshake_durations: DurationHistogram = field(default_factory=DurationHistogram)
+    # The services other than echo (services/): bytes by "transport service direction"
+    # ("tcp chargen sent"), empty until one serves, so that no series appears without one.
+    service_bytes: dict[str, int] = field(default_factory=dict)
+
+    def count_service(self, service: str, transport: str, received: int, sent: int) -> None:
+        """Account for the bytes a discard, chargen or info connection (or datagram)
+        received and sent."""
+        for direction, n in (("received", received), ("sent", sent)):
+            key = f"{transport} {service} {direction}"
+            self.service_bytes[key] = self.service_bytes.get(key, 0) + n
 
     def count_handshake(self, failure: str | None, seconds: float = 0.0) -> None:
         """Account for a TLS handshake that finished (failure None) or failed (its reason)."""
@@ -230,6 +240,7 @@ class Counters:
             "proxy_headers_read": self.proxy_headers_read,
             "proxy_header_errors": dict(self.proxy_header_errors),
             "log_lines_dropped": self.log_lines_dropped,
+            **{f"service_{key.replace(' ', '_')}": n for key, n in self.service_bytes.items()},
         }
 
 

@@ -365,7 +365,9 @@ def adopt_inherited(config: Config, passed: list[tuple[str, int]] | None) -> lis
             listen=[str(a) for a in config.listen],
         )
     # The same name matching for PROXY and TLS: str(address) is what describe_socket() says.
-    configured = {str(a): a for a in config.listen if a.proxy_protocol or a.tls}
+    configured = {
+        str(a): a for a in config.listen if a.proxy_protocol or a.tls or a.service != "echo"
+    }
     return [listeners.adopt(sock, configured) for _, sock in inherited]
 
 

@@ -106,9 +106,11 @@ class Listener:
 
 
 def socket_of(address: ListenAddress) -> ListenAddress:
-    """The address without what does not change its socket (the PROXY flag, TLS)."""
+    """The address without what does not change its socket (the PROXY flag, TLS, the
+    service)."""
     return dataclasses.replace(
         address,
+        service="echo",
         proxy_protocol=False,
         tls=False,
         tls_certificate=None,
@@ -125,7 +127,8 @@ def match_bound_port(listener: Listener, addresses: tuple[ListenAddress, ...]) -
     if address is None or address.port or address.family == "unix":
         return
     bound = dataclasses.replace(address, port=listener.sock.getsockname()[1])
-    if bound in addresses:
+    # By its socket: the entry naming that port may also change the service or flags.
+    if socket_of(bound) in {socket_of(a) for a in addresses}:
         listener.address = bound
 
 

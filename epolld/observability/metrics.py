@@ -38,6 +38,7 @@ from epolld.core.loop import CLOSE, Reactor, Timer
 from epolld.errors import BindError
 from epolld.listening import sockets
 from epolld.listening.sockets import Listener
+from epolld.observability import health
 from epolld.observability.http11 import HttpConversation, Reply, Request
 
 log = structlog.get_logger("epolld")
@@ -206,6 +207,8 @@ class EchoCollector(Collector):
                 c.tls_handshake_durations.counts,
                 c.tls_handshake_durations.sum_s,
             )
+        if c.service_bytes:
+            yield _service_bytes(c.service_bytes)
         if s.tls_certificates is not None:
             expiry = GaugeMetricFamily(
                 "epolld_tls_certificate_expiry_seconds",
@@ -220,6 +223,18 @@ class EchoCollector(Collector):
 def _labelled(family: CounterMetricFamily, values: Mapping[str, int]) -> CounterMetricFamily:
     for label, value in values.items():
         family.add_metric([label], value)
+    return family
+
+
+def _service_bytes(counts: Mapping[str, int]) -> CounterMetricFamily:
+    """epolld_service_bytes_total{transport,service,direction} (services/)."""
+    family = CounterMetricFamily(
+        "epolld_service_bytes_total",
+        "Bytes the discard, chargen and info services received and sent.",
+        labels=["transport", "service", "direction"],
+    )
+    for key, value in sorted(counts.items()):
+        family.add_metric(key.split(" ", 2), value)
     return family
 
 
@@ -244,27 +259,37 @@ def _index_page() -> bytes:
     return (
         '<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>epolld</title></head>\n'
         f"<body><h1>epolld {version}</h1>\n"
-        '<p>An RFC 862 echo daemon. Prometheus metrics: <a href="/metrics">/metrics</a></p>\n'
+        '<p>An RFC 862 echo daemon. Prometheus metrics: <a href="/metrics">/metrics</a>;'
+        ' health: <a href="/healthz">/healthz</a>, <a href="/readyz">/readyz</a></p>\n'
         "</body></html>\n"
     ).encode()
 
 
 class MetricsApp:
-    """Routes requests: /metrics, the index page, 404 and 405.
+    """Routes requests: /metrics, /healthz and /readyz (health.py), the index page, 404
+    and 405.
 
     Args:
         snapshot: the service's Snapshot, read once per scrape.
+        live, ready: the process's health checks (None: all is well, else why not).
     """
 
-    def __init__(self, snapshot: Snapshotter) -> None:
+    def __init__(
+        self,
+        snapshot: Snapshotter,
+        live: health.Check = lambda: None,
+        ready: health.Check = lambda: None,
+    ) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(EchoCollector(snapshot))
         ProcessCollector(registry=self.registry)
         self._index = _index_page()
+        self._live = live
+        self._ready = ready
 
     def respond(self, request: Request) -> Reply:
         """The reply to one request; HEAD is answered as GET (the conversation drops the body)."""
-        if request.path not in ("/metrics", "/"):
+        if request.path not in ("/metrics", "/", *health.PATHS):
             return Reply(404, "text/plain; charset=utf-8", b"Not found: try /metrics\n")
         if request.method not in ("GET", "HEAD"):
             return Reply(
@@ -275,6 +300,9 @@ class MetricsApp:
             )
         if request.path == "/":
             return Reply(200, "text/html; charset=utf-8", self._index)
+        answer = health.reply(request.path, self._live, self._ready)
+        if answer is not None:
+            return answer
         encode, content_type = choose_encoder(request.accept)
         return Reply(200, content_type, encode(self.registry))
 

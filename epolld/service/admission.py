@@ -29,11 +29,15 @@ from epolld.core.idle import IdleTimer
 from epolld.core.loop import Reactor
 from epolld.listening.sockets import Listener
 from epolld.observability import logsetup
-from epolld.tcp.connection import EPOLLIN, Connection, SharedSettings, format_peer
+from epolld.services.stream import open_service
+from epolld.tcp.connection import EPOLLIN, EPOLLOUT, Connection, SharedSettings, format_peer
 from epolld.tcp.splice import SpliceConnection, connection_class, make_pipe
 
 if TYPE_CHECKING:
+    import ssl
+
     from epolld.service.proxied import Proxied
+    from epolld.tcp.proxy import ProxyHeader
     from epolld.tls.serving import TlsServing  # imports ssl: only with a TLS listener
 
 log = structlog.get_logger("epolld")
@@ -81,6 +85,9 @@ class Admission:
         self._splice_fallback = False  # no pipe to be had: new connections copy instead
         self.pipes = 0  # open splice connections, each holding a pipe (2 fds)
         self.tls: TlsServing | None = None  # tls/serving.py: made with the first TLS listener
+        # Listener name -> its service, for the listeners that serve other than echo
+        # (services/); looked up once per accept, never per event.
+        self.services: dict[str, str] = {}
         # What the process holds before any client (stdio, epoll, listeners, ...), plus
         # room for log files and the pidfile.
         self._base_fds = len(os.listdir("/proc/self/fd")) + 16
@@ -144,6 +151,7 @@ class Admission:
         if new.buffers.read_size_bytes != old.buffers.read_size_bytes:
             for conn in self.connections():
                 conn.buf = self.read_buf
+        self._note_services()
 
     @property
     def listeners(self) -> list[Listener]:
@@ -156,6 +164,16 @@ class Admission:
         listener.on_ready = self._listener_ready
         self.registered[listener.fd] = listener
         self.reactor.add(listener)
+        self._note_services()
+
+    def _note_services(self) -> None:
+        """Which listeners serve discard, chargen or info (a reload may change it: new
+        connections get the new service)."""
+        self.services = {
+            lst.name: lst.address.service
+            for lst in self.listeners
+            if lst.address is not None and lst.address.service != "echo"
+        }
 
     def _listener_mask(self, listener: Listener) -> int:
         """A listener that worker processes share wakes one of them per connection
@@ -228,39 +246,26 @@ class Admission:
         self.start(sock, ip, peer, listener.name)
 
     def start(
-        self, sock: socket.socket, ip: str, peer: str | None, listener: str, proxy: str = ""
+        self,
+        sock: socket.socket,
+        ip: str,
+        peer: str | None,
+        listener: str,
+        proxy: str = "",
+        header: ProxyHeader | None = None,
     ) -> Connection:
         """Make the Connection for an accepted socket; register it unless it takes over
-        from a PROXY header reader (proxy: that reader's peer), which the caller replaces."""
+        from a PROXY header reader (proxy: that reader's peer, header: what it read),
+        which the caller replaces."""
         if ip:
             ip = sys.intern(ip)  # one string per address, not one per connection
             self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
-        cls = self.conn_class
         context = self.tls.context_for(listener) if self.tls is not None else None
-        if self._splice and context is None:  # splice cannot carry TLS (no kernel TLS)
-            # Pipes stay within a budget that leaves one descriptor for each of
-            # max_connections: otherwise splice connections (3 fds each) would use up
-            # RLIMIT_NOFILE and later clients would wait in the backlog instead of being
-            # served by copying.
-            if self.pipes < self._pipe_budget:
-                self.pipes += 1
-            else:
-                self._splice_unavailable("descriptor budget", budget=self._pipe_budget)
-                cls = self._copy_class
-        now = self.reactor.now
-        if context is not None and self.tls is not None:
-            conn: Connection = self.tls.open(
-                context,
-                sock,
-                ip,
-                buf=self.read_buf,
-                shared=self.shared,
-                now=now,
-                peer=peer,
-                edge=self.edge,
-            )
+        service = self.services.get(listener) if self.services else None
+        if service is None:
+            conn = self._make_echo(sock, ip, peer, context)
         else:
-            conn = cls(sock, ip, buf=self.read_buf, shared=self.shared, now=now, peer=peer)
+            conn = self._start_service(service, sock, ip, peer, listener, context, header)
         self.conn_count += 1
         if not proxy:
             self.reactor.add(conn)
@@ -275,7 +280,66 @@ class Admission:
                 io="splice" if isinstance(conn, SpliceConnection) else "copy",
                 **({"proxy": proxy} if proxy else {}),
                 **({"tls": True} if context is not None else {}),
+                **({"service": service} if service is not None else {}),
             )
+        return conn
+
+    def _make_echo(
+        self, sock: socket.socket, ip: str, peer: str | None, context: ssl.SSLContext | None
+    ) -> Connection:
+        """The echo connection: TLS, or plain in the class for the trigger and io mode."""
+        cls = self.conn_class
+        if self._splice and context is None:  # splice cannot carry TLS (no kernel TLS)
+            # Pipes stay within a budget that leaves one descriptor for each of
+            # max_connections: otherwise splice connections (3 fds each) would use up
+            # RLIMIT_NOFILE and later clients would wait in the backlog instead of being
+            # served by copying.
+            if self.pipes < self._pipe_budget:
+                self.pipes += 1
+            else:
+                self._splice_unavailable("descriptor budget", budget=self._pipe_budget)
+                cls = self._copy_class
+        now = self.reactor.now
+        if context is not None and self.tls is not None:
+            return self.tls.open(
+                context,
+                sock,
+                ip,
+                buf=self.read_buf,
+                shared=self.shared,
+                now=now,
+                peer=peer,
+                edge=self.edge,
+            )
+        return cls(sock, ip, buf=self.read_buf, shared=self.shared, now=now, peer=peer)
+
+    def _start_service(
+        self,
+        service: str,
+        sock: socket.socket,
+        ip: str,
+        peer: str | None,
+        listener: str,
+        context: ssl.SSLContext | None,
+        header: ProxyHeader | None,
+    ) -> Connection:
+        """A discard, chargen or info connection (services/); it copies whatever io
+        says, and starts at once (info does not wait for the client to send)."""
+        buf, shared, now = self.read_buf, self.shared, self.reactor.now
+        if context is not None and self.tls is not None:
+            from epolld.services.tls import open_tls_service
+
+            conn: Connection = open_tls_service(
+                self.tls, service, context, sock, ip, peer=peer, edge=self.edge,
+                listener=listener, header=header, buf=buf, shared=shared, now=now,
+            )  # fmt: skip
+        else:
+            conn = open_service(
+                service, sock, ip, peer=peer, edge=self.edge, listener=listener,
+                header=header, buf=buf, shared=shared, now=now,
+            )  # fmt: skip
+        # Chargen and info start sending without waiting for an event the client causes.
+        self.reactor.reschedule((conn.fd, EPOLLOUT))
         return conn
 
     def adopt(self, conn: Connection, splice: bool) -> None:
@@ -451,6 +515,9 @@ class Admission:
             conn.bytes_in,
             conn.bytes_out,
         )
+        service = getattr(conn, "SERVICE", None)  # services/ connections only
+        if service is not None:
+            self.counters.count_service(service, "tcp", conn.bytes_in, conn.bytes_out)
         if self.conn_log is not None:
             self.conn_log(
                 "connection_closed",

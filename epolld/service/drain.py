@@ -6,13 +6,13 @@ shutdown_timeout or a second SIGINT.
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable
 
 import structlog
 
 from epolld.config import Config
 from epolld.core.idle import IdleTimer
 from epolld.core.loop import Reactor
+from epolld.observability.health import Readiness
 from epolld.service.admission import Admission
 from epolld.service.proxied import Proxied
 from epolld.systemd import Notifier
@@ -33,7 +33,7 @@ class Drain:
         notifier: sd_notify (STOPPING=1, EXTEND_TIMEOUT_USEC).
         admission, proxied, udp: the parts whose sockets a stop closes.
         idle: the idle timer the connections are filed in.
-        stop_metrics: closes the metrics endpoint (the process's).
+        readiness: the process's (/readyz, the agent check): a stop sets `stopping`.
     """
 
     def __init__(
@@ -45,7 +45,7 @@ class Drain:
         proxied: Proxied,
         udp: UdpEndpoints,
         idle: IdleTimer,
-        stop_metrics: Callable[[], None],
+        readiness: Readiness,
     ) -> None:
         self.reactor = reactor
         self._config = config
@@ -54,7 +54,7 @@ class Drain:
         self._proxied = proxied
         self._udp = udp
         self.idle = idle
-        self._stop_metrics = stop_metrics
+        self._readiness = readiness
         self._expiring: list[Connection] = []  # idle, waiting for their turn to close
         self._done = False
 
@@ -100,7 +100,7 @@ class Drain:
     def stop(self, why: str) -> None:
         """Graceful stop: close listeners, echo what was received, FIN, then exit."""
         admission = self._admission
-        admission.stopping = True
+        admission.stopping = self._readiness.stopping = True
         timeout_s = self._config.shutdown_timeout_s
         log.info(
             "shutdown_started", signal=why, connections=admission.conn_count, timeout_s=timeout_s
@@ -110,7 +110,8 @@ class Drain:
         admission.close_listeners()
         self._udp.close_all()  # nothing to drain: a datagram is answered at once or never
         self._proxied.close_readers()  # nothing to echo yet: nothing to drain
-        self._stop_metrics()
+        # The metrics endpoint stays open until the loop ends: /readyz answers 503 (the
+        # process's readiness says stopping) while the connections drain.
         for conn in admission.connections():
             self.reactor.set_mask(conn, conn.begin_shutdown())
         self.reactor.call_later(timeout_s, self._force_stop)

@@ -34,6 +34,7 @@ from epolld.service.handoff import Handoff
 from epolld.service.proxied import Proxied
 from epolld.service.reload import Reload
 from epolld.service.report import Report
+from epolld.services import udp as udp_services
 from epolld.systemd import Notifier
 from epolld.udp.endpoint import UdpEndpoints
 
@@ -75,8 +76,9 @@ class EchoService(ProcessShell):
         self.admission = admission = Admission(reactor, config, self.counters, idle)
         self.proxied = admission.proxied = Proxied(reactor, config, admission)
         self._udp = UdpEndpoints(reactor, config.udp, edge=admission.edge)
+        self._udp.service_classes = udp_services.ENDPOINTS
         self.drain = Drain(
-            reactor, config, notifier, admission, self.proxied, self._udp, idle, self._stop_metrics
+            reactor, config, notifier, admission, self.proxied, self._udp, idle, self.readiness
         )
         admission.on_drained = self.drain.finish
         self.report = Report(reactor, self.counters, admission, self.proxied, self._udp)
@@ -142,6 +144,7 @@ class EchoService(ProcessShell):
         if self._metrics is not None:
             log.info("metrics_listening", address=self._metrics.listener.name)
         self._notifier.ready(self._status_line())
+        self.readiness.started = True
         self.handoff.log_handoff_complete(self._status_line)
 
     def _start_timers(self) -> None:
@@ -153,6 +156,7 @@ class EchoService(ProcessShell):
         self._every_watchdog(self._notifier.watchdog_interval_s())
 
     def _close_everything(self) -> None:
+        self.close_endpoints()
         self.proxied.close_readers()
         self.drain.close_all()
         self._stop_metrics()
@@ -217,7 +221,8 @@ class EchoService(ProcessShell):
 
     def switch(self, new: Config) -> None:
         """Every part takes a new configuration (a reload applied it to the listeners)."""
-        self._config = new
+        old, self._config = self._config, new
+        self.reconfigure_endpoints(old, new)
         self.admission.configure(new)
         self._udp.configure(new.udp, edge=self.admission.edge)
         self.proxied.configure(new)
@@ -318,6 +323,9 @@ class EchoService(ProcessShell):
 
     def _status_line(self) -> str:
         return self.report.status_line()
+
+    def open_connections(self) -> int:
+        return self.admission.conn_count
 
     def _on_stats_signal(self, signum: int) -> None:
         self.report.log_stats()

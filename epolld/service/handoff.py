@@ -21,6 +21,7 @@ from epolld.process import log_handoff_complete
 from epolld.service.admission import Admission
 from epolld.service.proxied import Proxied
 from epolld.service.report import Report
+from epolld.services import stream
 from epolld.systemd import Notifier
 from epolld.tcp.splice import SpliceConnection, connection_class
 from epolld.udp.endpoint import UdpEndpoints
@@ -37,6 +38,9 @@ class HandsOver(Protocol):
 
     def handoff_meta(self, signal_at: float) -> dict[str, Any]:
         """The state document's keys every process writes."""
+
+    def endpoint_listeners(self) -> list[Listener]:
+        """The agent and control sockets, which the next process binds again."""
 
     def restore_metrics(self, listener: Listener) -> None:
         """Serve the metrics endpoint on the socket the previous process handed over."""
@@ -107,6 +111,8 @@ class Handoff:
         left_behind: dict[str, int] = {}
         metrics_listener = self._process.metrics_listener
         staying = set() if listeners_travel else {id(x) for x in self._listener_handlers()}
+        # The agent and control sockets are bound again by the next process.
+        staying.update(id(x) for x in self._process.endpoint_listeners())
         proxies = self._proxied.proxies
         for source in [*admission.listeners, *self.reactor.handlers(), *self.sources]:
             contribute = getattr(source, "handoff_state", None)
@@ -129,7 +135,7 @@ class Handoff:
         conns = admission.connections()
         log.info(
             "handoff_started",
-            connections=counts.get("connection", 0),
+            connections=connections(counts),
             listeners=counts.get("listener", 0),
             paused=sum(1 for c in conns if not c.reading and not c.eof),
             half_closed=sum(1 for c in conns if c.eof),
@@ -207,6 +213,7 @@ class Handoff:
         restorers: dict[str, handoff.Restorer] = {
             "listener": self._restore_listener,
             "connection": self._restore_connection,
+            stream.HANDOFF_KIND: self._restore_service_connection,
             "metrics_listener": self._restore_metrics_listener,
             "udp": self._restore_udp,
             "proxy_header": self._proxied.restore_header_reader,
@@ -254,6 +261,14 @@ class Handoff:
             self._proxied.proxies[conn.fd] = str(record["proxy"])
         admission.adopt(conn, splice)
 
+    def _restore_service_connection(self, record: dict[str, Any], state: handoff.State) -> None:
+        """A discard, chargen or info connection (services/stream.py)."""
+        admission = self._admission
+        conn = stream.restore(record, state, buf=admission.read_buf, shared=admission.shared)
+        if record.get("proxy"):
+            self._proxied.proxies[conn.fd] = str(record["proxy"])
+        admission.adopt(conn, splice=False)
+
     def log_handoff_complete(self, status_line: Callable[[], str]) -> None:
         """Once the loop serves, if this process was started by a handoff."""
         restored = self._restored
@@ -263,7 +278,7 @@ class Handoff:
         steps["ready"] = round(handoff.now_monotonic() - self._restored_at, 4)
         counts = restored["counts"]
         log_handoff_complete(
-            counts.get("connection", 0),
+            connections(counts),
             {"listeners": counts.get("listener", 0), "records": counts},
             old_version=restored["old_version"],
             old_pid=restored["old_pid"],
@@ -271,9 +286,14 @@ class Handoff:
             steps=steps,
         )
         self._notifier.status(
-            f"{status_line()}; took over {counts.get('connection', 0)} connections "
+            f"{status_line()}; took over {connections(counts)} connections "
             f"from {restored['old_version']}"
         )
+
+
+def connections(counts: dict[str, int]) -> int:
+    """Client connections among a handoff's records: echo ones and the services'."""
+    return counts.get("connection", 0) + counts.get(stream.HANDOFF_KIND, 0)
 
 
 def _step(steps: dict[str, float], name: str, since: float) -> float:

@@ -39,7 +39,13 @@ class Admission(Protocol):
     def conn_class(self) -> type[Connection]: ...
 
     def start(
-        self, sock: socket.socket, ip: str, peer: str | None, listener: str, proxy: str = ""
+        self,
+        sock: socket.socket,
+        ip: str,
+        peer: str | None,
+        listener: str,
+        proxy: str = "",
+        header: ProxyHeader | None = None,
     ) -> Connection: ...
 
     def log_unserved(
@@ -127,7 +133,9 @@ class Proxied:
             self._refuse_proxied(reader, peer, ip, limit)
             return CLOSE  # the reactor closes the reader; reader_closed() forgets it
         del self.readers[reader.fd]
-        conn = admission.start(reader.sock, ip, peer, reader.listener, proxy=reader.peer)
+        conn = admission.start(
+            reader.sock, ip, peer, reader.listener, proxy=reader.peer, header=header
+        )
         self.proxies[conn.fd] = reader.peer
         self.reactor.replace(reader, conn)
         if admission.edge:

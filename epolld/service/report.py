@@ -71,6 +71,9 @@ class Report:
         for conn in self._admission.connections():
             totals.bytes_received += conn.bytes_in
             totals.bytes_sent += conn.bytes_out
+            service = getattr(conn, "SERVICE", None)  # services/ connections
+            if service is not None:
+                totals.count_service(service, "tcp", conn.bytes_in, conn.bytes_out)
         return totals
 
     def stored_totals(self) -> Counters:
@@ -93,6 +96,8 @@ class Report:
             "splice_connections": self._admission.pipes,
             **self._udp.gauges(),
             "proxy_reading": len(self._proxied.readers),
+            "longest_turn_ms": round(self.reactor.longest_turn_s * 1000, 1),
+            "longest_deferred_cpu_ms": round(self.reactor.longest_deferred_cpu_s * 1000, 1),
         }
 
     def log_stats(self) -> None:

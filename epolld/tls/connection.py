@@ -1,32 +1,46 @@
-"""A TLS client: ssl.SSLObject over two MemoryBIOs on the non-blocking socket.
+"""A TLS client: OpenSSL reads and writes the non-blocking socket itself.
 
-The socket stays plain: this handler reads ciphertext with recv() into the incoming BIO,
-lets OpenSSL decrypt and re-encrypt each record's plaintext (the echo), and sends what
-the outgoing BIO holds. OpenSSL never touches the descriptor, so the reactor stays the
-only one that calls epoll, and level and edge triggers work as for plain connections.
+The listener's SSLContext wraps the accepted socket (SSLContext._wrap_socket, the C object
+under ssl.SSLSocket): read(n, buf) does the recv() and the decryption and write(data) the
+encryption and the send() in C, so an echoed record costs two calls from Python. An
+SSLObject over two MemoryBIOs (the first design) cost a recv(), a BIO write, a read, a
+write, a BIO read, a copy and a send per round trip, at about twice the CPU per round
+trip (docs/benchmarks.md, TLS ping-pong). OpenSSL never touches epoll: the reactor still
+owns every registration, and level and edge triggers work as for plain connections.
+
+ssl.SSLSocket itself is not used: its constructor detaches the socket object and, when
+the peer is gone before the wrap (ENOTCONN), reads from it and closes the descriptor
+itself, behind the reactor's back; and each of its calls adds two Python frames.
+
+OpenSSL reads a record's 5-byte header, then its body, never further (no read-ahead):
+what follows stays in the kernel, so level mode's one read per event is one record, and
+a PROXY header reader that takes only the header's bytes leaves the ClientHello there.
 
 Phases: HANDSHAKE (bounded by tls.handshake_timeout: TlsServing sweeps), ECHO, CLOSING
-(our close_notify queued: flush, then FIN) and LINGER (after our FIN: discard what the
-peer still sends until its FIN). Backpressure counts ciphertext waiting for the socket:
-above high_water reading stops, at low_water it resumes, so a client that writes
-without reading leaves at most high_water plus one read's records here.
+(our close_notify follows once the pending echo is written) and LINGER (after our FIN:
+discard what the peer still sends until its FIN). `out` holds plaintext OpenSSL has not
+taken yet (the socket was full): above high_water reading stops, and it resumes once
+OpenSSL has written all of it, so a client that writes without reading leaves at most
+high_water plus one event's records here.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import select
 import socket
 import ssl
+import termios
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from epolld.core.loop import CLOSE
 from epolld.tcp.connection import (
-    EDGE_BYTES_PER_EVENT,
     EDGE_MASK,
     EDGE_READS_PER_EVENT,
     EPOLLIN,
     EPOLLOUT,
+    EPOLLRDHUP,
     LEVEL_READ,
     NO_OUTPUT,
     Connection,
@@ -40,7 +54,8 @@ EPOLLERR: Final = select.EPOLLERR
 EPOLLHUP: Final = select.EPOLLHUP
 
 HANDSHAKE, ECHO, CLOSING, LINGER = 0, 1, 2, 3
-RECORD_BYTES: Final = 16 * 1024  # SSLObject.read() returns at most one record's plaintext
+RECORD_BYTES: Final = 16 * 1024  # the most plaintext one TLS record carries
+_NOTHING_QUEUED: Final = bytes(4)  # FIONREAD's answer (an int) for an empty receive queue
 
 # OpenSSL's reason codes (ssl.SSLError.reason) -> the failure reasons we count.
 _FAILURE_REASONS: Final = {
@@ -67,9 +82,14 @@ def failure_reason(error: ssl.SSLError) -> str:
     """The counted reason for a failed handshake."""
     if isinstance(error, ssl.SSLCertVerificationError):
         return "bad_client_certificate"
-    if isinstance(error, ssl.SSLEOFError):
+    if isinstance(error, ssl.SSLEOFError | ssl.SSLZeroReturnError):
         return "eof"
     return _FAILURE_REASONS.get(str(error.reason), "other")
+
+
+def _queued(fd: int) -> bool:
+    """Whether the socket's receive queue holds bytes (FIONREAD: no read, no exception)."""
+    return fcntl.ioctl(fd, termios.FIONREAD, _NOTHING_QUEUED) != _NOTHING_QUEUED
 
 
 class TlsOwner(Protocol):
@@ -81,12 +101,16 @@ class TlsOwner(Protocol):
 
     def tls_closed(self, conn: TlsConnection) -> None: ...
 
+    def handoff_flush_left(self) -> float:
+        """Seconds a restart may still wait for TLS sockets to take their last bytes."""
+        ...
+
 
 class TlsConnection(Connection):
     """One TLS client (level or edge, as `edge` says); the echo is of decrypted bytes.
 
-    bytes_in counts plaintext received, bytes_out plaintext handed to OpenSSL to echo;
-    out holds ciphertext waiting for the socket.
+    bytes_in counts plaintext received; out holds plaintext OpenSSL has not taken yet,
+    so bytes_out is Connection's (received less pending less dropped).
 
     Args:
         sock, ip, buf, shared, now, peer: as Connection.
@@ -95,7 +119,7 @@ class TlsConnection(Connection):
         edge: registered edge-triggered (EDGE_MASK) instead of level.
     """
 
-    __slots__ = ("echoed", "edge_mode", "inbio", "outbio", "phase", "tls", "tls_owner")
+    __slots__ = ("__weakref__", "edge_mode", "phase", "sni", "tls", "tls_owner")
 
     def __init__(
         self,
@@ -111,14 +135,22 @@ class TlsConnection(Connection):
         edge: bool,
     ) -> None:
         super().__init__(sock, ip, buf=buf, shared=shared, now=now, peer=peer)
-        self.inbio = ssl.MemoryBIO()
-        self.outbio = ssl.MemoryBIO()
-        self.tls = context.wrap_bio(self.inbio, self.outbio, server_side=True)
+        # The owner (a weak reference) is what the SNI callback gets: see `context`.
+        self.tls: Any = context._wrap_socket(sock, True, owner=self)  # type: ignore[attr-defined]
         self.tls_owner = owner
         self.phase = HANDSHAKE
-        self.echoed = 0
+        self.sni: str | None = None  # the client's server name, set by the SNI callback
         self.edge_mode = edge
         self.mask = EDGE_MASK if edge else LEVEL_READ
+
+    @property
+    def context(self) -> ssl.SSLContext:
+        """The session's context; the SNI callback sets another one (context.py)."""
+        return self.tls.context  # type: ignore[no-any-return]
+
+    @context.setter
+    def context(self, context: ssl.SSLContext) -> None:
+        self.tls.context = context
 
     @property
     def edge(self) -> bool:
@@ -127,13 +159,6 @@ class TlsConnection(Connection):
     @property
     def handshaking(self) -> bool:
         return self.phase == HANDSHAKE
-
-    @property
-    def bytes_out(self) -> int:
-        return self.echoed - self.dropped
-
-    def discard_pending(self) -> None:
-        self.out = NO_OUTPUT
 
     def close(self) -> None:
         self.tls_owner.tls_closed(self)
@@ -148,140 +173,147 @@ class TlsConnection(Connection):
             return self._on_hangup()
         if self.phase == LINGER:
             return self._on_lingering(ev)
+        if self.phase == HANDSHAKE:
+            return self._handshake(ev)
         if ev & EPOLLOUT and self.out:
             was_paused = not self.reading and not self.eof
             if not self._flush():
                 return CLOSE
             if was_paused and self.reading:
                 ev |= EPOLLIN  # what waited while paused raises no new edge
-        reading = ev & (EPOLLIN | EPOLLHUP) and self.reading and self.phase <= ECHO
-        if reading and not self._receive(ev):
+        reading = ev & (EPOLLIN | EPOLLHUP) and self.reading and self.phase == ECHO
+        if reading and not self._read(ev, EDGE_READS_PER_EVENT if self.edge_mode else 1):
             return CLOSE
-        return self._progress()
+        return self._wait()
 
-    def _receive(self, ev: int) -> bool:
-        """Ciphertext from the socket into the incoming BIO: one recv() in level mode,
-        until EAGAIN within the per-event budget in edge mode. False: the socket failed."""
-        sock, buf, inbio = self.sock, self.buf, self.inbio
-        budget = EDGE_READS_PER_EVENT if self.edge_mode else 1
-        left = EDGE_BYTES_PER_EVENT
+    def _handshake(self, ev: int) -> int:
+        try:
+            self.tls.do_handshake()
+        except ssl.SSLWantReadError:
+            return self._wait_readable()
+        except ssl.SSLWantWriteError:
+            return self._wait_writable()
+        except ssl.SSLError as e:  # OpenSSL has sent the alert that says why, if it could
+            return self._failed(failure_reason(e), str(e.reason or e))
+        except OSError as e:
+            return self._failed("reset", str(e))
+        self.phase = ECHO
+        self.tls_owner.handshake_done(self)
+        # Records may have come behind the client's Finished: read them now (in edge
+        # mode their edge was this event's).
+        if ev & EPOLLRDHUP or _queued(self.fd):
+            return self.on_event(ev | EPOLLIN)
+        return self._wait()
+
+    def _read(self, ev: int, budget: int) -> bool:
+        """Decrypt records and echo them, at most budget of them; False: close now.
+
+        Level mode reads one record per event: OpenSSL leaves the rest in the kernel, and
+        epoll reports it again. Edge mode reads until the receive queue is empty (asked
+        with FIONREAD: the read that finds it so would raise SSLWantReadError, which _ssl
+        builds with a formatted message), or, when the event says the peer shut down
+        (EPOLLRDHUP), until the EOF: tcp/connection.py's short-read rule, for records.
+        """
+        tls, buf = self.tls, self.buf
+        size = len(buf)
         while True:
             try:
-                n = sock.recv_into(buf)
-            except BlockingIOError:
+                n = tls.read(size, buf)
+            except ssl.SSLWantReadError:
                 return True
-            except OSError as e:
-                if self.phase == HANDSHAKE:
-                    self._failed("reset", str(e))
-                self._fail(e)
-                return False
-            if not n:
+            except ssl.SSLEOFError:  # a FIN without close_notify
+                self.reason = "truncated"
                 self.eof = True
                 self.reading = False
-                inbio.write_eof()
                 return True
-            inbio.write(buf[:n])
-            budget -= 1
-            left -= n
-            if not budget or left <= 0:
-                if self.edge_mode:
-                    self.shared.reschedule((self.fd, ev & EPOLLIN or EPOLLIN))
+            except ssl.SSLWantWriteError:
+                # OpenSSL must send an answer first (to a key update) and the socket is
+                # full. Read again next turn (until the socket takes it): the record has
+                # left the kernel's queue, so no EPOLLIN comes for it, and an EPOLLOUT
+                # event does not read.
+                self.shared.reschedule((self.fd, EPOLLIN))
                 return True
-            if self.phase == ECHO and self.inbio.pending >= self.shared.high_water:
-                return True
-
-    def _progress(self) -> int:
-        """Handshake or echo what the incoming BIO holds, send, and say what to wait for."""
-        if self.phase == HANDSHAKE:
-            try:
-                self.tls.do_handshake()
-            except ssl.SSLWantReadError:
-                if self.eof:
-                    return self._failed("eof", "the peer closed during the handshake")
-                self._collect()  # our part of the handshake (ServerHello and on)
-                return self._send_and_wait()
             except ssl.SSLError as e:
-                self._collect()
-                self._send_once()  # the alert saying why, if the socket takes it
-                return self._failed(failure_reason(e), str(e.reason or e))
-            self.phase = ECHO
-            self.tls_owner.handshake_done(self)
-        if self.phase == ECHO:
-            tls, inbio = self.tls, self.inbio
-            # Only while there is something to read: the read after the last record could
-            # only raise SSLWantReadError, and building that exception per event cost ~40%
-            # of the server's CPU per round trip (bench/analysis.md, tls-pingpong).
-            while inbio.pending or tls.pending() or self.eof:
+                self.reason = "error"
+                self.error = f"tls: {e.reason or e}"
+                return False
+            except OSError as e:
+                self._fail(e)
+                return False
+            if not n:  # the client's close_notify: its echo, then ours
+                self.reason = self.reason or "eof"
+                self.phase = CLOSING
+                self.reading = False
+                return True
+            self.bytes_in += n
+            if self.out:
+                self._buffer(buf[:n])
+            else:
                 try:
-                    data = tls.read(RECORD_BYTES)
-                except ssl.SSLWantReadError:
-                    break
-                except ssl.SSLZeroReturnError:
-                    data = b""
-                except ssl.SSLEOFError:  # a FIN without close_notify
-                    self.reason = "truncated"
-                    break
+                    tls.write(buf[:n])
+                except ssl.SSLWantWriteError:  # the socket is full: OpenSSL holds a part
+                    self._buffer(buf[:n])
                 except ssl.SSLError as e:
                     self.reason = "error"
                     self.error = f"tls: {e.reason or e}"
-                    return CLOSE
-                if not data:  # the client's close_notify (_ssl returns b"" for it)
-                    self.reason = self.reason or "eof"
-                    self._close_notify()
-                    break
-                self.bytes_in += len(data)
-                tls.write(data)
-                self.echoed += len(data)
-            self._collect()
-        return self._send_and_wait()
+                    return False
+                except OSError as e:
+                    self._fail(e)
+                    return False
+            if n == size and tls.pending():
+                continue  # a record larger than the buffer: the rest is OpenSSL's, not the kernel's
+            budget -= 1
+            if not self.reading:
+                return True
+            if not budget:
+                if self.edge_mode:
+                    self.shared.reschedule((self.fd, ev & (EPOLLIN | EPOLLRDHUP) or EPOLLIN))
+                return True
+            if not ev & EPOLLRDHUP and not _queued(self.fd):
+                return True
 
-    def _collect(self) -> None:
-        """Move what OpenSSL wrote (records, alerts) to the socket's output."""
-        data = self.outbio.read()
-        if data:
-            if self.out:
-                self.out += data
-            else:
-                self.out = bytearray(data)
-            if len(self.out) >= self.shared.high_water and self.phase == ECHO:
-                self.reading = False
-
-    def _send_once(self) -> None:
-        if self.out:
-            with contextlib.suppress(OSError):  # the peer went; the alert was a courtesy
-                self.sock.send(self.out)
-            self.out = NO_OUTPUT
-
-    def _close_notify(self) -> None:
-        """Queue our close_notify; after it only a FIN follows."""
+    def _flush(self) -> bool:
+        """Hand the pending plaintext to OpenSSL again (a retry must start with the same
+        bytes, which `out` does). False: the connection failed."""
         try:
-            self.tls.unwrap()
-        except ssl.SSLWantReadError:
-            pass  # ours is written; we do not wait for the peer's
-        except ssl.SSLError:
-            pass
-        self.phase = CLOSING
-        self.reading = False  # what follows a close_notify is not read, only its FIN
-        self._collect()
+            self.tls.write(self.out)
+        except ssl.SSLWantWriteError:
+            return True
+        except ssl.SSLError as e:
+            self.reason = "error"
+            self.error = f"tls: {e.reason or e}"
+            return False
+        except OSError as e:
+            self._fail(e)
+            return False
+        self.out = NO_OUTPUT
+        if not self.reading and not self.eof and self.phase == ECHO:
+            self.reading = True  # on_event reads at once: what waited raises no new edge
+        return True
 
-    def _send_and_wait(self) -> int:
-        if self.out:
-            was_paused = not self.reading and not self.eof
-            if not self._flush():
-                return CLOSE
-            if was_paused and self.reading and self.edge_mode:
-                # What waited in the socket while paused raises no new edge.
-                self.shared.reschedule((self.fd, EPOLLIN))
+    def _wait(self) -> int:
+        """What to wait for next (or CLOSE); sends our close_notify once it is due."""
         if self.phase == CLOSING and not self.out:
-            return self._shut_write()
+            return self._close_notify()
         if self.phase == ECHO and self.eof and not self.out:
-            return CLOSE  # truncated (or closed) and everything echoed
+            return CLOSE  # truncated, and everything echoed
         if self.edge_mode:
             return EDGE_MASK
-        reading = self.reading and self.phase <= ECHO
         if self.out:
-            return EPOLLOUT | (LEVEL_READ if reading else 0)
-        return LEVEL_READ if reading else CLOSE
+            return EPOLLOUT | (LEVEL_READ if self.reading else 0)
+        return LEVEL_READ
+
+    def _close_notify(self) -> int:
+        """Our close_notify (the echo is written), then FIN."""
+        try:
+            self.tls.shutdown()
+        except ssl.SSLWantReadError:
+            pass  # ours is sent; we do not wait for the peer's
+        except ssl.SSLWantWriteError:
+            return self._wait_writable()
+        except OSError:  # ssl.SSLError too: the peer went; FIN (or the failure) follows
+            pass
+        return self._shut_write()
 
     def _shut_write(self) -> int:
         """FIN after our close_notify, then linger until the peer's FIN."""
@@ -298,6 +330,10 @@ class TlsConnection(Connection):
         self.reason = "tls_handshake"
         self.error = reason
         self.tls_owner.handshake_failed(self, reason, detail)
+        # Take what the peer sent (OpenSSL stopped at the record it refused): closing
+        # with unread bytes would send a reset instead of a FIN after the alert.
+        with contextlib.suppress(OSError):
+            self.sock.recv_into(self.buf)
         return CLOSE
 
     # -- shutdown and restart ----------------------------------------------------------
@@ -310,69 +346,32 @@ class TlsConnection(Connection):
             return CLOSE
         if self.phase == LINGER:
             return self._wait_readable()
-        self._farewell()
-        return self._send_and_wait()
+        if not self._farewell():
+            return CLOSE
+        return self._wait()
 
-    def _farewell(self) -> None:
-        """Read what the socket holds (bounded), echo it, queue our close_notify."""
+    def _farewell(self) -> bool:
+        """Read what the socket holds (bounded), echo it; our close_notify is next.
+        False: the connection failed."""
         if self.phase != ECHO:
-            return
-        self.reading = not self.eof
-        for _ in range(EDGE_READS_PER_EVENT):
-            if not self.reading:
-                break
-            try:
-                n = self.sock.recv_into(self.buf)
-            except BlockingIOError:
-                break
-            except OSError:
-                break
-            if not n:
-                self.eof = True
-                self.inbio.write_eof()
-                break
-            self.inbio.write(self.buf[:n])
-        self._progress_echo_only()
+            return True
+        if self.reading and not self._read(EPOLLIN | EPOLLRDHUP, EDGE_READS_PER_EVENT):
+            return False
         if self.phase == ECHO:
-            self._close_notify()
-
-    def _progress_echo_only(self) -> None:
-        phase_reading = self.reading
-        self.reading = True  # no pause on the way out: this is bounded by the reads above
-        self._progress_no_send()
-        self.reading = phase_reading
-
-    def _progress_no_send(self) -> None:
-        tls = self.tls
-        while self.phase == ECHO:
-            try:
-                data = tls.read(RECORD_BYTES)
-            except ssl.SSLZeroReturnError:
-                data = b""
-            except ssl.SSLError:
-                break
-            if not data:  # close_notify
-                self._close_notify()
-                break
-            self.bytes_in += len(data)
-            tls.write(data)
-            self.echoed += len(data)
-        self._collect()
+            self.phase = CLOSING
+            self.reading = False
+        return True
 
     HANDOFF_KIND = "tls_closing"
 
     def handoff_state(self, out: StateWriter) -> dict[str, Any]:
-        """A TLS session cannot travel (no kernel TLS): echo what arrived, queue our
-        close_notify, and hand over only the socket with the ciphertext still to send;
-        the next process sends it, then FIN (TlsServing.restore_closing)."""
+        """A TLS session cannot travel (no kernel TLS): echo what arrived, send our
+        close_notify and FIN, and hand over only the socket, which the next process
+        keeps until the peer's FIN (TlsServing.restore_closing). OpenSSL holds what the
+        socket has not taken, so this waits for the socket, within the owner's budget."""
         if self.phase in (ECHO, CLOSING):
             self._farewell()
-            if self.out:
-                try:
-                    sent = self.sock.send(self.out)
-                    del self.out[:sent]  # type: ignore[union-attr]
-                except OSError:
-                    pass
+            self._flush_for_handoff()
         return {
             "kind": self.HANDOFF_KIND,
             "fd": out.fd(self.fd),
@@ -385,8 +384,28 @@ class TlsConnection(Connection):
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
             "opened_at": self.opened_at,
-            "out": out.data(bytes(self.out)) if self.out else None,
+            "out": None,
         }
+
+    def _flush_for_handoff(self) -> None:
+        """Write the pending echo and our close_notify, waiting for the socket at most
+        what the restart's budget has left; then FIN (LINGER). What the socket did not
+        take in time is lost: the client sees a stream without close_notify."""
+        if self.phase != CLOSING:
+            return
+        if self.out:
+            left = self.tls_owner.handoff_flush_left()
+            if left <= 0:
+                return
+            self.sock.settimeout(left)  # _ssl waits for the socket up to this
+            try:
+                self.tls.write(self.out)
+            except OSError:  # timed out (or the peer went)
+                return
+            finally:
+                self.sock.settimeout(0.0)
+            self.out = NO_OUTPUT
+        self._close_notify()
 
     def __repr__(self) -> str:
         phase = ("handshake", "echo", "closing", "linger")[self.phase]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +36,10 @@ log = structlog.get_logger("epolld")
 
 FAILURE_WARNING_EVERY_S = 10.0  # per reason, one tls_handshake_failed warning at most
 CLOSING_LINGER_S = 2.0  # after a restart: how long a TLS socket may wait for its peer's FIN
+# At a restart, how long in all the old process may wait for TLS sockets to take their
+# last echo and close_notify (OpenSSL holds what a full socket did not take, and it cannot
+# travel): a client that stops reading then delays the new process's READY by this much.
+HANDOFF_FLUSH_S = 0.3
 
 
 class TlsServing:
@@ -58,6 +63,7 @@ class TlsServing:
         self._warned_at: dict[str, float] = {}
         self._unlogged: dict[str, int] = {}
         self._closing: dict[ClosingSocket, None] = {}
+        self._handoff_deadline: float | None = None
         self.closed_at_handoff = 0
         self._log: Callable[..., Any] | None = None
         self.configure(config)
@@ -152,9 +158,11 @@ class TlsServing:
         now: float,
         peer: str | None,
         edge: bool,
+        cls: type[TlsConnection] = TlsConnection,
     ) -> TlsConnection:
-        """A TlsConnection for an accepted socket; its handshake is timed from now."""
-        conn = TlsConnection(
+        """A TlsConnection (cls: a service's, services/tls.py) for an accepted socket; its
+        handshake is timed from now."""
+        conn = cls(
             sock,
             ip,
             buf=buf,
@@ -204,7 +212,7 @@ class TlsServing:
                 "fd": conn.fd,
                 "version": tls.version(),
                 "cipher": cipher[0] if cipher else None,
-                "sni": getattr(tls, "epolld_sni", None),
+                "sni": conn.sni,
             }
             if tls.context.verify_mode == ssl.CERT_REQUIRED:
                 fields["client_subject"] = _subject(tls.getpeercert())
@@ -227,6 +235,13 @@ class TlsServing:
             )
             self._warned_at[reason] = now
             self._unlogged[reason] = 0
+
+    def handoff_flush_left(self) -> float:
+        """Seconds left of HANDOFF_FLUSH_S, counted from the first TLS connection to ask."""
+        now = time.monotonic()
+        if self._handoff_deadline is None:
+            self._handoff_deadline = now + HANDOFF_FLUSH_S
+        return max(0.0, self._handoff_deadline - now)
 
     def tls_closed(self, conn: TlsConnection) -> None:
         self._handshaking.pop(conn, None)

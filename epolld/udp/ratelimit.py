@@ -39,7 +39,7 @@ MAX_REPORTS_PER_INTERVAL = 20  # sources logged per interval at most; the rest a
 class Report:
     """Datagrams dropped for one source (or, with source "", over all) since its last report."""
 
-    source: str
+    source: str | int | bytes  # the key admit() was given
     reason: str  # the reason of the latest drop
     dropped: int
 
@@ -66,7 +66,7 @@ class UdpLimiter:
     """
 
     def __init__(self, settings: UdpConfig, now: float) -> None:
-        self._sources: OrderedDict[str, _Source] = OrderedDict()
+        self._sources: OrderedDict[str | int | bytes, _Source] = OrderedDict()
         self._total = 0.0
         self._total_stamp = now
         self._total_dropped = 0
@@ -90,6 +90,10 @@ class UdpLimiter:
             initial: fill the total bucket (first call only).
         """
         self._refused = frozenset(settings.refuse_source_ports)
+        self.refused_ports = self._refused
+        # Whether admit() has more to do than look the port up in refused_ports: a batch
+        # of datagrams checks the port itself when it does not (cheaper than a call each).
+        self.admit_each = bool(settings.rate or settings.byte_rate_bytes or settings.total_rate)
         self._rate = float(settings.rate)
         self._burst = float(settings.burst)
         self._byte_rate = float(settings.byte_rate_bytes)
@@ -112,11 +116,12 @@ class UdpLimiter:
             entry.datagrams = min(entry.datagrams, self._burst)
             entry.bytes = min(entry.bytes, self._byte_burst)
 
-    def admit(self, source: str, port: int, size: int, now: float) -> str | None:
+    def admit(self, source: str | int | bytes, port: int, size: int, now: float) -> str | None:
         """Decide one datagram: None to echo it (its tokens are taken), else the drop reason.
 
         Args:
-            source: the source IP address as text.
+            source: the source IP address: as text, or any other key that is one per
+                address (a batch passes the raw sin_addr as an int, sin6_addr as bytes).
             port: the source port.
             size: the datagram's length in bytes.
             now: the current time (monotonic seconds).
@@ -143,7 +148,10 @@ class UdpLimiter:
             if self._byte_rate and entry.bytes < size:
                 return self._drop(source, entry, BYTE_RATE, now)
         if self._total_rate:
-            self._refill_total(now)
+            elapsed = now - self._total_stamp  # _refill_total(), inline: once per datagram
+            if elapsed > 0:
+                self._total_stamp = now
+                self._total = min(self._total_burst, self._total + elapsed * self._total_rate)
             if self._total < 1.0:
                 self._total_dropped += 1
                 if now >= self._total_report_after:
@@ -175,7 +183,7 @@ class UdpLimiter:
             self._total_stamp = now
             self._total = min(self._total_burst, self._total + elapsed * self._total_rate)
 
-    def _drop(self, source: str, entry: _Source, reason: str, now: float) -> str:
+    def _drop(self, source: str | int | bytes, entry: _Source, reason: str, now: float) -> str:
         entry.dropped += 1
         if now >= entry.report_after:
             if now >= self._window_end:  # the log itself is bounded: forged sources are many

@@ -101,6 +101,8 @@ class Sums:
                     "pid": s.pid,
                     "connections": s.stats.get("connections", 0),
                     "accepted": s.stats.get("accepted", 0),
+                    "longest_turn_ms": s.stats.get("longest_turn_ms", 0.0),
+                    "longest_deferred_cpu_ms": s.stats.get("longest_deferred_cpu_ms", 0.0),
                 }
                 for s in live
             ],

@@ -282,7 +282,7 @@ class Supervisor(ProcessShell):
                     self._terminate(slot)
                 return
             if not self._announced and all(s.state in SAID_READY for s in self._slots):
-                self._announced = True
+                self._announced = self.readiness.started = True
                 log.info("workers_ready", workers=len(self._slots))
                 self._notifier.ready(self._status_line())
                 if self._resumed is not None:
@@ -383,12 +383,25 @@ class Supervisor(ProcessShell):
                 )
                 _kill(slot.pid, signal.SIGKILL)
 
-    def _healthy(self) -> bool:
+    def live_problem(self) -> str | None:
+        """/healthz and the watchdog ping: every worker has checked in within its
+        timeout (one killed as unresponsive counts as silent until it is reaped)."""
         now = self.reactor.now
-        return all(
-            now - slot.heard_at <= self.worker_timeout_s and slot.state is not State.KILLED
-            for slot in self._live()
-        )
+        for slot in self._live():
+            silent_s = now - slot.heard_at
+            if slot.state is State.KILLED or silent_s > self.worker_timeout_s:
+                return f"worker {slot.index} silent for {silent_s:.1f} s"
+        return None
+
+    def ready_problem(self) -> str | None:
+        """/readyz: the process's own answer, then every worker ready."""
+        problem = super().ready_problem()
+        if problem is not None:
+            return problem
+        for slot in self._slots:
+            if slot.state not in SAID_READY:
+                return f"worker {slot.index} {slot.state.value}"
+        return None
 
     # -- signals -------------------------------------------------------------------
 
@@ -404,7 +417,7 @@ class Supervisor(ProcessShell):
             if self._handoff.defer_stop(signum):
                 log.info("shutdown_deferred", signal=signal.Signals(signum).name)
             return
-        self._stopping = True
+        self._stopping = self.readiness.stopping = True
         timeout_s = self._config.shutdown_timeout_s
         stats = self.stats()
         log.info(
@@ -417,9 +430,9 @@ class Supervisor(ProcessShell):
         self._notifier.stopping(f"stopping: draining {stats['connections']} connections")
         self._notifier.extend_timeout(timeout_s + KILL_AFTER_DRAIN_S + 5.0)
         self._cancel_respawns()
-        # Our copies go first: when a worker closes its own, the socket is closed.
+        # Our copies go first: when a worker closes its own, the socket is closed. The
+        # metrics endpoint stays until the end: /readyz answers 503 through the drain.
         self._close_listeners()
-        self._stop_metrics()
         for slot in self._slots:
             if slot.state is State.SERVING:  # one still starting is told once it is ready
                 self._terminate(slot)
@@ -522,7 +535,7 @@ class Supervisor(ProcessShell):
         serving = self._live()
         if serving:  # under systemd, and they could not hand over: they drain, then we go
             log.warning("handoff_partial", draining=[s.index for s in serving])
-            self._stopping = True
+            self._stopping = self.readiness.stopping = True
             for slot in serving:
                 if slot.state in (State.STARTING, State.SERVING):  # a killed one is going
                     self._terminate(slot)
@@ -636,6 +649,7 @@ class Supervisor(ProcessShell):
         self.listener_set.commit(plan, release_metrics=self._release_metrics)
         if plan.metrics is not None:
             self._serve_metrics()
+        self.reconfigure_endpoints(old, new)
         self._reload_timer = self.reactor.call_later(REPLY_WAIT_S, self._reload_done)
         if not self._reload_waiting:
             self._reload_done()
@@ -711,6 +725,13 @@ class Supervisor(ProcessShell):
 
         return certs.expiries(files)
 
+    def open_connections(self) -> int:
+        """From the workers' last heartbeats (at most heartbeat_s old)."""
+        return sum(int(slot.stats.get("connections", 0)) for slot in self._live())
+
+    def _capacity(self) -> int:
+        return self._config.limits.max_connections * len(self._slots)
+
     def _status_line(self) -> str:
         names = " ".join(sorted({lst.name for lst in self._slots[0].listeners}))
         return self.sums.status_line(self.reactor.now, names)
@@ -728,6 +749,7 @@ class Supervisor(ProcessShell):
         log.info("metrics_listening", address=listener.name)
 
     def _close_everything(self) -> None:
+        self.close_endpoints()
         for slot in self._live():  # only if the loop itself failed: leave no orphans
             _kill(slot.pid, signal.SIGKILL)
         self._close_listeners()

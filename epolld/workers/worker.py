@@ -36,6 +36,7 @@ from epolld.core.loop import CLOSE
 from epolld.listening import listener_set
 from epolld.listening.sockets import Listener
 from epolld.service.echo import EchoService
+from epolld.services import info
 from epolld.systemd import Notifier
 from epolld.workers import link as link_mod
 from epolld.workers.link import Down, Up
@@ -240,6 +241,7 @@ def run(
     over). inherited: the handoff transport of the slot's previous worker, restored
     before the first event."""
     structlog.contextvars.bind_contextvars(worker=index)
+    info.worker = index  # what the info service reports
     os.environ.pop("NOTIFY_SOCKET", None)  # only the supervisor talks to systemd
     for listener in listeners:
         listener.keep_path = True  # the supervisor's to remove, at its exit
