@@ -159,15 +159,17 @@ def slow_peers(seconds: float, seed: int, trigger: str = "level") -> Row:
 
 
 def _closed(sock: socket.socket) -> bool:
-    """Whether the daemon has ended this connection (its echo read away first)."""
+    """Whether the daemon has ended this connection: its echo read away (what the kernel
+    still sends after the daemon's close included), then EOF or a reset within 5 s."""
+    sock.settimeout(5.0)
     try:
-        while True:
-            if not sock.recv(1 << 20):
-                return True
-    except BlockingIOError:
+        while sock.recv(1 << 20):
+            pass
+    except TimeoutError:
         return False
     except OSError:  # a reset: closed with unsent echo
         return True
+    return True
 
 
 class _PeakRss(threading.Thread):
