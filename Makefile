@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 CONSTRAINTS := tests/constraints-debian12.txt
 PYTEST_ARGS ?=
 
-.PHONY: run test test-fast check lint bench bench-quick soak deb image clean
+.PHONY: run test test-fast check lint bench bench-quick soak chaos deb image clean
 
 run: $(STAMP)
 	$(BIN)/epolld --config etc/epolld.yaml
@@ -41,6 +41,12 @@ bench-quick: $(STAMP)
 SOAK_S ?= 600
 soak: $(STAMP)
 	$(BIN)/python -m tests.soak --seconds $(SOAK_S)
+
+# The fault campaign (root): restarts, kills, a sick journal, a bad network, stuck peers.
+# CHAOS_S: seconds of load in each restart scenario (the others run a fifth of it).
+CHAOS_S ?= 600
+chaos: $(STAMP)
+	$(BIN)/python -m tests.chaos --seconds $(CHAOS_S)
 
 deb:
 	@packaging/dev/build-deb

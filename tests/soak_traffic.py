@@ -329,14 +329,22 @@ MIX: dict[type[Client], int] = {
 
 
 class Traffic:
-    """Runs the mix against 127.0.0.1:port until a deadline, then lets every client finish.
+    """Runs the mix against host:port (127.0.0.1 unless told) until a deadline, then lets every
+    client finish.
 
     run() is meant for a thread of its own; the counters may be read from another thread.
     """
 
     def __init__(
-        self, port: int, seed: int, *, stall_s: float = STALL_S, drain_s: float = DRAIN_S
+        self,
+        port: int,
+        seed: int,
+        *,
+        host: str = "127.0.0.1",
+        stall_s: float = STALL_S,
+        drain_s: float = DRAIN_S,
     ) -> None:
+        self.host = host
         self.port = port
         self.stall_s = stall_s
         self.drain_s = drain_s
@@ -446,7 +454,7 @@ class Traffic:
 
     def _connect(self, kind: str) -> socket.socket | None:
         try:
-            sock = socket.create_connection(("127.0.0.1", self.port), timeout=CONNECT_TIMEOUT_S)
+            sock = socket.create_connection((self.host, self.port), timeout=CONNECT_TIMEOUT_S)
         except OSError as e:
             self.error(f"{kind}: connect failed: {e!r}")
             return None

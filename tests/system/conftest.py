@@ -13,17 +13,16 @@ Both skip, saying why, when not run as root.
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from debs import build_deb, repack_with_version
 from nspawn import REPO, Container, ensure_tools, missing_privileges, rootfs
 
 GUEST_REPO = "/opt/epolld"
 UNIT_DIR = "/lib/systemd/system"  # where the Debian package puts them
 UPGRADE_VERSION = "0.1.0+upgradetest1"
-BUILD_TIMEOUT_S = 600.0  # build-deb may first install debhelper, dh-python and lintian
 
 # Runs the checkout on Debian 12's own python3 and libraries (python3-structlog 22.3.0, ...),
 # so the container tests prove the code works on the versions the package depends on.
@@ -85,31 +84,5 @@ def epolld_container(container_factory: Callable[..., Container]) -> Container:
 def debs(tmp_path_factory: pytest.TempPathFactory, system_prerequisites: None) -> dict[str, Path]:
     """The package built from this checkout, and a copy repacked as a newer version."""
     out = tmp_path_factory.mktemp("debs")
-    result = subprocess.run(
-        [str(REPO / "packaging" / "dev" / "build-deb"), str(out)],
-        capture_output=True,
-        text=True,
-        timeout=BUILD_TIMEOUT_S,
-    )
-    assert result.returncode == 0, f"build-deb failed:\n{result.stderr[-6000:]}"
-    built = Path(result.stdout.strip().splitlines()[-1])
-    return {"current": built, "newer": _repack_with_version(built, UPGRADE_VERSION, out)}
-
-
-def _repack_with_version(deb: Path, version: str, out: Path) -> Path:
-    """A copy of deb whose control file says version: what an upgrade looks like to dpkg."""
-    tree = out / f"tree-{version}"
-    subprocess.run(["dpkg-deb", "--raw-extract", str(deb), str(tree)], check=True, timeout=60)
-    control = tree / "DEBIAN" / "control"
-    lines = control.read_text().splitlines()
-    control.write_text(
-        "".join(f"Version: {version}\n" if ln.startswith("Version:") else ln + "\n" for ln in lines)
-    )
-    newer = out / f"epolld_{version}_all.deb"
-    subprocess.run(
-        ["dpkg-deb", "--root-owner-group", "--build", str(tree), str(newer)],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    return newer
+    built = build_deb(out)
+    return {"current": built, "newer": repack_with_version(built, UPGRADE_VERSION, out)}
