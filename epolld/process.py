@@ -117,6 +117,9 @@ class ProcessShell:
         try:
             self.reactor.run(started=self._started)
             if not self.handed_over:
+                # The endpoint answered /readyz with 503 through the drain; it closes before
+                # the last line, so that shutdown_complete stays the last thing logged.
+                self._stop_metrics()
                 log.info("shutdown_complete", **self.stats())
         finally:
             if self.handed_over:
