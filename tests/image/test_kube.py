@@ -131,12 +131,20 @@ def test_health_endpoints_answer_then_readyz_fails_while_draining(
     assert http_get(container.address, port, "/healthz")[0] == 200
     assert http_get(container.address, port, "/readyz")[0] == 200
     client = connect(container.address)
+    # podman stop, as a kubelet stops a pod's container: a bare SIGTERM would let the pod's
+    # restartPolicy start it again at once, racing `podman wait`.
+    stopper = threading.Thread(
+        target=podman,
+        args=("stop", "--time", str(kube.grace_period_s()), container.name),
+        kwargs={"timeout": kube.grace_period_s() + 60},
+    )
     try:
         assert round_trip(client, b"ping") == b"ping"
-        container.kill("TERM")
+        stopper.start()
         container.wait_for_log("shutdown_started")
         assert http_get(container.address, port, "/readyz")[0] == 503
         assert finish(client) == b""
     finally:
         client.close()
+        stopper.join(kube.grace_period_s() + 60)
     assert container.exit_code() == 0
