@@ -258,6 +258,9 @@ def test_interrupt_exits_130_without_traceback() -> None:
             proc.stdin.flush()
             assert sink.first_bytes.wait(RUN_TIMEOUT_S)  # the client now waits for the echo
             proc.send_signal(signal.SIGINT)
+            # Wait before reading: communicate() would close stdin at once, and a client
+            # that sees EOF there before the signal half-closes, and the sink then closes.
+            proc.wait(RUN_TIMEOUT_S)
             out, err = proc.communicate(timeout=RUN_TIMEOUT_S)
         finally:
             if proc.poll() is None:
