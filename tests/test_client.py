@@ -251,6 +251,9 @@ def test_interrupt_exits_130_without_traceback() -> None:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
+            # A shell's background job (a CI script's `&`) inherits SIGINT ignored, and a
+            # Python started so never installs its KeyboardInterrupt handler: restore it.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         try:
             assert proc.stdin is not None
