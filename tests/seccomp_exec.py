@@ -37,13 +37,14 @@ class SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 
-def program(arch: int, numbers: list[int], code: int) -> bytes:
-    """seccomp_data: nr at offset 0, arch at 4. Other architectures pass untouched."""
+def program(arch: int, numbers: list[int], action: int) -> bytes:
+    """seccomp_data: nr at offset 0, arch at 4. The calls named get action (an errno, a
+    notification: seccomp_notify.py); other calls and architectures pass untouched."""
     n = len(numbers)
     insns = [(BPF_LD_W_ABS, 0, 0, 4), (BPF_JEQ_K, 0, n + 1, arch), (BPF_LD_W_ABS, 0, 0, 0)]
     for i, number in enumerate(numbers):  # a match jumps to the last instruction: deny
         insns.append((BPF_JEQ_K, n - i, 0, number))
-    insns += [(BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW), (BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | code)]
+    insns += [(BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW), (BPF_RET_K, 0, 0, action)]
     return b"".join(struct.pack("HBBI", *insn) for insn in insns)
 
 
@@ -56,7 +57,7 @@ def main() -> None:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     arch, table = ARCHES[platform.machine()]
     code = getattr(errno, args.errno)
-    raw = program(arch, [table[name] for name in args.deny.split(",")], code)
+    raw = program(arch, [table[name] for name in args.deny.split(",")], SECCOMP_RET_ERRNO | code)
     buffer = ctypes.create_string_buffer(raw, len(raw))
     fprog = SockFprog(len(raw) // 8, ctypes.addressof(buffer))
     libc = ctypes.CDLL(None, use_errno=True)
