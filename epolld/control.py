@@ -28,10 +28,10 @@ from typing import Any
 import structlog
 
 from epolld.config import ListenAddress
-from epolld.core.loop import CLOSE, Reactor, Timer
+from epolld.core.loop import CLOSE, Handler, Reactor
 from epolld.errors import BindError, EpolldError
 from epolld.listening import sockets
-from epolld.listening.endpoint import Endpoint
+from epolld.listening.endpoint import Endpoint, EndpointClient
 from epolld.listening.sockets import Listener
 
 log = structlog.get_logger("epolld")
@@ -86,30 +86,24 @@ class ControlEndpoint(Endpoint):
         self.attach(ControlClient(sock, self._reactor, self._act, self.forget))
 
 
-class ControlClient:
+class ControlClient(EndpointClient):
     """One client: read its command line, answer it, close."""
 
-    __slots__ = ("_act", "_buffer", "_deadline", "_forget", "_out", "_reactor", "active_at",
-                 "fd", "mask", "sock")  # fmt: skip
+    __slots__ = ("_act", "_buffer", "_out")
+
+    timeout_s = CLIENT_TIMEOUT_S
 
     def __init__(
         self,
         sock: socket.socket,
         reactor: Reactor,
         act: Act,
-        forget: Callable[[ControlClient], None],
+        forget: Callable[[Handler], None],
     ) -> None:
-        sock.setblocking(False)
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.mask = select.EPOLLIN
-        self.active_at = reactor.now
-        self._reactor = reactor
+        super().__init__(sock, reactor, forget)
         self._act = act
-        self._forget = forget
         self._buffer = b""
         self._out = b""
-        self._deadline: Timer | None = reactor.call_later(CLIENT_TIMEOUT_S, self._expire)
 
     def on_event(self, events: int) -> int:
         if not self._out:
@@ -142,17 +136,6 @@ class ControlClient:
         else:
             reply = {"ok": True, **self._act(command)}
         return json.dumps(reply).encode() + b"\n"
-
-    def _expire(self) -> None:
-        self._deadline = None
-        self._reactor.close(self)
-
-    def close(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
-        self.sock.close()
-        self._forget(self)
 
 
 def bind(path: str) -> Listener:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from epolld import control
 from tests import seccomp_notify
 from tests.epolld_process import WAIT_S, Daemon, write_config
 from tests.traffic import connect, recv_until_eof, roundtrip
@@ -84,6 +85,24 @@ def test_endpoints_pause_out_of_descriptors_and_answer_after(daemon: Daemon) -> 
     # Each endpoint retries every ACCEPT_RETRY_S: a few dozen wakeups a second at most,
     # not a level-triggered spin (NOTES.md: 381,189 a second).
     assert cpu_used < 0.2, f"{cpu_used:.2f} s of CPU in 1 s while out of descriptors"
+
+
+def test_a_silent_control_client_is_closed_at_its_deadline(daemon: Daemon) -> None:
+    """A control client that sends no command is closed after CLIENT_TIMEOUT_S, unanswered,
+    and the socket still answers the next one."""
+    path = daemon.wait_for("control_listening")[0]["address"].removeprefix("unix:")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as silent:
+        silent.settimeout(WAIT_S)
+        silent.connect(path)
+        started = time.monotonic()
+        assert recv_until_eof(silent) == b""
+        waited = time.monotonic() - started
+    assert control.CLIENT_TIMEOUT_S - 0.1 <= waited < WAIT_S
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.settimeout(WAIT_S)
+        client.connect(path)
+        client.sendall(b"status\n")
+        assert json.loads(recv_until_eof(client))["ok"] is True
 
 
 def _listening_inode(port: int) -> str:

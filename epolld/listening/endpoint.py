@@ -10,7 +10,8 @@ reactor for ACCEPT_RETRY_S, as the echo listeners do (service/admission.py). A c
 that died in the backlog (ECONNABORTED, EPROTO; EPERM from a firewall) is skipped.
 
 A subclass answers each accepted socket (`serve`); a client that outlives the accept is
-attached (`attach`) so that close() closes it with the listener.
+an EndpointClient (its socket, its deadline), attached (`attach`) so that close() closes
+it with the listener.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from __future__ import annotations
 import errno
 import select
 import socket
+from collections.abc import Callable
 from typing import ClassVar
 
 import structlog
 
-from epolld.core.loop import Handler, Reactor
+from epolld.core.loop import Handler, Reactor, Timer
 from epolld.listening.sockets import Listener
 
 log = structlog.get_logger("epolld")
@@ -121,3 +123,51 @@ class Endpoint:
         if self._paused and not self._closed:
             self._paused = False
             self._reactor.add(self.listener)
+
+
+class EndpointClient:
+    """One client of an Endpoint, as a reactor handler: its non-blocking socket, a deadline
+    that closes it (`timeout_s` from the accept or the last `rearm()`), and its endpoint
+    forgets it at close. A subclass reads and answers in on_event().
+
+    Args:
+        sock: the accepted socket; the client owns it from now on.
+        reactor: the daemon's reactor (the endpoint registers the client there).
+        forget: the endpoint's forget(), called at close.
+    """
+
+    __slots__ = ("_deadline", "_forget", "_reactor", "active_at", "fd", "mask", "sock")
+
+    timeout_s: ClassVar[float] = 5.0
+
+    def __init__(
+        self, sock: socket.socket, reactor: Reactor, forget: Callable[[Handler], None]
+    ) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.mask = select.EPOLLIN
+        self.active_at = reactor.now
+        self._reactor = reactor
+        self._forget = forget
+        self._deadline: Timer | None = reactor.call_later(self.timeout_s, self._expire)
+
+    def on_event(self, events: int) -> int:
+        raise NotImplementedError
+
+    def rearm(self) -> None:
+        """Give the client timeout_s again from now (an answer went out)."""
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._deadline = self._reactor.call_later(self.timeout_s, self._expire)
+
+    def _expire(self) -> None:
+        self._deadline = None
+        self._reactor.close(self)
+
+    def close(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        self.sock.close()
+        self._forget(self)

@@ -33,10 +33,10 @@ from prometheus_client.utils import floatToGoString
 from epolld import __version__
 from epolld.config import ListenAddress
 from epolld.core.counters import DURATION_BUCKETS_S, Snapshot
-from epolld.core.loop import CLOSE, Reactor, Timer
+from epolld.core.loop import CLOSE, Handler, Reactor
 from epolld.errors import BindError
 from epolld.listening import sockets
-from epolld.listening.endpoint import Endpoint
+from epolld.listening.endpoint import Endpoint, EndpointClient
 from epolld.listening.sockets import Listener
 from epolld.observability import health
 from epolld.observability.http11 import HttpConversation, Reply, Request
@@ -360,7 +360,7 @@ class MetricsEndpoint(Endpoint):
             self._refused_logged_at = now
 
 
-class MetricsClient:
+class MetricsClient(EndpointClient):
     """One HTTP client of the metrics endpoint, as a reactor handler.
 
     Level-triggered: one recv() per event while a request is wanted, one send() per event
@@ -369,26 +369,20 @@ class MetricsClient:
     the previous answer, or the client is closed.
     """
 
-    __slots__ = ("_answered", "_conv", "_deadline", "_forget", "_reactor", "active_at", "fd",
-                 "mask", "sock")  # fmt: skip
+    __slots__ = ("_answered", "_conv")
+
+    timeout_s = REQUEST_TIMEOUT_S
 
     def __init__(
         self,
         sock: socket.socket,
         reactor: Reactor,
         app: MetricsApp,
-        forget: Callable[[MetricsClient], None],
+        forget: Callable[[Handler], None],
     ) -> None:
-        sock.setblocking(False)
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.mask = EPOLLIN
-        self.active_at = reactor.now
-        self._reactor = reactor
-        self._forget = forget
+        super().__init__(sock, reactor, forget)
         self._conv = HttpConversation(app.respond)
         self._answered = 0
-        self._deadline: Timer | None = reactor.call_later(REQUEST_TIMEOUT_S, self._expire)
 
     def __repr__(self) -> str:
         return f"<MetricsClient fd={self.fd} {self._conv!r}>"
@@ -412,27 +406,14 @@ class MetricsClient:
                 return CLOSE
         if conv.responses != self._answered and not conv.output:
             self._answered = conv.responses
-            self._rearm()
+            self.rearm()
         if conv.output:
             return EPOLLOUT
         return CLOSE if conv.closing else EPOLLIN
 
-    def _rearm(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-        self._deadline = self._reactor.call_later(REQUEST_TIMEOUT_S, self._expire)
-
     def _expire(self) -> None:
-        self._deadline = None
         log.debug("metrics_client_timeout", fd=self.fd, timeout_s=REQUEST_TIMEOUT_S)
-        self._reactor.close(self)
-
-    def close(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
-        self.sock.close()
-        self._forget(self)
+        super()._expire()
 
 
 def bind(address: ListenAddress) -> Listener:
