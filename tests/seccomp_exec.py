@@ -48,6 +48,17 @@ def program(arch: int, numbers: list[int], action: int) -> bytes:
     return b"".join(struct.pack("HBBI", *insn) for insn in insns)
 
 
+def libc_without_new_privs() -> ctypes.CDLL:
+    """libc, once prctl(PR_SET_NO_NEW_PRIVS) is set: what installing a filter requires
+    (without CAP_SYS_ADMIN), and no exec'd program can gain privileges past it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong,
+                           ctypes.c_ulong]  # fmt: skip
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, None, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+    return libc
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--deny", required=True, help="system call names, comma-separated")
@@ -60,11 +71,7 @@ def main() -> None:
     raw = program(arch, [table[name] for name in args.deny.split(",")], SECCOMP_RET_ERRNO | code)
     buffer = ctypes.create_string_buffer(raw, len(raw))
     fprog = SockFprog(len(raw) // 8, ctypes.addressof(buffer))
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong,
-                           ctypes.c_ulong]  # fmt: skip
-    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, None, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+    libc = libc_without_new_privs()
     if libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_SECCOMP)")
     sys.stdout.flush()

@@ -25,7 +25,7 @@ import sys
 import threading
 from collections.abc import Callable
 
-from tests.seccomp_exec import ARCHES, PR_SET_NO_NEW_PRIVS, SockFprog, program
+from tests.seccomp_exec import ARCHES, SockFprog, libc_without_new_privs, program
 
 # {machine: (seccomp(2)'s number, {name: number})}: asm/unistd*.h.
 SYSCALLS = {
@@ -118,11 +118,7 @@ def main() -> None:
     raw = program(ARCHES[machine][0], numbers, SECCOMP_RET_USER_NOTIF)
     buffer = ctypes.create_string_buffer(raw, len(raw))
     fprog = SockFprog(len(raw) // 8, ctypes.addressof(buffer))
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong,
-                           ctypes.c_ulong]  # fmt: skip
-    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, None, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+    libc = libc_without_new_privs()
     libc.syscall.restype = ctypes.c_long
     notify_fd = libc.syscall(
         ctypes.c_long(seccomp_nr),
