@@ -83,7 +83,7 @@ def test_endpoints_pause_out_of_descriptors_and_answer_after(daemon: Daemon) -> 
         assert recv_until_eof(metrics).startswith(b"HTTP/1.1 200 ")
         assert json.loads(recv_until_eof(control))["ok"] is True
     # Each endpoint retries every ACCEPT_RETRY_S: a few dozen wakeups a second at most,
-    # not a level-triggered spin (NOTES.md: 381,189 a second).
+    # not a level-triggered spin (381,189 a second, measured).
     assert cpu_used < 0.2, f"{cpu_used:.2f} s of CPU in 1 s while out of descriptors"
 
 

@@ -5,7 +5,7 @@ Each is level-triggered whatever `trigger` says (little traffic). An event only 
 accept for after the batch (see loop.py on fd reuse); accepting then takes at most
 `accept_per_event` connections, so one wakeup does bounded work, and the rest are reported
 again next turn. Out of descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM) a
-level-triggered listener would spin (NOTES.md: 381,189 wakeups in 1 s), so it leaves the
+level-triggered listener would spin (381,189 wakeups in 1 s, measured), so it leaves the
 reactor for ACCEPT_RETRY_S, as the echo listeners do (service/admission.py). A connection
 that died in the backlog (ECONNABORTED, EPROTO; EPERM from a firewall) is skipped.
 
