@@ -5,74 +5,37 @@ Usage: bench/callgrind_rt.py [--trigger level|edge] [--io copy|splice] [--tls] [
 
 The daemon runs under `valgrind --tool=callgrind` (one process, its own session) while a
 client on one loopback connection does SHORT then LONG round trips of 1 KiB; each run's
-total instruction count (the `summary:` line) includes start-up and shutdown, so the
-figure is the difference of two runs divided by the difference of their round trips:
-start-up, imports and shutdown cancel out. Deterministic to a fraction of a percent,
-unlike CPU time on this noisy 2-core machine. --src runs another checkout's epolld
-(PYTHONPATH) with the same interpreter, for a before/after pair. --tls serves TLS 1.3
-(a self-signed ECDSA P-256 certificate made in the temporary directory) to a Python ssl
-client: the handshake is in both runs and cancels out; the client is not counted.
+total instruction count includes start-up and shutdown, so the figure is the difference
+of two runs divided by the difference of their round trips (callgrind_harness.py).
+--src runs another checkout's epolld (PYTHONPATH) with the same interpreter, for a
+before/after pair. --tls serves TLS 1.3 (a self-signed ECDSA P-256 certificate made in the
+temporary directory) to a Python ssl client: the handshake is in both runs and cancels
+out; the client is not counted.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import signal
 import socket
 import ssl
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
+
+from callgrind_harness import run_daemon  # bench/, first on sys.path when run as a script
 
 SHORT, LONG = 2_000, 12_000
 MESSAGE = bytes(range(256)) * 4  # 1 KiB
 
 
 def run_once(round_trips: int, trigger: str, io: str, src: Path, tmp: Path, tls: bool) -> int:
-    cfg = tmp / "epolld.yaml"
     listen = '["127.0.0.1:0"]'
     if tls:
         listen = '[{address: "127.0.0.1:0", tls: true}]'
         listen += f'\ntls: {{certificate: "{tmp / "cert.pem"}", key: "{tmp / "key.pem"}"}}'
-    cfg.write_text(
-        f"listen: {listen}\ntrigger: {trigger}\nio: {io}\n"
-        "logging: {level: info, format: json}\nwatchdog: false\nstats_interval: 0s\n"
-    )
-    out = tmp / f"callgrind.{round_trips}"
-    env = {**os.environ, "PYTHONPATH": str(src)}
-    env.pop("NOTIFY_SOCKET", None)
-    proc = subprocess.Popen(
-        [
-            "valgrind",
-            "--tool=callgrind",
-            f"--callgrind-out-file={out}",
-            sys.executable,
-            "-m",
-            "epolld",
-            "--config",
-            str(cfg),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        env=env,
-        start_new_session=True,
-        cwd=tmp,  # -m puts the working directory first on sys.path, before PYTHONPATH
-    )
-    try:
-        assert proc.stdout is not None
-        deadline = time.monotonic() + 120
-        port = 0
-        while not port and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                raise SystemExit("epolld exited before listening")
-            record = json.loads(line)
-            if record.get("event") == "listening":
-                port = int(record["address"].rsplit(":", 1)[1])
+    config = f"listen: {listen}\ntrigger: {trigger}\nio: {io}\n"
+
+    def exercise(port: int) -> None:
         with socket.create_connection(("127.0.0.1", port), timeout=60) as plain:
             plain.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock = _client_tls().wrap_socket(plain) if tls else plain
@@ -84,16 +47,8 @@ def run_once(round_trips: int, trigger: str, io: str, src: Path, tmp: Path, tls:
                     if not chunk:
                         raise SystemExit("connection closed early")
                     got += len(chunk)
-        os.kill(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    for line in out.read_text(errors="replace").splitlines():
-        if line.startswith("summary:") or line.startswith("totals:"):
-            return int(line.split()[1])
-    raise SystemExit(f"no summary line in {out}")
+
+    return run_daemon(config, tmp, str(round_trips), src, exercise)
 
 
 def _client_tls() -> ssl.SSLContext:

@@ -18,15 +18,12 @@ recvfrom and one sendto per datagram, for a before/after pair in one checkout.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from callgrind_harness import run_daemon  # bench/, first on sys.path when run as a script
 
 SHORT, LONG = 1_024, 5_120  # datagrams; multiples of every batch size asked for
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,39 +36,14 @@ LIMITS = {
 
 
 def run_once(datagrams: int, args: argparse.Namespace, tmp: Path) -> int:
-    cfg = tmp / "epolld.yaml"
-    cfg.write_text(
-        f'listen: ["udp:127.0.0.1:0"]\ntrigger: {args.trigger}\n{LIMITS[args.limits]}\n'
-        "logging: {level: info, format: json}\nwatchdog: false\nstats_interval: 0s\n"
-    )
-    out = tmp / f"callgrind.{datagrams}"
-    env = {**os.environ, "PYTHONPATH": str(args.src)}
-    env.pop("NOTIFY_SOCKET", None)
+    config = f'listen: ["udp:127.0.0.1:0"]\ntrigger: {args.trigger}\n{LIMITS[args.limits]}\n'
     prefix = []
     if args.single:
         prefix = [sys.executable, str(ROOT / "tests" / "seccomp_exec.py"),
                   "--deny", "recvmmsg,sendmmsg", "--errno", "EPERM", "--"]  # fmt: skip
-    valgrind = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
-    proc = subprocess.Popen(
-        [*prefix, *valgrind, sys.executable, "-m", "epolld", "--config", str(cfg)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        env=env,
-        start_new_session=True,
-        cwd=tmp,  # -m puts the working directory first on sys.path, before PYTHONPATH
-    )
-    try:
-        assert proc.stdout is not None
-        deadline = time.monotonic() + 120
-        port = 0
-        while not port and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                raise SystemExit("epolld exited before listening")
-            record = json.loads(line)
-            if record.get("event") == "listening":
-                port = int(record["address"].rsplit(":", 1)[1])
-        payload = bytes(range(256)) * (args.size // 256) + bytes(args.size % 256)
+    payload = bytes(range(256)) * (args.size // 256) + bytes(args.size % 256)
+
+    def exercise(port: int) -> None:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
             sock.connect(("127.0.0.1", port))
@@ -82,16 +54,8 @@ def run_once(datagrams: int, args: argparse.Namespace, tmp: Path) -> int:
                 for _ in range(args.batch):
                     if sock.recv(65536) != payload:
                         raise SystemExit("a reply differs from its datagram")
-        os.kill(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    for line in out.read_text(errors="replace").splitlines():
-        if line.startswith("summary:") or line.startswith("totals:"):
-            return int(line.split()[1])
-    raise SystemExit(f"no summary line in {out}")
+
+    return run_daemon(config, tmp, str(datagrams), args.src, exercise, prefix)
 
 
 def main() -> int:

@@ -23,6 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from callgrind_harness import instructions  # bench/, first on sys.path as a script
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -89,8 +91,7 @@ def main() -> int:
              *(["--single"] if args.single else [])],
             check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=1800,
         )  # fmt: skip
-        total = next(int(line.split()[1]) for line in out.read_text().splitlines()
-                     if line.startswith(("summary:", "totals:")))  # fmt: skip
+        total = instructions(out)
     path = "recvfrom/sendto" if args.single else "recvmmsg/sendmmsg"
     per = total / (args.batch * args.rounds)
     print(f"{path} batch={args.batch} limits={args.limits}: {per:,.0f} instructions per datagram")

@@ -28,9 +28,10 @@ from typing import Any
 import structlog
 
 from epolld.config import ListenAddress
-from epolld.core.loop import CLOSE, Reactor, Timer
+from epolld.core.loop import CLOSE, Handler, Reactor
 from epolld.errors import BindError, EpolldError
 from epolld.listening import sockets
+from epolld.listening.endpoint import Endpoint, EndpointClient
 from epolld.listening.sockets import Listener
 
 log = structlog.get_logger("epolld")
@@ -41,7 +42,6 @@ DEFAULT_SYSTEMD_PATH = "/run/epolld/control.sock"  # the packaged unit's Runtime
 MAX_LINE_BYTES = 256
 CLIENT_TIMEOUT_S = 2.0  # for the command line to arrive
 MAX_CLIENTS = 8
-ACCEPT_PER_EVENT = 16
 _UCRED = struct.Struct("3i")  # pid, uid, gid: struct ucred (socket(7), SO_PEERCRED)
 
 Act = Callable[[str], dict[str, Any]]
@@ -59,8 +59,9 @@ def peer_uid(sock: socket.socket) -> int:
     return int(_UCRED.unpack(data)[1])
 
 
-class ControlEndpoint:
-    """The control socket on the daemon's reactor, and its clients.
+class ControlEndpoint(Endpoint):
+    """The control socket on the daemon's reactor, and its clients (listening/endpoint.py
+    accepts).
 
     Args:
         reactor: the daemon's reactor.
@@ -68,74 +69,41 @@ class ControlEndpoint:
         act: runs a command, returns the answer (the process's `control()`).
     """
 
+    accept_per_event = 16
+    paused_event = "control_accept_paused"
+    failed_event = "control_accept_failed"
+
     def __init__(self, reactor: Reactor, listener: Listener, act: Act) -> None:
-        self.listener = listener
-        self._reactor = reactor
         self._act = act
-        self._clients: set[ControlClient] = set()
-        self._accept_pending = False
-        listener.mask = select.EPOLLIN
-        listener.on_ready = self._ready
-        reactor.add(listener)
+        super().__init__(reactor, listener)
 
-    def __repr__(self) -> str:
-        return f"<ControlEndpoint {self.listener.name} clients={len(self._clients)}>"
-
-    def close(self) -> None:
-        """Close the socket (its file removed) and every client."""
-        for client in list(self._clients):
-            self._reactor.close(client)
-        self._reactor.close(self.listener)
-
-    def _ready(self, listener: Listener) -> None:
-        if not self._accept_pending:
-            self._accept_pending = True
-            self._reactor.call_soon(self._accept)
-
-    def _accept(self) -> None:
-        self._accept_pending = False
-        for _ in range(ACCEPT_PER_EVENT):
-            try:
-                sock, _ = self.listener.sock.accept()
-            except BlockingIOError:
-                return
-            except OSError as e:
-                log.warning("control_accept_failed", error=str(e))
-                return
-            uid = peer_uid(sock)
-            if uid not in (0, os.geteuid()) or len(self._clients) >= MAX_CLIENTS:
-                log.warning("control_refused", uid=uid, clients=len(self._clients))
-                sock.close()
-                continue
-            client = ControlClient(sock, self._reactor, self._act, self._clients.discard)
-            self._clients.add(client)
-            self._reactor.add(client)
+    def serve(self, sock: socket.socket) -> None:
+        uid = peer_uid(sock)
+        if uid not in (0, os.geteuid()) or self.clients >= MAX_CLIENTS:
+            log.warning("control_refused", uid=uid, clients=self.clients)
+            sock.close()
+            return
+        self.attach(ControlClient(sock, self._reactor, self._act, self.forget))
 
 
-class ControlClient:
+class ControlClient(EndpointClient):
     """One client: read its command line, answer it, close."""
 
-    __slots__ = ("_act", "_buffer", "_deadline", "_forget", "_out", "_reactor", "active_at",
-                 "fd", "mask", "sock")  # fmt: skip
+    __slots__ = ("_act", "_buffer", "_out")
+
+    timeout_s = CLIENT_TIMEOUT_S
 
     def __init__(
         self,
         sock: socket.socket,
         reactor: Reactor,
         act: Act,
-        forget: Callable[[ControlClient], None],
+        forget: Callable[[Handler], None],
     ) -> None:
-        sock.setblocking(False)
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.mask = select.EPOLLIN
-        self.active_at = reactor.now
-        self._reactor = reactor
+        super().__init__(sock, reactor, forget)
         self._act = act
-        self._forget = forget
         self._buffer = b""
         self._out = b""
-        self._deadline: Timer | None = reactor.call_later(CLIENT_TIMEOUT_S, self._expire)
 
     def on_event(self, events: int) -> int:
         if not self._out:
@@ -168,17 +136,6 @@ class ControlClient:
         else:
             reply = {"ok": True, **self._act(command)}
         return json.dumps(reply).encode() + b"\n"
-
-    def _expire(self) -> None:
-        self._deadline = None
-        self._reactor.close(self)
-
-    def close(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
-        self.sock.close()
-        self._forget(self)
 
 
 def bind(path: str) -> Listener:

@@ -37,14 +37,26 @@ class SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 
-def program(arch: int, numbers: list[int], code: int) -> bytes:
-    """seccomp_data: nr at offset 0, arch at 4. Other architectures pass untouched."""
+def program(arch: int, numbers: list[int], action: int) -> bytes:
+    """seccomp_data: nr at offset 0, arch at 4. The calls named get action (an errno, a
+    notification: seccomp_notify.py); other calls and architectures pass untouched."""
     n = len(numbers)
     insns = [(BPF_LD_W_ABS, 0, 0, 4), (BPF_JEQ_K, 0, n + 1, arch), (BPF_LD_W_ABS, 0, 0, 0)]
     for i, number in enumerate(numbers):  # a match jumps to the last instruction: deny
         insns.append((BPF_JEQ_K, n - i, 0, number))
-    insns += [(BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW), (BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | code)]
+    insns += [(BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW), (BPF_RET_K, 0, 0, action)]
     return b"".join(struct.pack("HBBI", *insn) for insn in insns)
+
+
+def libc_without_new_privs() -> ctypes.CDLL:
+    """libc, once prctl(PR_SET_NO_NEW_PRIVS) is set: what installing a filter requires
+    (without CAP_SYS_ADMIN), and no exec'd program can gain privileges past it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong,
+                           ctypes.c_ulong]  # fmt: skip
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, None, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+    return libc
 
 
 def main() -> None:
@@ -56,14 +68,10 @@ def main() -> None:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     arch, table = ARCHES[platform.machine()]
     code = getattr(errno, args.errno)
-    raw = program(arch, [table[name] for name in args.deny.split(",")], code)
+    raw = program(arch, [table[name] for name in args.deny.split(",")], SECCOMP_RET_ERRNO | code)
     buffer = ctypes.create_string_buffer(raw, len(raw))
     fprog = SockFprog(len(raw) // 8, ctypes.addressof(buffer))
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong,
-                           ctypes.c_ulong]  # fmt: skip
-    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, None, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+    libc = libc_without_new_privs()
     if libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_SECCOMP)")
     sys.stdout.flush()

@@ -15,11 +15,12 @@ from typing import Any
 from .paths import BENCH, BIN, GO_BUILD, ROOT, RUST_BUILD, TLS_CERT, TLS_DIR, TLS_KEY, VENV, VENV_PY
 
 C_PROGRAMS = ("loadgen", "echo_server", "udpgen", "udp_echo_server")
-# Go programs, the standard library only, each one file: its binary's name -> its source.
+# Go programs, the standard library only: its binary's name -> its source files, built as
+# one package main (the echo servers share servers/go/echoloop.go: accept and copy loops).
 GO_PROGRAMS = {
-    "tlsload": "tlsload.go",
-    "echo_tls": "servers/go/echo_tls.go",
-    "echo_go": "servers/go/echo.go",
+    "tlsload": ("tlsload.go",),
+    "echo_tls": ("servers/go/echo_tls.go", "servers/go/echoloop.go"),
+    "echo_go": ("servers/go/echo.go", "servers/go/echoloop.go"),
 }
 # The Rust programs: a cargo package under bench/servers/ -> its binary's name.
 RUST_PROGRAMS = {"echo_tokio": "servers/rust"}
@@ -88,10 +89,11 @@ def _build_go() -> None:
         "GOFLAGS": "",
         "CGO_ENABLED": "0",
     }
-    for name, source in GO_PROGRAMS.items():
-        src, exe = BENCH / source, BIN / name
-        if not exe.exists() or exe.stat().st_mtime < src.stat().st_mtime:
-            sh(["go", "build", "-o", str(exe), str(src)], env=env)
+    for name, files in GO_PROGRAMS.items():
+        sources, exe = [BENCH / f for f in files], BIN / name
+        if exe.exists() and all(exe.stat().st_mtime >= s.stat().st_mtime for s in sources):
+            continue
+        sh(["go", "build", "-o", str(exe), *map(str, sources)], env=env)
 
 
 def _build_rust() -> None:

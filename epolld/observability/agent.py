@@ -22,26 +22,18 @@ binds it again.
 from __future__ import annotations
 
 import contextlib
-import errno
 import math
-import select
 import socket
 from collections.abc import Callable
-
-import structlog
 
 from epolld.config import ListenAddress
 from epolld.core.loop import Reactor
 from epolld.errors import BindError
 from epolld.listening import sockets
+from epolld.listening.endpoint import Endpoint
 from epolld.listening.sockets import Listener
 
-log = structlog.get_logger("epolld")
-
-ACCEPT_PER_EVENT = 64  # bounded work per wakeup; the rest waits for the next
-ACCEPT_RETRY_S = 0.5  # after EMFILE & co., as for the echo listeners
 LISTEN_BACKLOG = 64
-RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 def answer(draining: bool, connections: int, capacity: int) -> str:
@@ -59,8 +51,9 @@ def answer(draining: bool, connections: int, capacity: int) -> str:
     return f"up ready {percent}%\n"
 
 
-class AgentEndpoint:
-    """The agent listener on the daemon's reactor: one line to each client, then close.
+class AgentEndpoint(Endpoint):
+    """The agent listener on the daemon's reactor: one line to each client, then close
+    (listening/endpoint.py accepts).
 
     Args:
         reactor: the daemon's reactor; the endpoint registers its listener there.
@@ -68,46 +61,15 @@ class AgentEndpoint:
         line: the line to write now (answer()).
     """
 
+    accept_per_event = 64
+    paused_event = "agent_accept_paused"
+    failed_event = "agent_accept_failed"
+
     def __init__(self, reactor: Reactor, listener: Listener, line: Callable[[], str]) -> None:
-        self.listener = listener
-        self._reactor = reactor
         self._line = line
-        self._accept_pending = False
-        self._paused = False
-        self._closed = False
-        listener.mask = select.EPOLLIN  # level-triggered: little traffic
-        listener.on_ready = self._ready
-        reactor.add(listener)
+        super().__init__(reactor, listener)
 
-    def __repr__(self) -> str:
-        return f"<AgentEndpoint {self.listener.name}>"
-
-    def close(self) -> None:
-        self._closed = True
-        self._reactor.close(self.listener)
-
-    def _ready(self, listener: Listener) -> None:
-        if not self._accept_pending:  # after the batch: see loop.py on fd reuse
-            self._accept_pending = True
-            self._reactor.call_soon(self._accept)
-
-    def _accept(self) -> None:
-        self._accept_pending = False
-        for _ in range(ACCEPT_PER_EVENT):
-            if self._closed or self._paused:
-                return
-            try:
-                sock, _ = self.listener.sock.accept()
-            except BlockingIOError:
-                return
-            except OSError as e:
-                if e.errno in RESOURCE_ERRNOS:
-                    self._pause(e)
-                    return
-                continue  # ECONNABORTED and the like: the next one
-            self._answer(sock)
-
-    def _answer(self, sock: socket.socket) -> None:
+    def serve(self, sock: socket.socket) -> None:
         line = self._line().encode()
         with sock, contextlib.suppress(OSError):  # a client gone already: nothing to tell
             sock.setblocking(False)
@@ -115,23 +77,6 @@ class AgentEndpoint:
                 sock.recv(1024)  # what HAProxy sent (agent-send): unread, close() resets
             sock.send(line)  # a few bytes into an empty send buffer
             sock.shutdown(socket.SHUT_WR)
-
-    def _pause(self, e: OSError) -> None:
-        """Out of descriptors or memory: a level-triggered listener would spin; wait."""
-        self._paused = True
-        self._reactor.remove(self.listener)
-        log.warning(
-            "agent_accept_paused",
-            address=self.listener.name,
-            error=errno.errorcode.get(e.errno or 0),
-            retry_s=ACCEPT_RETRY_S,
-        )
-        self._reactor.call_later(ACCEPT_RETRY_S, self._resume)
-
-    def _resume(self) -> None:
-        if self._paused and not self._closed:
-            self._paused = False
-            self._reactor.add(self.listener)
 
 
 def bind(address: ListenAddress) -> Listener:

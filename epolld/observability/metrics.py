@@ -13,7 +13,6 @@ http.server, threading), so the service imports it only when metrics.listen is s
 
 from __future__ import annotations
 
-import errno
 import html
 import select
 import socket
@@ -34,9 +33,10 @@ from prometheus_client.utils import floatToGoString
 from epolld import __version__
 from epolld.config import ListenAddress
 from epolld.core.counters import DURATION_BUCKETS_S, Snapshot
-from epolld.core.loop import CLOSE, Reactor, Timer
+from epolld.core.loop import CLOSE, Handler, Reactor
 from epolld.errors import BindError
 from epolld.listening import sockets
+from epolld.listening.endpoint import Endpoint, EndpointClient
 from epolld.listening.sockets import Listener
 from epolld.observability import health
 from epolld.observability.http11 import HttpConversation, Reply, Request
@@ -46,12 +46,8 @@ log = structlog.get_logger("epolld")
 MAX_CLIENTS = 16  # metrics clients at once; more are accepted and closed at once
 REQUEST_TIMEOUT_S = 5.0  # to receive and answer a request, from connect or the last answer
 RECV_BYTES = 16 * 1024  # per event: above the 8 KiB head limit, so one read can show it
-ACCEPT_PER_EVENT = MAX_CLIENTS + 4  # bounded work per wakeup; the rest waits for the next
 LISTEN_BACKLOG = MAX_CLIENTS
 REFUSED_WARNING_EVERY_S = 10.0
-ACCEPT_RETRY_S = 0.5  # after EMFILE & co., as for the echo listeners
-RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-ACCEPT_IGNORED_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 ALLOWED_METHODS = "GET, HEAD"
 EPOLLIN = select.EPOLLIN
 EPOLLOUT = select.EPOLLOUT
@@ -321,12 +317,11 @@ class MetricsApp:
 # --- how it is served -------------------------------------------------------------------
 
 
-class MetricsEndpoint:
-    """The metrics listener and its clients, on the daemon's reactor.
+class MetricsEndpoint(Endpoint):
+    """The metrics listener and its clients, on the daemon's reactor (listening/endpoint.py).
 
-    The listener is a sockets.Listener handler; an event only queues an accept for after
-    the batch (see loop.py on fd reuse). At most MAX_CLIENTS clients are served at once;
-    one more is accepted and closed at once, so that it does not wait in the backlog.
+    At most MAX_CLIENTS clients are served at once; one more is accepted and closed at
+    once, so that it does not wait in the backlog.
 
     Args:
         reactor: the daemon's reactor; the endpoint registers its handlers there.
@@ -334,81 +329,22 @@ class MetricsEndpoint:
         app: routes and renders requests.
     """
 
+    accept_per_event = MAX_CLIENTS + 4
+    paused_event = "metrics_accept_paused"
+    failed_event = "accept_failed"  # as the echo listeners' (journald.py has its message)
+
     def __init__(self, reactor: Reactor, listener: Listener, app: MetricsApp) -> None:
-        self.listener = listener
-        self._reactor = reactor
         self._app = app
-        self._clients: set[MetricsClient] = set()
-        self._accept_pending = False
-        self._paused = False
-        self._closed = False
         self._refused_unlogged = 0
         self._refused_logged_at = -REFUSED_WARNING_EVERY_S
-        listener.mask = EPOLLIN  # level-triggered whatever `trigger` says: little traffic
-        listener.on_ready = self._ready
-        reactor.add(listener)
+        super().__init__(reactor, listener)
 
-    def __repr__(self) -> str:
-        return f"<MetricsEndpoint {self.listener.name} clients={len(self._clients)}>"
-
-    @property
-    def clients(self) -> int:
-        return len(self._clients)
-
-    def close(self) -> None:
-        """Close the listener and every client (a reload removed or moved the endpoint)."""
-        self._closed = True
-        for client in list(self._clients):
-            self._reactor.close(client)
-        self._reactor.close(self.listener)  # unregistered already if paused: closed all the same
-
-    def _ready(self, listener: Listener) -> None:
-        if not self._accept_pending:
-            self._accept_pending = True
-            self._reactor.call_soon(self._accept)
-
-    def _accept(self) -> None:
-        self._accept_pending = False
-        for _ in range(ACCEPT_PER_EVENT):
-            if self._closed or self._paused:
-                return
-            try:
-                sock, _ = self.listener.sock.accept()
-            except BlockingIOError:
-                return
-            except OSError as e:
-                if e.errno in RESOURCE_ERRNOS:
-                    self._pause(e)
-                    return
-                if e.errno not in ACCEPT_IGNORED_ERRNOS:
-                    log.warning("accept_failed", address=self.listener.name, error=str(e))
-                    return
-                continue
-            if len(self._clients) >= MAX_CLIENTS:
-                sock.close()
-                self._count_refused()
-                continue
-            client = MetricsClient(sock, self._reactor, self._app, self._clients.discard)
-            self._clients.add(client)
-            self._reactor.add(client)
-        # Level-triggered: connections still waiting are reported again next turn.
-
-    def _pause(self, e: OSError) -> None:
-        """Out of descriptors or memory: a level-triggered listener would spin; wait."""
-        self._paused = True
-        self._reactor.remove(self.listener)
-        log.warning(
-            "metrics_accept_paused",
-            address=self.listener.name,
-            error=errno.errorcode.get(e.errno or 0),
-            retry_s=ACCEPT_RETRY_S,
-        )
-        self._reactor.call_later(ACCEPT_RETRY_S, self._resume)
-
-    def _resume(self) -> None:
-        if self._paused and not self._closed:
-            self._paused = False
-            self._reactor.add(self.listener)
+    def serve(self, sock: socket.socket) -> None:
+        if self.clients >= MAX_CLIENTS:
+            sock.close()
+            self._count_refused()
+            return
+        self.attach(MetricsClient(sock, self._reactor, self._app, self.forget))
 
     def _count_refused(self) -> None:
         self._refused_unlogged += 1
@@ -424,7 +360,7 @@ class MetricsEndpoint:
             self._refused_logged_at = now
 
 
-class MetricsClient:
+class MetricsClient(EndpointClient):
     """One HTTP client of the metrics endpoint, as a reactor handler.
 
     Level-triggered: one recv() per event while a request is wanted, one send() per event
@@ -433,26 +369,20 @@ class MetricsClient:
     the previous answer, or the client is closed.
     """
 
-    __slots__ = ("_answered", "_conv", "_deadline", "_forget", "_reactor", "active_at", "fd",
-                 "mask", "sock")  # fmt: skip
+    __slots__ = ("_answered", "_conv")
+
+    timeout_s = REQUEST_TIMEOUT_S
 
     def __init__(
         self,
         sock: socket.socket,
         reactor: Reactor,
         app: MetricsApp,
-        forget: Callable[[MetricsClient], None],
+        forget: Callable[[Handler], None],
     ) -> None:
-        sock.setblocking(False)
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.mask = EPOLLIN
-        self.active_at = reactor.now
-        self._reactor = reactor
-        self._forget = forget
+        super().__init__(sock, reactor, forget)
         self._conv = HttpConversation(app.respond)
         self._answered = 0
-        self._deadline: Timer | None = reactor.call_later(REQUEST_TIMEOUT_S, self._expire)
 
     def __repr__(self) -> str:
         return f"<MetricsClient fd={self.fd} {self._conv!r}>"
@@ -476,27 +406,14 @@ class MetricsClient:
                 return CLOSE
         if conv.responses != self._answered and not conv.output:
             self._answered = conv.responses
-            self._rearm()
+            self.rearm()
         if conv.output:
             return EPOLLOUT
         return CLOSE if conv.closing else EPOLLIN
 
-    def _rearm(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-        self._deadline = self._reactor.call_later(REQUEST_TIMEOUT_S, self._expire)
-
     def _expire(self) -> None:
-        self._deadline = None
         log.debug("metrics_client_timeout", fd=self.fd, timeout_s=REQUEST_TIMEOUT_S)
-        self._reactor.close(self)
-
-    def close(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
-        self.sock.close()
-        self._forget(self)
+        super()._expire()
 
 
 def bind(address: ListenAddress) -> Listener:

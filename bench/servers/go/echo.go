@@ -2,6 +2,8 @@
 // write: one goroutine per connection (the runtime's netpoller is epoll underneath), and for
 // --udp one goroutine reading datagrams with ReadFromUDP and writing each back with WriteToUDP.
 //
+// Built with echoloop.go (its accept and copy loops, shared with echo_tls.go).
+//
 // Usage: echo --port 0 [--backlog 511] [--udp]
 // Prints {"event": "listening", "address": "127.0.0.1:PORT"} ("udp:127.0.0.1:PORT") once bound.
 package main
@@ -11,8 +13,6 @@ import (
 	"fmt"
 	"log"
 	"net"
-	"os"
-	"time"
 )
 
 func main() {
@@ -30,38 +30,7 @@ func main() {
 		log.Fatal(err)
 	}
 	announce(ln.Addr().String())
-	for {
-		conn, err := ln.Accept()
-		if err != nil { // EMFILE and the like: wait a little, as net/http does
-			log.Print(err)
-			time.Sleep(10 * time.Millisecond)
-			continue
-		}
-		go echo(conn)
-	}
-}
-
-func announce(address string) {
-	fmt.Printf("{\"event\": \"listening\", \"address\": \"%s\"}\n", address)
-	os.Stdout.Sync()
-}
-
-// echo writes back what it reads until EOF or an error. The 16 KiB buffer is what
-// io.Copy would use at most (32 KiB) halved: a goroutine's buffer is its idle cost too.
-func echo(conn net.Conn) {
-	defer conn.Close()
-	buf := make([]byte, 16*1024)
-	for {
-		n, err := conn.Read(buf)
-		if n > 0 {
-			if _, werr := conn.Write(buf[:n]); werr != nil {
-				return
-			}
-		}
-		if err != nil {
-			return
-		}
-	}
+	serve(ln) // echoloop.go
 }
 
 // serveUDP sends each datagram back to its source; a full send buffer returns an error

@@ -1,6 +1,8 @@
 // echo_tls: a TLS echo server on Go's crypto/tls, one goroutine per connection, the
 // standard library only: the compiled baseline of the TLS workloads (bench/run --only tls).
 //
+// Built with echoloop.go (its accept and copy loops, shared with echo.go).
+//
 // Usage: echo_tls --port 0 --cert CERT.pem --key KEY.pem
 // Prints {"event": "listening", "address": "127.0.0.1:PORT"} once bound.
 package main
@@ -10,9 +12,6 @@ import (
 	"flag"
 	"fmt"
 	"log"
-	"net"
-	"os"
-	"time"
 )
 
 func main() {
@@ -30,32 +29,6 @@ func main() {
 	if err != nil {
 		log.Fatal(err)
 	}
-	fmt.Printf("{\"event\": \"listening\", \"address\": \"%s\"}\n", ln.Addr())
-	os.Stdout.Sync()
-	for {
-		conn, err := ln.Accept()
-		if err != nil { // EMFILE and the like: wait a little, as net/http does
-			log.Print(err)
-			time.Sleep(10 * time.Millisecond)
-			continue
-		}
-		go echo(conn)
-	}
-}
-
-// echo writes back what it reads until EOF or an error; the handshake runs on the first Read.
-func echo(conn net.Conn) {
-	defer conn.Close()
-	buf := make([]byte, 16*1024)
-	for {
-		n, err := conn.Read(buf)
-		if n > 0 {
-			if _, werr := conn.Write(buf[:n]); werr != nil {
-				return
-			}
-		}
-		if err != nil {
-			return
-		}
-	}
+	announce(ln.Addr().String())
+	serve(ln) // echoloop.go
 }
