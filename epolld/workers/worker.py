@@ -253,6 +253,7 @@ def run(
 
     notifier = WorkerNotifier(link)
     service = EchoService(config, listeners, notifier, reload=reload_source, handoff_signal=False)
+    service.handoff.exits_at_once = True  # _spawn's os._exit() follows run()
     if inherited:
         received_at = handoff.now_monotonic()
         state, _ = handoff.take_state(inherited)
