@@ -18,6 +18,7 @@ from epolld.core.loop import Reactor
 from epolld.listening.listener_set import ListenerSet
 from epolld.listening.sockets import Listener
 from epolld.process import log_handoff_complete
+from epolld.service import over_limit
 from epolld.service.admission import Admission
 from epolld.service.proxied import Proxied
 from epolld.service.report import Report
@@ -97,14 +98,18 @@ class Handoff:
 
     # -- out -----------------------------------------------------------------------
 
-    def hand_over(self, destination: handoff.Destination, *, listeners_travel: bool) -> bool:
+    def hand_over(
+        self, destination: handoff.Destination, *, listeners_travel: bool, processes: int = 1
+    ) -> bool:
         """Stop accepting, write every handler's record and send every descriptor to
         destination (systemd's store, a re-exec, a worker's supervisor). True once
         delivered: the caller then stops the loop and lets go of its copies.
 
         Until the point of no return nothing is closed: a failure logs handoff_failed and
         the service goes on as before (False). Listeners stay behind when they are not
-        this process's to hand over (a worker's belong to its supervisor).
+        this process's to hand over (a worker's belong to its supervisor). Client
+        connections past this process's share (one of `processes`) of what the user may
+        have in flight stay behind and are closed with a FIN (over_limit.py).
         """
         signal_at = handoff.now_monotonic()
         steps: dict[str, float] = {}
@@ -118,7 +123,18 @@ class Handoff:
         # The agent and control sockets are bound again by the next process.
         staying.update(id(x) for x in self._process.endpoint_listeners())
         proxies = self._proxied.proxies
-        for source in [*admission.listeners, *self.reactor.handlers(), *self.sources]:
+        # Every other handler first: their descriptors must all travel. Then the client
+        # connections, which may stay behind (over_limit.py); out.optional_from marks it.
+        handlers = self.reactor.handlers()
+        clients = [h for h in handlers if isinstance(h, Connection)]
+        others = [h for h in handlers if not isinstance(h, Connection)]
+        budget = over_limit.budget(processes)
+        behind: list[Connection] = []
+        by_record: dict[int, Connection] = {}
+        required = [*admission.listeners, *others, *self.sources]
+        for position, source in enumerate([*required, *clients]):
+            if position == len(required):
+                out.optional_from = out.mark()
             contribute = getattr(source, "handoff_state", None)
             if id(source) in staying:
                 continue
@@ -128,12 +144,25 @@ class Handoff:
                 if record is not None:
                     out.add({**record, "kind": "metrics_listener"})
             elif contribute is not None:
-                record = contribute(out)
+                mark = out.mark()
+                record = contribute(out)  # called anyway: a TLS one says goodbye here
+                if (
+                    budget is not None
+                    and record is not None
+                    and len(out.fds) > budget
+                    and isinstance(source, Connection)
+                    and mark >= out.required
+                ):
+                    out.rewind(mark)
+                    behind.append(source)
+                    continue
                 if proxies and record is not None:  # a proxied client: the proxy's address
                     proxy = proxies.get(getattr(source, "fd", -1))
                     if proxy:
                         record = {**record, "proxy": proxy}
                 out.add(record)
+                if record is not None and isinstance(source, Connection):
+                    by_record[id(out.records[-1])] = source
             else:
                 kind = type(source).__name__
                 left_behind[kind] = left_behind.get(kind, 0) + 1
@@ -162,7 +191,7 @@ class Handoff:
             },
         }
         try:
-            handoff.send(out, meta, destination, steps)
+            transport = handoff.send(out, meta, destination, steps)
         except handoff.HandoffError as e:
             for listener in admission.listeners:
                 admission.reregister(listener)
@@ -171,6 +200,15 @@ class Handoff:
             if not self._notifier.enabled:
                 self._notifier.status(f"handoff failed, still serving: {e}")
             return False
+        behind += [by_record[id(r)] for r in transport.left_behind if id(r) in by_record]
+        if behind:
+            reason = (
+                "the kernel refused more descriptors in flight (ETOOMANYREFS)"
+                if transport.left_behind
+                else f"this process's share of the descriptors its user may have in flight: "
+                f"{budget}"
+            )
+            over_limit.close(behind, budget, reason)
         return True
 
     def _listener_handlers(self) -> list[object]:

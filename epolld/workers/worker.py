@@ -20,6 +20,7 @@ is the service's main process and the only one systemd accepts messages from.
 from __future__ import annotations
 
 import array
+import errno
 import json
 import os
 import select
@@ -30,7 +31,7 @@ from typing import Any
 import structlog
 
 from epolld import handoff
-from epolld.config import Config
+from epolld.config import Config, worker_count
 from epolld.core.counters import Counters
 from epolld.core.loop import CLOSE
 from epolld.listening import listener_set
@@ -173,7 +174,11 @@ class SupervisorLink:
         assert service is not None
         if service.stopping:
             self.send({"kind": Up.HANDOFF_FAILED, "error": "stopping already"})
-        elif not service.hand_over(Upstream(self.sock, self._own), listeners_travel=False):
+        elif not service.hand_over(
+            Upstream(self.sock, self._own),
+            listeners_travel=False,
+            processes=worker_count(self._config),  # the user's in-flight limit is shared
+        ):
             self.send({"kind": Up.HANDOFF_FAILED, "error": "see this worker's handoff_failed"})
 
     def close(self) -> None:
@@ -210,7 +215,8 @@ class Upstream:
         try:
             self._sock.sendmsg([message], rights)
         except OSError as e:
-            raise handoff.HandoffError(f"to the supervisor: {e.strerror or e}") from None
+            error = handoff.InFlightLimit if e.errno == errno.ETOOMANYREFS else handoff.HandoffError
+            raise error(f"to the supervisor: {e.strerror or e}") from None
         finally:
             self._sock.setblocking(False)
 
