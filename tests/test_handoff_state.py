@@ -7,6 +7,7 @@ import os
 import socket
 import struct
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
@@ -181,7 +182,7 @@ def test_records_are_written_as_rows_and_read_back_in_order() -> None:
     """Version 2 writes each distinct key list once and a row per record; the reader
     gives back every record as written, in order, whatever its keys."""
     out = handoff.StateWriter(systemd_keeps_inherited=False)
-    records = [
+    records: list[dict[str, Any]] = [
         {"kind": "listener", "fd": 0, "name": "127.0.0.1:7"},
         *({"kind": "connection", "fd": i, "peer": None, "out": [0, i]} for i in range(1, 4)),
         {"kind": "udp", "fd": 4},
