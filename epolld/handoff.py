@@ -142,10 +142,11 @@ class StateWriter:
     def add(self, record: Mapping[str, Any] | None) -> None:
         """Keep a handler's record (a dict it made for this: kept as it is); the
         descriptors handed over since the previous record are its own."""
+        end = len(self.fds)
         if record is not None:
             self.records.append(record if type(record) is dict else dict(record))
-            self._spans.append((self._mark, len(self.fds)))
-        self._mark = len(self.fds)
+            self._spans.append((self._mark, end))
+        self._mark = end
 
     def mark(self) -> int:
         """Where the next record's descriptors start (for rewind)."""

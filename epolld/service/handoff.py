@@ -130,7 +130,6 @@ class Handoff:
         others = [h for h in handlers if not isinstance(h, Connection)]
         budget = over_limit.budget(processes)
         behind: list[Connection] = []
-        by_record: dict[int, Connection] = {}
         required = [*admission.listeners, *others, *self.sources]
         for position, source in enumerate([*required, *clients]):
             if position == len(required):
@@ -144,7 +143,7 @@ class Handoff:
                 if record is not None:
                     out.add({**record, "kind": "metrics_listener"})
             elif contribute is not None:
-                mark = out.mark()
+                mark = len(out.fds)
                 record = contribute(out)  # called anyway: a TLS one says goodbye here
                 if (
                     budget is not None
@@ -161,8 +160,6 @@ class Handoff:
                     if proxy:
                         record = {**record, "proxy": proxy}
                 out.add(record)
-                if record is not None and isinstance(source, Connection):
-                    by_record[id(out.records[-1])] = source
             else:
                 kind = type(source).__name__
                 left_behind[kind] = left_behind.get(kind, 0) + 1
@@ -200,7 +197,12 @@ class Handoff:
             if not self._notifier.enabled:
                 self._notifier.status(f"handoff failed, still serving: {e}")
             return False
-        behind += [by_record[id(r)] for r in transport.left_behind if id(r) in by_record]
+        if transport.left_behind:  # refused by the kernel: the handlers of those records
+            by_fd = {h.fd: h for h in clients}
+            for record in transport.left_behind:
+                conn = by_fd.get(out.fds[record["fd"]])
+                if conn is not None:
+                    behind.append(conn)
         if behind:
             reason = (
                 "the kernel refused more descriptors in flight (ETOOMANYREFS)"
