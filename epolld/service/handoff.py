@@ -122,18 +122,12 @@ class Handoff:
         staying = set() if listeners_travel else {id(x) for x in self._listener_handlers()}
         # The agent and control sockets are bound again by the next process.
         staying.update(id(x) for x in self._process.endpoint_listeners())
-        proxies = self._proxied.proxies
         # Every other handler first: their descriptors must all travel. Then the client
-        # connections, which may stay behind (over_limit.py); out.optional_from marks it.
+        # connections, which may stay behind (over_limit.py).
         handlers = self.reactor.handlers()
         clients = [h for h in handlers if isinstance(h, Connection)]
         others = [h for h in handlers if not isinstance(h, Connection)]
-        budget = over_limit.budget(processes)
-        behind: list[Connection] = []
-        required = [*admission.listeners, *others, *self.sources]
-        for position, source in enumerate([*required, *clients]):
-            if position == len(required):
-                out.optional_from = out.mark()
+        for source in [*admission.listeners, *others, *self.sources]:
             contribute = getattr(source, "handoff_state", None)
             if id(source) in staying:
                 continue
@@ -143,26 +137,12 @@ class Handoff:
                 if record is not None:
                     out.add({**record, "kind": "metrics_listener"})
             elif contribute is not None:
-                mark = len(out.fds)
-                record = contribute(out)  # called anyway: a TLS one says goodbye here
-                if (
-                    budget is not None
-                    and record is not None
-                    and len(out.fds) > budget
-                    and isinstance(source, Connection)
-                    and mark >= out.required
-                ):
-                    out.rewind(mark)
-                    behind.append(source)
-                    continue
-                if proxies and record is not None:  # a proxied client: the proxy's address
-                    proxy = proxies.get(getattr(source, "fd", -1))
-                    if proxy:
-                        record = {**record, "proxy": proxy}
-                out.add(record)
+                out.add(contribute(out))
             else:
                 kind = type(source).__name__
                 left_behind[kind] = left_behind.get(kind, 0) + 1
+        budget = over_limit.budget(processes)
+        behind = self._write_clients(out, clients, budget)
         counts = out.counts()
         log.info(
             "handoff_started",
@@ -212,6 +192,29 @@ class Handoff:
             )
             over_limit.close(behind, budget, reason)
         return True
+
+    def _write_clients(
+        self, out: handoff.StateWriter, clients: list[Connection], budget: int | None
+    ) -> list[Connection]:
+        """The client connections' records, after every other one (out.optional_from
+        marks where they begin: they may stay behind). Past budget descriptors, a
+        connection stays behind; returns those."""
+        out.optional_from = len(out.fds)
+        proxies = self._proxied.proxies
+        behind: list[Connection] = []
+        for conn in clients:
+            mark = len(out.fds)
+            record = conn.handoff_state(out)  # called anyway: a TLS one says goodbye here
+            if budget is not None and len(out.fds) > budget:
+                out.rewind(mark)
+                behind.append(conn)
+                continue
+            if proxies:  # a proxied client: the proxy's address
+                proxy = proxies.get(conn.fd)
+                if proxy:
+                    record = {**record, "proxy": proxy}
+            out.add(record)
+        return behind
 
     def _listener_handlers(self) -> list[object]:
         """The handlers that are listening sockets (TCP and Unix, UDP, metrics)."""
