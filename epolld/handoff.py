@@ -820,9 +820,15 @@ class Reexec:
 
 
 def send(
-    out: StateWriter, meta: Mapping[str, Any], destination: Destination, steps: dict[str, float]
+    out: StateWriter,
+    meta: Mapping[str, Any],
+    destination: Destination,
+    steps: dict[str, float],
+    cpu_at: float | None = None,
 ) -> Transport:
-    """Copy out's descriptors into pairs, write the state, deliver both.
+    """Copy out's descriptors into pairs, write the state, deliver both. With cpu_at
+    (time.process_time() at the signal), steps get "handoff_cpu": this process's CPU
+    time up to the delivery.
 
     Raises:
         HandoffError: any step failed; the transport is closed, and since only copies
@@ -841,6 +847,8 @@ def send(
         memfd = out.to_memfd(document)
         transport = Transport(memfd, pairs, generation, left_behind)
         steps["state"] = round(now_monotonic() - mark, 4)
+        if cpu_at is not None:
+            steps["handoff_cpu"] = round(time.process_time() - cpu_at, 4)
         while True:
             try:
                 destination.deliver(transport, out, steps)
@@ -870,6 +878,11 @@ class HandoffSource(Protocol):
     """Anything that contributes a record to the state."""
 
     def handoff_state(self, out: StateWriter) -> dict[str, Any] | None: ...
+
+
+def wall_time(steps: Mapping[str, float]) -> float:
+    """The wall clock's steps added up (not the *_cpu ones: CPU time, within them)."""
+    return sum(seconds for name, seconds in steps.items() if not name.endswith("_cpu"))
 
 
 def now_monotonic() -> float:

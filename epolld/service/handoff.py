@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -112,6 +113,8 @@ class Handoff:
         have in flight stay behind and are closed with a FIN (over_limit.py).
         """
         signal_at = handoff.now_monotonic()
+        # CPU time beside the wall clock's steps: a busy core stretches the steps, not this.
+        cpu_at = time.process_time()
         steps: dict[str, float] = {}
         admission = self._admission
         for listener in admission.listeners:  # accept no more: the backlog waits for the next
@@ -168,7 +171,7 @@ class Handoff:
             },
         }
         try:
-            transport = handoff.send(out, meta, destination, steps)
+            transport = handoff.send(out, meta, destination, steps, cpu_at=cpu_at)
         except handoff.HandoffError as e:
             for listener in admission.listeners:
                 admission.reregister(listener)
@@ -255,6 +258,7 @@ class Handoff:
         """Take over what the previous process handed over: listeners, connections (with
         their counters and pending output), the global counters. Returns the counts."""
         restore_at = handoff.now_monotonic()
+        cpu_at = time.process_time()
         document = state.document
         totals = document.get("service", {})
         if totals:
@@ -276,10 +280,11 @@ class Handoff:
         signal_at = document.get("signal_at")
         if started_at is not None and isinstance(signal_at, float):
             # The old process's exit (or execv) and this one's interpreter start-up.
-            steps["startup"] = round(started_at - signal_at - sum(steps.values()), 4)
+            steps["startup"] = round(started_at - signal_at - handoff.wall_time(steps), 4)
         steps["receive"] = round(received_s, 4)
         self._restored_at = handoff.now_monotonic()
         steps["restore"] = round(self._restored_at - restore_at, 4)
+        steps["restore_cpu"] = round(time.process_time() - cpu_at, 4)
         self._restored = {
             "counts": counts,
             "old_version": document.get("epolld"),

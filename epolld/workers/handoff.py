@@ -86,7 +86,7 @@ def resume(
     steps = dict(document.get("steps") or {})
     if started_at is not None and isinstance(signal_at, float):
         # The old supervisor's exit (or execv) and this one's interpreter start-up.
-        steps["startup"] = round(started_at - signal_at - sum(steps.values()), 4)
+        steps["startup"] = round(started_at - signal_at - handoff.wall_time(steps), 4)
     steps["receive"] = round(received_s, 4)
     return Resumed(
         slots=sockets.slots,
