@@ -1,12 +1,15 @@
 """A worker's heartbeat stays cheap however many connections it holds: the totals, which
 add up every open connection's bytes, come with one heartbeat of every few above
 TOTALS_CONNECTIONS_PER_BEAT connections, and the supervisor keeps the last ones between
-them. In-process, on a real listener with real loopback clients and a real socketpair."""
+them; and a worker's turn dispatches at most EVENTS_PER_TURN events before its timers.
+In-process, on a real listener with real loopback clients and real socketpairs."""
 
 from __future__ import annotations
 
 import json
+import select
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,13 +17,14 @@ import pytest
 
 from epolld.config import load_config
 from epolld.core.counters import Counters
+from epolld.core.loop import Reactor
 from epolld.listening import sockets
 from epolld.service.echo import EchoService
 from epolld.systemd import Notifier
 from epolld.workers.link import Up
 from epolld.workers.slot import Slot
 from epolld.workers.sums import Sums
-from epolld.workers.worker import TOTALS_CONNECTIONS_PER_BEAT, SupervisorLink
+from epolld.workers.worker import EVENTS_PER_TURN, TOTALS_CONNECTIONS_PER_BEAT, SupervisorLink
 
 CLIENTS = 2 * TOTALS_CONNECTIONS_PER_BEAT + 100  # the totals in one beat of three
 
@@ -92,3 +96,46 @@ def test_the_supervisor_keeps_the_last_totals_between_them() -> None:
     sums.report(slot, {"stats": {"connections": 6}})
     assert slot.stats == {"connections": 6}
     assert sums.totals().bytes_received == 3
+
+
+def test_a_worker_s_turn_dispatches_at_most_its_events_per_turn() -> None:
+    """A reactor with max_events N runs its timers after N events, not after every ready
+    one: a worker's heartbeat is not held back by thousands of busy connections."""
+    reactor = Reactor()
+    reactor.max_events = EVENTS_PER_TURN
+    order: list[str] = []
+    pairs = [socket.socketpair() for _ in range(3 * EVENTS_PER_TURN)]
+    try:
+        for a, b in pairs:
+            reactor.add(_Echo(a, order))
+            b.send(b"x")
+        reactor.call_later(0.0, lambda: order.append("timer"))
+        reactor.call_later(0.2, reactor.stop)
+        time.sleep(0.01)  # the timer is due before the first poll
+        reactor.run()
+    finally:
+        reactor.release()
+        for _, b in pairs:
+            b.close()
+    assert order.index("timer") == EVENTS_PER_TURN, order[: EVENTS_PER_TURN + 2]
+    assert order.count("event") == len(pairs)
+
+
+class _Echo:
+    """A handler that reads its byte and records the event."""
+
+    def __init__(self, sock: socket.socket, order: list[str]) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.mask = select.EPOLLIN
+        self.active_at = 0.0
+        self._order = order
+
+    def on_event(self, events: int) -> int:
+        self.sock.recv(1)
+        self._order.append("event")
+        return select.EPOLLIN
+
+    def close(self) -> None:
+        self.sock.close()
