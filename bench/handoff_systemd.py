@@ -141,7 +141,11 @@ def with_workers(conns: int, workers: int) -> int:
             started = time.monotonic()
             c.systemctl("restart", "epolld")
             restart_s = time.monotonic() - started
-            entry = wait_until(lambda: handoffs(c)[before:] or None, 120, "the handoff")[0]
+            entry = wait_until(
+                lambda: [e for e in handoffs(c)[before:] if "EPOLLD_WORKER" not in e] or None,
+                120,
+                "the supervisor's handoff_complete",
+            )[0]
             results = []
             for h in holders:
                 out, _ = h.communicate(input=b"", timeout=300)
@@ -153,7 +157,11 @@ def with_workers(conns: int, workers: int) -> int:
                     h.wait()
         reprobed = sum(r["reprobed"] for r in results)
         errors = sum(r["error_total"] for r in results)
-        if errors:  # what the service said about it: its warnings and errors
+        # Past the dynamic user's limit of descriptors in flight, the rest get a FIN.
+        over = c.journal("-u", "epolld", "EPOLLD_EVENT=handoff_over_limit")
+        closed = sum(int(e["EPOLLD_CONNECTIONS"]) for e in over)
+        eofs = sum(r["errors"].get("eof", 0) for r in results)
+        if errors != eofs or eofs != closed:  # what the service said: warnings and errors
             for e in c.journal("-u", "epolld", "-p", "warning"):
                 print("journal:", e.get("MESSAGE"), e.get("EPOLLD_EVENT"), flush=True)
             kinds: dict[str, int] = {}
@@ -173,12 +181,15 @@ def with_workers(conns: int, workers: int) -> int:
                     "echoing_again": reprobed,
                     "echoing_again_s": max(r["reprobe_s"] for r in results),
                     "client_errors": errors,
+                    "closed_over_limit": closed,
+                    "over_limit_reasons": sorted({e.get("EPOLLD_REASON", "") for e in over}),
                     "store_after": c.show("epolld", "NFileDescriptorStore"),
                 }
             ),
             flush=True,
         )
-        return 0 if errors == 0 and reprobed == conns else 1
+        # Every connection echoes again or got the FIN the service counted for it.
+        return 0 if errors == eofs == closed and reprobed + closed == conns else 1
 
 
 if __name__ == "__main__":

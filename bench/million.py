@@ -28,8 +28,10 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -60,7 +62,8 @@ def parse_args() -> argparse.Namespace:
         type=float,
         default=30.0,
         help="seconds a silent worker is given before the supervisor replaces it (10 by"
-        " default; set through WATCHDOG_USEC, 4x this, as WatchdogSec would under systemd)",
+        " default; set through WATCHDOG_USEC, 4x this, with a NOTIFY_SOCKET of the bench's"
+        " own, as WatchdogSec would under systemd)",
     )
     p.add_argument("--max-seconds", type=float, default=0, help="stop adding after this long")
     p.add_argument(
@@ -114,6 +117,48 @@ class Namespace:
         subprocess.run(["ip", "netns", "delete", self.name], check=False)
 
 
+class NotifySink:
+    """A NOTIFY_SOCKET of the bench's own, read and dropped by a thread: epolld takes
+    WATCHDOG_USEC (and so the supervisor's worker timeout, a quarter of it) only when it
+    has a NOTIFY_SOCKET, as under systemd. Without one, --worker-timeout did nothing
+    before (the supervisor's default of 10 s applied)."""
+
+    def __init__(self) -> None:
+        self.path = OUT / f"million-notify-{os.getpid()}.sock"
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(self.path))
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                _, fds, _, _ = socket.recv_fds(self.sock, 4096, 16)
+                for fd in fds:
+                    os.close(fd)
+
+
+def cpu0_shares() -> dict[str, int]:
+    """CPU 0's jiffies by kind so far (/proc/stat): user, system, softirq, idle, other."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("cpu0 "):
+            user, nice, system, idle, iowait, irq, softirq, steal = map(int, line.split()[1:9])
+            return {"user": user + nice, "system": system, "softirq": softirq + irq,
+                    "idle": idle + iowait, "steal": steal}  # fmt: skip
+    return {}
+
+
+def server_cpu_s(proc: subprocess.Popen[bytes]) -> float:
+    """utime + stime of the supervisor and its live workers so far."""
+    total = 0
+    for pid in processes.tree_pids(proc.pid):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def start_server(
     ns: Namespace, workers: int, conns: int, worker_timeout_s: float
 ) -> tuple[subprocess.Popen[bytes], int, Path]:
@@ -122,6 +167,10 @@ def start_server(
         "# Written by bench/million.py\n"
         'listen: ["127.0.0.1:0"]\n'
         f"workers: {workers}\n"
+        # Each worker's longest turn, in every worker's stats line and the supervisor's (a
+        # stats line sums every open connection: every 30 s, not the default 60, is cheap).
+        "stats_interval: 30s\n"
+        "watchdog: true\n"
         "limits:\n"
         f"  max_connections: {conns + 1000}\n"
         "  idle_timeout: 0\n"
@@ -135,10 +184,16 @@ def start_server(
         # Sixty workers on one shared core: a worker can go 10 s without a turn (one did,
         # and was replaced with its connections). The supervisor's timeout is a quarter of
         # WatchdogSec; no NOTIFY_SOCKET, so the pings themselves go nowhere.
-        env = {**os.environ, "WATCHDOG_USEC": str(int(worker_timeout_s * 4e6))}
+        sink = NotifySink()
+        env = {
+            **os.environ,
+            "NOTIFY_SOCKET": str(sink.path),
+            "WATCHDOG_USEC": str(int(worker_timeout_s * 4e6)),
+        }
         proc = processes.spawn(
             argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env
         )
+    niced_group(proc, processes.NICE_LEVEL)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         for line in log.read_text(errors="replace").splitlines():
@@ -154,6 +209,15 @@ def start_server(
             break
         time.sleep(0.1)
     raise RuntimeError("epolld did not start: " + log.read_text(errors="replace")[-800:])
+
+
+def niced_group(proc: subprocess.Popen[bytes], nice: int) -> None:
+    """Give the process's session (its autogroup: `ip netns exec` execs, so the PID stays)
+    the nice value its command has. processes.spawn() does so only for a command that
+    starts with nice, not behind `ip netns exec`: before, the 61 epolld processes shared one
+    autogroup at nice 0, as much of CPU 0 in all as any other session's one job."""
+    with contextlib.suppress(OSError):
+        Path(f"/proc/{proc.pid}/autogroup").write_text(str(nice))
 
 
 def server_pss_kib(proc: subprocess.Popen[bytes]) -> int:
@@ -200,6 +264,7 @@ def run(opts: argparse.Namespace, ns: Namespace) -> dict[str, Any]:
     stopped_by = f"the target of {opts.conns:,} was reached"
     t0 = time.monotonic()
     steps = []
+    last_cpu, last_shares, last_at = server_cpu_s(proc), cpu0_shares(), t0
     while asked < opts.conns:
         share = min(opts.per_holder, opts.conns - asked)
         args = ["--warmup", "0", "--duration", str(HOLD_S), "--hold-stdin", "--mode", "pingpong",
@@ -210,15 +275,29 @@ def run(opts: argparse.Namespace, ns: Namespace) -> dict[str, Any]:
             loadgen(ns, port, args, processes.BACKGROUND_NICE_LEVEL),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )  # fmt: skip
+        niced_group(holder, processes.BACKGROUND_NICE_LEVEL)
         holders.append(holder)
         problem = wait_established(holder)
         asked += share
         count, mem = ns.established(), mem_available_kib()
-        steps.append({"t_s": round(time.monotonic() - t0, 2), "established": count,
-                      "mem_available_mib": mem // 1024})  # fmt: skip
-        print(f"[{time.monotonic() - t0:7.1f}s] {count:>9,} established"
+        cpu, shares, now = server_cpu_s(proc), cpu0_shares(), time.monotonic()
+        spent = {k: shares[k] - last_shares.get(k, 0) for k in shares}
+        busy = sum(spent.values()) or 1
+        unresponsive = log.read_text(errors="replace").count('"worker_unresponsive"')
+        steps.append({"t_s": round(now - t0, 2), "established": count,
+                      "mem_available_mib": mem // 1024,
+                      # Where CPU 0 went since the step before, and epolld's own share:
+                      # starvation (epolld's share small, the core busy with others) or
+                      # work (epolld's share large).
+                      "cpu0": {k: round(v / busy, 3) for k, v in spent.items()},
+                      "epolld_cpu_share": round((cpu - last_cpu) / max(1e-9, now - last_at), 3),
+                      "workers_replaced": unresponsive})  # fmt: skip
+        last_cpu, last_shares, last_at = cpu, shares, now
+        print(f"[{now - t0:7.1f}s] {count:>9,} established"
               f"  MemAvailable {mem / 1048576:5.1f} GiB  server Pss"
-              f" {server_pss_kib(proc) / 1024:7.1f} MiB", flush=True)  # fmt: skip
+              f" {server_pss_kib(proc) / 1024:7.1f} MiB  epolld CPU"
+              f" {steps[-1]['epolld_cpu_share']:.2f}  cpu0 {steps[-1]['cpu0']}"
+              f"  replaced {unresponsive}", flush=True)  # fmt: skip
         if problem:
             stopped_by = f"a client {problem} (at {asked:,} asked, {count:,} established)"
             break

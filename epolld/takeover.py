@@ -142,6 +142,7 @@ def resume_supervisor(
         adopt_inherited(config, passed),
         {"pidfile": takeover.restore_pidfile},
         received_s=takeover.received_s,
+        started_at=takeover.started_at,
     )
     for name in state.transport:
         notifier.remove_fd(name)  # consumed: the store must not hand it over again

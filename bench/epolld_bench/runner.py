@@ -28,8 +28,17 @@ from .servers import CServer, EpolldServer, Server, Unavailable, start
 from .workloads import Workload
 
 # The steps of a handoff as handoff_complete reports them (epolld/service/; with workers,
-# the supervisor's: "workers" is until every worker has handed over and exited).
-HANDOFF_STEPS = ("workers", "collect", "send", "state", "startup", "receive", "restore", "ready")
+# the supervisor's: "workers" is until every worker has handed over and exited, then its
+# own send and state, "startup" to the next supervisor's start, "receive", and
+# "workers_restore" from there to READY=1). With workers, "worker_STEP" is the longest
+# of the workers' own STEP (their handoff_complete lines): they run at the same time.
+_STEPS = ("workers", "collect", "send", "state", "startup", "receive", "restore", "ready")
+# *_cpu: the process's CPU time in those steps (the wall clock's are stretched by the
+# other processes on the core, the five other workers' included).
+WORKER_STEPS = (
+    "collect", "send", "state", "handoff_cpu", "receive", "restore", "restore_cpu", "ready"
+)  # fmt: skip
+HANDOFF_STEPS = (*_STEPS, "workers_restore", *(f"worker_{step}" for step in WORKER_STEPS))
 
 ESTABLISH_TIMEOUT_S = 40.0  # for the background clients to connect and echo once
 # A run whose server core was busier than that with other work is repeated. About 0.1 of it is
@@ -294,23 +303,27 @@ def _handoff_figures(result: Result, log: Path, conns: int) -> None:
     """handoff_complete from the server's log: the whole time and each step, per run and
     per connection (for the projection to more connections)."""
     complete = None
+    worker_steps: dict[str, float] = {}
     for line in log.read_text(errors="replace").splitlines():
         with contextlib.suppress(ValueError):
             entry = json.loads(line)
-            # With workers, the supervisor's line (each worker logs its own part too).
-            if (
-                isinstance(entry, dict)
-                and entry.get("event") == "handoff_complete"
-                and "worker" not in entry
-            ):
+            if not isinstance(entry, dict) or entry.get("event") != "handoff_complete":
+                continue
+            # With workers, the supervisor's line; each worker logs its own part too.
+            if "worker" not in entry:
                 complete = entry
+                continue
+            for step, seconds in (entry.get("steps") or {}).items():
+                if step in WORKER_STEPS:
+                    key = f"worker_{step}"
+                    worker_steps[key] = max(worker_steps.get(key, 0.0), seconds)
     if complete is None:
         result["error_total"] = result.get("error_total", 0) + 1
         result.setdefault("errors", {})["no_handoff"] = 1
         return
     result["handoff_s"] = complete["duration_s"]
     result["handoff_conns"] = complete["connections"]
-    steps = complete.get("steps", {})
+    steps = {**complete.get("steps", {}), **worker_steps}
     for step in HANDOFF_STEPS:
         if step in steps:
             result[f"handoff_{step}_s"] = steps[step]

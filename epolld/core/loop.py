@@ -104,6 +104,9 @@ class Reactor:
         self._wakeup = _SignalWakeup(self._signal_fns)
         self.now = time.monotonic()
         self.trace = False  # log every event with its decoded mask
+        # Events dispatched per turn at most (timers, the heartbeat among them, run between
+        # turns): a worker sharing its core with many others takes fewer (worker.py).
+        self.max_events = MAX_EVENTS
         self._running = False
         # The longest turn since run(): dispatch, call_soon work and timers between two polls,
         # the longest any event waited behind the loop's own work (the stats line shows it).
@@ -228,7 +231,7 @@ class Reactor:
                 timeout = max(0.0, timers[0][0] - end)
             else:
                 timeout = -1.0
-            events = poll(timeout, MAX_EVENTS)
+            events = poll(timeout, self.max_events)
             now = self.now = monotonic()
             if ready:
                 events = _merge(events, ready)

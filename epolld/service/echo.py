@@ -290,11 +290,16 @@ class EchoService(ProcessShell):
             # graceful drain is the best left to offer the clients.
             self.stop("SIGUSR2")
 
-    def hand_over(self, destination: handoff.Destination, *, listeners_travel: bool) -> bool:
+    def hand_over(
+        self, destination: handoff.Destination, *, listeners_travel: bool, processes: int = 1
+    ) -> bool:
         """Hand every connection and (if listeners_travel) listener over to destination
-        (service/handoff.py). True once delivered: the loop stops and lets go of its
-        copies; False (logged) and the service goes on as before."""
-        if not self.handoff.hand_over(destination, listeners_travel=listeners_travel):
+        (service/handoff.py; processes: how many share the user's in-flight limit). True
+        once delivered: the loop stops and lets go of its copies; False (logged) and the
+        service goes on as before."""
+        if not self.handoff.hand_over(
+            destination, listeners_travel=listeners_travel, processes=processes
+        ):
             return False
         # The next process holds everything now: exit without a FIN or an unlinked
         # socket file.

@@ -10,6 +10,7 @@ does not need.
 
 from __future__ import annotations
 
+import _socket
 import errno
 import select
 import socket
@@ -89,6 +90,26 @@ class SharedSettings:
         self.reschedule = reschedule
         self.owner = owner
         self.make_pipe = make_pipe
+
+
+# The address family as a plain int, without socket.family's conversion to an enum.
+_family: Final[Callable[[socket.socket], int]] = _socket.socket.family.__get__
+
+
+def adopt_socket(fd: int, family: int | None) -> socket.socket:
+    """A handed-over connection's socket object, non-blocking.
+
+    With its family known (records written since it was kept), nothing is asked of the
+    kernel: the file is the one the previous process set O_NONBLOCK on, and
+    SOCK_NONBLOCK in the type only sets the object's timeout to 0 (CPython's
+    init_sockobject). Otherwise socket() asks for family, type and protocol, and
+    setblocking() sets the flag: four system calls per connection, 1.6 µs at 100,000.
+    """
+    if family is None:
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        return sock
+    return socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK, 0, fd)
 
 
 def format_peer(family: int, addr: Any) -> str:
@@ -230,6 +251,7 @@ class Connection:
         return {
             "kind": self.HANDOFF_KIND,
             "fd": out.fd(self.fd),
+            "family": _family(self.sock),
             "edge": self.edge,
             "io": "copy",
             "ip": self.ip,
@@ -254,8 +276,7 @@ class Connection:
         Raises:
             HandoffError: its socket did not arrive. KeyError, TypeError: a bad record.
         """
-        sock = socket.socket(fileno=state.take_fd(record["fd"]))
-        sock.setblocking(False)
+        sock = adopt_socket(state.take_fd(record["fd"]), record.get("family"))
         conn = cls(
             sock,
             record["ip"],

@@ -50,6 +50,7 @@ class Resumed:
     old_pid: int | None
     old_version: str | None
     steps: dict[str, float] = field(default_factory=dict)
+    resumed_at: float = 0.0  # from here to READY=1: forking the workers, their restores
 
 
 def resume(
@@ -57,6 +58,7 @@ def resume(
     inherited: list[Listener],
     more: dict[str, handoff.Restorer] | None = None,
     received_s: float = 0.0,
+    started_at: float | None = None,
 ) -> Resumed:
     """Rebuild the slots from a supervisor's state; socket-activated listeners
     (inherited, passed again by systemd) are shared by every slot."""
@@ -81,6 +83,11 @@ def resume(
     handoff.restore(state, {**sockets.restorers(), "worker": restore_worker, **(more or {})})
     signal_at = document.get("signal_at")
     old_pid = document.get("pid")
+    steps = dict(document.get("steps") or {})
+    if started_at is not None and isinstance(signal_at, float):
+        # The old supervisor's exit (or execv) and this one's interpreter start-up.
+        steps["startup"] = round(started_at - signal_at - handoff.wall_time(steps), 4)
+    steps["receive"] = round(received_s, 4)
     return Resumed(
         slots=sockets.slots,
         transports=transports,
@@ -89,5 +96,6 @@ def resume(
         signal_at=float(signal_at) if isinstance(signal_at, (int, float)) else None,
         old_pid=int(old_pid) if isinstance(old_pid, int) else None,
         old_version=document.get("epolld"),
-        steps={**dict(document.get("steps") or {}), "receive": round(received_s, 4)},
+        steps=steps,
+        resumed_at=handoff.now_monotonic(),
     )

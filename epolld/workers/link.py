@@ -40,7 +40,7 @@ class Up:
     """The kinds of the worker's messages (JSON objects)."""
 
     READY: Final = "ready"  # "restored": connections it took over at its start
-    HEARTBEAT: Final = "heartbeat"  # "stats", "counters": every heartbeat_s
+    HEARTBEAT: Final = "heartbeat"  # "stats", "counters" (not in every one): every heartbeat_s
     STATS: Final = "stats"  # the same, answering Down.STATS
     RELOADED: Final = "reloaded"  # "error": null, or why the reload failed
     HANDED_OVER: Final = "handed_over"  # "names": the transport's FDNAMEs, with its fds

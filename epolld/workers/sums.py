@@ -57,10 +57,13 @@ class Sums:
         return legacy
 
     def report(self, slot: Slot, message: dict[str, Any]) -> None:
-        """A heartbeat's or a stats answer's numbers (stale once the slot handed over)."""
+        """A heartbeat's or a stats answer's numbers (stale once the slot handed over).
+        A heartbeat without "counters" (a worker with many connections sends them in one
+        of every few: worker.py) leaves the last ones in place."""
         if slot.handoff is None:
             slot.stats = message.get("stats") or {}
-            slot.counters = Counters.from_dict(message.get("counters") or {})
+            if "counters" in message:
+                slot.counters = Counters.from_dict(message["counters"] or {})
 
     def inherited(self, record: dict[str, Any]) -> None:
         """What a worker took over that no sum of ours holds yet (a legacy state)."""

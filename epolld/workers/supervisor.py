@@ -568,6 +568,9 @@ class Supervisor(ProcessShell):
                 self._spawn(slot)
 
     def _log_handoff_complete(self, resumed: handoff_workers.Resumed) -> None:
+        # Forking the workers, each receiving and restoring its predecessor's
+        # connections (their own handoff_complete lines break it down), up to READY=1.
+        resumed.steps["workers_restore"] = round(handoff.now_monotonic() - resumed.resumed_at, 4)
         log_handoff_complete(
             sum(slot.restored for slot in self._slots),
             {"workers": len(self._slots)},
