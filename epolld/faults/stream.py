@@ -58,6 +58,14 @@ PARKED: Final = EPOLLRDHUP | EPOLLET
 SO_LINGER_RESET: Final = struct.pack("ii", 1, 0)
 
 
+def unacked_bytes(fd: int) -> int:
+    """Bytes sent and not yet acknowledged by the peer (SIOCOUTQ); 0 if it cannot say."""
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(fd, SIOCOUTQ, b"\0\0\0\0"))[0])
+    except OSError:
+        return 0
+
+
 class FaultPlan:
     """What the connections of one listener's faults share: the faults, the reactor (timers,
     masks), the counts by kind (Counters.faults), the random source. Open connections keep
@@ -310,10 +318,7 @@ class FaultyConnection(Connection):
         """An RST once the peer has acknowledged everything sent (SIOCOUTQ 0)."""
         self.reading = False
         self.discard_pending()
-        try:
-            unacked = struct.unpack("i", fcntl.ioctl(self.fd, SIOCOUTQ, b"\0\0\0\0"))[0]
-        except OSError:
-            unacked = 0
+        unacked = unacked_bytes(self.fd)
         if not self._reset_since:
             self._reset_since = now
         if unacked and now - self._reset_since < RESET_WAIT_MAX_S:
@@ -410,6 +415,10 @@ def restore(
 ) -> FaultyConnection:
     """A fault connection from its handoff record, with the faults it was accepted with."""
     cls = fault_class(bool(record["edge"]))
+    if record.get("service"):  # discard, chargen or info with faults (services.py)
+        from epolld.faults.services import service_class
+
+        cls = service_class(record)
     conn = cls.from_handoff(record, state, buf=buf, shared=shared)
     assert isinstance(conn, FaultyConnection)
     plan = FaultPlan(Faults(**record["faults"]), reactor, counts, random.Random())
