@@ -57,7 +57,8 @@ def test_tls_echo_and_services_take_their_faults(tmp_path: pathlib.Path) -> None
         '  - {address: "127.0.0.4:0", service: info, faults: {delay: 1s, close_after: 2s}}\n'
         '  - {address: "udp:127.0.0.5:0", service: info, faults: {drop: 0.5, delay: 1s}}\n',
     )
-    assert chargen.faults is not None and chargen.faults.bandwidth_bytes_per_s == 1024
+    assert chargen.faults is not None
+    assert chargen.faults.bandwidth_bytes_per_s == 1024
     assert chargen.faults.reset_after_s == 2.0
     assert discard.faults == Faults(reset_after_bytes=9)
     assert info.faults == Faults(delay_s=1.0, close_after_s=2.0)

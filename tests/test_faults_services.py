@@ -159,12 +159,16 @@ def test_tls_reset_after_bytes_gives_n_then_rst(daemon: Daemon) -> None:
         session.write(payload)
         sock.sendall(outgoing.read())
         got = bytearray()
-        with pytest.raises(ConnectionResetError):
+
+        def read_all() -> None:
             while data := sock.recv(65536):
                 incoming.write(data)
                 with contextlib.suppress(ssl.SSLWantReadError):
                     while True:
-                        got += session.read(65536)
+                        got.extend(session.read(65536))
+
+        with pytest.raises(ConnectionResetError):
+            read_all()
     assert bytes(got) == payload[:50_000]
 
 
