@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import socket
 import ssl
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -295,3 +297,39 @@ def test_udp_info_reply_is_delayed(daemon: Daemon) -> None:
         reply = sock.recv(2048)
         assert time.monotonic() - started >= DELAY_S
     assert json.loads(reply)["transport"] == "udp"
+
+
+# -- the restart handoff ------------------------------------------------------------------
+
+
+def test_restart_handoff_carries_fault_service_connections(tmp_path: Path) -> None:
+    """SIGUSR2 during a shaped chargen stream and a delayed info line: both travel; the
+    pattern goes on where it was, still within the bandwidth, and the line comes whole,
+    no sooner than its delay."""
+    chargen = Faults(bandwidth_bytes_per_s=RATE)
+    late = Faults(delay_s=0.4)
+    listen = [
+        {"address": "127.0.0.61:0", "service": "chargen", "faults": chargen.active()},
+        {"address": "127.0.0.62:0", "service": "info", "faults": late.active()},
+    ]
+    daemon = Daemon(write_config(tmp_path / "epolld.yaml", {"listen": listen}))
+    try:
+        daemon.wait_for("listening", count=2)
+        started = time.monotonic()
+        with plain(daemon, "127.0.0.61") as stream, plain(daemon, "127.0.0.62") as line:
+            got = bytearray(recv_exactly(stream, 100_000))
+            daemon.signal(signal.SIGUSR2)
+            assert daemon.wait_for("handoff_complete")[0]["connections"] == 2
+            while len(got) < 200_000:
+                data = stream.recv(65536)
+                assert data
+                got += data
+                # The next process's bucket starts full: one more burst.
+                assert len(got) <= 2 * BURST_BYTES + RATE * (time.monotonic() - started)
+            assert bytes(got) == pattern.expected(0, len(got))
+            fields = json.loads(recv_until_eof(line))
+            assert time.monotonic() - started >= late.delay_s
+        assert fields["listener"].startswith("127.0.0.62:")
+    finally:
+        daemon.stop()
+    assert not daemon.bad_lines

@@ -2,7 +2,7 @@
 
 Chosen at accept (service/admission.py) instead of services/stream.py's classes, only
 for a service listener with faults: the others keep their classes and pay nothing. Each
-is a FaultyConnection (stream.py): its Shaper, timers, deadline, FIN and RST (once the
+is a FaultyConnection (connection.py): its Shaper, timers, deadline, FIN and RST (once the
 send queue is empty) are the echo's; what goes into the Shaper is the service's output.
 config.py refuses the keys a service has no use for, at their line.
 
@@ -31,8 +31,8 @@ import socket
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from epolld.core.loop import CLOSE
+from epolld.faults.connection import PARKED, FaultPlan, FaultyConnection
 from epolld.faults.shaper import Shaper
-from epolld.faults.stream import PARKED, FaultPlan, FaultyConnection
 from epolld.services import info
 from epolld.services.stream import CHUNK, CYCLE_BYTES, WINDOW
 from epolld.tcp.connection import (

@@ -6,7 +6,7 @@ handshake, backpressure, close_notify, stop and restart are TlsConnection's; wha
 differs is the echo: each decrypted chunk goes through a Shaper (shaper.py) instead of
 straight back to OpenSSL, and a timer writes it once it is due and the bucket allows.
 
-- delay, jitter, bandwidth: on the decrypted chunks, as faults/stream.py does for plain
+- delay, jitter, bandwidth: on the decrypted chunks, as faults/connection.py does for plain
   TCP; delayed plaintext counts against high_water.
 - close_after_bytes: exactly N plaintext bytes echoed, then our close_notify, then FIN.
 - reset_after_bytes: exactly N echoed, then an RST (SO_LINGER 0) once OpenSSL has
@@ -22,19 +22,19 @@ import ssl
 from typing import TYPE_CHECKING, Any
 
 from epolld.core.loop import CLOSE, Timer
-from epolld.faults.shaper import Shaper
-from epolld.faults.stream import (
+from epolld.faults.connection import (
     PARKED,
     RESET_POLL_S,
     RESET_WAIT_MAX_S,
     SO_LINGER_RESET,
     unacked_bytes,
 )
+from epolld.faults.shaper import Shaper
 from epolld.tcp.connection import EDGE_MASK, EPOLLIN, EPOLLOUT, EPOLLRDHUP, LEVEL_READ
 from epolld.tls.connection import CLOSING, ECHO, HANDSHAKE, LINGER, TlsConnection, receive_queued
 
 if TYPE_CHECKING:
-    from epolld.faults.stream import FaultPlan
+    from epolld.faults.connection import FaultPlan
     from epolld.handoff import StateWriter
 
 
