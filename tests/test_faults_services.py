@@ -302,24 +302,37 @@ def test_udp_info_reply_is_delayed(daemon: Daemon) -> None:
 # -- the restart handoff ------------------------------------------------------------------
 
 
-def test_restart_handoff_carries_fault_service_connections(tmp_path: Path) -> None:
+def test_restart_handoff_carries_fault_service_connections(
+    tmp_path: Path, certs: tls.Certs
+) -> None:
     """SIGUSR2 during a shaped chargen stream and a delayed info line: both travel; the
     pattern goes on where it was, still within the bandwidth, and the line comes whole,
-    no sooner than its delay."""
+    no sooner than its delay. A TLS echo whose chunk waits for its delay cannot travel:
+    the old process echoes it at once, then close_notify."""
     chargen = Faults(bandwidth_bytes_per_s=RATE)
     late = Faults(delay_s=0.4)
     listen = [
         {"address": "127.0.0.61:0", "service": "chargen", "faults": chargen.active()},
         {"address": "127.0.0.62:0", "service": "info", "faults": late.active()},
+        {"address": "127.0.0.63:0", "tls": True, "faults": {"delay": "5s"}},
     ]
-    daemon = Daemon(write_config(tmp_path / "epolld.yaml", {"listen": listen}))
+    keys = {"certificate": str(certs.server.certificate), "key": str(certs.server.key)}
+    daemon = Daemon(write_config(tmp_path / "epolld.yaml", {"listen": listen, "tls": keys}))
     try:
-        daemon.wait_for("listening", count=2)
+        daemon.wait_for("listening", count=3)
         started = time.monotonic()
-        with plain(daemon, "127.0.0.61") as stream, plain(daemon, "127.0.0.62") as line:
+        with (
+            plain(daemon, "127.0.0.61") as stream,
+            plain(daemon, "127.0.0.62") as line,
+            over_tls(daemon, "127.0.0.63") as secure,
+        ):
+            secure.sendall(b"waiting")
             got = bytearray(recv_exactly(stream, 100_000))
             daemon.signal(signal.SIGUSR2)
             assert daemon.wait_for("handoff_complete")[0]["connections"] == 2
+            assert tls.recv_exactly(secure, 7) == b"waiting"
+            assert secure.recv(100) == b""  # close_notify (a bare FIN would raise)
+            assert time.monotonic() - started < 5.0
             while len(got) < 200_000:
                 data = stream.recv(65536)
                 assert data
