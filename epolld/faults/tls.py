@@ -294,7 +294,7 @@ class FaultyTlsConnection(TlsConnection):
                 return self._on_lingering(ev)
             return self._close_notify()
         if self.phase == HANDSHAKE and self.ending:  # the deadline came first
-            return CLOSE
+            return self._end(self.plan.reactor.now)  # type: ignore[union-attr]
         return super().on_event(ev)
 
     # -- restart -------------------------------------------------------------------------
