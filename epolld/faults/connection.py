@@ -26,6 +26,7 @@ import random
 import socket
 import struct
 import termios
+import time
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from epolld.config import Faults
@@ -181,7 +182,9 @@ class FaultyConnection(Connection):
         plan = self.plan
         assert plan is not None
         assert self.shaper is not None
-        now = plan.reactor.now
+        # The clock now, not the turn's: a delay counts from the read, which may come late
+        # in a turn (after a TLS handshake's work, say), never from before it.
+        now = time.monotonic()
         if ev & EPOLLIN and self.reading:
             edge = self.mask & EPOLLET
             high_water = self.shared.high_water

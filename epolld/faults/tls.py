@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import time
 from typing import TYPE_CHECKING, Any
 
 from epolld.core.loop import CLOSE, Timer
@@ -109,7 +110,9 @@ class FaultyTlsConnection(TlsConnection):
         plan = self.plan
         assert plan is not None
         size = len(buf)
-        now = plan.reactor.now
+        # The clock now, not the turn's: a delay counts from the read, which may come late
+        # in a turn (after a TLS handshake's work, say), never from before it.
+        now = time.monotonic()
         while True:
             try:
                 n = tls.read(size, buf)
