@@ -50,6 +50,7 @@ LISTENERS: dict[str, tuple[str, bool, Faults]] = {
     "127.0.0.23": ("echo", True, Faults(delay_s=DELAY_S)),
     "127.0.0.24": ("echo", True, Faults(bandwidth_bytes_per_s=RATE)),
     "udp:127.0.0.31": ("info", False, Faults(delay_s=DELAY_S)),
+    "udp:127.0.0.32": ("info", False, Faults(drop=1.0)),
 }
 
 
@@ -287,8 +288,9 @@ def test_info_reset_after_before_the_line(daemon: Daemon) -> None:
     assert 0.1 <= elapsed < 5.0
 
 
-def test_udp_info_reply_is_delayed(daemon: Daemon) -> None:
-    """UDP info with a delay: the reply comes no sooner than asked."""
+def test_udp_info_reply_is_delayed_or_dropped(daemon: Daemon) -> None:
+    """UDP info with a delay: the reply comes no sooner than asked; with drop: 1, none
+    comes, and each one dropped is counted."""
     port = port_of(daemon, "udp:127.0.0.31")
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.settimeout(WAIT_S)
@@ -297,6 +299,22 @@ def test_udp_info_reply_is_delayed(daemon: Daemon) -> None:
         reply = sock.recv(2048)
         assert time.monotonic() - started >= DELAY_S
     assert json.loads(reply)["transport"] == "udp"
+    before = stats(daemon).get("faults", {}).get("drop", 0)
+    port = port_of(daemon, "udp:127.0.0.32")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for _ in range(3):
+            sock.sendto(b"?" * 512, ("127.0.0.32", port))
+        sock.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            sock.recv(2048)
+    assert stats(daemon)["faults"]["drop"] - before == 3
+
+
+def stats(daemon: Daemon) -> dict[str, Any]:
+    """The stats line SIGUSR1 asks for."""
+    count = len(daemon.events("stats")) + 1
+    daemon.signal(signal.SIGUSR1)
+    return daemon.wait_for("stats", count=count)[-1]
 
 
 # -- the restart handoff ------------------------------------------------------------------
