@@ -919,7 +919,7 @@ def _read_faults(
     """A listen entry's `faults: {delay, jitter, bandwidth, close_after[_bytes],
     reset_after[_bytes], drop}`; every key is checked at its own line, and a key that does
     not apply to the entry's transport is refused there. All off (or {}) is no faults."""
-    key_node, node = pair
+    _, node = pair
     where = f"{name}.faults"
     if not isinstance(node, yaml.MappingNode):
         raise _NodeError(
@@ -938,15 +938,42 @@ def _read_faults(
                 f"{where}.{key}: applies to {' and '.join(kinds).upper()} listeners only;"
                 f" {str(address)!r} is {transport.upper()}",
             )
+        _check_service_fault(option_node, key, address, where)
         values[attr] = _scalar(convert)(loader, value_node, f"{where}.{key}")
     faults = Faults(**values)
-    if address.tls and faults != NO_FAULTS:
-        raise _NodeError(key_node, f"{where}: faults are not available on TLS listeners yet")
-    if address.service != "echo" and faults != NO_FAULTS:
-        raise _NodeError(
-            key_node, f"{where}: faults are not available on {address.service} listeners yet"
-        )
     return dataclasses.replace(address, faults=None if faults == NO_FAULTS else faults)
+
+
+# The fault keys each service other than echo takes (echo takes every key of its
+# transport). discard sends nothing, so only its ends apply (counted in bytes received);
+# info's line is far smaller than a bandwidth burst; UDP discard answers nothing at all.
+_SERVICE_FAULTS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("chargen", "tcp"): tuple(key for key, *_, kinds in _FAULT_KEYS if "tcp" in kinds),
+    ("discard", "tcp"): ("close_after_bytes", "close_after", "reset_after_bytes", "reset_after"),
+    ("info", "tcp"): ("delay", "jitter", "close_after_bytes", "close_after", "reset_after_bytes",
+                      "reset_after"),
+    ("info", "udp"): ("delay", "jitter", "drop"),
+    ("discard", "udp"): (),
+}  # fmt: skip
+
+
+def _check_service_fault(node: yaml.Node, key: str, address: ListenAddress, where: str) -> None:
+    """Refuse, at its line, a fault key the entry's service has no use for (faults/services.py
+    says what each does), and faults on a TLS service listener (not built)."""
+    service = address.service
+    if service == "echo":
+        return
+    if address.tls:
+        raise _NodeError(
+            node, f"{where}.{key}: faults are not available on TLS {service} listeners yet"
+        )
+    allowed = _SERVICE_FAULTS[service, address.transport]
+    if key not in allowed:
+        takes = f"takes only {', '.join(allowed)}" if allowed else "takes no faults"
+        raise _NodeError(
+            node,
+            f"{where}.{key}: a {address.transport.upper()} {service} listener {takes}",
+        )
 
 
 CREDENTIAL_PREFIX = "credential:"

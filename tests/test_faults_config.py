@@ -42,6 +42,29 @@ def test_every_key_is_read_with_its_unit(tmp_path: pathlib.Path) -> None:
     assert socket_of(tcp) == socket_of(ListenAddress("ipv4", "127.0.0.1", 0))
 
 
+def test_tls_echo_and_services_take_their_faults(tmp_path: pathlib.Path) -> None:
+    """chargen takes every TCP key; discard its ends; info its delay and ends; UDP info drop
+    and delay (TLS echo, every TCP key: tests/test_faults_services.py starts one)."""
+    every = (
+        "{delay: 1s, jitter: 1s, bandwidth: 1KiB, close_after_bytes: 1, close_after: 1s,"
+        " reset_after_bytes: 2, reset_after: 2s}"
+    )
+    chargen, discard, info, udp_info = load(
+        tmp_path,
+        "listen:\n"
+        f'  - {{address: "127.0.0.2:0", service: chargen, faults: {every}}}\n'
+        '  - {address: "127.0.0.3:0", service: discard, faults: {reset_after_bytes: 9}}\n'
+        '  - {address: "127.0.0.4:0", service: info, faults: {delay: 1s, close_after: 2s}}\n'
+        '  - {address: "udp:127.0.0.5:0", service: info, faults: {drop: 0.5, delay: 1s}}\n',
+    )
+    assert chargen.faults is not None
+    assert chargen.faults.bandwidth_bytes_per_s == 1024
+    assert chargen.faults.reset_after_s == 2.0
+    assert discard.faults == Faults(reset_after_bytes=9)
+    assert info.faults == Faults(delay_s=1.0, close_after_s=2.0)
+    assert udp_info.faults == Faults(drop=0.5, delay_s=1.0)
+
+
 def test_no_faults_is_none(tmp_path: pathlib.Path) -> None:
     """An empty faults mapping, or all at their defaults, is a listener without faults."""
     (address,) = load(tmp_path, 'listen: [{address: "127.0.0.1:0", faults: {delay: 0s}}]\n')
@@ -84,8 +107,22 @@ def test_no_faults_is_none(tmp_path: pathlib.Path) -> None:
         ),
         ('{address: "127.0.0.1:0", faults: [delay]}', ":3: listen[1].faults: expected a mapping"),
         (
-            '{address: "127.0.0.1:0", tls: true, faults: {delay: 1s}}',
-            ":3: listen[1].faults: faults are not available on TLS listeners yet",
+            '{address: "127.0.0.1:0", tls: true, service: chargen, faults: {delay: 1s}}',
+            ":3: listen[1].faults.delay: faults are not available on TLS chargen listeners yet",
+        ),
+        (
+            '{address: "127.0.0.1:0", service: discard, faults: {delay: 1s}}',
+            ":3: listen[1].faults.delay: a TCP discard listener takes only close_after_bytes,"
+            " close_after, reset_after_bytes, reset_after",
+        ),
+        (
+            '{address: "127.0.0.1:0", service: info,\n     faults: {delay: 1s, bandwidth: 1KiB}}',
+            ":4: listen[1].faults.bandwidth: a TCP info listener takes only delay, jitter,"
+            " close_after_bytes, close_after, reset_after_bytes, reset_after",
+        ),
+        (
+            '{address: "udp:127.0.0.1:0", service: discard, faults: {drop: 0.5}}',
+            ":3: listen[1].faults.drop: a UDP discard listener takes no faults",
         ),
     ],
 )

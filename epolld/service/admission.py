@@ -270,13 +270,10 @@ class Admission:
             self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
         context = self.tls.context_for(listener) if self.tls is not None else None
         service = self.services.get(listener) if self.services else None
-        plan = self._fault_plan(listener) if self._faults and service is None else None
+        plan = self._fault_plan(listener) if self._faults else None
         conn: Connection
-        if service is None and plan is not None:  # faults: plain listeners only (config.py)
-            conn = plan.open(
-                sock, ip, buf=self.read_buf, shared=self.shared, now=self.reactor.now,
-                peer=peer, edge=self.edge,
-            )  # fmt: skip
+        if plan is not None:
+            conn = self._start_faulty(plan, service, sock, ip, peer, listener, context, header)
         elif service is None:
             conn = self._make_echo(sock, ip, peer, context)
         else:
@@ -357,6 +354,41 @@ class Admission:
         # Chargen and info start sending without waiting for an event the client causes.
         self.reactor.reschedule((conn.fd, EPOLLOUT))
         return conn
+
+    def _start_faulty(
+        self,
+        plan: FaultPlan,
+        service: str | None,
+        sock: socket.socket,
+        ip: str,
+        peer: str | None,
+        listener: str,
+        context: ssl.SSLContext | None,
+        header: ProxyHeader | None,
+    ) -> Connection:
+        """A fault listener's connection (faults/): echo, plain or TLS, or a service (no TLS
+        service: config.py refuses faults there). It copies whatever io says."""
+        buf, shared, now = self.read_buf, self.shared, self.reactor.now
+        if service is not None:
+            from epolld.faults.services import open_faulty_service
+
+            conn: Connection = open_faulty_service(
+                plan, service, sock, ip, peer=peer, edge=self.edge, listener=listener,
+                header=header, buf=buf, shared=shared, now=now,
+            )  # fmt: skip
+            self.reactor.reschedule((conn.fd, EPOLLOUT))  # chargen and info start at once
+            return conn
+        if context is not None and self.tls is not None:
+            from epolld.faults.tls import FaultyTlsConnection
+
+            tls = self.tls.open(
+                context, sock, ip, buf=buf, shared=shared, now=now, peer=peer, edge=self.edge,
+                cls=FaultyTlsConnection,
+            )  # fmt: skip
+            assert isinstance(tls, FaultyTlsConnection)
+            tls.attach(plan, now)
+            return tls
+        return plan.open(sock, ip, buf=buf, shared=shared, now=now, peer=peer, edge=self.edge)
 
     def _fault_plan(self, name: str) -> FaultPlan | None:
         """The plan of the faults of the listener called name (the file's current entry:

@@ -30,6 +30,15 @@ class ServiceEndpoint(UdpEndpoint):
             self._batched = False
             self.set_max_datagram(self._size)  # closes the batch, makes the single buffer
 
+    def set_faults(self, faults: Any) -> None:
+        """info's drop and delay (config.py refuses faults on discard); one datagram at a
+        time whether or not (UdpEndpoint.set_faults would batch again without them)."""
+        if self.faults is not None:
+            self.faults.close()
+        self.faults = faults
+        self._batched = False
+        self.set_max_datagram(self._size)
+
 
 class DiscardEndpoint(ServiceEndpoint):
     """Every admitted datagram is dropped and counted, none answered."""
