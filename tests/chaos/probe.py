@@ -21,6 +21,7 @@ import sys
 import time
 
 CONNECT_TIMEOUT_S = 10.0
+SLOW_MS = 10.0  # round trips this long are also counted per second of the run
 STALL_S = 30.0
 MAX_ERRORS_KEPT = 20
 
@@ -47,6 +48,7 @@ def run(host: str, port: int, conns: int, seconds: float, size: int, interval: f
     errors: list[str] = []
     error_count = 0
     latencies: list[float] = []
+    slow_by_second: dict[int, int] = {}  # when the slow round trips happened
     verified = 0
 
     def error(message: str) -> None:
@@ -110,6 +112,9 @@ def run(host: str, port: int, conns: int, seconds: float, size: int, interval: f
                 continue
             if len(probe.got) == len(probe.payload):
                 latencies.append(now - probe.sent_at)
+                if now - probe.sent_at >= SLOW_MS / 1000:
+                    second = int(probe.sent_at - stop_at + seconds)
+                    slow_by_second[second] = slow_by_second.get(second, 0) + 1
                 verified += len(probe.payload)
                 probe.payload, probe.got = b"", bytearray()
                 probe.due = now + interval
@@ -135,6 +140,7 @@ def run(host: str, port: int, conns: int, seconds: float, size: int, interval: f
         "p50_ms": percentile(ms, 50),
         "p99_ms": percentile(ms, 99),
         "max_ms": ms[-1] if ms else 0.0,
+        "slow_by_second": slow_by_second,
     }
 
 
