@@ -41,6 +41,7 @@ KILL_AT = (("recvmsg", 1), ("recvmsg", 2), ("recvmsg", 3), ("recvmsg", 4), ("sen
            ("sendmsg", 2))  # fmt: skip
 LISTENERS = 1  # the descriptors in flight are the listener's and the clients'
 POLL_S = 0.001
+EXECUTABLE = b"/usr/bin/epolld"  # the packaged unit's ExecStart
 # A batch's header as the pair carries it (epolld/handoff.py BATCH: first index, count),
 # as strace -xx prints a returned recvmsg's data.
 _BATCH = re.compile(r'recvmsg\(.*iov_base="((?:\\x[0-9a-f]{2}){8})".* = 8$')
@@ -78,14 +79,14 @@ def _children(pid: int) -> set[int]:
 
 
 def _is_new_epolld(pid: int) -> bool:
-    """In the service's cgroup and executing epolld: systemd's forked copy is named
-    "(epolld)" until it executes the command."""
+    """In the service's cgroup and executing epolld (systemd's forked copy is in the cgroup
+    before it executes the command, and then runs systemd's code)."""
     try:
         in_unit = "/epolld.service" in Path(f"/proc/{pid}/cgroup").read_text()
-        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return in_unit and not comm.startswith("(")
+    return in_unit and EXECUTABLE in argv
 
 
 def _watch_and_kill(

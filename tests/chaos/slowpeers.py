@@ -156,7 +156,7 @@ def slow_peers(seconds: float, seed: int, trigger: str = "level") -> Row:
             connected_s = trickle_from + trickle["connect_s"]
             stuck_watch.until_all_judged()
             result = probe_result(probe, 60)
-            late_fds = daemon.fd_count()
+            late_fds = _settled_fds(daemon, start_fds + PROBES + 10)
             peak_rss = sampler.stop()
             daemon_cpu = daemon.cpu_seconds() - start_cpu
         finally:
@@ -291,6 +291,15 @@ class _StuckWatch:
         return ", ".join(
             f"last echo at {t - self.started:.1f} s" for t in list(self.open.values())[:5]
         )
+
+
+def _settled_fds(daemon: Daemon, expected: int, wait_s: float = 10.0) -> int:
+    """The daemon's descriptors once they are down to expected (the clients that left
+    last are closed within a few turns), or after wait_s."""
+    deadline = time.monotonic() + wait_s
+    while (count := daemon.fd_count()) > expected and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return count
 
 
 def _allowed_s() -> float:
