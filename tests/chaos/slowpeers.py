@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import resource
 import selectors
 import shutil
@@ -87,6 +88,12 @@ def _connect_many(port: int, count: int, errors: list[str]) -> list[socket.socke
         sock.setblocking(False)
         socks.append(sock)
     return socks
+
+
+def _tcp_mem_pressure_bytes() -> int:
+    """net.ipv4.tcp_mem's middle value (pages): above it TCP is under memory pressure."""
+    pages = int(Path("/proc/sys/net/ipv4/tcp_mem").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE")
 
 
 def tcp_counters() -> dict[str, int]:
@@ -192,7 +199,9 @@ def slow_peers(seconds: float, seed: int, trigger: str = "level") -> Row:
         f" stuck clients closed {stuck_watch.first_close_s:.1f}-{stuck_watch.last_close_s:.1f} s"
         f" after the first connect, their last echo received at"
         f" {stuck_watch.last_traffic_s:.1f} s at the latest;"
-        f" kernel TCP memory: {', '.join(f'{k} {v}' for k, v in counters.items())}"
+        f" kernel TCP memory at most {sampler.peak_tcp_bytes / 2**30:.2f} GiB (tcp_mem's"
+        f" pressure line {_tcp_mem_pressure_bytes() / 2**30:.2f} GiB),"
+        f" {', '.join(f'{k} {v}' for k, v in counters.items())}"
     )
     slow = sorted(result.get("slow_by_second", {}).items(), key=lambda kv: -kv[1])[:8]
     row.notes.append(
@@ -309,18 +318,25 @@ def _allowed_s() -> float:
 
 
 class _PeakRss(threading.Thread):
-    """The daemon's largest RSS, sampled twice a second from start to stop()."""
+    """The daemon's largest RSS, and the kernel's largest TCP memory (all sockets, both
+    ends: /proc/net/sockstat), sampled twice a second from start to stop()."""
 
     def __init__(self, daemon: Daemon) -> None:
         super().__init__(daemon=True)
         self._daemon = daemon
         self._done = threading.Event()
         self.peak = daemon.rss_bytes()
+        self.peak_tcp_bytes = 0
 
     def run(self) -> None:
+        page = os.sysconf("SC_PAGE_SIZE")
         while not self._done.wait(0.5):
             with contextlib.suppress(OSError, AssertionError):
                 self.peak = max(self.peak, self._daemon.rss_bytes())
+            with contextlib.suppress(OSError, ValueError):
+                line = Path("/proc/net/sockstat").read_text().split("TCP:", 1)[1].splitlines()[0]
+                pages = int(line.split(" mem ")[1].split()[0])
+                self.peak_tcp_bytes = max(self.peak_tcp_bytes, pages * page)
 
     def stop(self) -> int:
         self._done.set()
