@@ -41,6 +41,7 @@ KILL_AT = (("recvmsg", 1), ("recvmsg", 2), ("recvmsg", 3), ("recvmsg", 4), ("sen
            ("sendmsg", 2))  # fmt: skip
 LISTENERS = 1  # the descriptors in flight are the listener's and the clients'
 POLL_S = 0.001
+JOURNAL_WAIT_S = 15.0
 EXECUTABLE = b"/usr/bin/epolld"  # the packaged unit's ExecStart
 # A batch's header as the pair carries it (epolld/handoff.py BATCH: first index, count),
 # as strace -xx prints a returned recvmsg's data.
@@ -129,12 +130,24 @@ def _guest_pid(pid: int) -> int:
     return 0
 
 
-def _successor_recovered(service: PackagedService, cursor: str) -> int:
-    """Connections the process after the kill took over (its handoff_complete line)."""
-    entries = service.c.journal(
-        "-u", "epolld", "--after-cursor", cursor, "EPOLLD_EVENT=handoff_complete"
-    )
-    return int(entries[-1].get("EPOLLD_CONNECTIONS", 0)) if entries else 0
+def _successor_recovered(service: PackagedService, cursor: str, expected: bool) -> int:
+    """Connections the process after the kill took over (its handoff_complete line; when
+    one is expected, waited for: journald may be behind on a busy machine)."""
+
+    def entries() -> list[dict[str, str]] | None:
+        # Filtered here: journalctl's -u with a field match and --after-cursor missed it.
+        found = [
+            e
+            for e in service.c.journal("-u", "epolld", "--after-cursor", cursor)
+            if e.get("EPOLLD_EVENT") == "handoff_complete"
+        ]
+        return found or None
+
+    try:
+        found = wait_until(entries, JOURNAL_WAIT_S if expected else 0.0, "handoff_complete")
+    except TimeoutError:
+        return 0
+    return int(found[-1].get("EPOLLD_CONNECTIONS", 0))
 
 
 def _one_kill(
@@ -198,7 +211,7 @@ def _one_kill(
         # received it. Everything else still in flight must come back.
         in_flight = CLIENTS - max(0, received - LISTENERS)
         answers["received"] = received
-        answers["taken_over"] = _successor_recovered(service, cursor)
+        answers["taken_over"] = _successor_recovered(service, cursor, in_flight > 0)
         where += f" after receiving {received} of {CLIENTS + LISTENERS} descriptors"
         row.require(answers["hung"] == 0, f"{where}: {answers['hung']} clients left hanging")
         row.require(answers["wrong"] == 0, f"{where}: {answers['wrong']} clients got a wrong echo")
