@@ -27,8 +27,8 @@ def test_idle_peer_that_never_reads_is_reset(start_daemon: StartDaemon) -> None:
     """Told at idle_timeout without reading: its state turns to CLOSE (an RST). The daemon
     had read everything (below high_water) and holds the echo the peer's full window
     refuses: a FIN would queue behind it, the peer stayed ESTABLISHED, and the kernel kept
-    the closed socket and its echo in FIN-WAIT-1 for minutes (1,000 such peers held
-    gigabytes of TCP memory: issue 20, scenario 5)."""
+    the closed socket and its echo in FIN-WAIT-1 for minutes (with 1,000 such peers the
+    kernel's TCP memory stood at 1.5 GiB: issue 20, scenario 5)."""
     daemon = start_daemon(
         {
             "limits": {"idle_timeout": "1s"},

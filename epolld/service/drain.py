@@ -154,8 +154,8 @@ def reset_if_unread(sock: socket.socket) -> bool:
     A FIN would queue behind that echo, which a peer that never reads never takes: the peer
     would never hear of the close, and the kernel would keep the closed socket and its send
     queue (autotuned up to tcp_wmem's 4 MiB) in FIN-WAIT-1 for minutes. 1,000 such peers
-    held gigabytes of TCP memory (issue 20, scenario 5). nginx's reset_timedout_connection
-    does the same. Returns True when the close will be a reset.
+    kept the kernel's TCP memory above its pressure line (issue 20, scenario 5). nginx's
+    reset_timedout_connection does the same. Returns True when the close will be a reset.
     """
     try:
         queued = struct.unpack("i", fcntl.ioctl(sock.fileno(), SIOCOUTQ, b"\0\0\0\0"))[0]
