@@ -17,6 +17,7 @@ from tests.chaos.kills import kills_mid_handoff
 from tests.chaos.network import bad_network, syn_flood
 from tests.chaos.outcome import Row, table
 from tests.chaos.restarts import restarts_under_load
+from tests.chaos.restore_kills import kills_while_restoring
 from tests.chaos.slowpeers import slow_peers
 
 # name -> (run(seconds, seed), share of --seconds)
@@ -24,6 +25,7 @@ SCENARIOS: dict[str, tuple[Callable[[float, int], Row], float]] = {
     "restarts": (lambda s, seed: restarts_under_load(s, seed, workers=1), 1.0),
     "restarts-workers": (lambda s, seed: restarts_under_load(s, seed, workers=2), 1.0),
     "kills": (kills_mid_handoff, 0.0),
+    "kills-restore": (kills_while_restoring, 0.0),
     "journal": (sick_journal, 0.2),
     "log-file": (full_log_file, 0.2),
     "network": (lambda s, seed: bad_network(s, seed, "level"), 0.2),

@@ -19,8 +19,10 @@ import selectors
 import socket
 import sys
 import time
+from typing import Any
 
 CONNECT_TIMEOUT_S = 10.0
+SLOW_MS = 10.0  # round trips this long are also counted per second of the run
 STALL_S = 30.0
 MAX_ERRORS_KEPT = 20
 
@@ -43,10 +45,21 @@ def percentile(sorted_values: list[float], p: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(p / 100 * len(sorted_values)))]
 
 
-def run(host: str, port: int, conns: int, seconds: float, size: int, interval: float) -> dict:
+def run(
+    host: str,
+    port: int,
+    conns: int,
+    seconds: float,
+    size: int,
+    interval: float,
+    after_s: float = 0.0,
+) -> dict[str, Any]:
+    """after_s: p99_after_ms counts only round trips begun that long after the start."""
     errors: list[str] = []
     error_count = 0
     latencies: list[float] = []
+    later: list[float] = []  # the round trips begun after after_s
+    slow_by_second: dict[int, int] = {}  # when the slow round trips happened
     verified = 0
 
     def error(message: str) -> None:
@@ -110,6 +123,11 @@ def run(host: str, port: int, conns: int, seconds: float, size: int, interval: f
                 continue
             if len(probe.got) == len(probe.payload):
                 latencies.append(now - probe.sent_at)
+                begun_s = probe.sent_at - stop_at + seconds
+                if begun_s >= after_s:
+                    later.append(now - probe.sent_at)
+                if now - probe.sent_at >= SLOW_MS / 1000:
+                    slow_by_second[int(begun_s)] = slow_by_second.get(int(begun_s), 0) + 1
                 verified += len(probe.payload)
                 probe.payload, probe.got = b"", bytearray()
                 probe.due = now + interval
@@ -135,6 +153,8 @@ def run(host: str, port: int, conns: int, seconds: float, size: int, interval: f
         "p50_ms": percentile(ms, 50),
         "p99_ms": percentile(ms, 99),
         "max_ms": ms[-1] if ms else 0.0,
+        "slow_by_second": slow_by_second,
+        "p99_after_ms": percentile(sorted(v * 1000 for v in later), 99),
     }
 
 
@@ -146,8 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--interval", type=float, default=0.01)
+    parser.add_argument("--after", type=float, default=0.0, help="seconds before p99_after_ms")
     args = parser.parse_args(argv)
-    result = run(args.host, args.port, args.conns, args.seconds, args.size, args.interval)
+    result = run(
+        args.host, args.port, args.conns, args.seconds, args.size, args.interval, args.after
+    )
     print(json.dumps(result), flush=True)
     return 0 if result["errors"] == 0 else 1
 
