@@ -310,6 +310,12 @@ def tls_session(sock: socket.socket) -> tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.
             incoming.write(sock.recv(65536))
 
 
+def feed_until_eof(sock: socket.socket, incoming: ssl.MemoryBIO) -> None:
+    """Hand what arrives to the TLS client until the EOF (a timeout or a reset raises)."""
+    while data := sock.recv(65536):
+        incoming.write(data)
+
+
 def test_tls_chargen_bandwidth_is_never_exceeded_beyond_one_burst(daemon: Daemon) -> None:
     """The plaintext pattern never outruns the bandwidth plus one burst."""
     total = 192 * 1024
@@ -360,16 +366,12 @@ def test_tls_discard_reset_after_bytes_received(daemon: Daemon) -> None:
         sock.sendall(outgoing.read())
         sock.settimeout(0.3)
         with pytest.raises(TimeoutError):  # the session tickets at most: no EOF, no reset
-            while data := sock.recv(65536):
-                incoming.write(data)
+            feed_until_eof(sock, incoming)
         sock.settimeout(WAIT_S)
         session.write(b"d")
         sock.sendall(outgoing.read())
-        got = bytearray()
         with pytest.raises(ConnectionResetError):
-            while data := sock.recv(65536):
-                got += data
-        incoming.write(bytes(got))
+            feed_until_eof(sock, incoming)
         with pytest.raises(ssl.SSLWantReadError):  # records, perhaps, but no plaintext
             session.read(100)
     closed_line(daemon, reason="fault_reset", bytes_in=5_000)
