@@ -429,23 +429,26 @@ def test_restart_handoff_carries_fault_service_connections(
     """SIGUSR2 during a shaped chargen stream and a delayed info line: both travel; the
     pattern goes on where it was, still within the bandwidth, and the line comes whole,
     no sooner than its delay. A TLS echo whose chunk waits for its delay cannot travel:
-    the old process echoes it at once, then close_notify."""
+    the old process echoes it at once, then close_notify; a shaped TLS chargen stream
+    ends with close_notify after an intact pattern."""
     chargen = Faults(bandwidth_bytes_per_s=RATE)
     late = Faults(delay_s=0.4)
     listen = [
         {"address": "127.0.0.61:0", "service": "chargen", "faults": chargen.active()},
         {"address": "127.0.0.62:0", "service": "info", "faults": late.active()},
         {"address": "127.0.0.63:0", "tls": True, "faults": {"delay": "5s"}},
+        {"address": "127.0.0.64:0", "tls": True, "service": "chargen", "faults": chargen.active()},
     ]
     keys = {"certificate": str(certs.server.certificate), "key": str(certs.server.key)}
     daemon = Daemon(write_config(tmp_path / "epolld.yaml", {"listen": listen, "tls": keys}))
     try:
-        daemon.wait_for("listening", count=3)
+        daemon.wait_for("listening", count=4)
         started = time.monotonic()
         with (
             plain(daemon, "127.0.0.61") as stream,
             plain(daemon, "127.0.0.62") as line,
             over_tls(daemon, "127.0.0.63") as secure,
+            over_tls(daemon, "127.0.0.64") as secure_stream,
         ):
             secure.sendall(b"waiting")
             got = bytearray(recv_exactly(stream, 100_000))
@@ -453,6 +456,11 @@ def test_restart_handoff_carries_fault_service_connections(
             assert daemon.wait_for("handoff_complete")[0]["connections"] == 2
             assert tls.recv_exactly(secure, 7) == b"waiting"
             assert secure.recv(100) == b""  # close_notify (a bare FIN would raise)
+            # TLS chargen: what the old process generated, then close_notify.
+            secure_got = bytearray()
+            while data := secure_stream.recv(65536):
+                secure_got += data
+            assert bytes(secure_got) == pattern.expected(0, len(secure_got))
             assert time.monotonic() - started < 5.0
             while len(got) < 200_000:
                 data = stream.recv(65536)
