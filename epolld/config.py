@@ -959,14 +959,10 @@ _SERVICE_FAULTS: dict[tuple[str, str], tuple[str, ...]] = {
 
 def _check_service_fault(node: yaml.Node, key: str, address: ListenAddress, where: str) -> None:
     """Refuse, at its line, a fault key the entry's service has no use for (faults/services.py
-    says what each does), and faults on a TLS service listener (not built)."""
+    says what each does; over TLS, faults/tls_services.py gives them the same meanings)."""
     service = address.service
     if service == "echo":
         return
-    if address.tls:
-        raise _NodeError(
-            node, f"{where}.{key}: faults are not available on TLS {service} listeners yet"
-        )
     allowed = _SERVICE_FAULTS[service, address.transport]
     if key not in allowed:
         takes = f"takes only {', '.join(allowed)}" if allowed else "takes no faults"

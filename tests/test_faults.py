@@ -335,6 +335,34 @@ def test_restart_handoff_carries_delayed_chunks(
         assert recv_exactly(sock, 5) == b"after"
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])  # the wildcard: PKTINFO
+def test_restart_handoff_carries_held_udp_replies(
+    tmp_path: Path, daemons: list[Daemon], host: str
+) -> None:
+    """SIGUSR2 while UDP replies wait for their delay: the next process sends each once
+    (from the address asked, on a wildcard socket), no sooner than asked."""
+    faults = Faults(delay_s=0.5)
+    settings = {"listen": [entry(f"udp:{host}:0", faults)]}
+    daemon = Daemon(write_config(tmp_path / "epolld.yaml", settings))
+    daemons.append(daemon)
+    _, port = address_of(daemon, faults)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.connect(("127.0.0.1", port))  # a reply from another address is not received
+        sock.settimeout(WAIT_S)
+        started = time.monotonic()
+        for i in range(3):
+            sock.send(b"held %d" % i)
+        time.sleep(0.05)  # read by the daemon, not yet answered
+        daemon.signal(signal.SIGUSR2)
+        daemon.wait_for("handoff_complete")
+        replies = sorted(sock.recv(100) for _ in range(3))
+        assert time.monotonic() - started >= faults.delay_s
+        assert replies == [b"held 0", b"held 1", b"held 2"]
+        sock.settimeout(0.3)
+        with pytest.raises(TimeoutError):  # each once
+            sock.recv(100)
+
+
 def test_workers_serve_fault_listeners(tmp_path: Path, daemons: list[Daemon]) -> None:
     """With workers, each worker's connections of a delay listener are delayed."""
     faults = Faults(delay_s=0.2)

@@ -107,8 +107,9 @@ def test_no_faults_is_none(tmp_path: pathlib.Path) -> None:
         ),
         ('{address: "127.0.0.1:0", faults: [delay]}', ":3: listen[1].faults: expected a mapping"),
         (
-            '{address: "127.0.0.1:0", tls: true, service: chargen, faults: {delay: 1s}}',
-            ":3: listen[1].faults.delay: faults are not available on TLS chargen listeners yet",
+            '{address: "127.0.0.1:0", tls: true, service: discard, faults: {delay: 1s}}',
+            ":3: listen[1].faults.delay: a TCP discard listener takes only close_after_bytes,"
+            " close_after, reset_after_bytes, reset_after",
         ),
         (
             '{address: "127.0.0.1:0", service: discard, faults: {delay: 1s}}',

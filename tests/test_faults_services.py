@@ -49,6 +49,11 @@ LISTENERS: dict[str, tuple[str, bool, Faults]] = {
     "127.0.0.22": ("echo", True, Faults(reset_after_bytes=50_000)),
     "127.0.0.23": ("echo", True, Faults(delay_s=DELAY_S)),
     "127.0.0.24": ("echo", True, Faults(bandwidth_bytes_per_s=RATE)),
+    "127.0.0.41": ("chargen", True, Faults(bandwidth_bytes_per_s=RATE)),
+    "127.0.0.42": ("chargen", True, Faults(close_after_bytes=40_000)),
+    "127.0.0.43": ("discard", True, Faults(close_after_bytes=5_000)),
+    "127.0.0.44": ("discard", True, Faults(reset_after_bytes=5_000)),
+    "127.0.0.45": ("info", True, Faults(delay_s=DELAY_S)),
     "udp:127.0.0.31": ("info", False, Faults(delay_s=DELAY_S)),
     "udp:127.0.0.32": ("info", False, Faults(drop=1.0)),
 }
@@ -288,6 +293,104 @@ def test_info_reset_after_before_the_line(daemon: Daemon) -> None:
     assert 0.1 <= elapsed < 5.0
 
 
+# -- discard, chargen and info over TLS ---------------------------------------------------
+
+
+def tls_session(sock: socket.socket) -> tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]:
+    """A TLS client over memory buffers, handshake done: it sees a reset that ssl.SSLSocket
+    reports as an EOF under OpenSSL 3."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    session = tls.client_context().wrap_bio(incoming, outgoing)
+    while True:
+        try:
+            session.do_handshake()
+            return session, incoming, outgoing
+        except ssl.SSLWantReadError:
+            sock.sendall(outgoing.read())
+            incoming.write(sock.recv(65536))
+
+
+def feed_until_eof(sock: socket.socket, incoming: ssl.MemoryBIO) -> None:
+    """Hand what arrives to the TLS client until the EOF (a timeout or a reset raises)."""
+    while data := sock.recv(65536):
+        incoming.write(data)
+
+
+def test_tls_chargen_bandwidth_is_never_exceeded_beyond_one_burst(daemon: Daemon) -> None:
+    """The plaintext pattern never outruns the bandwidth plus one burst."""
+    total = 192 * 1024
+    started = time.monotonic()  # before accept, when the bucket starts full
+    with over_tls(daemon, "127.0.0.41") as sock:
+        got = bytearray()
+        while len(got) < total:
+            data = sock.recv(65536)
+            assert data
+            got += data
+            assert len(got) <= BURST_BYTES + RATE * (time.monotonic() - started)
+    assert bytes(got[:total]) == pattern.expected(0, total)
+
+
+def test_tls_chargen_close_after_bytes_gives_n_then_close_notify(daemon: Daemon) -> None:
+    """Exactly close_after_bytes of the pattern, then close_notify (a bare FIN raises),
+    then FIN."""
+    with over_tls(daemon, "127.0.0.42") as sock:
+        got = bytearray()
+        while data := sock.recv(65536):
+            got += data
+        assert bytes(got) == pattern.expected(0, 40_000)
+        raw = sock.unwrap()
+        assert raw.recv(100) == b""
+    closed_line(daemon, reason="fault_close", bytes_in=0, bytes_out=40_000)
+
+
+def test_tls_discard_close_after_bytes_received(daemon: Daemon) -> None:
+    """One byte short of N plaintext received the connection stays; at N, close_notify
+    and FIN."""
+    with over_tls(daemon, "127.0.0.43") as sock:
+        sock.sendall(b"d" * 4_999)
+        sock.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            sock.recv(1)
+        sock.settimeout(WAIT_S)
+        sock.sendall(b"d")
+        assert sock.recv(100) == b""  # close_notify: a bare FIN raises
+        assert sock.unwrap().recv(100) == b""
+    closed_line(daemon, reason="fault_close", bytes_in=5_000, bytes_out=0)
+
+
+def test_tls_discard_reset_after_bytes_received(daemon: Daemon) -> None:
+    """At N plaintext bytes received, a reset (no close_notify)."""
+    with plain(daemon, "127.0.0.44") as sock:
+        session, incoming, outgoing = tls_session(sock)
+        session.write(b"d" * 4_999)
+        sock.sendall(outgoing.read())
+        sock.settimeout(0.3)
+        with pytest.raises(TimeoutError):  # the session tickets at most: no EOF, no reset
+            feed_until_eof(sock, incoming)
+        sock.settimeout(WAIT_S)
+        session.write(b"d")
+        sock.sendall(outgoing.read())
+        with pytest.raises(ConnectionResetError):
+            feed_until_eof(sock, incoming)
+        with pytest.raises(ssl.SSLWantReadError):  # records, perhaps, but no plaintext
+            session.read(100)
+    closed_line(daemon, reason="fault_reset", bytes_in=5_000)
+
+
+def test_tls_info_delay_delays_the_line(daemon: Daemon) -> None:
+    """The line comes whole, no sooner than the delay after the handshake, with the TLS
+    session's fields, then close_notify."""
+    with over_tls(daemon, "127.0.0.45") as sock:
+        started = time.monotonic()
+        got = bytearray()
+        while data := sock.recv(65536):
+            got += data
+        assert time.monotonic() - started >= DELAY_S
+    fields = json.loads(got)
+    assert fields["listener"].startswith("127.0.0.45:")
+    assert fields["tls"]["version"].startswith("TLSv1")
+
+
 def test_udp_info_reply_is_delayed_or_dropped(daemon: Daemon) -> None:
     """UDP info with a delay: the reply comes no sooner than asked; with drop: 1, none
     comes, and each one dropped is counted."""
@@ -326,23 +429,26 @@ def test_restart_handoff_carries_fault_service_connections(
     """SIGUSR2 during a shaped chargen stream and a delayed info line: both travel; the
     pattern goes on where it was, still within the bandwidth, and the line comes whole,
     no sooner than its delay. A TLS echo whose chunk waits for its delay cannot travel:
-    the old process echoes it at once, then close_notify."""
+    the old process echoes it at once, then close_notify; a shaped TLS chargen stream
+    ends with close_notify after an intact pattern."""
     chargen = Faults(bandwidth_bytes_per_s=RATE)
     late = Faults(delay_s=0.4)
     listen = [
         {"address": "127.0.0.61:0", "service": "chargen", "faults": chargen.active()},
         {"address": "127.0.0.62:0", "service": "info", "faults": late.active()},
         {"address": "127.0.0.63:0", "tls": True, "faults": {"delay": "5s"}},
+        {"address": "127.0.0.64:0", "tls": True, "service": "chargen", "faults": chargen.active()},
     ]
     keys = {"certificate": str(certs.server.certificate), "key": str(certs.server.key)}
     daemon = Daemon(write_config(tmp_path / "epolld.yaml", {"listen": listen, "tls": keys}))
     try:
-        daemon.wait_for("listening", count=3)
+        daemon.wait_for("listening", count=4)
         started = time.monotonic()
         with (
             plain(daemon, "127.0.0.61") as stream,
             plain(daemon, "127.0.0.62") as line,
             over_tls(daemon, "127.0.0.63") as secure,
+            over_tls(daemon, "127.0.0.64") as secure_stream,
         ):
             secure.sendall(b"waiting")
             got = bytearray(recv_exactly(stream, 100_000))
@@ -350,6 +456,11 @@ def test_restart_handoff_carries_fault_service_connections(
             assert daemon.wait_for("handoff_complete")[0]["connections"] == 2
             assert tls.recv_exactly(secure, 7) == b"waiting"
             assert secure.recv(100) == b""  # close_notify (a bare FIN would raise)
+            # TLS chargen: what the old process generated, then close_notify.
+            secure_got = bytearray()
+            while data := secure_stream.recv(65536):
+                secure_got += data
+            assert bytes(secure_got) == pattern.expected(0, len(secure_got))
             assert time.monotonic() - started < 5.0
             while len(got) < 200_000:
                 data = stream.recv(65536)

@@ -9,7 +9,9 @@ limiter admitted it, and before it sends the reply:
 intercept() returns False when the reply is to go out now, as without faults. A held
 reply waits in a bounded heap (MAX_HELD datagrams, MAX_HELD_BYTES): beyond that it is
 dropped and counted as send_buffer, never queued without bound. Replies may overtake each
-other with jitter, as datagrams do. Held replies do not travel through a restart handoff.
+other with jitter, as datagrams do. Held replies travel through a restart handoff in the
+endpoint's record (handoff_held, restore_held) and keep their due time: CLOCK_MONOTONIC
+is the machine's, not the process's.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from epolld.config import Faults
 
 if TYPE_CHECKING:
     from epolld.core.loop import Reactor, Timer
+    from epolld.handoff import State, StateWriter
 
 MAX_HELD: Final = 4096  # datagrams waiting for their delay, per UDP socket
 MAX_HELD_BYTES: Final = 4 * 1024 * 1024
@@ -117,6 +120,34 @@ class DatagramFaults:
                 stats.dropped[SEND_BUFFER if e.errno in _SEND_FULL_ERRNOS else SEND_ERROR] += 1
                 continue
             stats.echoed += 1
+        self._arm()
+
+    def handoff_held(self, out: StateWriter) -> list[dict[str, Any]]:
+        """The held replies for the next process (the loop does not turn again here, so
+        none is also sent by this one)."""
+        return [
+            {
+                "due": due,
+                "data": out.data(data),
+                "addr": list(addr),
+                "ancdata": [[level, kind, out.data(value)] for level, kind, value in ancdata],
+            }
+            for due, _, data, addr, ancdata in sorted(self._held)
+        ]
+
+    def restore_held(self, held: list[dict[str, Any]], state: State) -> None:
+        """Hold again what the previous process held, within the same bounds."""
+        for item in held:
+            data = state.data(item["data"])
+            if len(self._held) >= MAX_HELD or self._held_bytes + len(data) > MAX_HELD_BYTES:
+                self._stats.dropped[SEND_BUFFER] += 1
+                continue
+            ancdata = [
+                (int(level), int(kind), state.data(ref)) for level, kind, ref in item["ancdata"]
+            ]
+            entry = (float(item["due"]), next(self._seq), data, tuple(item["addr"]), ancdata)
+            heapq.heappush(self._held, entry)
+            self._held_bytes += len(data)
         self._arm()
 
     def close(self) -> None:

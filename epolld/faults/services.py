@@ -172,13 +172,7 @@ class FaultyChargen(FaultyService):
     def attach(self, plan: FaultPlan, now: float) -> None:
         """The echo's faults, but `delay` (plus jitter) delays the start, once."""
         super().attach(plan, now)
-        faults = plan.faults
-        self.start_at = self.opened_at + faults.delay_s + faults.jitter_s * plan.random()
-        if faults.delay_s or faults.jitter_s:
-            plan.count("delay")
-        self.shaper = Shaper(
-            dataclasses.replace(faults, delay_s=0.0, jitter_s=0.0), now, plan.random
-        )
+        self.start_at, self.shaper = stream_start(plan, self.opened_at, now)
 
     def on_event(self, ev: int) -> int:
         if ev & EPOLLHUP_ERR:
@@ -252,6 +246,17 @@ class FaultyChargen(FaultyService):
     def resume(self, plan: FaultPlan, record: dict[str, Any], now: float) -> None:
         super().resume(plan, record, now)
         self.start_at = float(record.get("start_at") or 0.0)
+
+
+def stream_start(plan: FaultPlan, opened_at: float, now: float) -> tuple[float, Shaper]:
+    """chargen's start (opened_at plus delay and jitter, once) and its Shaper, which then
+    only shapes and caps: plain here, over TLS in faults/tls_services.py."""
+    faults = plan.faults
+    start_at = opened_at + faults.delay_s + faults.jitter_s * plan.random()
+    if faults.delay_s or faults.jitter_s:
+        plan.count("delay")
+    shaper = Shaper(dataclasses.replace(faults, delay_s=0.0, jitter_s=0.0), now, plan.random)
+    return start_at, shaper
 
 
 class FaultyInfo(FaultyService):

@@ -366,13 +366,21 @@ class Admission:
         context: ssl.SSLContext | None,
         header: ProxyHeader | None,
     ) -> Connection:
-        """A fault listener's connection (faults/): echo, plain or TLS, or a service (no TLS
-        service: config.py refuses faults there). It copies whatever io says."""
+        """A fault listener's connection (faults/): echo or a service, plain or TLS. It
+        copies whatever io says."""
         buf, shared, now = self.read_buf, self.shared, self.reactor.now
+        if service is not None and context is not None and self.tls is not None:
+            from epolld.faults.tls_services import open_faulty_tls_service
+
+            conn: Connection = open_faulty_tls_service(
+                plan, self.tls, service, context, sock, ip, peer=peer, edge=self.edge,
+                listener=listener, header=header, buf=buf, shared=shared, now=now,
+            )  # fmt: skip
+            return conn
         if service is not None:
             from epolld.faults.services import open_faulty_service
 
-            conn: Connection = open_faulty_service(
+            conn = open_faulty_service(
                 plan, service, sock, ip, peer=peer, edge=self.edge, listener=listener,
                 header=header, buf=buf, shared=shared, now=now,
             )  # fmt: skip

@@ -303,6 +303,15 @@ class Handoff:
         listener = Listener.from_handoff(record, state)
         self.listener_set.add(listener)
         self._udp.add(listener)
+        held = record.get("held")
+        if held:  # replies a fault listener held for their delay
+            self._restore_held(listener, held, state)
+
+    def _restore_held(self, listener: Listener, held: list[Any], state: handoff.State) -> None:
+        """Held again while the listener still has faults (as at a reload, none: let go)."""
+        for endpoint in self._udp.endpoints():
+            if endpoint.listener is listener and endpoint.faults is not None:
+                endpoint.faults.restore_held(held, state)
 
     def _restore_metrics_listener(self, record: dict[str, Any], state: handoff.State) -> None:
         self._process.restore_metrics(Listener.from_handoff(record, state))

@@ -28,6 +28,46 @@ from epolld.tls.serving import TlsServing
 GENERATE_RECORDS: Final = 8  # chargen: records written per event before yielding the loop
 
 
+def drop_records(conn: TlsConnection, ev: int, budget: int) -> bool:
+    """Decrypt and drop the records received (at most budget of them, as the echo reads
+    them); False: close now. A service's _read (faults/tls_services.py's too)."""
+    tls, buf = conn.tls, conn.buf
+    size = len(buf)
+    while True:
+        try:
+            n = tls.read(size, buf)
+        except ssl.SSLWantReadError:
+            return True
+        except ssl.SSLEOFError:  # a FIN without close_notify: the stream is over
+            conn.reason = "truncated"
+            conn.eof = True
+            conn.reading = False
+            return True
+        except ssl.SSLWantWriteError:  # as in TlsConnection._read
+            conn.shared.reschedule((conn.fd, EPOLLIN))
+            return True
+        except ssl.SSLError as e:
+            conn.reason = "error"
+            conn.error = f"tls: {e.reason or e}"
+            return False
+        except OSError as e:
+            conn._fail(e)
+            return False
+        if not n:  # the client's close_notify: ours follows once what waits is sent
+            conn.reason = conn.reason or "eof"
+            conn.phase = CLOSING
+            conn.reading = False
+            return True
+        conn.bytes_in += n
+        if n == size and tls.pending():
+            continue
+        budget -= 1
+        if not budget or (not ev & EPOLLRDHUP and not receive_queued(conn.fd)):
+            if not budget and conn.edge_mode:
+                conn.shared.reschedule((conn.fd, ev & (EPOLLIN | EPOLLRDHUP) or EPOLLIN))
+            return True
+
+
 class TlsService(TlsConnection):
     """The handshake as TLS echo's; then the service instead of the echo. bytes_in counts
     the plaintext received (and dropped), bytes_out what the service sent."""
@@ -45,43 +85,7 @@ class TlsService(TlsConnection):
         return self.sent
 
     def _read(self, ev: int, budget: int) -> bool:
-        """Decrypt and drop the records received (at most budget of them, as the echo
-        reads them); False: close now."""
-        tls, buf = self.tls, self.buf
-        size = len(buf)
-        while True:
-            try:
-                n = tls.read(size, buf)
-            except ssl.SSLWantReadError:
-                return True
-            except ssl.SSLEOFError:  # a FIN without close_notify: the stream is over
-                self.reason = "truncated"
-                self.eof = True
-                self.reading = False
-                return True
-            except ssl.SSLWantWriteError:  # as in TlsConnection._read
-                self.shared.reschedule((self.fd, EPOLLIN))
-                return True
-            except ssl.SSLError as e:
-                self.reason = "error"
-                self.error = f"tls: {e.reason or e}"
-                return False
-            except OSError as e:
-                self._fail(e)
-                return False
-            if not n:  # the client's close_notify: ours follows once what waits is sent
-                self.reason = self.reason or "eof"
-                self.phase = CLOSING
-                self.reading = False
-                return True
-            self.bytes_in += n
-            if n == size and tls.pending():
-                continue
-            budget -= 1
-            if not budget or (not ev & EPOLLRDHUP and not receive_queued(self.fd)):
-                if not budget and self.edge_mode:
-                    self.shared.reschedule((self.fd, ev & (EPOLLIN | EPOLLRDHUP) or EPOLLIN))
-                return True
+        return drop_records(self, ev, budget)
 
     def _send(self, data: bytes | memoryview) -> bool:
         """Hand data to OpenSSL; what the socket does not take waits in `out` (written
@@ -131,15 +135,21 @@ class TlsInfo(TlsService):
     SERVICE = "info"
 
     def _established(self) -> None:
-        listener, header = self.about
-        try:
-            fields = info.tcp_fields(self.sock, listener, header)
-        except OSError:
-            return
-        fields["tls"] = tls_fields(self)
-        if self._send(info.line(fields)):
+        line = info_line(self, self.about)
+        if line is not None and self._send(line):
             self.phase = CLOSING  # then close_notify, FIN, and linger until the client's FIN
             self.reading = False
+
+
+def info_line(conn: TlsConnection, about: tuple[str, Any]) -> bytes | None:
+    """info's line for a TLS client (None: the client has gone)."""
+    listener, header = about
+    try:
+        fields = info.tcp_fields(conn.sock, listener, header)
+    except OSError:
+        return None
+    fields["tls"] = tls_fields(conn)
+    return info.line(fields)
 
 
 def tls_fields(conn: TlsConnection) -> dict[str, Any]:
@@ -184,15 +194,15 @@ def open_tls_service(
     edge: bool,
     listener: str,
     header: Any,
+    cls: type[TlsConnection] | None = None,
 ) -> TlsConnection:
-    """The TLS connection of a service listener's client."""
+    """The TLS connection of a service listener's client (of cls: a fault listener's)."""
     if service == "info" and context.sni_callback is None:
         # Without SNI entries nothing records the name the client asked for.
         context.sni_callback = _record_sni
-    conn = serving.open(
+    conn: Any = serving.open(
         context, sock, ip, buf=buf, shared=shared, now=now, peer=peer, edge=edge,
-        cls=_CLASSES[service],
+        cls=cls or _CLASSES[service],
     )  # fmt: skip
-    assert isinstance(conn, TlsService)
-    conn.about = (listener, header)
-    return conn
+    conn.about = (listener, header)  # every service class has it (faults/tls_services.py's too)
+    return conn  # type: ignore[no-any-return]

@@ -614,10 +614,14 @@ class UdpEndpoint:
         listeners_mod.close(self.listener)
 
     def handoff_state(self, out: StateWriter) -> dict[str, Any] | None:
-        """At a restart the socket travels (datagrams queue in it meanwhile); the rate
-        limiter's per-source state starts afresh in the next process."""
+        """At a restart the socket travels (datagrams queue in it meanwhile), with the
+        replies its faults hold; the rate limiter's per-source state starts afresh in the
+        next process."""
         record = self.listener.handoff_state(out)
-        return None if record is None else {**record, "kind": "udp"}
+        if record is None:
+            return None
+        held = self.faults.handoff_held(out) if self.faults is not None else None
+        return {**record, "kind": "udp", **({"held": held} if held else {})}
 
 
 class UdpEndpoints:
