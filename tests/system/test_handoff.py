@@ -330,10 +330,13 @@ def test_sigkill_restart_starts_afresh(container: Container, debs: dict[str, Pat
 # -- a handoff killed half-stored (issue 20) --------------------------------------------
 
 KILLED_CONFIG = 'listen:\n  - "127.0.0.1:7080"\nshutdown_timeout: 5s\nworkers: {workers}\n'
-# The old process's sendmsg calls in a handoff: the descriptors into the pair (one batch
-# for a few connections), FDSTORE of pair0-a, pair0-b, the state memfd, then BARRIER=1.
-BEFORE_THE_STATE = 4
-AFTER_THE_STATE = 5
+# The old process's sendmsg calls in a handoff, by `workers`. One process: the listener
+# into pair0 and the client connections into pair1 (those may stay behind past the
+# in-flight limit, so they travel apart: handoff.send_descriptors_upto), FDSTORE of
+# pair0-a, pair0-b, pair1-a, pair1-b, the state memfd, then BARRIER=1. A supervisor: its
+# workers' transports into pair0, FDSTORE of pair0-a, pair0-b, the state, BARRIER=1.
+BEFORE_THE_STATE = {1: 7, 2: 4}
+AFTER_THE_STATE = {1: 8, 2: 5}
 
 
 def _kill_at(c: Container, pid: int, sendmsg: int) -> subprocess.Popen[bytes]:
@@ -363,7 +366,7 @@ def _kill_at(c: Container, pid: int, sendmsg: int) -> subprocess.Popen[bytes]:
     "kill_at", [BEFORE_THE_STATE, AFTER_THE_STATE], ids=["before-state", "after-state"]
 )
 def test_handoff_killed_while_storing_leaves_no_leftovers(
-    c: Container, cursor: str, workers: int, kill_at: int
+    c: Container, cursor: str, workers: int, kill_at: dict[int, int]
 ) -> None:
     """A restart whose old process is SIGKILLed while storing its transport: killed
     before its state, the next process closes the stranded connections (EOF, not a hang)
@@ -380,7 +383,7 @@ def test_handoff_killed_while_storing_leaves_no_leftovers(
         for sock in stranded:
             sock.sendall(b"before\n")
             assert recv_exactly(sock, 7, IO_TIMEOUT_S) == b"before\n"
-        tracer = _kill_at(c, pid, kill_at)
+        tracer = _kill_at(c, pid, kill_at[workers])
         c.systemctl("restart", "epolld", check=False)  # its stop ends in a SIGKILL
         assert tracer.wait(WAIT_S) is not None
         wait_until(
@@ -394,7 +397,7 @@ def test_handoff_killed_while_storing_leaves_no_leftovers(
         except TimeoutError:
             raise AssertionError(f"{_store_size(c)} stored:\n{_journal_tail(c)}") from None
         logged = {e["event"] for e in events(c, cursor)}
-        if kill_at == BEFORE_THE_STATE:
+        if kill_at is BEFORE_THE_STATE:
             assert "handoff_leftovers_removed" in logged, _journal_tail(c)
             for sock in stranded:  # closed with the leftovers: a FIN (or a reset)
                 with contextlib.suppress(ConnectionResetError):
