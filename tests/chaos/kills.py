@@ -27,9 +27,10 @@ PORT = 7080
 CLIENTS = 300
 WAIT_S = 30.0
 IO_TIMEOUT_S = 10.0
-# The old process's sendmsg calls: descriptors into each pair (a batch each), FDSTORE of
-# every pair's two ends and of the state memfd, then BARRIER=1. Kill at each of the first few.
-KILL_AT = (1, 2, 3, 4, 5, 6)
+# The old process's sendmsg calls, one process with 300 clients: the listener into pair0,
+# the clients into pair1 (two batches of at most 253), FDSTORE of pair0-a, pair0-b,
+# pair1-a, pair1-b, the state memfd, then BARRIER=1 (9 calls). Kill at each.
+KILL_AT = (1, 2, 3, 4, 5, 6, 7, 8, 9)
 CONFIG = """\
 listen: ["127.0.0.1:{port}"]
 workers: {workers}

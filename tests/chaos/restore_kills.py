@@ -130,9 +130,10 @@ def _guest_pid(pid: int) -> int:
     return 0
 
 
-def _successor_recovered(service: PackagedService, cursor: str, expected: bool) -> int:
-    """Connections the process after the kill took over (its handoff_complete line; when
-    one is expected, waited for: journald may be behind on a busy machine)."""
+def _successor_recovered(service: PackagedService, cursor: str, expected: bool) -> tuple[int, int]:
+    """Connections and listeners the process after the kill took over (its
+    handoff_complete line; when one is expected, waited for: journald may be behind on a
+    busy machine)."""
 
     def entries() -> list[dict[str, str]] | None:
         # Filtered here: journalctl's -u with a field match and --after-cursor missed it.
@@ -146,8 +147,9 @@ def _successor_recovered(service: PackagedService, cursor: str, expected: bool) 
     try:
         found = wait_until(entries, JOURNAL_WAIT_S if expected else 0.0, "handoff_complete")
     except TimeoutError:
-        return 0
-    return int(found[-1].get("EPOLLD_CONNECTIONS", 0))
+        return 0, 0
+    last = found[-1]
+    return int(last.get("EPOLLD_CONNECTIONS", 0)), int(last.get("EPOLLD_LISTENERS", 0))
 
 
 def _one_kill(
@@ -207,19 +209,22 @@ def _one_kill(
         answers["new"] = 1 if _answer(fresh) == "echo" else 0
         fresh.close()
         received = kill.received()
-        # The listener is the first descriptor sent: a process that received anything
-        # received it. Everything else still in flight must come back.
-        in_flight = CLIENTS - max(0, received - LISTENERS)
+        # Everything still in flight must come back: the clients as connections and,
+        # if the killed process had not received it yet, the listener (whether it came
+        # before or after the clients depends on the transport's order of pairs).
+        in_flight = CLIENTS + LISTENERS - received
         answers["received"] = received
-        answers["taken_over"] = _successor_recovered(service, cursor, in_flight > 0)
+        taken, listeners = _successor_recovered(service, cursor, in_flight > 0)
+        answers["taken_over"] = taken
         where += f" after receiving {received} of {CLIENTS + LISTENERS} descriptors"
         row.require(answers["hung"] == 0, f"{where}: {answers['hung']} clients left hanging")
         row.require(answers["wrong"] == 0, f"{where}: {answers['wrong']} clients got a wrong echo")
         row.require(answers["new"] == 1, f"{where}: a new client was not served")
         row.require(
-            answers["echo"] == in_flight and answers["taken_over"] == in_flight,
-            f"{where}: {in_flight} connections were still in flight, the next process took"
-            f" over {answers['taken_over']} and {answers['echo']} still echo",
+            answers["echo"] == taken and taken + listeners == in_flight,
+            f"{where}: {in_flight} descriptors were still in flight, the next process took"
+            f" over {taken} connections and {listeners} listeners, and {answers['echo']}"
+            " still echo",
         )
         return answers
     finally:
