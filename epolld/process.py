@@ -371,7 +371,7 @@ def reap_orphans(signum: int = signal.SIGCHLD) -> None:
 
 # Python collects its oldest generation after every 10 collections of the middle one, and
 # each of those walks every open connection's objects: beside 9,000 idle connections a
-# round trip cost 7.5% more instructions (callgrind, bench/analysis.md), 1.6% with this.
+# round trip cost 7.5% more instructions (callgrind, bench/analysis.md), 2.6% with this.
 # A connection is freed by its reference count when it closes; the cycles left (an
 # exception's traceback) are young, and the younger generations still collect them.
 OLDEST_GENERATION_EVERY = 100

@@ -27,8 +27,8 @@ from epolld.udp.endpoint import UdpEndpoints
 log = structlog.get_logger("epolld")
 
 # Closes between two polls. 500 cost 40 ms of a turn's CPU at 16,700 connections per worker
-# and held a ping-pong beside six expiring workers on one core for 250 ms; 100 cost 20 ms and
-# held it 99 ms (bench/analysis.md, the 100,000 connections).
+# and held a ping-pong beside six expiring workers on one core for 250 ms; 100 cost 17-20 ms
+# and held it 67-99 ms (bench/analysis.md, the 100,000 connections).
 IDLE_CLOSES_PER_TURN = 100
 SIOCOUTQ: Final = termios.TIOCOUTQ  # the same ioctl number for sockets (tcp(7), unix(7))
 LINGER_RESET: Final = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends an RST
