@@ -21,11 +21,8 @@ the same at that time after accept, dropping whatever waited.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import random
 import socket
-import struct
-import termios
 import time
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
@@ -45,26 +42,17 @@ from epolld.tcp.connection import (
     Connection,
     SharedSettings,
 )
+from epolld.tcp.reset import reset_on_close, unacked_bytes
 
 if TYPE_CHECKING:
     from epolld.handoff import StateWriter
 
-SIOCOUTQ: Final = termios.TIOCOUTQ  # the same ioctl number for sockets (tcp(7))
 RESET_POLL_S: Final = 0.005  # how often to look at the send queue before an RST
 RESET_WAIT_MAX_S: Final = 10.0  # a peer that acknowledges nothing gets its RST anyway
 # A level-triggered connection that waits only for its timer (reading paused or over, and
 # nothing to send) must still be registered with some mask: edge-triggered RDHUP reports
 # at most once (HUP and ERR are reported whatever the mask).
 PARKED: Final = EPOLLRDHUP | EPOLLET
-SO_LINGER_RESET: Final = struct.pack("ii", 1, 0)
-
-
-def unacked_bytes(fd: int) -> int:
-    """Bytes sent and not yet acknowledged by the peer (SIOCOUTQ); 0 if it cannot say."""
-    try:
-        return int(struct.unpack("i", fcntl.ioctl(fd, SIOCOUTQ, b"\0\0\0\0"))[0])
-    except OSError:
-        return 0
 
 
 class FaultPlan:
@@ -330,7 +318,7 @@ class FaultyConnection(Connection):
         self.plan.count("reset")  # type: ignore[union-attr]
         self.reason = "fault_reset"
         try:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, SO_LINGER_RESET)
+            reset_on_close(self.sock)
         except OSError as e:
             return self._fail(e)
         return CLOSE

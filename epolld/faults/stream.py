@@ -14,12 +14,10 @@ from epolld.faults.connection import (
     PARKED,
     RESET_POLL_S,
     RESET_WAIT_MAX_S,
-    SO_LINGER_RESET,
     EdgeFaultyConnection,
     FaultPlan,
     FaultyConnection,
     fault_class,
-    unacked_bytes,
 )
 from epolld.faults.services import service_class
 
@@ -32,13 +30,11 @@ __all__ = [
     "PARKED",
     "RESET_POLL_S",
     "RESET_WAIT_MAX_S",
-    "SO_LINGER_RESET",
     "EdgeFaultyConnection",
     "FaultPlan",
     "FaultyConnection",
     "fault_class",
     "restore",
-    "unacked_bytes",
 ]
 
 

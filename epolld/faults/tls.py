@@ -17,7 +17,6 @@ straight back to OpenSSL, and a timer writes it once it is due and the bucket al
 
 from __future__ import annotations
 
-import socket
 import ssl
 import time
 from typing import TYPE_CHECKING, Any
@@ -27,11 +26,10 @@ from epolld.faults.connection import (
     PARKED,
     RESET_POLL_S,
     RESET_WAIT_MAX_S,
-    SO_LINGER_RESET,
-    unacked_bytes,
 )
 from epolld.faults.shaper import Shaper
 from epolld.tcp.connection import EDGE_MASK, EPOLLIN, EPOLLOUT, EPOLLRDHUP, LEVEL_READ
+from epolld.tcp.reset import reset_on_close, unacked_bytes
 from epolld.tls.connection import CLOSING, ECHO, HANDSHAKE, LINGER, TlsConnection, receive_queued
 
 if TYPE_CHECKING:
@@ -274,7 +272,7 @@ class FaultyTlsConnection(TlsConnection):
         self.plan.count("reset")  # type: ignore[union-attr]
         self.reason = "fault_reset"
         try:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, SO_LINGER_RESET)
+            reset_on_close(self.sock)
         except OSError as e:
             return self._fail(e)
         return CLOSE

@@ -5,12 +5,8 @@ shutdown_timeout or a second SIGINT.
 
 from __future__ import annotations
 
-import fcntl
 import signal
 import socket
-import struct
-import termios
-from typing import Final
 
 import structlog
 
@@ -22,6 +18,7 @@ from epolld.service.admission import Admission
 from epolld.service.proxied import Proxied
 from epolld.systemd import Notifier
 from epolld.tcp.connection import Connection
+from epolld.tcp.reset import reset_on_close, unacked_bytes
 from epolld.udp.endpoint import UdpEndpoints
 
 log = structlog.get_logger("epolld")
@@ -30,8 +27,6 @@ log = structlog.get_logger("epolld")
 # and held a ping-pong beside six expiring workers on one core for 250 ms; 100 cost 17-20 ms
 # and held it 67-99 ms (bench/analysis.md, the 100,000 connections).
 IDLE_CLOSES_PER_TURN = 100
-SIOCOUTQ: Final = termios.TIOCOUTQ  # the same ioctl number for sockets (tcp(7), unix(7))
-LINGER_RESET: Final = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends an RST
 
 
 class Drain:
@@ -160,11 +155,10 @@ def reset_if_unread(sock: socket.socket) -> bool:
     kept the kernel's TCP memory above its pressure line (issue 20, scenario 5). nginx's
     reset_timedout_connection does the same. Returns True when the close will be a reset.
     """
+    if unacked_bytes(sock.fileno()) == 0:  # or not a socket that says: close as always
+        return False
     try:
-        queued = struct.unpack("i", fcntl.ioctl(sock.fileno(), SIOCOUTQ, b"\0\0\0\0"))[0]
-        if queued > 0:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
-            return True
-    except OSError:  # not a socket that says: close as always
-        pass
-    return False
+        reset_on_close(sock)
+    except OSError:
+        return False
+    return True
