@@ -267,6 +267,16 @@ def test_longest_turn_is_the_longest_work_between_two_polls(reactor: Reactor) ->
     assert reactor.longest_deferred_cpu_s < 0.05  # sleeping is no CPU
 
 
+def test_slow_turns_counts_each_turn_over_100_ms(reactor: Reactor) -> None:
+    """Two turns held 0.12 s count twice, though the second is shorter than the longest;
+    a turn of 0.05 s does not count (the stats line's slow_turns)."""
+    reactor.call_later(0.01, lambda: time.sleep(0.15))
+    reactor.call_later(0.20, lambda: time.sleep(0.12))
+    reactor.call_later(0.40, lambda: time.sleep(0.05))
+    run_for(reactor, 0.6)
+    assert reactor.slow_turns == 2
+
+
 def test_longest_deferred_cpu_counts_the_work_of_timers_and_call_soon(reactor: Reactor) -> None:
     """CPU spent in a timer shows in longest_deferred_cpu_s (the stats line's
     longest_deferred_cpu_ms), a figure that waiting for the core does not inflate."""

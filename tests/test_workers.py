@@ -107,6 +107,7 @@ def test_connections_spread_within_20_percent(start_workers: Any, count: int) ->
     # Each worker's loop: its longest turn and the CPU of its deferred work, in ms.
     assert all(0 <= e["longest_turn_ms"] < 1000 for e in stats["workers"]), stats["workers"]
     assert all(0 <= e["longest_deferred_cpu_ms"] < 1000 for e in stats["workers"])
+    assert all(e["slow_turns"] >= 0 for e in stats["workers"])
 
 
 @pytest.mark.parametrize("count", WORKER_COUNTS)

@@ -300,6 +300,7 @@ TABLES["scale-expiry"] = [
     ("longest round trip µs", col_range("max_us")),
     ("loop's longest turn ms, before / after", col_turns),
     ("its deferred work's CPU ms, before / after", col_deferred),
+    ("turns over 100 ms during the wave", col_median("slow_turns_measured")),
     ("peak RSS MiB", col_median("peak_rss_mib", 1)),
     ("other", col_other),
     ("errors", col_errors),
@@ -348,7 +349,9 @@ def method(data: dict[str, Any]) -> list[str]:
         " the server's peak RSS above its start-up RSS (read right after it announced its port)"
         " divided by the connections. In the **expiry** run the idle timeout closes every held "
         "connection while the ping-pong client keeps sending: its longest round trip is the "
-        "longest the loop was held. **listen drops** (TcpExt ListenDrops) counts handshakes a "
+        "longest the loop was held, and **turns over 100 ms** counts the loop turns of over "
+        "100 ms in every epolld process while it ran (the stats line's slow_turns, after minus"
+        " before). **listen drops** (TcpExt ListenDrops) counts handshakes a "
         "full accept queue dropped while the connections were established: each is retried "
         "after 1 s, so a server that drains its queue too slowly pays whole seconds. **pipe "
         "fds** (splice) are its pipe ends. In the fairness table the client core's **other**"

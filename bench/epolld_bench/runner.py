@@ -154,10 +154,10 @@ def run_once(server: Server, workload: Workload, rep: int, opts: argparse.Namesp
             if server.io == "splice":
                 pipes = processes.count_pipes(proc.pid)
         if workload.holders and isinstance(server, EpolldServer):
-            extra["longest_turn_before_ms"] = longest_turn_ms(proc, log)
-            extra["longest_deferred_cpu_before_ms"] = longest_turn_ms(
-                proc, log, "longest_deferred_cpu_ms"
-            )
+            loops = loop_figures(proc, log)
+            extra["longest_turn_before_ms"] = loops.get("longest_turn_ms")
+            extra["longest_deferred_cpu_before_ms"] = loops.get("longest_deferred_cpu_ms")
+            extra["slow_turns_before"] = loops.get("slow_turns")
         before = processes.cpu_jiffies()
         program = workload.load.program
         argv = loadgen_argv(
@@ -190,8 +190,13 @@ def run_once(server: Server, workload: Workload, rep: int, opts: argparse.Namesp
         alive = proc.poll() is None
         hwm = processes.status_kib(proc.pid, "VmHWM")
         if alive and workload.holders and isinstance(server, EpolldServer):
-            extra["longest_turn_ms"] = longest_turn_ms(proc, log)
-            extra["longest_deferred_cpu_ms"] = longest_turn_ms(proc, log, "longest_deferred_cpu_ms")
+            loops = loop_figures(proc, log)
+            extra["longest_turn_ms"] = loops.get("longest_turn_ms")
+            extra["longest_deferred_cpu_ms"] = loops.get("longest_deferred_cpu_ms")
+            before = extra.get("slow_turns_before")
+            if loops.get("slow_turns") is not None and before is not None:
+                # Turns of over 100 ms while the measured client ran (the wave's, in expiry).
+                extra["slow_turns_measured"] = loops["slow_turns"] - before
     finally:
         for client in background:
             processes.stop(client)
@@ -240,12 +245,13 @@ def _wait_processes(proc: subprocess.Popen[bytes], server: Server) -> None:
     time.sleep(0.2 if want > 1 else 0)  # a worker's own start-up, after its fork
 
 
-def longest_turn_ms(
-    proc: subprocess.Popen[bytes], log: Path, key: str = "longest_turn_ms"
-) -> float | None:
-    """The longest turn of epolld's loop so far, of all its processes (the stats line's
-    longest_turn_ms, per worker in the supervisor's; or another such key, such as
-    longest_deferred_cpu_ms): SIGUSR1, then the new stats line."""
+LOOP_MAXIMA = ("longest_turn_ms", "longest_deferred_cpu_ms")
+
+
+def loop_figures(proc: subprocess.Popen[bytes], log: Path) -> dict[str, float]:
+    """epolld's loop figures so far, of all its processes, from a new stats line (SIGUSR1):
+    the largest longest_turn_ms and longest_deferred_cpu_ms of any process (per worker in
+    the supervisor's line), and the sum of their slow_turns (turns over 100 ms)."""
 
     def stats_lines() -> list[dict[str, Any]]:
         out = []
@@ -268,12 +274,18 @@ def longest_turn_ms(
         lines = stats_lines()
         if len(lines) > seen:
             entry = lines[-1]
-            turns = [w.get(key) for w in entry.get("workers", [])]
-            turns.append(entry.get(key))
-            values = [float(t) for t in turns if t is not None]
-            return max(values) if values else None
+            loops = [*entry.get("workers", []), entry]
+            figures: dict[str, float] = {}
+            for key in LOOP_MAXIMA:
+                values = [float(x[key]) for x in loops if x.get(key) is not None]
+                if values:
+                    figures[key] = max(values)
+            slow = [int(x["slow_turns"]) for x in loops if x.get("slow_turns") is not None]
+            if slow:
+                figures["slow_turns"] = sum(slow)
+            return figures
         time.sleep(0.05)
-    return None
+    return {}
 
 
 def _idle_memory(result: Result, extra: Result, workload: Workload) -> None:
@@ -519,6 +531,7 @@ METRICS: dict[str, Callable[[Result], Any]] = {  # summary key: how to get it fr
     "longest_turn_before_ms": _field("longest_turn_before_ms"),
     "longest_deferred_cpu_ms": _field("longest_deferred_cpu_ms"),
     "longest_deferred_cpu_before_ms": _field("longest_deferred_cpu_before_ms"),
+    "slow_turns_measured": _field("slow_turns_measured"),
     "handoff_s": _field("handoff_s"),
     "handoff_conns": _field("handoff_conns"),
     **{

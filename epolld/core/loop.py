@@ -47,6 +47,7 @@ log = structlog.get_logger("epolld")
 
 CLOSE: Final = 0  # returned by on_event instead of a mask: unregister and close
 MAX_EVENTS: Final = 1024  # per epoll_wait(); a larger batch only delays timers
+SLOW_TURN_S: Final = 0.1  # a turn longer than this holds every connection noticeably
 EPOLL_FLAG_NAMES = [
     (getattr(select, name), name)
     for name in ("EPOLLIN", "EPOLLPRI", "EPOLLOUT", "EPOLLERR", "EPOLLHUP", "EPOLLRDHUP")
@@ -112,6 +113,9 @@ class Reactor:
         # the longest any event waited behind the loop's own work (the stats line shows it).
         self.longest_turn_s = 0.0
         self.longest_deferred_cpu_s = 0.0  # the most CPU of call_soon work and timers in a turn
+        # Turns longer than SLOW_TURN_S since run(): unlike the longest, a count tells a reader
+        # comparing two stats lines whether the loop was held between them.
+        self.slow_turns = 0
 
     def __len__(self) -> int:
         return len(self._handlers)
@@ -225,6 +229,8 @@ class Reactor:
             end = monotonic()
             if end - now > self.longest_turn_s:
                 self.longest_turn_s = end - now
+            if end - now > SLOW_TURN_S:
+                self.slow_turns += 1
             if ready or soon:
                 timeout = 0.0
             elif timers:

@@ -98,6 +98,7 @@ class Report:
             "proxy_reading": len(self._proxied.readers),
             "longest_turn_ms": round(self.reactor.longest_turn_s * 1000, 1),
             "longest_deferred_cpu_ms": round(self.reactor.longest_deferred_cpu_s * 1000, 1),
+            "slow_turns": self.reactor.slow_turns,
         }
 
     def log_stats(self) -> None:

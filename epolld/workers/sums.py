@@ -106,6 +106,7 @@ class Sums:
                     "accepted": s.stats.get("accepted", 0),
                     "longest_turn_ms": s.stats.get("longest_turn_ms", 0.0),
                     "longest_deferred_cpu_ms": s.stats.get("longest_deferred_cpu_ms", 0.0),
+                    "slow_turns": s.stats.get("slow_turns", 0),
                 }
                 for s in live
             ],
