@@ -193,10 +193,10 @@ def run_once(server: Server, workload: Workload, rep: int, opts: argparse.Namesp
             loops = loop_figures(proc, log)
             extra["longest_turn_ms"] = loops.get("longest_turn_ms")
             extra["longest_deferred_cpu_ms"] = loops.get("longest_deferred_cpu_ms")
-            before = extra.get("slow_turns_before")
-            if loops.get("slow_turns") is not None and before is not None:
+            slow_before = extra.get("slow_turns_before")
+            if loops.get("slow_turns") is not None and slow_before is not None:
                 # Turns of over 100 ms while the measured client ran (the wave's, in expiry).
-                extra["slow_turns_measured"] = loops["slow_turns"] - before
+                extra["slow_turns_measured"] = loops["slow_turns"] - slow_before
     finally:
         for client in background:
             processes.stop(client)
