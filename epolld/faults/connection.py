@@ -24,11 +24,11 @@ import dataclasses
 import random
 import socket
 import time
-from typing import TYPE_CHECKING, Any, ClassVar, Final
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from epolld.config import Faults
-from epolld.core.loop import CLOSE, Reactor, Timer
-from epolld.faults.shaper import Shaper
+from epolld.core.loop import CLOSE, Reactor
+from epolld.faults.timers import FAULT_SLOTS, PARKED, FaultTimers
 from epolld.tcp.connection import (
     EDGE_MASK,
     EDGE_READS_PER_EVENT,
@@ -42,17 +42,9 @@ from epolld.tcp.connection import (
     Connection,
     SharedSettings,
 )
-from epolld.tcp.reset import reset_on_close, unacked_bytes
 
 if TYPE_CHECKING:
     from epolld.handoff import StateWriter
-
-RESET_POLL_S: Final = 0.005  # how often to look at the send queue before an RST
-RESET_WAIT_MAX_S: Final = 10.0  # a peer that acknowledges nothing gets its RST anyway
-# A level-triggered connection that waits only for its timer (reading paused or over, and
-# nothing to send) must still be registered with some mask: edge-triggered RDHUP reports
-# at most once (HUP and ERR are reported whatever the mask).
-PARKED: Final = EPOLLRDHUP | EPOLLET
 
 
 class FaultPlan:
@@ -94,10 +86,10 @@ def fault_class(edge: bool) -> type[FaultyConnection]:
     return EdgeFaultyConnection if edge else FaultyConnection
 
 
-class FaultyConnection(Connection):
+class FaultyConnection(FaultTimers, Connection):
     """One client of a fault listener, level-triggered (EdgeFaultyConnection: edge)."""
 
-    __slots__ = ("_reset_since", "deadline", "ending", "plan", "shaper", "timer")
+    __slots__ = FAULT_SLOTS
     LINGERING: ClassVar[type[Connection]]
 
     def __init__(
@@ -111,56 +103,12 @@ class FaultyConnection(Connection):
         peer: str | None = None,
     ) -> None:
         super().__init__(sock, ip, buf=buf, shared=shared, now=now, peer=peer)
-        self.plan: FaultPlan | None = None  # set by attach()
-        self.shaper: Shaper | None = None
-        self.timer: Timer | None = None  # the next release, or the next look before an RST
-        self.deadline: Timer | None = None  # close_after / reset_after
-        self.ending = ""  # "close", "reset" or "drain" once decided
-        self._reset_since = 0.0
+        self._init_faults()  # ending: "close", "reset" or "drain" once decided
 
     def attach(self, plan: FaultPlan, now: float) -> None:
-        """Start the faults: the Shaper, and the deadline of close_after / reset_after."""
-        self.plan = plan
-        self.shaper = Shaper(plan.faults, now, plan.random)
-        faults = plan.faults
-        timed = [
-            (after, kind)
-            for after, kind in ((faults.reset_after_s, "reset"), (faults.close_after_s, "close"))
-            if after is not None
-        ]
-        if self.shaper.exhausted:  # after 0 bytes: at once
-            timed.append((0.0, self._bytes_limit_kind()))
-        if timed:
-            after, kind = min(timed)
-            delay = max(0.0, self.opened_at + after - plan.reactor.now)
-            self.deadline = plan.reactor.call_later(delay, lambda: self._on_deadline(kind))
-
-    def _bytes_limit_kind(self) -> str:
-        faults = self.plan.faults  # type: ignore[union-attr]
-        if faults.reset_after_bytes is None:
-            return "close"
-        if faults.close_after_bytes is None or faults.reset_after_bytes <= faults.close_after_bytes:
-            return "reset"
-        return "close"
-
-    # -- accounting ------------------------------------------------------------------
-
-    def pending(self) -> int:
-        """Bytes received and not yet echoed: the pending output and the delayed chunks."""
-        shaper = self.shaper
-        return len(self.out) + (shaper.queued if shaper is not None else 0)
-
-    def discard_pending(self) -> None:
-        if self.shaper is not None:
-            self.dropped += self.shaper.clear()
-        super().discard_pending()
-
-    def close(self) -> None:
-        for timer in (self.timer, self.deadline):
-            if timer is not None:
-                timer.cancel()
-        self.timer = self.deadline = None
-        super().close()
+        """Start the faults: the Shaper, and the deadline of close_after / reset_after
+        (after a byte limit of 0: at once)."""
+        self._start_faults(plan, now, limit_at_once=True)
 
     # -- events ------------------------------------------------------------------------
 
@@ -236,7 +184,7 @@ class FaultyConnection(Connection):
             if self.ending:
                 return self._end(self.ending, now)
             if shaper.exhausted:
-                self.ending = self._bytes_limit_kind()
+                self.ending = self._limit_kind()
                 return self._end(self.ending, now)
             if self.eof:
                 return CLOSE
@@ -250,17 +198,6 @@ class FaultyConnection(Connection):
         if self.out:
             return LEVEL_READ | EPOLLOUT if self.reading else EPOLLOUT
         return LEVEL_READ if self.reading else PARKED
-
-    def _wake_at(self, when: float | None) -> None:
-        if when is None:
-            return
-        timer = self.timer
-        if timer is not None:
-            if timer.when <= when:
-                return  # an earlier wakeup looks again then
-            timer.cancel()
-        reactor = self.plan.reactor  # type: ignore[union-attr]
-        self.timer = reactor.call_later(max(0.0, when - reactor.now), self._on_timer)
 
     def _on_timer(self) -> None:
         self.timer = None
@@ -309,19 +246,7 @@ class FaultyConnection(Connection):
         """An RST once the peer has acknowledged everything sent (SIOCOUTQ 0)."""
         self.reading = False
         self.discard_pending()
-        unacked = unacked_bytes(self.fd)
-        if not self._reset_since:
-            self._reset_since = now
-        if unacked and now - self._reset_since < RESET_WAIT_MAX_S:
-            self._wake_at(now + RESET_POLL_S)
-            return EDGE_MASK if self.mask & EPOLLET else PARKED
-        self.plan.count("reset")  # type: ignore[union-attr]
-        self.reason = "fault_reset"
-        try:
-            reset_on_close(self.sock)
-        except OSError as e:
-            return self._fail(e)
-        return CLOSE
+        return self._reset_once_acked(now, EDGE_MASK if self.mask & EPOLLET else PARKED)
 
     def begin_shutdown(self) -> int:
         """A graceful stop: read no more, let what waits go out (the delays still apply,

@@ -31,8 +31,9 @@ import socket
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from epolld.core.loop import CLOSE
-from epolld.faults.connection import PARKED, FaultPlan, FaultyConnection
+from epolld.faults.connection import FaultPlan, FaultyConnection
 from epolld.faults.shaper import Shaper
+from epolld.faults.timers import PARKED
 from epolld.services import info
 from epolld.services.stream import CHUNK, CYCLE_BYTES, WINDOW
 from epolld.tcp.connection import (
@@ -148,7 +149,7 @@ class FaultyDiscard(FaultyService):
         if shaper.limit_left is not None:  # here a limit of bytes received
             shaper.limit_left = max(0, shaper.limit_left - (self.bytes_in - before))
             if not shaper.limit_left:  # even if the client's FIN came with them
-                self.ending = self._bytes_limit_kind()
+                self.ending = self._limit_kind()
                 self.reading = False
                 return self._end(self.ending, self._now)
         if not go_on:
@@ -222,7 +223,7 @@ class FaultyChargen(FaultyService):
             if self.ending:
                 return self._end(self.ending, now)
             if shaper.exhausted:
-                self.ending = self._bytes_limit_kind()
+                self.ending = self._limit_kind()
                 return self._end(self.ending, now)
         if now < self.start_at:
             self._wake_at(self.start_at)
@@ -299,7 +300,7 @@ class FaultyInfo(FaultyService):
             del self.out[:sent]  # type: ignore[union-attr]  # a bytearray from the shaper
         if not self.pending():
             if shaper.exhausted:  # cut at (or ending exactly at) the byte limit
-                self.ending = self._bytes_limit_kind()
+                self.ending = self._limit_kind()
                 return self._end(self.ending, now)
             self.reason = self.reason or "eof"
             return self._shut_write()  # the whole line: FIN, as without faults

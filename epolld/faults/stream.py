@@ -11,9 +11,6 @@ from typing import TYPE_CHECKING, Any
 
 from epolld.config import Faults
 from epolld.faults.connection import (
-    PARKED,
-    RESET_POLL_S,
-    RESET_WAIT_MAX_S,
     EdgeFaultyConnection,
     FaultPlan,
     FaultyConnection,
@@ -27,9 +24,6 @@ if TYPE_CHECKING:
     from epolld.tcp.connection import SharedSettings
 
 __all__ = [
-    "PARKED",
-    "RESET_POLL_S",
-    "RESET_WAIT_MAX_S",
     "EdgeFaultyConnection",
     "FaultPlan",
     "FaultyConnection",

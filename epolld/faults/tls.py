@@ -21,15 +21,9 @@ import ssl
 import time
 from typing import TYPE_CHECKING, Any
 
-from epolld.core.loop import CLOSE, Timer
-from epolld.faults.connection import (
-    PARKED,
-    RESET_POLL_S,
-    RESET_WAIT_MAX_S,
-)
-from epolld.faults.shaper import Shaper
+from epolld.core.loop import CLOSE
+from epolld.faults.timers import FAULT_SLOTS, PARKED, FaultTimers
 from epolld.tcp.connection import EDGE_MASK, EPOLLIN, EPOLLOUT, EPOLLRDHUP, LEVEL_READ
-from epolld.tcp.reset import reset_on_close, unacked_bytes
 from epolld.tls.connection import CLOSING, ECHO, HANDSHAKE, LINGER, TlsConnection, receive_queued
 
 if TYPE_CHECKING:
@@ -37,62 +31,20 @@ if TYPE_CHECKING:
     from epolld.handoff import StateWriter
 
 
-class FaultyTlsConnection(TlsConnection):
-    """One client of a TLS fault listener (level or edge, as TlsConnection)."""
+class FaultyTlsConnection(FaultTimers, TlsConnection):
+    """One client of a TLS fault listener (level or edge, as TlsConnection). Its pending()
+    is OpenSSL's retry and the delayed plaintext."""
 
-    __slots__ = ("_reset_since", "deadline", "ending", "plan", "shaper", "timer")
+    __slots__ = FAULT_SLOTS
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.plan: FaultPlan | None = None  # set by attach()
-        self.shaper: Shaper | None = None
-        self.timer: Timer | None = None  # the next release, or the next look before an RST
-        self.deadline: Timer | None = None  # close_after / reset_after
-        self.ending = ""  # "close" or "reset" once decided
-        self._reset_since = 0.0
+        self._init_faults()  # ending: "close" or "reset" once decided
 
     def attach(self, plan: FaultPlan, now: float) -> None:
         """Start the faults: the Shaper, and the deadline of close_after / reset_after
         (a byte limit of 0 ends the connection right after the handshake)."""
-        self.plan = plan
-        self.shaper = Shaper(plan.faults, now, plan.random)
-        faults = plan.faults
-        timed = [
-            (after, kind)
-            for after, kind in ((faults.reset_after_s, "reset"), (faults.close_after_s, "close"))
-            if after is not None
-        ]
-        if timed:
-            after, kind = min(timed)
-            delay = max(0.0, self.opened_at + after - plan.reactor.now)
-            self.deadline = plan.reactor.call_later(delay, lambda: self._on_deadline(kind))
-
-    def _limit_kind(self) -> str:
-        faults = self.plan.faults  # type: ignore[union-attr]
-        if faults.reset_after_bytes is None:
-            return "close"
-        if faults.close_after_bytes is None or faults.reset_after_bytes <= faults.close_after_bytes:
-            return "reset"
-        return "close"
-
-    # -- accounting ----------------------------------------------------------------------
-
-    def pending(self) -> int:
-        """Plaintext received and not yet echoed: OpenSSL's retry and the delayed chunks."""
-        shaper = self.shaper
-        return len(self.out) + (shaper.queued if shaper is not None else 0)
-
-    def discard_pending(self) -> None:
-        if self.shaper is not None:
-            self.dropped += self.shaper.clear()
-        super().discard_pending()
-
-    def close(self) -> None:
-        for timer in (self.timer, self.deadline):
-            if timer is not None:
-                timer.cancel()
-        self.timer = self.deadline = None
-        super().close()
+        self._start_faults(plan, now, limit_at_once=False)
 
     # -- the echo, through the shaper ----------------------------------------------------
 
@@ -203,15 +155,6 @@ class FaultyTlsConnection(TlsConnection):
             return EPOLLOUT | (LEVEL_READ if self.reading else 0)
         return LEVEL_READ if self.reading else PARKED
 
-    def _wake_at(self, when: float) -> None:
-        timer = self.timer
-        if timer is not None:
-            if timer.when <= when:
-                return  # an earlier wakeup looks again then
-            timer.cancel()
-        reactor = self.plan.reactor  # type: ignore[union-attr]
-        self.timer = reactor.call_later(max(0.0, when - reactor.now), self._on_timer)
-
     def _on_timer(self) -> None:
         self.timer = None
         self._from_timer(self._wait)
@@ -263,19 +206,7 @@ class FaultyTlsConnection(TlsConnection):
 
     def _reset(self, now: float) -> int:
         """An RST once the peer has acknowledged everything written (SIOCOUTQ 0)."""
-        self.reading = False
-        if not self._reset_since:
-            self._reset_since = now
-        if unacked_bytes(self.fd) and now - self._reset_since < RESET_WAIT_MAX_S:
-            self._wake_at(now + RESET_POLL_S)
-            return EDGE_MASK if self.edge_mode else PARKED
-        self.plan.count("reset")  # type: ignore[union-attr]
-        self.reason = "fault_reset"
-        try:
-            reset_on_close(self.sock)
-        except OSError as e:
-            return self._fail(e)
-        return CLOSE
+        return self._reset_once_acked(now, EDGE_MASK if self.edge_mode else PARKED)
 
     def _flush(self) -> bool:
         """TlsConnection._flush, which resumes reading: not past high_water (the delayed
