@@ -60,6 +60,59 @@ def _kill_at(service: PackagedService, pid: int, sendmsg: int) -> subprocess.Pop
     return tracer
 
 
+def connected_clients(service: PackagedService) -> list[socket.socket]:
+    """CLIENTS connections to the service, each with one line echoed."""
+    with service.c.network():
+        clients = [
+            socket.create_connection(("127.0.0.1", PORT), IO_TIMEOUT_S) for _ in range(CLIENTS)
+        ]
+    for sock in clients:
+        sock.sendall(b"before\n")
+        got = b""
+        while len(got) < 7:
+            got += sock.recv(7 - len(got))
+    return clients
+
+
+def wait_served_again(service: PackagedService, gone: set[str], where: str, row: Row) -> None:
+    """Until systemd runs the service again (a MainPID not among gone) with an empty store;
+    a failure of row if it does not within WAIT_S."""
+    try:
+        wait_until(
+            lambda: (
+                service.c.show("epolld", "ActiveState") == "active"
+                and service.main_pid() not in {"0", *gone}
+                and service.store_size() == 0
+            ),
+            WAIT_S,
+            "the service to run again with an empty store",
+        )
+    except TimeoutError:
+        row.failures.append(
+            f"{where}: not active with an empty store within {WAIT_S:g} s"
+            f" (state {service.c.show('epolld', 'ActiveState')},"
+            f" store {service.store_size()})"
+        )
+
+
+def answers_after(
+    service: PackagedService, clients: list[socket.socket], where: str, row: Row
+) -> dict[str, int]:
+    """What each client gets for a line now, and whether a new client is served: none may
+    hang or get a wrong echo."""
+    answers = {"echo": 0, "closed": 0, "hung": 0, "wrong": 0}
+    for sock in clients:
+        answers[_answer(sock)] += 1
+    with service.c.network():
+        fresh = socket.create_connection(("127.0.0.1", PORT), IO_TIMEOUT_S)
+    answers["new"] = 1 if _answer(fresh) == "echo" else 0
+    fresh.close()
+    row.require(answers["hung"] == 0, f"{where}: {answers['hung']} clients left hanging")
+    row.require(answers["wrong"] == 0, f"{where}: {answers['wrong']} clients got a wrong echo")
+    row.require(answers["new"] == 1, f"{where}: a new client was not served")
+    return answers
+
+
 def _answer(sock: socket.socket) -> str:
     """What a client gets for a line now: "echo", "closed" (FIN or RST) or "hung"."""
     sock.settimeout(IO_TIMEOUT_S)
@@ -79,16 +132,8 @@ def _answer(sock: socket.socket) -> str:
 
 
 def _one_kill(service: PackagedService, workers: int, when: int, row: Row) -> dict[str, int]:
-    with service.c.network():
-        clients = [
-            socket.create_connection(("127.0.0.1", PORT), IO_TIMEOUT_S) for _ in range(CLIENTS)
-        ]
+    clients = connected_clients(service)
     try:
-        for sock in clients:
-            sock.sendall(b"before\n")
-            got = b""
-            while len(got) < 7:
-                got += sock.recv(7 - len(got))
         main = int(service.main_pid())
         target = main
         if workers > 1:  # a worker, killed while it hands its transport to the supervisor
@@ -102,32 +147,8 @@ def _one_kill(service: PackagedService, workers: int, when: int, row: Row) -> di
         with contextlib.suppress(subprocess.TimeoutExpired):
             tracer.wait(WAIT_S)
         where = f"{'a worker' if workers > 1 else 'the old process'} killed at sendmsg {when}"
-        try:
-            wait_until(
-                lambda: (
-                    service.c.show("epolld", "ActiveState") == "active"
-                    and service.main_pid() not in ("0", str(main))
-                    and service.store_size() == 0
-                ),
-                WAIT_S,
-                "the service to run again with an empty store",
-            )
-        except TimeoutError:
-            row.failures.append(
-                f"{where}: not active with an empty store within {WAIT_S:g} s"
-                f" (state {service.c.show('epolld', 'ActiveState')},"
-                f" store {service.store_size()})"
-            )
-        answers = {"echo": 0, "closed": 0, "hung": 0, "wrong": 0}
-        for sock in clients:
-            answers[_answer(sock)] += 1
-        with service.c.network():
-            fresh = socket.create_connection(("127.0.0.1", PORT), IO_TIMEOUT_S)
-        answers["new"] = 1 if _answer(fresh) == "echo" else 0
-        fresh.close()
-        row.require(answers["hung"] == 0, f"{where}: {answers['hung']} clients left hanging")
-        row.require(answers["wrong"] == 0, f"{where}: {answers['wrong']} clients got a wrong echo")
-        row.require(answers["new"] == 1, f"{where}: a new client was not served")
+        wait_served_again(service, {str(main)}, where, row)
+        answers = answers_after(service, clients, where, row)
         # One process hands over all or nothing; a killed worker's own clients are closed
         # while the other worker's travel.
         row.require(

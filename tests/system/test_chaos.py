@@ -48,6 +48,14 @@ def test_kills_in_the_middle_of_a_handoff_leave_no_connection_hanging(
 def test_kills_of_the_restoring_process_recover_what_was_still_in_flight(
     debs: dict[str, Path],
 ) -> None:
-    """The new process killed between the batches it reads: the next one takes over the rest."""
-    row = kills_while_restoring(0, 5, package=debs["current"], points=(("recvmsg", 2),))
+    """The new process killed between the batches it reads: the next one takes over the rest.
+    The new supervisor (workers: 2) killed before its batch: the next one takes over every
+    client; killed after it: every client is closed, none hangs."""
+    row = kills_while_restoring(
+        0,
+        5,
+        package=debs["current"],
+        points=(("recvmsg", 2),),
+        supervisor_points=(("recvmsg", 1), ("recvmsg", 2)),
+    )
     assert not row.failures, table([row])
