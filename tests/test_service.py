@@ -11,6 +11,7 @@ import pytest
 
 from epolld.config import load_config
 from epolld.listening import sockets
+from epolld.service import drain
 from epolld.service.drain import IDLE_CLOSES_PER_TURN
 from epolld.service.echo import EchoService
 from epolld.systemd import Notifier
@@ -39,9 +40,14 @@ def turn(svc: EchoService) -> None:
     svc.reactor.run()
 
 
-def test_idle_expiry_closes_in_batches_and_all_eventually(service: EchoService) -> None:
+@pytest.mark.parametrize("budget_s", [drain.IDLE_CLOSE_CPU_S, 0.0])
+def test_idle_expiry_closes_in_batches_and_all_eventually(
+    service: EchoService, monkeypatch: pytest.MonkeyPatch, budget_s: float
+) -> None:
     """When many connections expire at once, one sweep closes at most IDLE_CLOSES_PER_TURN
-    of them and leaves the loop; the rest close on the following turns."""
+    of them, and stops once they took IDLE_CLOSE_CPU_S (with none at all: after one), and
+    leaves the loop; the rest close on the following turns."""
+    monkeypatch.setattr(drain, "IDLE_CLOSE_CPU_S", budget_s)
     [listener] = service.listeners
     port = listener.sock.getsockname()[1]
     clients = []
@@ -56,7 +62,8 @@ def test_idle_expiry_closes_in_batches_and_all_eventually(service: EchoService) 
         time.sleep(1.3)  # every connection is now past its 1 s idle deadline
         service.reactor.now = time.monotonic()
         service.drain.sweep_idle()
-        assert service.stats()["connections"] == CLIENTS - IDLE_CLOSES_PER_TURN
+        closed = CLIENTS - service.stats()["connections"]
+        assert (closed == 1) if budget_s == 0 else (1 <= closed <= IDLE_CLOSES_PER_TURN)
         for _ in range(100):
             turn(service)
             if not service.stats()["connections"]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import time
 
 import structlog
 
@@ -23,10 +24,13 @@ from epolld.udp.endpoint import UdpEndpoints
 
 log = structlog.get_logger("epolld")
 
-# Closes between two polls. 500 cost 40 ms of a turn's CPU at 16,700 connections per worker
-# and held a ping-pong beside six expiring workers on one core for 250 ms; 100 cost 17-20 ms
-# and held it 67-99 ms (bench/analysis.md, the 100,000 connections).
+# Closes between two polls: at most this many, and no more once they took IDLE_CLOSE_CPU_S.
+# 500 cost 40 ms of a turn's CPU at 16,700 connections per worker and held a ping-pong
+# beside six expiring workers on one core for 250 ms; 100 held it 67-127 ms, with 19 turns
+# of any worker over 100 ms in one wave: six workers that each close for 8-20 ms make every
+# one of them wait for the others' batches (bench/analysis.md, the 100,000 connections).
 IDLE_CLOSES_PER_TURN = 100
+IDLE_CLOSE_CPU_S = 0.003
 
 
 class Drain:
@@ -76,22 +80,27 @@ class Drain:
         self._close_expired()
 
     def _close_expired(self) -> None:
-        """Close idle connections IDLE_CLOSES_PER_TURN at a time, polling in between: 20,000
-        expiring at once held the loop for 175-360 ms when closed in one go."""
+        """Close expired connections in batches (IDLE_CLOSES_PER_TURN, IDLE_CLOSE_CPU_S),
+        polling in between: 20,000 expiring at once held the loop for 175-360 ms when closed
+        in one go. The CPU clock, not the wall clock: a worker that waits for a shared core
+        still closes a batch's worth per turn."""
         if self._admission.handed_over:  # the next process runs the idle timeout on
             return
-        batch = self._expiring[-IDLE_CLOSES_PER_TURN:]
-        del self._expiring[-IDLE_CLOSES_PER_TURN:]
+        expiring = self._expiring
         now = self.reactor.now
-        for conn in batch:
+        until = time.thread_time() + IDLE_CLOSE_CPU_S
+        for _ in range(min(IDLE_CLOSES_PER_TURN, len(expiring))):
+            conn = expiring.pop()
             if conn.sock.fileno() < 0 or conn.idle_bucket is not None:  # closed, re-filed
                 continue
             if conn.active_at + self.idle.timeout_s > now:  # woke up while it waited
                 self.idle.add(conn)
-            else:
-                reset_if_unread(conn.sock)
-                self._admission.close(conn, "idle_timeout")
-        if self._expiring:
+                continue
+            reset_if_unread(conn.sock)
+            self._admission.close(conn, "idle_timeout")
+            if time.thread_time() > until:
+                break
+        if expiring:
             self.reactor.call_soon(self._close_expired)
 
     # -- stopping ------------------------------------------------------------------
