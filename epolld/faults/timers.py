@@ -36,7 +36,10 @@ class FaultTimers(_Base):
     """The fault state of one connection; _init_faults() in the constructor, attach() at
     accept (or resume() after a handoff)."""
 
-    __slots__ = ()
+    if TYPE_CHECKING:
+        __slots__ = FAULT_SLOTS  # what the classes it is mixed into declare
+    else:
+        __slots__ = ()
     plan: FaultPlan | None
     shaper: Shaper | None
     timer: Timer | None  # the next release, or the next look before an RST
