@@ -136,6 +136,16 @@ class PackagedService:
         entries = self.c.journal("-u", "epolld", "-p", "err")
         return sum(1 for e in entries if e.get("SYSLOG_IDENTIFIER") == "epolld")
 
+    def warnings(self) -> dict[str, int]:
+        """epolld's warnings and errors so far, counted by event (what a failed scenario
+        reports before its container, and the journal with it, is gone)."""
+        counts: dict[str, int] = {}
+        for e in self.c.journal("-u", "epolld", "-p", "warning"):
+            if e.get("SYSLOG_IDENTIFIER") == "epolld":
+                event = str(e.get("EPOLLD_EVENT") or e.get("MESSAGE", "")[:60])
+                counts[event] = counts.get(event, 0) + 1
+        return counts
+
     def stop_journald(self) -> None:
         self.c.systemctl("stop", *JOURNALD_UNITS)
 

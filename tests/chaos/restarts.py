@@ -113,6 +113,8 @@ def _run(
     row.bytes_verified = traffic.verified + result["bytes_verified"]
     row.connections_lost = traffic.error_count + result["errors"]
     row.errors = service.error_entries()
+    if row.connections_lost or row.errors:
+        row.notes.append(f"epolld's warnings and errors by event: {service.warnings()}")
     row.worst_latency_ms = result["max_ms"]
     row.failures.extend(traffic.errors + result["error_samples"])
     row.require(not runner.is_alive(), "the client mix did not finish")
