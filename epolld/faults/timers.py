@@ -9,16 +9,16 @@ connection's layout. Its calls to super() reach the connection class it is mixed
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Final
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final, Protocol
 
-from epolld.core.loop import CLOSE, Timer
+from epolld.config import Faults
+from epolld.core.loop import CLOSE, Reactor, Timer
 from epolld.faults.shaper import Shaper
 from epolld.tcp.connection import EPOLLET, EPOLLRDHUP, Connection
 from epolld.tcp.reset import reset_on_close, unacked_bytes
 
 if TYPE_CHECKING:
-    from epolld.faults.connection import FaultPlan
-
     _Base = Connection  # what the mixin is mixed into, for the type checker's super()
 else:
     _Base = object
@@ -32,6 +32,16 @@ RESET_WAIT_MAX_S: Final = 10.0  # a peer that acknowledges nothing gets its RST 
 PARKED: Final = EPOLLRDHUP | EPOLLET
 
 
+class Plan(Protocol):
+    """What the connections of one listener's faults share (connection.py's FaultPlan)."""
+
+    faults: Faults
+    reactor: Reactor
+    random: Callable[[], float]
+
+    def count(self, kind: str, n: int = 1) -> None: ...
+
+
 class FaultTimers(_Base):
     """The fault state of one connection; _init_faults() in the constructor, attach() at
     accept (or resume() after a handoff)."""
@@ -40,7 +50,7 @@ class FaultTimers(_Base):
         __slots__ = FAULT_SLOTS  # what the classes it is mixed into declare
     else:
         __slots__ = ()
-    plan: FaultPlan | None
+    plan: Plan | None
     shaper: Shaper | None
     timer: Timer | None  # the next release, or the next look before an RST
     deadline: Timer | None  # close_after / reset_after
@@ -55,7 +65,7 @@ class FaultTimers(_Base):
         self.ending = ""
         self._reset_since = 0.0
 
-    def _start_faults(self, plan: FaultPlan, now: float, limit_at_once: bool) -> None:
+    def _start_faults(self, plan: Plan, now: float, limit_at_once: bool) -> None:
         """The Shaper, and the deadline of close_after / reset_after (at once for a byte
         limit of 0 when limit_at_once)."""
         self.plan = plan
