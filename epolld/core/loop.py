@@ -227,9 +227,10 @@ class Reactor:
         while self._running:
             # One clock read per turn, needed for the timeout anyway, also times the turn.
             end = monotonic()
-            if end - now > self.longest_turn_s:
-                self.longest_turn_s = end - now
-            if end - now > SLOW_TURN_S:
+            turn = end - now
+            if turn > self.longest_turn_s:
+                self.longest_turn_s = turn
+            if turn > SLOW_TURN_S:
                 self.slow_turns += 1
             if ready or soon:
                 timeout = 0.0

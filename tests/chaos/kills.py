@@ -113,6 +113,20 @@ def answers_after(
     return answers
 
 
+def note_unreachable(service: PackagedService, where: str, error: OSError, row: Row) -> None:
+    """After a kill the service could not be connected to: a failure of row with its state
+    and the journal's last lines, then a fresh start for the next kill point."""
+    journal = service.c.run(
+        "journalctl", "--no-pager", "-u", "epolld", "-n", "25", check=False
+    ).stdout
+    row.failures.append(
+        f"{where}, then: {error!r};"
+        f" state {service.c.show('epolld', 'ActiveState')}; journal:\n{journal}"
+    )
+    service.c.systemctl("reset-failed", "epolld", check=False)
+    service.c.systemctl("start", "epolld", check=False)
+
+
 def _answer(sock: socket.socket) -> str:
     """What a client gets for a line now: "echo", "closed" (FIN or RST) or "hung"."""
     sock.settimeout(IO_TIMEOUT_S)
@@ -189,15 +203,9 @@ def kills_mid_handoff(
                 try:
                     answers = _one_kill(service, workers, when, row)
                 except OSError as e:  # the service is not there to connect to
-                    journal = service.c.run(
-                        "journalctl", "--no-pager", "-u", "epolld", "-n", "25", check=False
-                    ).stdout
-                    row.failures.append(
-                        f"workers: {workers}, killed at sendmsg {when}, then: {e!r};"
-                        f" state {service.c.show('epolld', 'ActiveState')}; journal:\n{journal}"
+                    note_unreachable(
+                        service, f"workers: {workers}, killed at sendmsg {when}", e, row
                     )
-                    service.c.systemctl("reset-failed", "epolld", check=False)
-                    service.c.systemctl("start", "epolld", check=False)
                     continue
                 kills += 1
                 recovered += answers["echo"]

@@ -42,6 +42,7 @@ from tests.chaos.kills import (
     WAIT_S,
     answers_after,
     connected_clients,
+    note_unreachable,
     wait_served_again,
 )
 from tests.chaos.netns import REPO
@@ -269,15 +270,7 @@ def kills_while_restoring(
             try:
                 answers = _one_kill(service, workers, syscall, when, Path(tmp), row)
             except OSError as e:  # the service is not there to connect to
-                journal = service.c.run(
-                    "journalctl", "--no-pager", "-u", "epolld", "-n", "25", check=False
-                ).stdout
-                row.failures.append(
-                    f"workers: {workers}, killed at {syscall} {when}, then: {e!r};"
-                    f" state {service.c.show('epolld', 'ActiveState')}; journal:\n{journal}"
-                )
-                service.c.systemctl("reset-failed", "epolld", check=False)
-                service.c.systemctl("start", "epolld", check=False)
+                note_unreachable(service, f"workers: {workers}, killed at {syscall} {when}", e, row)
                 continue
             kills += 1
             recovered += answers["echo"]
